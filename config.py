@@ -1,0 +1,244 @@
+"""Settings for the retrieval-augmented captioning pipeline.
+
+Every UPPER_CASE constant below is a default. Each one can be overridden, from
+lowest to highest precedence, by
+  1. an environment variable   RECAP_<NAME>            (RECAP_TOP_K_SIMILAR=3)
+  2. a command-line flag       --<name-in-kebab-case>  (--top-k-similar 3)
+  3. a keyword argument        run_experiment(top_k_similar=3)
+Values are parsed to the type of the default; an unknown name or a value of
+the wrong type is a one-line error. Importing this module does no work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from errors import UserError
+
+# --- data --------------------------------------------------------------------
+# Hugging Face hub id of a Flickr8K copy with 5 captions per image, or a local
+# folder in the Kaggle (Images/ + captions.txt), original (Flicker8k_Dataset/ +
+# Flickr8k.token.txt) or Karpathy (dataset_flickr8k.json + images) layout.
+DATASET_NAME = "jxie/flickr8k"
+# Images held out for experiments; the rest of Flickr8K is the training pool.
+EXPERIMENT_SAMPLES = 400
+# Which experiment image `python main.py` captions (0 .. EXPERIMENT_SAMPLES-1).
+EXPERIMENT_IMAGE_INDEX = 0
+# Seed of the experiment/training split. The split depends on this alone.
+RANDOM_SEED = 42
+
+# --- models ------------------------------------------------------------------
+# Image embedder for retrieval: any CLIP or SigLIP checkpoint (hub id or path).
+CLIP_MODEL_NAME = "openai/clip-vit-base-patch32"
+# Captioner: any image-text-to-text checkpoint with a chat template.
+VLM_MODEL_NAME = "HuggingFaceTB/SmolVLM-Instruct"
+# Sentence-transformers model for caption embeddings (text search).
+CAPTION_EMBEDDING_MODEL = "BAAI/bge-base-en-v1.5"
+# "auto", "cpu", "cuda", "cuda:1" or "mps". auto = CUDA, then MPS, then CPU.
+DEVICE = "auto"
+
+# --- retrieval and prompt ----------------------------------------------------
+# Neighbours retrieved from the image database for each experiment image.
+TOP_K_SIMILAR = 5
+# Human captions taken from each neighbour. Two of five keeps the prompt short
+# (10 captions for k=5) while still showing how different people describe a
+# scene; small VLMs copy from long contexts instead of looking at the image.
+CAPTIONS_PER_NEIGHBOUR = 2
+# Prompt given to the VLM with the image. {context} is replaced by one
+# "- caption" line per retrieved caption.
+PROMPT_TEMPLATE = (
+    "Captions of similar images:\n{context}\n"
+    "Using them only as hints, write one short sentence that describes this image."
+)
+# Prompt used when no neighbours are retrieved (TOP_K_SIMILAR=0).
+PROMPT_TEMPLATE_NO_CONTEXT = "Write one short sentence that describes this image."
+
+# --- generation (greedy by default, so results are reproducible) ------------
+MAX_NEW_TOKENS = 64
+NUM_BEAMS = 1
+DO_SAMPLE = False
+TEMPERATURE = 1.0
+# Longest image side the VLM processor resizes to; 0 keeps the checkpoint's
+# default. SmolVLM splits images into 384px tiles, so 384 means one tile and is
+# much faster on CPU, at some cost in detail.
+VLM_IMAGE_LONGEST_EDGE = 0
+
+# --- throughput --------------------------------------------------------------
+# Images or captions per forward pass when embedding.
+BATCH_SIZE = 32
+
+# --- storage -----------------------------------------------------------------
+# The three JSON databases (image_embeddings.json, captions.json,
+# caption_embeddings.json) live here.
+DB_DIR = "db"
+# One JSON file per experiment.
+RESULTS_DIR = "results"
+# Training-pool embedding cache; hub models and datasets use the HF cache.
+CACHE_DIR = "cache"
+# Logging level: DEBUG, INFO, WARNING or ERROR.
+LOG_LEVEL = "INFO"
+
+
+ENV_PREFIX = "RECAP_"
+
+
+def defaults() -> dict[str, Any]:
+    """Every setting with its default value, keyed by UPPER_CASE name."""
+    return {k: v for k, v in globals().items()
+            if k.isupper() and k != "ENV_PREFIX" and not k.startswith("_")}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings: read them as attributes, lower or upper case."""
+
+    values: Mapping[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name.upper()]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    def replace(self, **overrides: Any) -> "Settings":
+        return _merge(self.as_dict(), overrides, source="keyword")
+
+
+def flag(name: str) -> str:
+    """TOP_K_SIMILAR -> --top-k-similar"""
+    return "--" + name.lower().replace("_", "-")
+
+
+def _closest(name: str, spell) -> str:
+    names = [spell(n) for n in defaults()]
+    match = difflib.get_close_matches(spell(name), names, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+def parse_value(name: str, raw: Any, source: str) -> Any:
+    """Parse `raw` to the type of setting `name`'s default; UserError if it does not fit."""
+    default = defaults()[name]
+    where = {"env": ENV_PREFIX + name, "cli": flag(name)}.get(source, name.lower())
+    kind = type(default)
+    if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
+        return raw
+    if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if not isinstance(raw, str):
+        raise UserError(f"{where}: expected {kind.__name__}, got {type(raw).__name__} {raw!r}")
+    text = raw.strip()
+    if kind is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"{where}: expected true or false, got {raw!r}")
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            noun = "an integer" if kind is int else "a number"
+            raise UserError(f"{where}: expected {noun}, got {raw!r}") from None
+    return raw
+
+
+def _check(values: dict[str, Any]) -> None:
+    """Range checks that do not need the data set."""
+    for name in ("EXPERIMENT_SAMPLES", "MAX_NEW_TOKENS", "NUM_BEAMS", "BATCH_SIZE"):
+        if values[name] < 1:
+            raise UserError(f"{flag(name)} must be at least 1, got {values[name]}")
+    for name in ("TOP_K_SIMILAR", "CAPTIONS_PER_NEIGHBOUR", "VLM_IMAGE_LONGEST_EDGE"):
+        if values[name] < 0:
+            raise UserError(f"{flag(name)} must be 0 or more, got {values[name]}")
+    if values["TEMPERATURE"] <= 0:
+        raise UserError(f"--temperature must be positive, got {values['TEMPERATURE']}")
+    device = values["DEVICE"]
+    if device not in ("auto", "cpu", "mps", "cuda") and not (
+            device.startswith("cuda:") and device[5:].isdigit()):
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    if "{context}" not in values["PROMPT_TEMPLATE"]:
+        raise UserError("--prompt-template must contain {context}")
+    if values["LOG_LEVEL"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise UserError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {values['LOG_LEVEL']!r}")
+
+
+def _merge(values: dict[str, Any], overrides: Mapping[str, Any], source: str) -> Settings:
+    values = dict(values)
+    for key, raw in overrides.items():
+        name = key.upper()
+        if name not in values:
+            if source == "env":
+                hint = _closest(name, lambda n: ENV_PREFIX + n)
+                raise UserError(f"unknown setting {ENV_PREFIX}{name}{hint}")
+            hint = _closest(name, str.lower)
+            raise UserError(f"unknown setting {key!r}{hint}")
+        values[name] = parse_value(name, raw, source)
+    _check(values)
+    return Settings(MappingProxyType(values))
+
+
+def env_overrides(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """RECAP_* variables of `env` (default os.environ), keyed by setting name."""
+    env = os.environ if env is None else env
+    return {k[len(ENV_PREFIX):]: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+
+
+def resolve(cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+            **overrides: Any) -> Settings:
+    """Defaults < RECAP_* environment < CLI values < keyword arguments."""
+    settings = _merge(defaults(), env_overrides(env), source="env")
+    if cli:
+        settings = _merge(settings.as_dict(), cli, source="cli")
+    if overrides:
+        settings = settings.replace(**overrides)
+    return settings
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + traceback
+        raise UserError(message)
+
+
+def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser with every setting as a flag; errors raise UserError."""
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setting_flags(parser)
+    return parser
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One --kebab-case flag per setting, its help the default (no torch import)."""
+    group = parser.add_argument_group("settings (also RECAP_<NAME> environment variables)")
+    for name, default in defaults().items():
+        kind = "true|false" if isinstance(default, bool) else type(default).__name__.upper()
+        group.add_argument(flag(name), dest=f"setting_{name}", metavar=kind, default=None,
+                           help=f"default: {default!r}".replace("%", "%%"))
+
+
+def parse_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None
+              ) -> tuple[argparse.Namespace, Settings]:
+    """Parse `argv`; return the namespace and the resolved settings.
+
+    An unknown option raises UserError naming the closest valid option.
+    """
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        name = unknown[0].split("=", 1)[0]
+        options = [o for a in parser._actions for o in a.option_strings]
+        match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+        hint = f"; did you mean {match[0]}?" if match else f" (see {parser.prog} --help)"
+        what = "option" if name.startswith("-") else "argument"
+        raise UserError(f"unknown {what} {name}{hint}")
+    cli = {k[len("setting_"):]: v for k, v in vars(args).items()
+           if k.startswith("setting_") and v is not None}
+    return args, resolve(cli=cli)

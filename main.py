@@ -1,0 +1,265 @@
+"""Retrieval-augmented captioning: one experiment, end to end.
+
+    python main.py                                   # experiment EXPERIMENT_IMAGE_INDEX
+    python main.py --experiment-image-index 42 --top-k-similar 3
+
+    from main import initialize_system, run_experiment
+    dataset_loader, db_manager = initialize_system()
+    result = run_experiment(dataset_loader, db_manager, experiment_index=42)
+
+Stages: dataset_loader -> image_embedder -> similarity_search -> prompt_generator
+-> vlm_captioner -> caption_embedder -> db_manager, and a JSON file per
+experiment in RESULTS_DIR. This module wires them; it computes nothing itself.
+Heavy modules (torch, transformers) are imported inside the functions so that
+`python main.py --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import config
+from errors import UserError
+
+log = logging.getLogger("main")
+
+# Loaded models and data, reused by later calls in the same process. One of
+# each kind: asking for another model replaces the previous one, so a long
+# session that compares VLMs does not keep them all in memory.
+_loaded: dict[str, tuple[Any, Any]] = {}
+
+
+def _reuse(kind: str, key: Any, load):
+    """The object cached for `kind` if it was made with `key`, else `load()`."""
+    cached = _loaded.get(kind)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    _loaded.pop(kind, None)  # free the old one before loading its replacement
+    value = load()
+    _loaded[kind] = (key, value)
+    return value
+
+
+def _device(settings: config.Settings):
+    from device import resolve_device
+    return _reuse("device", settings.device, lambda: resolve_device(settings.device))
+
+
+def _dataset(settings: config.Settings):
+    from dataset_loader import load_and_split_dataset
+    key = (settings.dataset_name, settings.experiment_samples, settings.random_seed)
+    return _reuse("dataset", key, lambda: load_and_split_dataset(*key))
+
+
+def _image_embedder(settings: config.Settings):
+    from image_embedder import ImageEmbedder
+    device, dtype = _device(settings)
+    key = (settings.clip_model_name, str(device), settings.batch_size)
+    return _reuse("image_embedder", key, lambda: ImageEmbedder(
+        settings.clip_model_name, device=device, dtype=dtype, batch_size=settings.batch_size))
+
+
+def _caption_embedder(settings: config.Settings):
+    from caption_embedder import CaptionEmbedder
+    device, _ = _device(settings)
+    key = (settings.caption_embedding_model, str(device), settings.batch_size)
+    return _reuse("caption_embedder", key, lambda: CaptionEmbedder(
+        settings.caption_embedding_model, device=device, batch_size=settings.batch_size))
+
+
+def _captioner(settings: config.Settings):
+    from vlm_captioner import VLMCaptioner
+    device, dtype = _device(settings)
+    key = (settings.vlm_model_name, str(device), settings.max_new_tokens, settings.num_beams,
+           settings.do_sample, settings.temperature, settings.vlm_image_longest_edge,
+           settings.random_seed)
+    return _reuse("captioner", key, lambda: VLMCaptioner(
+        settings.vlm_model_name, device=device, dtype=dtype,
+        max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,
+        do_sample=settings.do_sample, temperature=settings.temperature,
+        image_longest_edge=settings.vlm_image_longest_edge, seed=settings.random_seed))
+
+
+def initialize_system(**overrides: Any):
+    """Load the data set and open (on the first run: build) the databases.
+
+    Returns `(dataset_loader, db_manager)`. Keyword arguments override any
+    setting of config.py by its lower-case name. Models and data are loaded
+    once per process and reused by later calls.
+    """
+    from db_manager import DbIdentity, DbManager
+    settings = config.resolve(**overrides)
+    dataset = _dataset(settings)
+    identity = DbIdentity(clip_model=settings.clip_model_name,
+                          caption_model=settings.caption_embedding_model,
+                          dataset=settings.dataset_name, split=dataset.fingerprint)
+    db_dir = Path(settings.db_dir).expanduser().resolve()
+    db = _reuse("db", (db_dir, identity), lambda: DbManager.open(db_dir, identity))
+    if db.needs_seed:
+        _seed_database(settings, dataset, db)
+    return dataset, db
+
+
+def _seed_database(settings: config.Settings, dataset, db) -> None:
+    """First run: the training pool's image embeddings, captions and caption embeddings."""
+    from image_embedder import embed_pool
+    log.info("building the memory from %d training images (first run in %s)",
+             len(dataset.train), settings.db_dir)
+    ids, image_vectors = embed_pool(
+        _image_embedder(settings), [s.image_id for s in dataset.train],
+        lambda image_id: dataset.load_image(dataset.get(image_id)),
+        settings.cache_dir, cache_key=f"{settings.dataset_name}|{dataset.fingerprint}")
+    captions = [{"id": f"{image_id}#{n}", "image_id": image_id, "caption": text,
+                 "source": "human"}
+                for image_id in ids for n, text in enumerate(dataset.get(image_id).captions)]
+    log.info("embedding %d training captions with %s", len(captions),
+             settings.caption_embedding_model)
+    caption_vectors = _caption_embedder(settings).embed_captions(
+        [c["caption"] for c in captions], progress=True)
+    db.seed(ids, image_vectors, captions, caption_vectors)
+
+
+def run_experiment(dataset_loader=None, db_manager=None, experiment_index: int | None = None,
+                   **overrides: Any) -> dict[str, Any]:
+    """Caption experiment image `experiment_index` with retrieved context.
+
+    Call as `run_experiment(dataset_loader, db_manager, experiment_index=42)`
+    after `initialize_system()`, or standalone as
+    `run_experiment(experiment_index=7, top_k_similar=3)`. Appends the result to
+    the databases, writes RESULTS_DIR/experiment_{index}_{timestamp}.json and
+    returns the same record as a dict.
+    """
+    from db_manager import write_json_atomic
+    from prompt_generator import build_prompt
+    from similarity_search import top_k
+
+    settings = config.resolve(**overrides)
+    index = settings.experiment_image_index if experiment_index is None else experiment_index
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 4)
+        clock = now
+
+    if dataset_loader is None or db_manager is None:
+        from dataset_loader import check_index
+        check_index(index, settings.experiment_samples)  # before any slow loading
+        dataset_loader, db_manager = initialize_system(**overrides)
+    sample = dataset_loader.experiment_sample(index)
+    image_embedder, caption_embedder = _image_embedder(settings), _caption_embedder(settings)
+    captioner = _captioner(settings)
+    lap("load")
+
+    image = dataset_loader.load_image(sample)
+    lap("load_image")
+    query = image_embedder.embed([image])[0]
+    lap("embed_image")
+    neighbours = top_k(query, db_manager.image_vectors, db_manager.image_ids,
+                       settings.top_k_similar, exclude={sample.image_id})
+    neighbour_captions = [db_manager.captions_of(n.image_id) for n in neighbours]
+    lap("search")
+    prompt = build_prompt(neighbour_captions, settings.prompt_template,
+                          settings.prompt_template_no_context, settings.captions_per_neighbour)
+    lap("prompt")
+    caption = captioner.caption(image, prompt)
+    lap("generate")
+    caption_vector = caption_embedder.embed_captions([caption])[0]
+    lap("embed_caption")
+
+    now = datetime.now(timezone.utc).astimezone()
+    db_manager.add_experiment(sample.image_id, query, caption, caption_vector,
+                              vlm_model=captioner.name, experiment_index=index,
+                              timestamp=now.isoformat(timespec="seconds"))
+    lap("save_to_db")
+    timings["total"] = round(sum(timings.values()), 4)
+
+    device, dtype = _device(settings)
+    result = {
+        "experiment_index": index,
+        "image_id": sample.image_id,
+        "generated_caption": caption,
+        "original_caption": sample.captions[0],
+        "original_captions": list(sample.captions),
+        "similar_images": [{"rank": n.rank, "image_id": n.image_id, "score": round(n.score, 6),
+                            "captions": c} for n, c in zip(neighbours, neighbour_captions)],
+        "prompt": prompt,
+        "config": {**{k.lower(): v for k, v in settings.as_dict().items()},
+                   "resolved_device": str(device), "resolved_dtype": str(dtype).replace("torch.", "")},
+        "timings": timings,
+        "versions": _versions(),
+        "timestamp": now.isoformat(timespec="seconds"),
+    }
+    path = _result_path(Path(settings.results_dir), index, now)
+    write_json_atomic(path, result)
+    result["result_path"] = str(path)
+    return result
+
+
+def _result_path(results_dir: Path, index: int, now: datetime) -> Path:
+    stamp = now.strftime("%Y%m%d_%H%M%S")
+    path = results_dir / f"experiment_{index}_{stamp}.json"
+    n = 1
+    while path.exists():  # two runs of one index within a second keep both files
+        path = results_dir / f"experiment_{index}_{stamp}_{n}.json"
+        n += 1
+    return path
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "sentence-transformers", "numpy", "datasets"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _summary(result: dict[str, Any]) -> str:
+    lines = [f"experiment {result['experiment_index']}: {result['image_id']}",
+             f"  generated: {result['generated_caption']}",
+             f"  reference: {result['original_caption']}",
+             "  neighbours: " + ", ".join(f"{n['image_id']} ({n['score']:.3f})"
+                                          for n in result["similar_images"]),
+             f"  time: {result['timings']['total']:.1f} s "
+             f"(generation {result['timings']['generate']:.1f} s)",
+             f"  result: {result['result_path']}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = config.make_parser("main.py", __doc__.split("\n\n")[0] + "\n\n"
+                                "Every setting of config.py is a flag below.")
+    try:
+        _, settings = config.parse_cli(parser, argv)
+    except UserError as exc:
+        print(f"main.py: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        result = run_experiment(**{k.lower(): v for k, v in settings.as_dict().items()})
+    except UserError as exc:
+        print(f"main.py: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("main.py: interrupted", file=sys.stderr)
+        return 130
+    print(_summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""Tiny, deterministic, random-weight models of the real architectures used by the pipeline.
+
+Two builders are provided for tests (no network access needed):
+
+* :func:`make_tiny_clip` -- a ``CLIPModel`` + ``CLIPProcessor`` (image retriever / embedder).
+* :func:`make_tiny_smolvlm` -- an ``Idefics3ForConditionalGeneration`` + ``Idefics3Processor``
+  (SmolVLM v1 layout, captioner).
+
+Both save everything with ``save_pretrained`` so the folders load back through
+``AutoModel`` / ``AutoModelForImageTextToText`` / ``AutoProcessor`` / ``AutoImageProcessor``.
+Weights are seeded and tokenizers are built without the (hash-order dependent) trainer, so the
+saved folders are identical across runs and processes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+__all__ = ["make_tiny_clip", "make_tiny_smolvlm", "SMOLVLM_CHAT_TEMPLATE", "CAPTION_WORDS"]
+
+# The real chat template shipped with HuggingFaceTB/SmolVLM-Instruct (v1).
+# Renders: "<|im_start|>User:<image>PROMPT<end_of_utterance>\nAssistant:"
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# Whole-word tokens added (via deterministic BPE merges) to the tiny vocabularies.  The tiny SmolVLM
+# may only *generate* these words (as " word" tokens), so its captions are readable English words.
+CAPTION_WORDS = (
+    "a", "an", "and", "animal", "at", "background", "ball", "beach", "bird", "black", "blue",
+    "boat", "bright", "brown", "building", "car", "cat", "city", "close", "cloud", "dark",
+    "dog", "field", "flower", "food", "forest", "green", "grey", "house", "in", "lake", "large",
+    "light", "man", "mountain", "near", "night", "of", "on", "orange", "park", "people",
+    "person", "photo", "picture", "pink", "plate", "purple", "red", "river", "road", "room",
+    "sea", "shape", "sign", "sitting", "sky", "small", "snow", "square", "standing", "street",
+    "sun", "table", "the", "tree", "two", "under", "view", "wall", "water", "white", "window",
+    "with", "woman", "wooden", "yellow",
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 byte -> printable unicode char mapping (same as used by ByteLevel pre-tokenizers)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _init_(model: torch.nn.Module, seed: int, std: float) -> None:
+    """Deterministically re-initialise every weight matrix / embedding with N(0, std)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * std * 0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP
+# --------------------------------------------------------------------------------------------
+
+CLIP_IMAGE_SIZE = 32
+CLIP_PATCH_SIZE = 8
+
+
+def _make_clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    byte_chars = [c for _, c in sorted(_bytes_to_unicode().items())]
+    vocab: dict[str, int] = {}
+    for c in byte_chars:
+        vocab[c] = len(vocab)
+    for c in byte_chars:
+        vocab[c + "</w>"] = len(vocab)
+    # deterministic whole-word tokens for a handful of common words
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(CAPTION_WORDS)):
+        if len(word) < 2:
+            continue
+        cur = word[0]
+        for i, ch in enumerate(word[1:], start=1):
+            nxt = ch + ("</w>" if i == len(word) - 1 else "")
+            new = cur + nxt
+            if (cur, nxt) not in merges:
+                merges.append((cur, nxt))
+            if new not in vocab:
+                vocab[new] = len(vocab)
+            cur = new
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return tok
+
+
+def make_tiny_clip(path: str | Path) -> Path:
+    """Build and save a tiny random ``CLIPModel`` + ``CLIPProcessor`` in ``path``; return ``path``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = _make_clip_tokenizer()
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=16,
+    )
+    vision_config = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=CLIP_IMAGE_SIZE,
+        patch_size=CLIP_PATCH_SIZE,
+        projection_dim=16,
+    )
+    config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16)
+
+    torch.manual_seed(0)
+    model = CLIPModel(config).eval()
+    _init_(model, seed=0, std=0.2)
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": CLIP_IMAGE_SIZE},
+        crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE},
+    )
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# SmolVLM (Idefics3)
+# --------------------------------------------------------------------------------------------
+
+SMOLVLM_TILE = 32  # vision encoder input size == max_image_size["longest_edge"]
+SMOLVLM_PATCH = 8
+SMOLVLM_SCALE_FACTOR = 2
+SMOLVLM_IMAGE_SEQ_LEN = (SMOLVLM_TILE // SMOLVLM_PATCH) ** 2 // SMOLVLM_SCALE_FACTOR**2  # 4
+
+
+def _make_smolvlm_tokenizer():
+    from transformers import GPT2Tokenizer
+
+    b2u = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    for _, c in sorted(b2u.items()):
+        vocab[c] = len(vocab)
+    space = b2u[ord(" ")]  # "Ġ"
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(CAPTION_WORDS)):
+        cur = space
+        for ch in word:
+            new = cur + ch
+            if (cur, ch) not in merges:
+                merges.append((cur, ch))
+            if new not in vocab:
+                vocab[new] = len(vocab)
+            cur = new
+    tile_tokens = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+    added = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *tile_tokens]
+    for s in added:
+        vocab[s] = len(vocab)
+
+    tok = GPT2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        pad_token="<|im_end|>",
+        model_max_length=8192,
+    )
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]}
+    )
+    tok.add_tokens(["<|im_start|>", "<|im_end|>", "<global-img>", *tile_tokens], special_tokens=True)
+    return tok
+
+
+def make_tiny_smolvlm(path: str | Path) -> Path:
+    """Build and save a tiny random SmolVLM-v1-style Idefics3 model + processor in ``path``."""
+    from transformers import (
+        GenerationConfig,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = _make_smolvlm_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    eou_id = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    pad_id = tokenizer.pad_token_id
+    bos_id = tokenizer.bos_token_id
+
+    vision_config = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=SMOLVLM_TILE,
+        patch_size=SMOLVLM_PATCH,
+        initializer_range=0.5,
+    )
+    text_config = dict(
+        model_type="llama",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        bos_token_id=bos_id,
+        eos_token_id=eou_id,
+        pad_token_id=pad_id,
+        tie_word_embeddings=False,
+        initializer_range=0.5,
+    )
+    config = Idefics3Config(
+        vision_config=vision_config,
+        text_config=text_config,
+        scale_factor=SMOLVLM_SCALE_FACTOR,
+        image_token_id=image_token_id,
+        pad_token_id=pad_id,
+        tie_word_embeddings=False,
+    )
+
+    torch.manual_seed(0)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    _init_(model, seed=0, std=0.5)
+
+    # A random LM head happily emits EOS / <image> / control bytes.  Zero every lm_head row except
+    # the whole-word tokens (" cat", " red", ...) so greedy/beam decoding always yields a caption made
+    # of real English words, e.g. "snow yellow food near street water".
+    b2u = _bytes_to_unicode()
+    vocab = tokenizer.get_vocab()
+    allowed = {vocab[b2u[ord(" ")] + w] for w in CAPTION_WORDS}
+    with torch.no_grad():
+        w = model.lm_head.weight
+        mask = torch.ones(w.shape[0], dtype=torch.bool)
+        mask[sorted(allowed)] = False
+        w[mask] = 0.0
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos_id,
+        eos_token_id=eou_id,
+        pad_token_id=pad_id,
+    )
+
+    image_processor = Idefics3ImageProcessor(
+        do_image_splitting=True,
+        size={"longest_edge": 2 * SMOLVLM_TILE},
+        max_image_size={"longest_edge": SMOLVLM_TILE},
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=SMOLVLM_IMAGE_SEQ_LEN,
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+    )
+
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
