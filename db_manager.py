@@ -344,16 +344,16 @@ def _matrix(path: Path, data: dict[str, Any]) -> np.ndarray:
     dim = data.get("dim")
     if not isinstance(dim, int) or dim <= 0:
         raise UserError(f"database file {path} has no valid 'dim'")
-    try:
-        matrix = np.array([e["embedding"] for e in entries], dtype=np.float32)
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"database file {path} has an entry without a valid embedding") from None
     if not entries:
         return np.zeros((0, dim), dtype=np.float32)
-    if matrix.shape != (len(entries), dim):
-        raise UserError(f"database file {path}: embeddings are not all {dim}-d")
+    vectors = [e.get("embedding") for e in entries]
+    bad = next((n for n, v in enumerate(vectors) if not isinstance(v, list) or len(v) != dim), None)
+    if bad is not None:
+        raise UserError(f"database file {path}: entry {bad} is not a {dim}-d embedding")
+    try:
+        matrix = np.array(vectors, dtype=np.float32)  # null becomes NaN, caught below
+    except (TypeError, ValueError):
+        raise UserError(f"database file {path} has an embedding with non-numbers") from None
     if not np.isfinite(matrix).all():
-        raise UserError(f"database file {path} has NaN or infinite values")
+        raise UserError(f"database file {path} has NaN, null or infinite values")
     return matrix
-
-

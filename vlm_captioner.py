@@ -8,6 +8,7 @@ tokens are decoded, then cleaned into a single caption line.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from typing import Sequence
@@ -113,6 +114,9 @@ def _set_longest_edge(processor, edge: int) -> None:
     size = getattr(image_processor, "size", None)
     if isinstance(size, dict) and "longest_edge" in size:
         image_processor.size = {**size, "longest_edge": edge}
+    elif dataclasses.is_dataclass(size) and getattr(size, "longest_edge", None):
+        # transformers 5.x keeps sizes in a SizeDict dataclass, not a dict
+        image_processor.size = dataclasses.replace(size, longest_edge=edge)
     else:
         log.warning("--vlm-image-longest-edge ignored: %s has no longest_edge size",
                     type(image_processor).__name__)

@@ -1,0 +1,108 @@
+"""Settings: defaults, RECAP_* < --flags < keywords, parsing and one-line errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import config
+from errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_the_documented_ones():
+    d = config.defaults()
+    assert d["EXPERIMENT_SAMPLES"] == 400 and d["EXPERIMENT_IMAGE_INDEX"] == 0
+    assert d["RANDOM_SEED"] == 42 and d["TOP_K_SIMILAR"] == 5
+    assert d["CLIP_MODEL_NAME"] == "openai/clip-vit-base-patch32"
+    assert d["VLM_MODEL_NAME"] == "HuggingFaceTB/SmolVLM-Instruct"
+    assert d["CAPTION_EMBEDDING_MODEL"] == "BAAI/bge-base-en-v1.5"
+    assert d["DEVICE"] == "auto" and d["RESULTS_DIR"] == "results"
+    assert d["DO_SAMPLE"] is False
+    assert "ENV_PREFIX" not in d
+
+
+def test_precedence_env_then_cli_then_keyword():
+    env = {"RECAP_TOP_K_SIMILAR": "2", "RECAP_MAX_NEW_TOKENS": "9", "RECAP_NUM_BEAMS": "4"}
+    s = config.resolve(cli={"TOP_K_SIMILAR": "3", "MAX_NEW_TOKENS": "11"}, env=env, top_k_similar=4)
+    assert s.top_k_similar == 4          # keyword beats CLI and env
+    assert s.max_new_tokens == 11        # CLI beats env
+    assert s.num_beams == 4              # env beats the default
+    assert s.batch_size == config.BATCH_SIZE
+
+
+def test_values_are_parsed_to_the_type_of_the_default():
+    s = config.resolve(env={"RECAP_DO_SAMPLE": "yes", "RECAP_TEMPERATURE": "0.7",
+                            "RECAP_EXPERIMENT_SAMPLES": " 12 "})
+    assert s.do_sample is True and s.temperature == 0.7 and s.experiment_samples == 12
+    assert config.resolve(env={}, do_sample="off").do_sample is False
+    assert config.resolve(env={}, temperature=2).temperature == 2.0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"top_k_similar": "abc"}, "top_k_similar: expected an integer, got 'abc'"),
+    ({"do_sample": "maybe"}, "expected true or false"),
+    ({"top_k_similar": True}, "expected int"),
+    ({"temperature": "hot"}, "expected a number"),
+    ({"top_k_similar": -1}, "--top-k-similar must be 0 or more"),
+    ({"num_beams": 0}, "--num-beams must be at least 1"),
+    ({"device": "gpu"}, "--device must be auto, cpu, cuda, cuda:N or mps"),
+    ({"prompt_template": "no placeholder"}, "must contain {context}"),
+])
+def test_bad_values_are_one_line_errors(kwargs, message):
+    with pytest.raises(UserError) as err:
+        config.resolve(env={}, **kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_names_suggest_the_closest_setting():
+    with pytest.raises(UserError, match="did you mean top_k_similar"):
+        config.resolve(env={}, topk_similar=3)
+    with pytest.raises(UserError, match="did you mean RECAP_TOP_K_SIMILAR"):
+        config.resolve(env={"RECAP_TOP_K_SIMLAR": "3"})
+    parser = config.make_parser("main.py", "")
+    with pytest.raises(UserError, match="did you mean --top-k-similar"):
+        config.parse_cli(parser, ["--top-k-simlar", "3"])
+
+
+def test_cli_flags_are_kebab_case_and_bad_values_name_the_flag():
+    parser = config.make_parser("main.py", "")
+    _, s = config.parse_cli(parser, ["--experiment-image-index", "42", "--do-sample", "true"])
+    assert s.experiment_image_index == 42 and s.do_sample is True
+    with pytest.raises(UserError, match="--top-k-similar: expected an integer, got 'abc'"):
+        config.parse_cli(parser, ["--top-k-similar", "abc"])
+    with pytest.raises(UserError, match="expected one argument"):
+        config.parse_cli(parser, ["--top-k-similar"])
+
+
+def test_abbreviated_flags_are_not_silently_accepted():
+    parser = config.make_parser("main.py", "")
+    with pytest.raises(UserError, match="unknown option --top-k"):
+        config.parse_cli(parser, ["--top-k", "3"])
+
+
+def test_env_is_read_from_the_process_environment(monkeypatch):
+    monkeypatch.setenv("RECAP_VLM_MODEL_NAME", "HuggingFaceTB/SmolVLM-256M-Instruct")
+    assert config.resolve().vlm_model_name == "HuggingFaceTB/SmolVLM-256M-Instruct"
+
+
+def test_settings_are_read_only():
+    s = config.resolve(env={})
+    with pytest.raises(TypeError):
+        s.values["TOP_K_SIMILAR"] = 1
+    assert s.replace(top_k_similar=1).top_k_similar == 1 and s.top_k_similar == 5
+
+
+def test_help_lists_every_setting_without_importing_torch():
+    code = ("import sys, main\n"
+            "try:\n    main.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("NO-TORCH")
+    for name, default in config.defaults().items():
+        assert config.flag(name) in out.stdout
+    assert "default: 400" in out.stdout and "'openai/clip-vit-base-patch32'" in out.stdout

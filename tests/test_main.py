@@ -1,0 +1,182 @@
+"""End to end: the commands and calls of README.md, on tiny models and a generated Flickr8K."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import main
+from db_manager import CAPTION_DB, CAPTION_EMBEDDING_DB, FILES, IMAGE_DB
+from fake_flickr import make_flickr
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_IMAGES, CAPTIONS_PER_IMAGE = 12, 5   # 16 images, 4 held out for experiments
+
+
+def run_cli(args, env, timeout=300):
+    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def db_counts(db_dir):
+    return tuple(len(json.loads((Path(db_dir) / f).read_text())["entries"]) for f in
+                 (IMAGE_DB, CAPTION_DB, CAPTION_EMBEDDING_DB))
+
+
+def snapshot(db_dir):
+    return {f: (Path(db_dir) / f).read_bytes() for f in FILES}
+
+
+def error_line(stderr):
+    """The one error line of a failed command; nothing else but log lines around it."""
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def test_main_py_end_to_end(pipeline_env, settings_kwargs):
+    db_dir, results = Path(settings_kwargs["db_dir"]), Path(settings_kwargs["results_dir"])
+    first = run_cli(["--experiment-image-index", "1"], pipeline_env)
+    assert first.returncode == 0, first.stderr
+    assert "generated:" in first.stdout and "reference:" in first.stdout
+    base = TRAIN_IMAGES, TRAIN_IMAGES * CAPTIONS_PER_IMAGE, TRAIN_IMAGES * CAPTIONS_PER_IMAGE
+    assert db_counts(db_dir) == tuple(n + 1 for n in base)
+
+    [result_file] = results.glob("experiment_1_*.json")
+    assert str(result_file) in first.stdout
+    r = json.loads(result_file.read_text())
+    for key in ("experiment_index", "image_id", "generated_caption", "original_caption",
+                "original_captions", "similar_images", "prompt", "config", "timings",
+                "versions", "timestamp"):
+        assert key in r
+    assert r["experiment_index"] == 1 and r["generated_caption"].strip()
+    assert r["original_caption"] == r["original_captions"][0] and len(r["original_captions"]) == 5
+    assert [n["rank"] for n in r["similar_images"]] == [1, 2, 3, 4, 5]
+    assert r["image_id"] not in [n["image_id"] for n in r["similar_images"]]
+    assert all(n["captions"] for n in r["similar_images"])
+    assert r["similar_images"][0]["captions"][0] in r["prompt"]
+    assert r["config"]["top_k_similar"] == 5 and r["config"]["resolved_device"] == "cpu"
+    assert set(r["config"]) >= {k.lower() for k in main.config.defaults()}
+    assert {"embed_image", "search", "prompt", "generate", "embed_caption", "save_to_db",
+            "total"} <= set(r["timings"])
+    assert {"python", "torch", "transformers", "sentence-transformers"} <= set(r["versions"])
+
+    captions = json.loads((db_dir / CAPTION_DB).read_text())["entries"]
+    generated = [c for c in captions if c["source"] == "generated"]
+    assert len(generated) == 1 and generated[0]["image_id"] == r["image_id"]
+    assert generated[0]["caption"] == r["generated_caption"]
+    assert generated[0]["experiment_index"] == 1
+
+    again = run_cli(["--experiment-image-index", "1"], pipeline_env)
+    assert again.returncode == 0, again.stderr
+    assert db_counts(db_dir) == tuple(n + 1 for n in base)           # replaced, not duplicated
+    assert len(list(results.glob("experiment_1_*.json"))) == 2       # history kept in results/
+
+    other = run_cli(["--experiment-image-index", "2", "--top-k-similar", "3"], pipeline_env)
+    assert other.returncode == 0, other.stderr
+    assert db_counts(db_dir) == tuple(n + 2 for n in base)
+    r2 = json.loads(next(results.glob("experiment_2_*.json")).read_text())
+    assert len(r2["similar_images"]) == 3 and r2["config"]["top_k_similar"] == 3
+
+
+def test_python_api_both_forms_reuse_models(settings_kwargs):
+    dataset_loader, db_manager = main.initialize_system(**settings_kwargs)
+    r = main.run_experiment(dataset_loader, db_manager, experiment_index=0, **settings_kwargs)
+    assert r["generated_caption"] and r["image_id"] == dataset_loader.experiment[0].image_id
+    captioner = main._loaded["captioner"][1]
+    embedder = main._loaded["image_embedder"][1]
+
+    r2 = main.run_experiment(experiment_index=3, top_k_similar=2, **settings_kwargs)
+    assert len(r2["similar_images"]) == 2
+    assert main._loaded["captioner"][1] is captioner and main._loaded["image_embedder"][1] is embedder
+    assert main._loaded["db"][1] is db_manager                         # not re-read from disk
+    assert r2["image_id"] in db_manager.image_ids                       # memory grew in place
+    assert db_counts(settings_kwargs["db_dir"]) == (TRAIN_IMAGES + 2,) + (
+        TRAIN_IMAGES * CAPTIONS_PER_IMAGE + 2,) * 2
+
+
+def test_growing_memory_never_retrieves_the_query_itself(settings_kwargs):
+    first = main.run_experiment(experiment_index=1, **settings_kwargs)
+    again = main.run_experiment(experiment_index=1, top_k_similar=20, **settings_kwargs)
+    assert first["image_id"] not in [n["image_id"] for n in again["similar_images"]]
+    assert len(again["similar_images"]) == TRAIN_IMAGES       # every other image, k > pool
+
+
+def test_experiment_index_defaults_to_the_setting(settings_kwargs):
+    r = main.run_experiment(experiment_image_index=2, **settings_kwargs)
+    assert r["experiment_index"] == 2
+
+
+def test_training_pool_embeddings_are_cached(settings_kwargs, tmp_path, monkeypatch):
+    main.initialize_system(**settings_kwargs)
+    assert list(Path(settings_kwargs["cache_dir"]).glob("image_embeddings/*.npy"))
+    import image_embedder
+    monkeypatch.setattr(image_embedder.ImageEmbedder, "_forward",
+                        lambda *a: pytest.fail("training pool embedded again"))
+    main.initialize_system(**{**settings_kwargs, "db_dir": str(tmp_path / "fresh-db")})
+
+
+@pytest.fixture
+def seeded_db(settings_kwargs):
+    main.initialize_system(**settings_kwargs)
+    return Path(settings_kwargs["db_dir"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--experiment-image-index", "4"], "experiment index 4 is out of range: choose 0 to 3"),
+    (["--experiment-image-index", "-1"], "experiment index -1 is out of range"),
+    (["--experiment-image-index", "abc"], "--experiment-image-index: expected an integer, got 'abc'"),
+    (["--top-k-similar", "abc"], "--top-k-similar: expected an integer"),
+    (["--experiment-imge-index", "2"], "did you mean --experiment-image-index"),
+    (["--dataset-name", "/nonexistent/flickr8k"], "data set folder not found: /nonexistent/flickr8k"),
+    (["--experiment-samples", "16"], "leaves no training pool"),
+])
+def test_bad_input_is_one_line_and_changes_nothing(args, message, seeded_db, settings_kwargs,
+                                                   capsys):
+    before = snapshot(seeded_db)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in settings_kwargs.items()] + args
+    code = main.main(argv)
+    assert code != 0
+    assert message in error_line(capsys.readouterr().err)
+    assert snapshot(seeded_db) == before
+
+
+def test_folder_without_captions_is_an_error(seeded_db, settings_kwargs, tmp_path, capsys):
+    before = snapshot(seeded_db)
+    (tmp_path / "empty" / "Images").mkdir(parents=True)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in settings_kwargs.items()]
+    assert main.main(argv + ["--dataset-name", str(tmp_path / "empty")]) == 1
+    assert "no Flickr8K captions in" in error_line(capsys.readouterr().err)
+    assert snapshot(seeded_db) == before
+
+
+def test_corrupt_database_is_an_error_on_the_command_line(seeded_db, pipeline_env):
+    (seeded_db / CAPTION_DB).write_bytes((seeded_db / CAPTION_DB).read_bytes()[:-40])
+    before = snapshot(seeded_db)
+    out = run_cli([], pipeline_env)
+    assert out.returncode == 1
+    assert "captions.json is corrupt" in error_line(out.stderr)
+    assert snapshot(seeded_db) == before
+
+
+def test_bad_index_exits_non_zero_before_loading_anything(pipeline_env, settings_kwargs):
+    out = run_cli(["--experiment-image-index", "400"], pipeline_env)
+    assert out.returncode == 1
+    assert "out of range: choose 0 to 3" in error_line(out.stderr)
+    assert not Path(settings_kwargs["db_dir"]).exists()
+
+
+def test_unknown_environment_setting_is_an_error(pipeline_env):
+    out = run_cli([], {**pipeline_env, "RECAP_TOPK": "3"})
+    assert out.returncode == 2
+    assert "unknown setting RECAP_TOPK" in error_line(out.stderr)
+
+
+@pytest.mark.parametrize("layout", ["original", "karpathy"])
+def test_other_layouts_run_end_to_end(layout, settings_kwargs, tmp_path):
+    folder = make_flickr(tmp_path / layout, layout, n_images=8)
+    r = main.run_experiment(experiment_index=0, **{**settings_kwargs, "dataset_name": str(folder)})
+    assert r["generated_caption"] and len(r["original_captions"]) == 5
