@@ -88,7 +88,7 @@ def _captioner(settings: config.Settings):
 
 
 def initialize_system(**overrides: Any):
-    """Load the data set and open (on the first run: build) the databases.
+    """Load the data set and the models, and open (on the first run: build) the databases.
 
     Returns `(dataset_loader, db_manager)`. Keyword arguments override any
     setting of config.py by its lower-case name. Models and data are loaded
@@ -104,6 +104,7 @@ def initialize_system(**overrides: Any):
     db = _reuse("db", (db_dir, identity), lambda: DbManager.open(db_dir, identity))
     if db.needs_seed:
         _seed_database(settings, dataset, db)
+    _image_embedder(settings), _caption_embedder(settings), _captioner(settings)
     return dataset, db
 
 
@@ -155,6 +156,11 @@ def run_experiment(dataset_loader=None, db_manager=None, experiment_index: int |
         from dataset_loader import check_index
         check_index(index, settings.experiment_samples)  # before any slow loading
         dataset_loader, db_manager = initialize_system(**overrides)
+    for setting, used in (("clip_model_name", db_manager.identity.clip_model),
+                          ("caption_embedding_model", db_manager.identity.caption_model)):
+        if settings.values[setting.upper()] != used:
+            raise UserError(f"{setting}={settings.values[setting.upper()]!r} but the database "
+                            f"was opened for {used!r}; call initialize_system with the same settings")
     sample = dataset_loader.experiment_sample(index)
     image_embedder, caption_embedder = _image_embedder(settings), _caption_embedder(settings)
     captioner = _captioner(settings)

@@ -180,3 +180,13 @@ def test_other_layouts_run_end_to_end(layout, settings_kwargs, tmp_path):
     folder = make_flickr(tmp_path / layout, layout, n_images=8)
     r = main.run_experiment(experiment_index=0, **{**settings_kwargs, "dataset_name": str(folder)})
     assert r["generated_caption"] and len(r["original_captions"]) == 5
+
+
+def test_settings_must_match_the_database_passed_in(settings_kwargs):
+    from errors import UserError
+    dataset_loader, db_manager = main.initialize_system(**settings_kwargs)
+    before = snapshot(settings_kwargs["db_dir"])
+    with pytest.raises(UserError, match="clip_model_name='other/clip' but the database"):
+        main.run_experiment(dataset_loader, db_manager, 0,
+                            **{**settings_kwargs, "clip_model_name": "other/clip"})
+    assert snapshot(settings_kwargs["db_dir"]) == before
