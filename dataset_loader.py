@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import logging
+import numbers
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -99,7 +100,7 @@ class Flickr8k:
 
 def check_index(index: Any, experiment_samples: int) -> None:
     """UserError unless `index` is an integer in 0 .. experiment_samples-1."""
-    if isinstance(index, bool) or not isinstance(index, int):
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral):
         raise UserError(f"experiment index must be an integer, got {index!r}")
     if not 0 <= index < experiment_samples:
         raise UserError(f"experiment index {index} is out of range: "
@@ -134,8 +135,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         # 16-bit / float greyscale: rescale to 8 bits instead of clipping.
         lo, hi = img.getextrema()
-        scale = 255.0 / (hi - lo) if hi > lo else 1.0
-        img = img.point(lambda v: (v - lo) * scale).convert("L")
+        if hi > lo:
+            img = img.point(lambda v: (v - lo) * (255.0 / (hi - lo))).convert("L")
+        else:  # one flat value: keep its brightness on the 16-bit scale
+            flat = hi / 257 if img.mode.startswith("I;16") else hi
+            img = Image.new("L", img.size, int(min(255, max(0, flat))))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -173,10 +177,13 @@ def load_local(root: Path) -> list[Sample]:
             f"{ORIGINAL_CAPTIONS} (original) or {KARPATHY_CAPTIONS} (Karpathy)")
     kind, caption_file = found
     reader = {"kaggle": _read_kaggle, "original": _read_original, "karpathy": _read_karpathy}[kind]
-    captions = reader(caption_file)
+    try:
+        captions = reader(caption_file)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{caption_file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not captions:
         raise UserError(f"{caption_file} holds no captions")
-    image_dir = _find_image_dir(root, caption_file.parent, next(iter(captions)))
+    image_dir = _find_image_dir(root, caption_file.parent, list(captions))
     samples, missing = [], 0
     for image_id, caps in captions.items():
         file = image_dir / image_id
@@ -204,16 +211,16 @@ def _find_caption_file(root: Path) -> tuple[str, Path] | None:
     return None
 
 
-def _find_image_dir(root: Path, caption_dir: Path, some_image: str) -> Path:
+def _find_image_dir(root: Path, caption_dir: Path, image_ids: list[str]) -> Path:
+    """The first candidate folder holding any of the captioned images (some may be missing)."""
     for base in dict.fromkeys((root, caption_dir, root.parent)):
         for name in IMAGE_DIRS:
-            folder = base / name
-            if (folder / some_image).is_file():
-                return folder.resolve()
-            nested = folder / name  # the original zip nests Flicker8k_Dataset/ once more
-            if (nested / some_image).is_file():
-                return nested.resolve()
-    raise UserError(f"image folder not found in {root}: looked for {some_image} in "
+            # the original zip nests Flicker8k_Dataset/ once more
+            for folder in (base / name, base / name / name):
+                if folder.is_dir() and any((folder / i).is_file() for i in image_ids):
+                    return folder.resolve()
+    raise UserError(f"image folder not found in {root}: looked for {image_ids[0]} and the other "
+                    f"{len(image_ids) - 1} captioned images in "
                     + ", ".join(n for n in IMAGE_DIRS if n != "."))
 
 
@@ -225,7 +232,7 @@ def _add(captions: dict[str, list[str]], image_id: str, caption: str) -> None:
 
 def _read_kaggle(file: Path) -> dict[str, list[str]]:
     captions: dict[str, list[str]] = defaultdict(list)
-    with open(file, newline="", encoding="utf-8") as f:
+    with open(file, newline="", encoding="utf-8-sig") as f:
         rows = csv.reader(f)
         header = [h.strip().lower() for h in next(rows, [])]
         if header[:2] != ["image", "caption"]:
@@ -238,7 +245,7 @@ def _read_kaggle(file: Path) -> dict[str, list[str]]:
 
 def _read_original(file: Path) -> dict[str, list[str]]:
     captions: dict[str, list[str]] = defaultdict(list)
-    with open(file, encoding="utf-8") as f:
+    with open(file, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -250,16 +257,15 @@ def _read_original(file: Path) -> dict[str, list[str]]:
 
 
 def _read_karpathy(file: Path) -> dict[str, list[str]]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-        images = data["images"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"{file} is not a Karpathy split file: {exc}") from None
     captions: dict[str, list[str]] = defaultdict(list)
-    for image in images:
-        for sentence in image.get("sentences", []):
-            raw = sentence.get("raw") or " ".join(sentence.get("tokens", []))
-            _add(captions, image["filename"], raw)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8-sig"))
+        for image in data["images"]:
+            for sentence in image.get("sentences", []):
+                raw = sentence.get("raw") or " ".join(sentence.get("tokens", []))
+                _add(captions, image["filename"], raw)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError: bad JSON/UTF-8
+        raise UserError(f"{file} is not a Karpathy split file: {type(exc).__name__}: {exc}") from None
     return captions
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from typing import Iterator
 
 
@@ -42,17 +43,20 @@ def _describe(exc: Exception, what: str, name: str, setting: str) -> str:
         if not os.path.exists(os.path.expanduser(name)):
             return f"{what} {name!r}: no such file or directory (set {setting} to a local folder or a hub id)"
         return f"{what} {name!r} could not be loaded: {kind}: {_first_line(text)}"
-    if kind == "GatedRepoError" or "gated" in text.lower() or "401" in text:
+    # Look for hints in the message without the name: "org/aggregated-clip" is not gated,
+    # "org/clip-4040" no HTTP 404.
+    hint = text.lower().replace(name.lower(), "")
+    if kind == "GatedRepoError" or "gated" in hint or re.search(r"\b401\b", hint):
         return (f"{what} {name!r} is gated or needs a login: accept its licence on "
                 f"https://huggingface.co/{name}, then run `python setup_token.py` or set HF_TOKEN")
-    if kind in ("RepositoryNotFoundError", "RevisionNotFoundError") or "404" in text:
+    if kind in ("RepositoryNotFoundError", "RevisionNotFoundError") or re.search(r"\b404\b", hint):
         return f"{what} {name!r} was not found on the Hugging Face Hub (check {setting})"
     offline = (os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
                or kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError",
                            "ConnectTimeout", "ConnectError")
-               or "offline" in text.lower() or "connect" in text.lower()
-               or "cannot find the requested files" in text.lower()
-               or "couldn't connect" in text.lower())
+               or "offline" in hint or "connect" in hint
+               or "cannot find the requested files" in hint
+               or "couldn't connect" in hint)
     if offline:
         return (f"{what} {name!r} is not in the local Hugging Face cache and the hub cannot be "
                 f"reached (offline?). Download it once with network access "

@@ -110,7 +110,8 @@ def embed_pool(embedder: ImageEmbedder, ids: Sequence[str], load: Callable[[str]
     them misses the cache and recomputes.
     """
     digest = hashlib.sha256("\n".join([embedder.name, cache_key, *ids]).encode()).hexdigest()[:16]
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", embedder.name.strip("/"))[-60:]
+    # No dots in the slug: with_suffix() below would cut the digest off "model-v1.5-<digest>".
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", embedder.name.strip("/"))[-60:]
     path = Path(cache_dir) / "image_embeddings" / f"{slug}-{digest}" if cache_dir else None
     if path is not None:
         cached = _read_cache(path, embedder.name)
@@ -148,7 +149,7 @@ def _read_cache(path: Path, model: str) -> tuple[list[str], np.ndarray] | None:
         vectors = np.load(array_file)
         if meta["model"] != model or vectors.shape != (len(meta["ids"]), meta["dim"]):
             raise ValueError("cache does not match its sidecar")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:  # EOFError: empty .npy
         log.warning("ignoring unusable embedding cache %s: %s", path, exc)
         return None
     return list(meta["ids"]), vectors.astype(np.float32, copy=False)

@@ -162,6 +162,7 @@ def run_experiment(dataset_loader=None, db_manager=None, experiment_index: int |
             raise UserError(f"{setting}={settings.values[setting.upper()]!r} but the database "
                             f"was opened for {used!r}; call initialize_system with the same settings")
     sample = dataset_loader.experiment_sample(index)
+    index = int(index)  # numpy integers too
     image_embedder, caption_embedder = _image_embedder(settings), _caption_embedder(settings)
     captioner = _captioner(settings)
     lap("load")

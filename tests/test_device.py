@@ -1,0 +1,44 @@
+"""resolve_device: the device and dtype every model is loaded with."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from device import resolve_device
+from errors import UserError
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_MPS = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def test_cpu_is_float32():
+    assert resolve_device("cpu") == (torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.skipif(HAS_CUDA or HAS_MPS, reason="this machine has a GPU")
+def test_auto_without_a_gpu_is_cpu_float32():
+    assert resolve_device("auto") == (torch.device("cpu"), torch.float32)
+
+
+def test_auto_is_the_default():
+    assert resolve_device() == resolve_device("auto")
+
+
+def test_auto_falls_back_to_cpu_when_no_gpu_is_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == (torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA")
+@pytest.mark.parametrize("name", ["cuda", "cuda:0", "cuda:1"])
+def test_cuda_without_cuda_is_a_user_error(name):
+    with pytest.raises(UserError, match="CUDA is not available"):
+        resolve_device(name)
+
+
+@pytest.mark.skipif(HAS_MPS, reason="this machine has MPS")
+def test_mps_without_mps_is_a_user_error():
+    with pytest.raises(UserError, match="MPS is not available"):
+        resolve_device("mps")

@@ -1,0 +1,284 @@
+"""ImageEmbedder on the tiny random CLIP, and the training-pool embedding cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import transformers
+
+from errors import UserError
+from fake_flickr import make_image
+from image_embedder import ImageEmbedder, embed_pool, l2_normalise
+
+N_IMAGES = 7  # not a multiple of 3: the last batch is short
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_clip) -> ImageEmbedder:
+    return ImageEmbedder(tiny_clip, device="cpu", batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [make_image(i) for i in range(N_IMAGES)]
+
+
+@pytest.fixture(scope="module")
+def reference(embedder, images) -> np.ndarray:
+    return embedder.embed(images)
+
+
+# ------------------------------------------------------------------------------------ embed
+def test_embed_returns_float32_rows_of_model_dim(reference, embedder):
+    assert reference.dtype == np.float32
+    assert reference.shape == (N_IMAGES, embedder.dim)
+
+
+def test_dim_is_the_clip_projection_dim(embedder):
+    assert embedder.dim == embedder.model.config.projection_dim == 16
+
+
+def test_embed_rows_are_unit_norm(reference):
+    np.testing.assert_allclose(np.linalg.norm(reference, axis=1), 1.0, atol=1e-5)
+
+
+def test_different_images_get_different_embeddings(reference):
+    cos = reference @ reference.T
+    off_diagonal = cos[~np.eye(len(cos), dtype=bool)]
+    assert off_diagonal.max() < 0.999
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_embeddings_do_not_depend_on_batch_size(tiny_clip, images, reference, batch_size):
+    got = ImageEmbedder(tiny_clip, device="cpu", batch_size=batch_size).embed(images)
+    np.testing.assert_allclose(got, reference, atol=1e-5)
+
+
+def test_embed_accepts_a_generator(embedder, reference):
+    got = embedder.embed(make_image(i) for i in range(N_IMAGES))
+    np.testing.assert_allclose(got, reference, atol=1e-5)
+
+
+def test_embed_of_no_images_is_an_empty_model_dim_array(embedder):
+    got = embedder.embed([])
+    assert got.shape == (0, embedder.dim)
+    assert got.dtype == np.float32
+
+
+def test_loaded_model_and_processor_embed_like_the_path(tiny_clip, images, reference):
+    model = transformers.CLIPModel.from_pretrained(tiny_clip)
+    processor = transformers.CLIPProcessor.from_pretrained(tiny_clip)
+    embedder = ImageEmbedder(model, processor, device="cpu", batch_size=4)
+    assert embedder.name == tiny_clip
+    np.testing.assert_allclose(embedder.embed(images), reference, atol=1e-5)
+
+
+def test_loaded_model_without_processor_raises(tiny_clip):
+    model = transformers.CLIPModel.from_pretrained(tiny_clip)
+    with pytest.raises(ValueError, match="processor"):
+        ImageEmbedder(model, device="cpu")
+
+
+def _tiny_bert() -> transformers.BertModel:
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32)
+    return transformers.BertModel(config)
+
+
+def test_loaded_model_without_image_tower_is_a_user_error(tiny_clip):
+    processor = transformers.AutoImageProcessor.from_pretrained(tiny_clip)
+    with pytest.raises(UserError, match="no image tower"):
+        ImageEmbedder(_tiny_bert(), processor, device="cpu")
+
+
+def test_saved_non_clip_checkpoint_is_a_user_error(tiny_clip, tmp_path):
+    folder = tmp_path / "bert-with-image-processor"
+    _tiny_bert().save_pretrained(folder)
+    transformers.AutoImageProcessor.from_pretrained(tiny_clip).save_pretrained(folder)
+    with pytest.raises(UserError, match="no image tower"):
+        ImageEmbedder(str(folder), device="cpu")
+
+
+def test_l2_normalise_scales_rows_to_unit_length():
+    got = l2_normalise(np.array([[3.0, 4.0], [0.0, -2.0]]))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, [[0.6, 0.8], [0.0, -1.0]], atol=1e-7)
+
+
+def test_l2_normalise_keeps_zero_rows_zero():
+    got = l2_normalise(np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 2.0]]))
+    assert np.all(np.isfinite(got))
+    np.testing.assert_array_equal(got[0], 0.0)
+    np.testing.assert_allclose(got[1], [1 / 3, 2 / 3, 2 / 3], atol=1e-7)
+
+
+# ------------------------------------------------------------------------------- embed_pool
+IDS = [f"img{i}.jpg" for i in range(5)]
+
+
+def load(image_id: str):
+    """Like dataset_loader.open_image: UserError for a file that cannot be read."""
+    if image_id.startswith("broken"):
+        raise UserError(f"image {image_id} could not be read: cannot identify image file")
+    return make_image(int(image_id[3:].split(".")[0]))
+
+
+@pytest.fixture
+def count_forward(monkeypatch):
+    """Wrap an embedder's `_forward` so each test can see whether the model ran."""
+    def wrap(embedder: ImageEmbedder) -> list[int]:
+        calls = []
+        original = embedder._forward
+
+        def counting(batch):
+            calls.append(len(batch))
+            return original(batch)
+        monkeypatch.setattr(embedder, "_forward", counting)
+        return calls
+    return wrap
+
+
+def _model_must_not_run(monkeypatch, embedder):
+    def fail(batch):
+        raise AssertionError("the model ran although the cache should have been used")
+    monkeypatch.setattr(embedder, "_forward", fail)
+
+
+def test_embed_pool_returns_ids_and_their_embeddings(embedder, tmp_path):
+    ids, vectors = embed_pool(embedder, IDS, load, tmp_path, "flickr|split-a")
+    assert ids == IDS
+    np.testing.assert_allclose(vectors, embedder.embed(load(i) for i in IDS), atol=1e-5)
+
+
+def test_embed_pool_first_call_writes_npy_and_json_cache(embedder, tmp_path):
+    ids, vectors = embed_pool(embedder, IDS, load, tmp_path, "flickr|split-a")
+    arrays = list((tmp_path / "image_embeddings").glob("*.npy"))
+    sidecars = list((tmp_path / "image_embeddings").glob("*.json"))
+    assert len(arrays) == len(sidecars) == 1
+    assert arrays[0].stem == sidecars[0].stem
+    np.testing.assert_array_equal(np.load(arrays[0]), vectors)
+    meta = json.loads(sidecars[0].read_text())
+    assert meta == {"model": embedder.name, "dim": embedder.dim, "ids": IDS}
+    assert not list((tmp_path / "image_embeddings").glob("*.tmp*"))
+
+
+def test_embed_pool_second_call_loads_from_cache_without_running_the_model(
+        embedder, tmp_path, monkeypatch):
+    first_ids, first = embed_pool(embedder, IDS, load, tmp_path, "flickr|split-a")
+    _model_must_not_run(monkeypatch, embedder)
+    ids, vectors = embed_pool(embedder, IDS, load, tmp_path, "flickr|split-a")
+    assert ids == first_ids
+    assert vectors.dtype == np.float32
+    np.testing.assert_array_equal(vectors, first)
+
+
+def test_embed_pool_other_cache_key_misses_the_cache(embedder, tmp_path, count_forward):
+    embed_pool(embedder, IDS, load, tmp_path, "flickr|split-a")
+    calls = count_forward(embedder)
+    embed_pool(embedder, IDS, load, tmp_path, "flickr|split-b")
+    assert sum(calls) == len(IDS)
+    assert len(list((tmp_path / "image_embeddings").glob("*.npy"))) == 2
+
+
+def test_embed_pool_other_ids_miss_the_cache(embedder, tmp_path, count_forward):
+    embed_pool(embedder, IDS, load, tmp_path, "flickr|split-a")
+    calls = count_forward(embedder)
+    ids, vectors = embed_pool(embedder, IDS[:3], load, tmp_path, "flickr|split-a")
+    assert sum(calls) == 3
+    assert ids == IDS[:3] and vectors.shape == (3, embedder.dim)
+
+
+def test_embed_pool_other_model_name_misses_the_cache(embedder, tiny_clip, tmp_path,
+                                                      count_forward):
+    embed_pool(embedder, IDS, load, tmp_path, "flickr|split-a")
+    other = ImageEmbedder(str(shutil.copytree(tiny_clip, tmp_path / "other-clip")), device="cpu")
+    assert other.name != embedder.name
+    calls = count_forward(other)
+    embed_pool(other, IDS, load, tmp_path, "flickr|split-a")
+    assert sum(calls) == len(IDS)
+
+
+def test_embed_pool_model_name_with_a_dot_keeps_cache_keys_apart(tiny_clip, tmp_path,
+                                                                 count_forward):
+    # "clip-v1.5-<digest>".with_suffix(".npy") used to drop the digest, so every split
+    # and id list of such a model shared one cache file.
+    folder = shutil.copytree(tiny_clip, tmp_path / "models" / "clip-v1.5")
+    embedder = ImageEmbedder(str(folder), device="cpu")
+    embed_pool(embedder, IDS, load, tmp_path / "cache", "flickr|split-a")
+    calls = count_forward(embedder)
+    ids, _ = embed_pool(embedder, IDS[:2], load, tmp_path / "cache", "flickr|split-b")
+    assert ids == IDS[:2]
+    assert sum(calls) == 2
+
+
+def test_embed_pool_skips_an_unreadable_image_with_a_warning(embedder, tmp_path, caplog):
+    requested = [IDS[0], "broken.jpg", IDS[1]]
+    with caplog.at_level(logging.WARNING, logger="image_embedder"):
+        ids, vectors = embed_pool(embedder, requested, load, tmp_path, "flickr|split-a")
+    assert ids == [IDS[0], IDS[1]]
+    np.testing.assert_allclose(vectors, embedder.embed([load(IDS[0]), load(IDS[1])]), atol=1e-5)
+    assert any("broken.jpg" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.WARNING)
+
+
+def test_embed_pool_cache_keeps_only_the_readable_ids(embedder, tmp_path, monkeypatch):
+    requested = [IDS[0], "broken.jpg", IDS[1]]
+    embed_pool(embedder, requested, load, tmp_path, "flickr|split-a")
+    _model_must_not_run(monkeypatch, embedder)
+    ids, vectors = embed_pool(embedder, requested, load, tmp_path, "flickr|split-a")
+    assert ids == [IDS[0], IDS[1]] and vectors.shape == (2, embedder.dim)
+
+
+def _corrupt(folder: Path, how: str) -> None:
+    array, = folder.glob("*.npy")
+    sidecar, = folder.glob("*.json")
+    if how == "garbage npy":
+        array.write_bytes(b"not a numpy file")
+    elif how == "empty npy":
+        array.write_bytes(b"")
+    elif how == "truncated npy":
+        array.write_bytes(array.read_bytes()[:150])
+    elif how == "bad json":
+        sidecar.write_text("{not json")
+    elif how == "json missing keys":
+        sidecar.write_text("{}")
+    elif how == "json not an object":
+        sidecar.write_text("[1, 2]")
+    elif how == "shape mismatch":
+        np.save(array, np.ones((2, 3), dtype=np.float32))
+    else:
+        raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["garbage npy", "empty npy", "truncated npy", "bad json",
+                                 "json missing keys", "json not an object", "shape mismatch"])
+def test_embed_pool_recomputes_over_a_corrupt_cache_with_a_warning(embedder, tmp_path, caplog,
+                                                                   how):
+    _, expected = embed_pool(embedder, IDS, load, tmp_path, "flickr|split-a")
+    _corrupt(tmp_path / "image_embeddings", how)
+    with caplog.at_level(logging.WARNING, logger="image_embedder"):
+        ids, vectors = embed_pool(embedder, IDS, load, tmp_path, "flickr|split-a")
+    assert ids == IDS
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    assert any("ignoring unusable embedding cache" in r.getMessage() for r in caplog.records)
+
+
+def test_embed_pool_rewrites_a_corrupt_cache(embedder, tmp_path, monkeypatch):
+    _, expected = embed_pool(embedder, IDS, load, tmp_path, "flickr|split-a")
+    _corrupt(tmp_path / "image_embeddings", "bad json")
+    embed_pool(embedder, IDS, load, tmp_path, "flickr|split-a")
+    _model_must_not_run(monkeypatch, embedder)
+    _, vectors = embed_pool(embedder, IDS, load, tmp_path, "flickr|split-a")
+    np.testing.assert_array_equal(vectors, expected)
+
+
+def test_embed_pool_without_cache_dir_writes_nothing(embedder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ids, vectors = embed_pool(embedder, IDS, load, None, "flickr|split-a")
+    assert ids == IDS and vectors.shape == (len(IDS), embedder.dim)
+    assert list(tmp_path.iterdir()) == []

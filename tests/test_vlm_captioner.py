@@ -1,0 +1,222 @@
+"""VLMCaptioner on the tiny random SmolVLM (Idefics3), caption cleaning, and the real
+checkpoints when they are in the local Hugging Face cache."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import numpy as np
+import pytest
+import transformers
+
+from errors import UserError
+from fake_flickr import make_image
+from vlm_captioner import EmptyCaptionError, VLMCaptioner, clean_caption
+
+PROMPT = "Describe the image in one sentence."
+PROMPTS = ["Describe the image.",
+           "Similar images were captioned: a dog runs on the grass. a cat sits. Caption this one.",
+           "Caption?"]
+ROLE_PREFIX = re.compile(r"^\s*(assistant|user)\s*:", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------------------- clean_caption
+@pytest.mark.parametrize("raw, expected", [
+    ("Assistant: A dog runs.", "A dog runs."),
+    ("assistant:A dog runs.", "A dog runs."),
+    ("Assistant: Caption: A dog runs.", "A dog runs."),
+    ("Answer: Assistant: caption : A dog runs.", "A dog runs."),
+    ('"A dog runs."', "A dog runs."),
+    ("Assistant: 'A dog runs.'", "A dog runs."),
+    ('Caption: "`A dog runs.`"', "A dog runs."),
+    ("  A dog\n runs\tthrough   the\n\ngrass.  ", "A dog runs through the grass."),
+    ("", ""),
+    ("   \n ", ""),
+    ("Assistant:", ""),
+])
+def test_clean_caption(raw, expected):
+    assert clean_caption(raw) == expected
+
+
+def test_clean_caption_removes_an_echoed_prompt():
+    assert clean_caption(f"{PROMPT} A dog runs.", PROMPT) == "A dog runs."
+
+
+def test_clean_caption_removes_an_echoed_prompt_then_the_role():
+    assert clean_caption(f"{PROMPT}\nAssistant: A dog runs.", PROMPT + " ") == "A dog runs."
+
+
+def test_clean_caption_keeps_text_that_only_mentions_the_prompt():
+    assert clean_caption("A dog runs.", PROMPT) == "A dog runs."
+
+
+def test_clean_caption_keeps_inner_quotes():
+    assert clean_caption('A sign that says "stop".') == 'A sign that says "stop".'
+
+
+# ------------------------------------------------------------------------- tiny SmolVLM
+@pytest.fixture(scope="module")
+def captioner(tiny_vlm) -> VLMCaptioner:
+    return VLMCaptioner(tiny_vlm, device="cpu", max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def images():
+    # different sizes and aspect ratios: different numbers of tiles within one batch
+    return [make_image(0), make_image(1, size=(60, 160)), make_image(2, size=(200, 50))]
+
+
+def test_caption_is_a_non_empty_single_line_without_role_prefix(captioner, images):
+    caption = captioner.caption(images[0], PROMPT)
+    assert isinstance(caption, str) and caption
+    assert "\n" not in caption
+    assert caption == caption.strip()
+    assert not ROLE_PREFIX.match(caption)
+    assert "<" not in caption  # no special tokens such as <end_of_utterance>
+
+
+def test_caption_is_deterministic(captioner, images):
+    assert captioner.caption(images[0], PROMPT) == captioner.caption(images[0], PROMPT)
+
+
+def test_caption_depends_on_the_image(captioner, images):
+    captions = {captioner.caption(image, PROMPT) for image in images}
+    assert len(captions) > 1
+
+
+def test_caption_batch_equals_unbatched_captions(captioner, images):
+    batched = captioner.caption_batch(images, PROMPTS)
+    assert batched == [captioner.caption(image, p) for image, p in zip(images, PROMPTS)]
+    assert all(batched)
+
+
+def test_caption_batch_rejects_mismatched_lengths(captioner, images):
+    with pytest.raises(ValueError):
+        captioner.caption_batch(images, PROMPTS[:2])
+
+
+def test_beam_search_gives_captions(tiny_vlm, images):
+    beams = VLMCaptioner(tiny_vlm, device="cpu", max_new_tokens=8, num_beams=2)
+    captions = beams.caption_batch(images, PROMPTS)
+    assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)
+    assert captions == [beams.caption(image, p) for image, p in zip(images, PROMPTS)]
+
+
+def test_max_new_tokens_bounds_the_caption_length(tiny_vlm, images):
+    short = VLMCaptioner(tiny_vlm, device="cpu", max_new_tokens=2).caption(images[0], PROMPT)
+    # every token the tiny model may generate is one whole word
+    assert 1 <= len(short.split()) <= 2
+
+
+def test_chat_text_renders_the_smolvlm_chat_format(captioner):
+    assert captioner.chat_text("Describe it.") == (
+        "<|im_start|>User:<image>Describe it.<end_of_utterance>\nAssistant:")
+
+
+def test_tokenizer_pads_on_the_left_after_init(tiny_vlm):
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_vlm)
+    processor = transformers.AutoProcessor.from_pretrained(tiny_vlm)
+    processor.tokenizer.padding_side = "right"
+    captioner = VLMCaptioner(model, processor, device="cpu")
+    assert captioner.processor.tokenizer.padding_side == "left"
+
+
+def test_loaded_model_and_processor_caption_like_the_path(tiny_vlm, captioner, images):
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_vlm)
+    processor = transformers.AutoProcessor.from_pretrained(tiny_vlm)
+    loaded = VLMCaptioner(model, processor, device="cpu", max_new_tokens=8)
+    assert loaded.caption(images[0], PROMPT) == captioner.caption(images[0], PROMPT)
+
+
+def test_loaded_model_without_processor_raises(tiny_vlm):
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_vlm)
+    with pytest.raises(ValueError, match="processor"):
+        VLMCaptioner(model, device="cpu")
+
+
+def test_processor_without_chat_template_is_a_user_error(tiny_vlm):
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_vlm)
+    processor = transformers.AutoProcessor.from_pretrained(tiny_vlm)
+    processor.chat_template = None
+    with pytest.raises(UserError, match="chat template"):
+        VLMCaptioner(model, processor, device="cpu")
+
+
+def test_empty_caption_error_is_a_user_error():
+    assert issubclass(EmptyCaptionError, UserError)
+
+
+def test_empty_generation_raises_empty_caption_error(captioner, images, monkeypatch):
+    monkeypatch.setattr(captioner.processor, "batch_decode",
+                        lambda tokens, **kwargs: [""] * len(tokens))
+    with pytest.raises(EmptyCaptionError, match="empty caption"):
+        captioner.caption(images[0], PROMPT)
+
+
+def test_generation_of_only_a_role_prefix_raises_empty_caption_error(captioner, images,
+                                                                     monkeypatch):
+    monkeypatch.setattr(captioner.processor, "batch_decode",
+                        lambda tokens, **kwargs: [" Assistant: \n"] * len(tokens))
+    with pytest.raises(EmptyCaptionError):
+        captioner.caption(images[0], PROMPT)
+
+
+def _tiles(captioner: VLMCaptioner, image) -> int:
+    inputs = captioner.processor(text=[captioner.chat_text(PROMPT)], images=[[image]],
+                                 return_tensors="pt")
+    return inputs["pixel_values"].shape[1]
+
+
+def test_image_longest_edge_sets_the_image_processor_size(tiny_vlm, caplog):
+    with caplog.at_level(logging.WARNING, logger="vlm_captioner"):
+        captioner = VLMCaptioner(tiny_vlm, device="cpu", max_new_tokens=8, image_longest_edge=32)
+    assert captioner.processor.image_processor.size["longest_edge"] == 32
+    assert not [r for r in caplog.records if "ignored" in r.getMessage()]
+
+
+def test_image_longest_edge_of_one_tile_gives_one_tile(tiny_vlm, captioner, images):
+    # the tiny model's tiles are 32 px; its default longest edge of 64 px splits into 2x2 + 1
+    assert _tiles(captioner, images[0]) > 1
+    one_tile = VLMCaptioner(tiny_vlm, device="cpu", max_new_tokens=8, image_longest_edge=32)
+    assert _tiles(one_tile, images[0]) == 1
+
+
+def test_captioning_works_with_image_longest_edge(tiny_vlm, images):
+    one_tile = VLMCaptioner(tiny_vlm, device="cpu", max_new_tokens=8, image_longest_edge=32)
+    captions = one_tile.caption_batch(images, PROMPTS)
+    assert all(isinstance(c, str) and c for c in captions)
+
+
+# ------------------------------------------------------------------- real checkpoints
+REAL_MODELS = {"clip": "openai/clip-vit-base-patch32", "vlm": "HuggingFaceTB/SmolVLM-Instruct",
+               "bge": "BAAI/bge-base-en-v1.5"}
+
+
+def _cached(repo: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+
+
+@pytest.mark.real_models
+def test_real_default_checkpoints_caption_and_embed():
+    missing = [repo for repo in REAL_MODELS.values() if not _cached(repo)]
+    if missing:
+        pytest.skip(f"not in the local Hugging Face cache: {', '.join(missing)} "
+                    f"(download with `hf download REPO` to run this test)")
+    from caption_embedder import CaptionEmbedder
+    from image_embedder import ImageEmbedder
+
+    image = make_image(0, size=(384, 288))
+    captioner = VLMCaptioner(REAL_MODELS["vlm"], device="cpu", max_new_tokens=24,
+                             image_longest_edge=384)
+    caption = captioner.caption(image, "Describe this image in one short sentence.")
+    words = re.findall(r"[A-Za-z]+", caption)
+    assert len(words) >= 2 and "\n" not in caption
+    assert sum(map(len, words)) >= 0.6 * len(caption.replace(" ", ""))  # mostly Latin letters
+
+    image_vectors = ImageEmbedder(REAL_MODELS["clip"], device="cpu").embed([image])
+    assert image_vectors.shape == (1, 512)
+    caption_vectors = CaptionEmbedder(REAL_MODELS["bge"], device="cpu").embed_captions([caption])
+    assert caption_vectors.shape == (1, 768)
+    np.testing.assert_allclose(np.linalg.norm(caption_vectors, axis=1), 1.0, atol=1e-4)
