@@ -20,7 +20,10 @@ def resolve_device(name: str = "auto") -> tuple[torch.device, torch.dtype]:
             name = "mps"
         else:
             name = "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: CUDA is not available on this machine")

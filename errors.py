@@ -66,8 +66,9 @@ def _describe(exc: Exception, what: str, name: str, setting: str) -> str:
 
 
 def looks_like_path(name: str) -> bool:
-    """True for "./x", "/x", "~/x", "a/b/c" or an existing path; false for a hub id "owner/name"."""
-    return (name.startswith((".", "~", "/", "\\")) or name.count("/") != 1
+    """True for "./x", "/x", "~/x", "a/b/c" or an existing path; false for hub ids
+    ("owner/name", or a bare legacy name such as "gpt2")."""
+    return (name.startswith((".", "~", "/", "\\")) or name.count("/") > 1
             or (os.altsep is not None and os.altsep in name) or os.path.exists(name))
 
 

@@ -39,12 +39,12 @@ class ImageEmbedder:
     `processor` too.
     """
 
-    def __init__(self, model: str | torch.nn.Module, processor=None, *,
+    def __init__(self, model: str | os.PathLike | torch.nn.Module, processor=None, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  batch_size: int = 32):
         import transformers
-        if isinstance(model, str):
-            self.name = model
+        if isinstance(model, (str, os.PathLike)):
+            model = self.name = str(model)
             with hub_errors("CLIP model", model, "--clip-model-name"):
                 processor = transformers.AutoImageProcessor.from_pretrained(model, token=hf_token())
                 model = transformers.AutoModel.from_pretrained(model, dtype=dtype, token=hf_token())

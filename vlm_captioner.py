@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 from typing import Sequence
 
@@ -45,13 +46,13 @@ def clean_caption(text: str, prompt: str = "") -> str:
 class VLMCaptioner:
     """Image + prompt -> caption. `model` is a name/path, or a loaded model with its `processor`."""
 
-    def __init__(self, model: str | torch.nn.Module, processor=None, *,
+    def __init__(self, model: str | os.PathLike | torch.nn.Module, processor=None, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  max_new_tokens: int = 64, num_beams: int = 1, do_sample: bool = False,
                  temperature: float = 1.0, image_longest_edge: int = 0, seed: int = 0):
         import transformers
-        if isinstance(model, str):
-            self.name = model
+        if isinstance(model, (str, os.PathLike)):
+            model = self.name = str(model)
             with hub_errors("VLM", model, "--vlm-model-name"):
                 processor = transformers.AutoProcessor.from_pretrained(model, token=hf_token())
                 model = transformers.AutoModelForImageTextToText.from_pretrained(

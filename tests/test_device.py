@@ -42,3 +42,8 @@ def test_cuda_without_cuda_is_a_user_error(name):
 def test_mps_without_mps_is_a_user_error():
     with pytest.raises(UserError, match="MPS is not available"):
         resolve_device("mps")
+
+
+def test_unknown_device_name_is_a_user_error():
+    with pytest.raises(UserError, match="--device must be"):
+        resolve_device("gpu")

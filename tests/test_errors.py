@@ -211,3 +211,7 @@ def test_an_existing_folder_without_a_slash_is_a_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "clip").mkdir()
     assert looks_like_path("clip")
+
+
+def test_bare_legacy_hub_names_are_not_paths():
+    assert not looks_like_path("gpt2")

@@ -282,3 +282,9 @@ def test_embed_pool_without_cache_dir_writes_nothing(embedder, tmp_path, monkeyp
     ids, vectors = embed_pool(embedder, IDS, load, None, "flickr|split-a")
     assert ids == IDS and vectors.shape == (len(IDS), embedder.dim)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_object_loads_like_its_string(tiny_clip):
+    images = [make_image(i) for i in range(2)]
+    np.testing.assert_allclose(ImageEmbedder(Path(tiny_clip)).embed(images),
+                               ImageEmbedder(tiny_clip).embed(images), atol=1e-6)
