@@ -238,8 +238,8 @@ def _summary(result: dict[str, Any]) -> str:
              f"  reference: {result['original_caption']}",
              "  neighbours: " + ", ".join(f"{n['image_id']} ({n['score']:.3f})"
                                           for n in result["similar_images"]),
-             f"  time: {result['timings']['total']:.1f} s "
-             f"(generation {result['timings']['generate']:.1f} s)",
+             f"  time: {result['timings']['total']:.1f} s (loading {result['timings']['load']:.1f} s, "
+             f"generation {result['timings']['generate']:.1f} s)",
              f"  result: {result['result_path']}"]
     return "\n".join(lines)
 
