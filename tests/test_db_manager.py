@@ -1,16 +1,28 @@
-"""The three databases: seeding, appending, replacing, and refusing bad files."""
+"""The three databases: seeding, appending, replacing, crash safety, concurrent
+writers, checks and repairs, and refusing bad files."""
 
 import json
 import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from db_manager import (CAPTION_DB, CAPTION_EMBEDDING_DB, FILES, IMAGE_DB, DbIdentity, DbManager,
-                        generated_caption_id, write_json_atomic)
+import db_manager
+from db_manager import (CAPTION_DB, CAPTION_EMBEDDING_DB, FILES, IMAGE_DB, WORK, DbIdentity,
+                        DbManager, check_db, generated_caption_id, repair_db, write_json_atomic)
 from errors import UserError
 
 IDENTITY = DbIdentity(clip_model="clip", caption_model="bge", dataset="flickr", split="abc")
+WRITER = Path(__file__).resolve().parent / "db_writer.py"
 
 
 def unit(rows, dim, seed=0):
@@ -18,17 +30,21 @@ def unit(rows, dim, seed=0):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def seeded(db_dir, identity=IDENTITY):
+def human_captions(n_images, per_image=2):
+    return [{"id": f"im{i}.jpg#{n}", "image_id": f"im{i}.jpg", "caption": f"caption {i} {n}",
+             "source": "human"} for i in range(n_images) for n in range(per_image)]
+
+
+def seeded(db_dir, identity=IDENTITY, n_images=3):
     db = DbManager.open(db_dir, identity)
     assert db.needs_seed
-    captions = [{"id": f"im{i}.jpg#{n}", "image_id": f"im{i}.jpg", "caption": f"caption {i} {n}",
-                 "source": "human"} for i in range(3) for n in range(2)]
-    db.seed([f"im{i}.jpg" for i in range(3)], unit(3, 4), captions, unit(6, 5, seed=1))
+    db.seed([f"im{i}.jpg" for i in range(n_images)], unit(n_images, 4),
+            human_captions(n_images), unit(2 * n_images, 5, seed=1))
     return db
 
 
 def snapshot(db_dir):
-    return {f: (db_dir / f).read_bytes() for f in FILES}
+    return {f: (Path(db_dir) / f).read_bytes() for f in FILES}
 
 
 def add(db, image_id="exp.jpg", model="vlm-a", caption="a generated caption", seed=2):
@@ -36,35 +52,57 @@ def add(db, image_id="exp.jpg", model="vlm-a", caption="a generated caption", se
                       vlm_model=model, experiment_index=7, timestamp="2026-11-23T12:00:00+00:00")
 
 
+def load_all(db_dir):
+    return {f: json.loads((Path(db_dir) / f).read_text()) for f in FILES}
+
+
+def run_writer(db_dir, prefix, count, crash=None, timeout=60):
+    args = [sys.executable, str(WRITER), str(db_dir), prefix, str(count)] + ([crash] if crash else [])
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+# --- seeding and appending ----------------------------------------------------------
+
 def test_seed_writes_three_plain_json_files_that_load_back(tmp_path):
     db = seeded(tmp_path)
-    for name in FILES:
-        data = json.loads((tmp_path / name).read_text())
-        assert data["version"] == 1
-    images = json.loads((tmp_path / IMAGE_DB).read_text())
-    assert images["model"] == "clip" and images["dim"] == 4 and len(images["entries"]) == 3
-    assert json.loads((tmp_path / CAPTION_EMBEDDING_DB).read_text())["model"] == "bge"
+    data = load_all(tmp_path)
+    assert {d["version"] for d in data.values()} == {1}
+    assert data[IMAGE_DB]["model"] == "clip" and data[IMAGE_DB]["dim"] == 4
+    assert len(data[IMAGE_DB]["entries"]) == 3
+    assert data[CAPTION_EMBEDDING_DB]["model"] == "bge" and data[CAPTION_EMBEDDING_DB]["dim"] == 5
     again = DbManager.open(tmp_path, IDENTITY)
-    assert not again.needs_seed
-    assert again.image_ids == db.image_ids
-    np.testing.assert_allclose(again.image_vectors, db.image_vectors, atol=1e-7)
-    np.testing.assert_allclose(again.caption_vectors, db.caption_vectors, atol=1e-7)
+    assert not again.needs_seed and again.image_ids == db.image_ids
+    np.testing.assert_array_equal(again.image_vectors, unit(3, 4))
+    np.testing.assert_array_equal(again.caption_vectors, unit(6, 5, seed=1))
+    np.testing.assert_array_equal(np.array([e["embedding"] for e in data[IMAGE_DB]["entries"]],
+                                           dtype=np.float32), unit(3, 4))
     assert again.captions_of("im1.jpg") == ["caption 1 0", "caption 1 1"]
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert check_db(tmp_path) == []
+
+
+def test_json_files_have_one_entry_per_line(tmp_path):
+    seeded(tmp_path)
+    lines = (tmp_path / CAPTION_DB).read_text().splitlines()
+    assert lines[0].endswith('"entries":[') and lines[-1] == "]}" and len(lines) == 2 + 6
 
 
 def test_experiment_appends_one_entry_to_each_file(tmp_path):
     db = seeded(tmp_path)
     add(db)
-    again = DbManager.open(tmp_path, IDENTITY)
-    assert again.image_ids[-1] == "exp.jpg" and len(again.image_ids) == 4
-    entry = again.captions[-1]
+    data = load_all(tmp_path)
+    assert [len(d["entries"]) for d in data.values()] == [4, 7, 7]
+    assert data[IMAGE_DB]["entries"][-1]["kind"] == "experiment"
+    entry = data[CAPTION_DB]["entries"][-1]
     assert entry == {"id": generated_caption_id("exp.jpg", "vlm-a"), "image_id": "exp.jpg",
                      "caption": "a generated caption", "source": "generated", "model": "vlm-a",
                      "experiment_index": 7, "timestamp": "2026-11-23T12:00:00+00:00"}
-    assert len(again.caption_vectors) == 7
-    assert json.loads((tmp_path / IMAGE_DB).read_text())["entries"][-1]["kind"] == "experiment"
-    assert again.captions_of("exp.jpg") == ["a generated caption"]
+    again = DbManager.open(tmp_path, IDENTITY)
+    assert again.image_ids[-1] == "exp.jpg" and again.captions_of("exp.jpg") == [
+        "a generated caption"]
+    np.testing.assert_array_equal(again.caption_vectors[-1], unit(1, 5, 2)[0])
+    assert db.image_ids == again.image_ids and len(db.caption_vectors) == 7   # in memory too
+    assert check_db(tmp_path) == []
+    assert not (tmp_path / WORK / db_manager.JOURNAL).read_bytes()
 
 
 def test_same_image_and_model_replaces_another_model_adds(tmp_path):
@@ -74,30 +112,77 @@ def test_same_image_and_model_replaces_another_model_adds(tmp_path):
     again = DbManager.open(tmp_path, IDENTITY)
     assert len(again.image_ids) == 4 and len(again.captions) == 7
     assert again.captions[-1]["caption"] == "second"
-    np.testing.assert_allclose(again.caption_vectors[-1], unit(1, 5, 3)[0], atol=1e-7)
+    np.testing.assert_array_equal(again.caption_vectors[-1], unit(1, 5, 3)[0])
+    assert check_db(tmp_path) == []
     add(again, model="vlm-b", caption="other model")
     final = DbManager.open(tmp_path, IDENTITY)
     assert len(final.image_ids) == 4 and len(final.captions) == 8
     assert {c["model"] for c in final.captions if c["source"] == "generated"} == {"vlm-a", "vlm-b"}
+    assert check_db(tmp_path) == []
 
 
 def test_human_captions_are_preferred_as_context(tmp_path):
     db = seeded(tmp_path)
     add(db, image_id="im0.jpg", caption="generated for a training image")
     assert db.captions_of("im0.jpg") == ["caption 0 0", "caption 0 1"]
+    assert len(db.image_ids) == 3      # the image was known: no second embedding
 
+
+def test_append_does_not_parse_the_json_files(tmp_path, monkeypatch):
+    db = seeded(tmp_path)
+    monkeypatch.setattr(db_manager, "_read_json", lambda *a: pytest.fail("JSON parsed"))
+    add(db)
+    DbManager.open(tmp_path, IDENTITY)
+
+
+def test_a_second_handle_sees_what_the_first_appended(tmp_path):
+    first = seeded(tmp_path)
+    second = DbManager.open(tmp_path, IDENTITY)
+    add(first, image_id="a.jpg")
+    add(second, image_id="b.jpg")          # merges a.jpg before appending
+    assert second.image_ids[-2:] == ["a.jpg", "b.jpg"]
+    assert [e["image_id"] for e in load_all(tmp_path)[IMAGE_DB]["entries"]][-2:] == [
+        "a.jpg", "b.jpg"]
+    add(first, image_id="a.jpg", caption="again", seed=5)   # a replacement after a merge
+    assert DbManager.open(tmp_path, IDENTITY).captions_of("a.jpg") == ["again"]
+    assert check_db(tmp_path) == []
+
+
+def test_older_single_line_databases_are_imported(tmp_path):
+    """A database written by the first version (compact JSON, no working copy) opens."""
+    header = {"dataset": "flickr", "split": "abc", "version": 1}
+    images = {**header, "format": "recap-image-embeddings", "model": "clip", "dim": 4,
+              "entries": [{"image_id": "im0.jpg", "kind": "train",
+                           "embedding": unit(1, 4)[0].tolist()}]}
+    captions = {**header, "format": "recap-captions",
+                "entries": [{"id": "im0.jpg#0", "image_id": "im0.jpg", "caption": "c",
+                             "source": "human"}]}
+    embeddings = {"format": "recap-caption-embeddings", "version": 1, "model": "bge", "dim": 5,
+                  "entries": [{"id": "im0.jpg#0", "image_id": "im0.jpg",
+                               "embedding": unit(1, 5)[0].tolist()}]}
+    for name, data in ((IMAGE_DB, images), (CAPTION_DB, captions), (CAPTION_EMBEDDING_DB, embeddings)):
+        (tmp_path / name).write_bytes(orjson.dumps(data))
+    db = DbManager.open(tmp_path, IDENTITY)
+    assert db.image_ids == ["im0.jpg"] and db.captions_of("im0.jpg") == ["c"]
+    add(db)
+    assert check_db(tmp_path) == [] and len(load_all(tmp_path)[IMAGE_DB]["entries"]) == 2
+
+
+# --- refusing bad files ----------------------------------------------------------------
 
 @pytest.mark.parametrize("name", FILES)
-def test_corrupt_file_is_an_error_and_nothing_changes(tmp_path, name):
+def test_truncated_file_is_an_error_naming_it_and_the_fix(tmp_path, name):
     seeded(tmp_path)
-    (tmp_path / name).write_text('{"format": "recap-')
+    path = tmp_path / name
+    path.write_bytes(path.read_bytes()[:-40])
     before = snapshot(tmp_path)
-    with pytest.raises(UserError, match=f"{name} is corrupt"):
+    with pytest.raises(UserError, match=f"{name} is corrupt.*--repair-db"):
         DbManager.open(tmp_path, IDENTITY)
     assert snapshot(tmp_path) == before
+    assert any(name in p for p in check_db(tmp_path))
 
 
-@pytest.mark.parametrize("edit, message", [
+MALFORMED = [
     (lambda d: d["entries"][0].update(embedding=[1.0, None, 0.0, 0.0]), "null"),
     (lambda d: d["entries"][0].update(embedding=[1.0, "x", 0.0, 0.0]), "non-numbers"),
     (lambda d: d["entries"][1].update(embedding=[1.0, 0.0]), "entry 1 is not a 4-d embedding"),
@@ -105,18 +190,26 @@ def test_corrupt_file_is_an_error_and_nothing_changes(tmp_path, name):
     (lambda d: d["entries"].append(dict(d["entries"][0])), "duplicate id"),
     (lambda d: d.update(version=99), "version 99"),
     (lambda d: d.update(format="something"), "is not a recap-image-embeddings file"),
-])
-def test_malformed_image_database_is_an_error(tmp_path, edit, message):
+]
+
+
+@pytest.mark.parametrize("edit, message", MALFORMED)
+def test_malformed_image_database_is_found_by_check_and_refused_on_import(tmp_path, edit, message):
     seeded(tmp_path)
     data = json.loads((tmp_path / IMAGE_DB).read_text())
     edit(data)
     (tmp_path / IMAGE_DB).write_text(json.dumps(data))
+    assert any(message in p for p in check_db(tmp_path))
+    with pytest.raises(UserError, match="--repair-db"):        # size changed under us
+        DbManager.open(tmp_path, IDENTITY)
+    shutil.rmtree(tmp_path / WORK)                               # import validates everything
     with pytest.raises(UserError, match=message):
         DbManager.open(tmp_path, IDENTITY)
 
 
 def test_captions_and_their_embeddings_must_align(tmp_path):
     seeded(tmp_path)
+    shutil.rmtree(tmp_path / WORK)
     data = json.loads((tmp_path / CAPTION_EMBEDDING_DB).read_text())
     data["entries"].reverse()
     (tmp_path / CAPTION_EMBEDDING_DB).write_text(json.dumps(data))
@@ -142,25 +235,14 @@ def test_data_set_name_alone_may_change(tmp_path):
     assert not DbManager.open(tmp_path, moved).needs_seed
 
 
-def test_incomplete_database_is_an_error_not_a_reseed(tmp_path):
+def test_missing_file_is_an_error_not_a_reseed(tmp_path):
     seeded(tmp_path)
     (tmp_path / CAPTION_DB).unlink()
+    with pytest.raises(UserError, match="captions.json is missing"):
+        DbManager.open(tmp_path, IDENTITY)
+    shutil.rmtree(tmp_path / WORK)
     with pytest.raises(UserError, match="incomplete: captions.json missing"):
         DbManager.open(tmp_path, IDENTITY)
-
-
-def test_failed_write_leaves_files_and_memory_unchanged(tmp_path, monkeypatch):
-    db = seeded(tmp_path)
-    before = snapshot(tmp_path)
-
-    def broken(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr("db_manager.os.replace", broken)
-    with pytest.raises(OSError):
-        add(db)
-    assert snapshot(tmp_path) == before
-    assert len(db.image_ids) == 3 and len(db.captions) == 6
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
 def test_vectors_with_nan_or_wrong_dimension_are_rejected(tmp_path):
@@ -171,6 +253,223 @@ def test_vectors_with_nan_or_wrong_dimension_are_rejected(tmp_path):
     with pytest.raises(UserError, match="4-d vectors"):
         db.add_experiment("x.jpg", unit(1, 6)[0], "c", unit(1, 5)[0], "m", 0, "t")
     assert snapshot(tmp_path) == before
+
+
+def test_read_only_database_folder_is_a_clear_error(tmp_path, monkeypatch):
+    seeded(tmp_path)
+    before = snapshot(tmp_path)
+    if os.geteuid() == 0:   # root writes anywhere: make the OS answer as for a read-only folder
+        import filelock
+
+        def denied(self, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", self.lock_file)
+        monkeypatch.setattr(filelock.FileLock, "acquire", denied)
+    os.chmod(tmp_path, 0o555)
+    try:
+        with pytest.raises(UserError, match="is not writable"):
+            DbManager.open(tmp_path, IDENTITY)
+    finally:
+        os.chmod(tmp_path, 0o755)
+    assert snapshot(tmp_path) == before
+
+
+# --- failures while writing ---------------------------------------------------------------
+
+@pytest.mark.parametrize("victim, replace", [
+    ("_append_json", False), ("_append_bytes", False), ("_write_atomic", False),
+    ("_write_row", True), ("_write_json_file", True), ("_write_atomic", True),
+])
+def test_disk_full_leaves_files_and_memory_unchanged(tmp_path, monkeypatch, victim, replace):
+    db = seeded(tmp_path)
+    add(db)
+    before, images, captions = snapshot(tmp_path), list(db.image_ids), list(db.captions)
+    vectors = np.array(db.caption_vectors)
+
+    real, calls = getattr(db_manager, victim), []
+
+    def disk_full(*args, **kwargs):   # the first call fails; putting things back works
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(db_manager, victim, disk_full)
+    with pytest.raises(OSError) as err:
+        add(db, image_id="exp.jpg" if replace else "new.jpg", caption="new", seed=9)
+    assert err.value.errno == 28
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before
+    assert db.image_ids == images and db.captions == captions
+    np.testing.assert_array_equal(db.caption_vectors, vectors)
+    assert check_db(tmp_path) == []
+    add(db, caption="after the disk was freed", seed=10)
+    assert check_db(tmp_path) == []
+
+
+def test_ctrl_c_during_a_write_leaves_everything_as_it_was(tmp_path, monkeypatch):
+    db = seeded(tmp_path)
+    before = snapshot(tmp_path)
+    real, calls = db_manager._append_json, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(db_manager, "_append_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        add(db)
+    assert snapshot(tmp_path) == before and check_db(tmp_path) == []
+
+
+# --- crashes (a killed process leaves no chance to roll back) ------------------------------
+
+@pytest.mark.parametrize("point, saved", [
+    ("journal", False),            # torn journal line: never acknowledged, dropped
+    ("json:1", True),              # journal durable, one JSON file appended: completed
+    ("json:3", True),
+    ("state", True),               # everything appended, not committed: completed
+    ("truncate-journal", True),    # committed, journal not yet emptied
+])
+def test_crash_at_each_point_gives_all_three_entries_or_none(tmp_path, point, saved, caplog):
+    seeded(tmp_path)
+    out = run_writer(tmp_path, "crash", 1, crash=point)
+    assert out.returncode == 9 and "ack" not in out.stdout
+    db = DbManager.open(tmp_path, IDENTITY)
+    assert ("crash-0.jpg" in db.image_ids) == saved
+    assert (generated_caption_id("crash-0.jpg", "vlm") in {c["id"] for c in db.captions}) == saved
+    assert check_db(tmp_path) == []
+    counts = [len(d["entries"]) for d in load_all(tmp_path).values()]
+    assert counts == ([4, 7, 7] if saved else [3, 6, 6])
+    if point != "truncate-journal":
+        assert any(word in caplog.text for word in ("completed", "dropped"))
+
+
+def test_killed_writers_never_lose_an_acknowledged_experiment(tmp_path):
+    """Fault injection: SIGKILL at random moments of a stream of appends."""
+    seeded(tmp_path)
+    rng = random.Random(1234)
+    acknowledged: set[str] = set()
+    trials = 50
+    for trial in range(trials):
+        proc = subprocess.Popen([sys.executable, str(WRITER), str(tmp_path), f"t{trial}", "40"],
+                                stdout=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(0.05, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate()
+        acknowledged |= {line.split()[1] for line in out.splitlines() if line.startswith("ack")}
+    db = DbManager.open(tmp_path, IDENTITY)
+    assert acknowledged <= set(db.image_ids)
+    assert len(acknowledged) > trials        # the writers got somewhere
+    assert check_db(tmp_path) == []
+    data = load_all(tmp_path)
+    assert len(data[IMAGE_DB]["entries"]) - 3 == len(data[CAPTION_DB]["entries"]) - 6
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    seeded(tmp_path)
+    writers, appends = 4, 10
+    procs = [subprocess.Popen([sys.executable, str(WRITER), str(tmp_path), f"w{w}", str(appends)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for w in range(writers)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out.count("ack") == appends
+    db = DbManager.open(tmp_path, IDENTITY)
+    expected = {f"w{w}-{n}.jpg" for w in range(writers) for n in range(appends)}
+    assert set(db.image_ids) - {f"im{i}.jpg" for i in range(3)} == expected
+    assert len(db.image_ids) == 3 + writers * appends
+    assert len(db.captions) == 6 + writers * appends
+    assert check_db(tmp_path) == []
+
+
+def test_interrupted_first_run_is_cleaned_up(tmp_path, monkeypatch):
+    db = DbManager.open(tmp_path / "db", IDENTITY)
+    real = os.replace
+
+    def die_before_commit(src, dst):
+        if Path(dst).name == WORK:
+            raise KeyboardInterrupt
+        real(src, dst)
+    monkeypatch.setattr(db_manager.os, "replace", die_before_commit)
+    with pytest.raises(KeyboardInterrupt):
+        db.seed(["a.jpg"], unit(1, 4), human_captions(0), np.zeros((0, 5), np.float32))
+    monkeypatch.undo()
+    assert (tmp_path / "db" / IMAGE_DB).exists()        # moved, but not committed
+    again = DbManager.open(tmp_path / "db", IDENTITY)
+    assert again.needs_seed and not (tmp_path / "db" / IMAGE_DB).exists()
+    seeded(tmp_path / "db")
+
+
+# --- check and repair --------------------------------------------------------------------
+
+def test_repair_finishes_an_interrupted_write_after_a_backup(tmp_path):
+    seeded(tmp_path)
+    run_writer(tmp_path, "crash", 1, crash="json:2")
+    assert any("unfinished write" in p for p in check_db(tmp_path))
+    report = repair_db(tmp_path)
+    assert report[0].startswith("backup of everything as it was:")
+    backup = Path(report[0].split(": ", 1)[1])
+    assert (backup / IMAGE_DB).exists() and (backup / WORK / db_manager.JOURNAL).exists()
+    assert any("completed" in line for line in report) and report[-1] == "no problems left"
+    assert check_db(tmp_path) == []
+
+
+def test_repair_rebuilds_a_damaged_json_file_from_the_working_copy(tmp_path):
+    db = seeded(tmp_path)
+    add(db)
+    good = snapshot(tmp_path)
+    (tmp_path / CAPTION_EMBEDDING_DB).write_bytes(good[CAPTION_EMBEDDING_DB][:100])
+    report = repair_db(tmp_path)
+    assert any("rebuilt the three JSON files" in line for line in report)
+    assert snapshot(tmp_path) == good
+
+
+def test_repair_trusts_valid_json_restored_by_the_user(tmp_path):
+    db = seeded(tmp_path)
+    restored = snapshot(tmp_path)
+    add(db)
+    for name, blob in restored.items():        # the user restores the JSON of before
+        (tmp_path / name).write_bytes(blob)
+    with pytest.raises(UserError, match="--repair-db"):
+        DbManager.open(tmp_path, IDENTITY)
+    assert any("rebuilt the working copy" in line for line in repair_db(tmp_path))
+    assert "exp.jpg" not in DbManager.open(tmp_path, IDENTITY).image_ids
+
+
+def test_repair_reports_what_it_cannot_fix(tmp_path):
+    seeded(tmp_path)
+    (tmp_path / IMAGE_DB).write_text("garbage")
+    (tmp_path / WORK / db_manager.STATE).write_text("garbage")
+    with pytest.raises(UserError, match="cannot repair.*restore a backup"):
+        repair_db(tmp_path)
+
+
+# --- properties ---------------------------------------------------------------------------
+
+CAPTION_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=40)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(captions=st.lists(CAPTION_TEXT, min_size=1, max_size=6),
+       ids=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=6, unique=True),
+       seed=st.integers(0, 2**16))
+def test_round_trip_of_any_text_and_vectors(tmp_path_factory, captions, ids, seed):
+    db_dir = tmp_path_factory.mktemp("prop")
+    db = DbManager.open(db_dir, IDENTITY)
+    db.seed(ids, unit(len(ids), 4, seed), [], np.zeros((0, 5), np.float32))
+    for n, caption in enumerate(captions):
+        db.add_experiment(ids[n % len(ids)], unit(1, 4, seed + n)[0], caption,
+                          unit(1, 5, seed + n)[0], vlm_model="v", experiment_index=n,
+                          timestamp="t")
+    again = DbManager.open(db_dir, IDENTITY)
+    expected = {}
+    for n, caption in enumerate(captions):
+        expected[ids[n % len(ids)]] = (caption, n)
+    assert {c["image_id"]: (c["caption"], c["experiment_index"]) for c in again.captions} == expected
+    assert json.loads((db_dir / CAPTION_DB).read_text())["entries"] == again.captions
+    np.testing.assert_array_equal(again.image_vectors, unit(len(ids), 4, seed))
+    assert check_db(db_dir) == []
 
 
 def test_write_json_atomic_replaces_whole_file(tmp_path):

@@ -1,0 +1,93 @@
+"""A writer process for the database's crash and concurrency tests.
+
+    python db_writer.py DB_DIR PREFIX COUNT [CRASH_POINT]
+
+Appends COUNT experiments with image ids PREFIX-0.jpg, PREFIX-1.jpg, ... and
+prints "ack ID" once each append has returned. CRASH_POINT ("journal",
+"json:N", "state", "truncate-journal") kills the process (os._exit, no
+clean-up) at that point of the first append, to simulate a crash there.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import db_manager  # noqa: E402
+
+
+def vector(seed: int, dim: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def crash_at(point: str) -> None:
+    def die(*args, **kwargs):
+        os._exit(9)
+    if point == "journal":
+        real_open = open
+
+        def open_and_die(path, mode="r", *args, **kwargs):
+            f = real_open(path, mode, *args, **kwargs)
+            if str(path).endswith(db_manager.JOURNAL) and "a" in mode:
+                class Torn:
+                    def __enter__(self):
+                        return self
+
+                    def __exit__(self, *exc):
+                        return False
+
+                    def write(self, blob):
+                        f.write(blob[: len(blob) // 2])  # half a line reaches the disk
+                        f.flush()
+                        die()
+                return Torn()
+            return f
+        db_manager.open = open_and_die
+    elif point.startswith("json:"):
+        calls, after = [0], int(point[5:])
+        real = db_manager._append_json
+
+        def append_then_die(*args, **kwargs):
+            result = real(*args, **kwargs)
+            calls[0] += 1
+            if calls[0] == after:
+                die()
+            return result
+        db_manager._append_json = append_then_die
+    elif point == "state":
+        real = db_manager._write_atomic
+
+        def die_on_state(path, blob):
+            if path.name == db_manager.STATE:
+                die()
+            return real(path, blob)
+        db_manager._write_atomic = die_on_state
+    elif point == "truncate-journal":
+        real = db_manager._truncate
+
+        def die_on_journal(path, size):
+            if path.name == db_manager.JOURNAL:
+                die()
+            return real(path, size)
+        db_manager._truncate = die_on_journal
+
+
+def main() -> None:
+    db_dir, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if len(sys.argv) > 4:
+        crash_at(sys.argv[4])
+    db = db_manager.DbManager.open(db_dir)
+    for n in range(count):
+        image_id = f"{prefix}-{n}.jpg"
+        seed = abs(hash(image_id)) % 2**32
+        db.add_experiment(image_id, vector(seed, db.state["image_dim"]), f"caption of {image_id}",
+                          vector(seed + 1, db.state["caption_dim"]), vlm_model="vlm",
+                          experiment_index=n, timestamp="2026-11-23T12:00:00+00:00")
+        print("ack", image_id, flush=True)
+
+
+if __name__ == "__main__":
+    main()
