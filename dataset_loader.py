@@ -22,6 +22,7 @@ import json
 import logging
 import numbers
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ from errors import UserError, hf_token, hub_errors, looks_like_path
 
 log = logging.getLogger(__name__)
 
+MAX_SIDE = 4096           # JPEGs larger than this are decoded at 1/2, 1/4 or 1/8 scale
+MAX_PIXELS = 64_000_000  # other images larger than this are refused
 IMAGE_DIRS = ("Images", "images", "Flicker8k_Dataset", "Flickr8k_Dataset", "Flickr8k_Images", ".")
 KAGGLE_CAPTIONS = "captions.txt"
 ORIGINAL_CAPTIONS = "Flickr8k.token.txt"
@@ -113,12 +116,25 @@ def split_key(image_id: str, seed: int) -> str:
 
 
 def open_image(source: str | os.PathLike | io.BytesIO, name: str | None = None) -> Image.Image:
-    """Open an image file as RGB; UserError naming the file if it cannot be read."""
+    """Open an image file as RGB; UserError naming the file if it cannot be read.
+
+    Very large JPEGs are decoded at a reduced scale (no model here looks at more
+    than a few thousand pixels a side); other images over MAX_PIXELS are refused
+    rather than filling memory (decompression-bomb guard).
+    """
     label = name or str(source)
     try:
-        with Image.open(source) as img:
-            img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
+        with warnings.catch_warnings():
+            # PIL warns between MAX_IMAGE_PIXELS and twice that; our own limit decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                if img.format == "JPEG":
+                    img.draft("RGB", (MAX_SIDE, MAX_SIDE))
+                if img.width * img.height > MAX_PIXELS:
+                    raise UserError(f"image {label} is too large ({img.width}x{img.height} "
+                                    f"pixels, the limit is {MAX_PIXELS:,}); downscale it first")
+                img.load()
+                return to_rgb(ImageOps.exif_transpose(img))
     except FileNotFoundError:
         raise UserError(f"image not found: {label}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
@@ -182,7 +198,7 @@ def load_local(root: Path) -> list[Sample]:
     except UnicodeDecodeError as exc:
         raise UserError(f"{caption_file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not captions:
-        raise UserError(f"{caption_file} holds no captions")
+        raise UserError(f"{caption_file} holds no usable captions")
     image_dir = _find_image_dir(root, caption_file.parent, list(captions))
     samples, missing = [], 0
     for image_id, caps in captions.items():
@@ -237,23 +253,38 @@ def _read_kaggle(file: Path) -> dict[str, list[str]]:
         header = [h.strip().lower() for h in next(rows, [])]
         if header[:2] != ["image", "caption"]:
             raise UserError(f"{file}: expected the header 'image,caption', got {','.join(header)!r}")
+        bad = []
         for row in rows:
-            if len(row) >= 2:
+            if len(row) >= 2 and row[0].strip() and ",".join(row[1:]).strip():
                 _add(captions, row[0], ",".join(row[1:]))
+            elif row:
+                bad.append(rows.line_num)
+    _warn_skipped(file, bad)
     return captions
 
 
 def _read_original(file: Path) -> dict[str, list[str]]:
     captions: dict[str, list[str]] = defaultdict(list)
+    bad = []
     with open(file, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             key, sep, caption = line.partition("\t")
-            if not sep or "#" not in key:
-                raise UserError(f"{file}:{line_no}: expected 'NAME.jpg#N<TAB>caption'")
+            if not sep or "#" not in key or not caption.strip():
+                bad.append(line_no)
+                continue
             _add(captions, key.rsplit("#", 1)[0], caption)
+    _warn_skipped(file, bad, "expected 'NAME.jpg#N<TAB>caption'")
     return captions
+
+
+def _warn_skipped(file: Path, bad_lines: list[int], expected: str = "") -> None:
+    """Malformed lines are skipped and counted; the rest of the file is still used."""
+    if bad_lines:
+        shown = ", ".join(map(str, bad_lines[:5])) + (", ..." if len(bad_lines) > 5 else "")
+        log.warning("%s: skipped %d malformed line(s) (line %s)%s", file, len(bad_lines), shown,
+                    f"; {expected}" if expected else "")
 
 
 def _read_karpathy(file: Path) -> dict[str, list[str]]:

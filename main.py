@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import platform
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -143,6 +144,7 @@ def run_experiment(dataset_loader=None, db_manager=None, experiment_index: int |
 
     settings = config.resolve(**overrides)
     index = settings.experiment_image_index if experiment_index is None else experiment_index
+    _check_writable(Path(settings.results_dir))  # fail before the slow work, not after
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -184,12 +186,6 @@ def run_experiment(dataset_loader=None, db_manager=None, experiment_index: int |
     lap("embed_caption")
 
     now = datetime.now(timezone.utc).astimezone()
-    db_manager.add_experiment(sample.image_id, query, caption, caption_vector,
-                              vlm_model=captioner.name, experiment_index=index,
-                              timestamp=now.isoformat(timespec="seconds"))
-    lap("save_to_db")
-    timings["total"] = round(sum(timings.values()), 4)
-
     device, dtype = _device(settings)
     result = {
         "experiment_index": index,
@@ -206,10 +202,31 @@ def run_experiment(dataset_loader=None, db_manager=None, experiment_index: int |
         "versions": _versions(),
         "timestamp": now.isoformat(timespec="seconds"),
     }
+    # The result file first, then the databases: if saving to the databases
+    # fails, the result file goes too, so results/ never shows an unsaved run.
     path = _result_path(Path(settings.results_dir), index, now)
     write_json_atomic(path, result)
+    try:
+        db_manager.add_experiment(sample.image_id, query, caption, caption_vector,
+                                  vlm_model=captioner.name, experiment_index=index,
+                                  timestamp=result["timestamp"])
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    lap("save_to_db")
+    result["timings"] = {**timings, "total": round(sum(timings.values()), 4)}
+    write_json_atomic(path, result)  # again, now with the time the save took
     result["result_path"] = str(path)
     return result
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write to {folder}: {exc.strerror}") from None
 
 
 def _result_path(results_dir: Path, index: int, now: datetime) -> Path:
@@ -248,8 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     parser = config.make_parser("main.py", __doc__.split("\n\n")[0] + "\n\n"
                                 "Every setting of config.py is a flag below.")
+    actions = parser.add_argument_group("database maintenance (instead of an experiment)")
+    actions.add_argument("--check-db", action="store_true",
+                         help="validate the databases in DB_DIR and print a report")
+    actions.add_argument("--repair-db", action="store_true",
+                         help="back up DB_DIR, then fix what can be fixed and report the rest")
     try:
-        _, settings = config.parse_cli(parser, argv)
+        args, settings = config.parse_cli(parser, argv)
     except UserError as exc:
         print(f"main.py: error: {exc}", file=sys.stderr)
         return 2
@@ -257,8 +279,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
+        if args.check_db or args.repair_db:
+            return _maintain_db(Path(settings.db_dir), repair=args.repair_db)
         result = run_experiment(**{k.lower(): v for k, v in settings.as_dict().items()})
     except UserError as exc:
+        print(f"main.py: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # disk full, permissions: nothing a traceback would explain better
         print(f"main.py: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -266,6 +293,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(_summary(result))
     return 0
+
+
+def _maintain_db(db_dir: Path, repair: bool) -> int:
+    """--check-db / --repair-db: a report on stdout; exit 1 if problems remain."""
+    from db_manager import check_db, repair_db
+    if repair:
+        for line in repair_db(db_dir):
+            print(line)
+        return 0
+    if not db_dir.exists():
+        raise UserError(f"no database in {db_dir}")
+    problems = check_db(db_dir)
+    for line in problems:
+        print(f"problem: {line}")
+    print(f"{db_dir}: " + (f"{len(problems)} problem(s); fix with --repair-db" if problems
+                           else "all checks passed"))
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -315,15 +315,33 @@ def test_kaggle_captions_with_a_wrong_header_is_an_error(tmp_path, header):
 
 
 @pytest.mark.parametrize("bad_line", ["no tab or hash here", f"{image_name(1)} A dog without a tab",
-                                      f"{image_name(1)}\tcaption but no #N"])
-def test_original_token_file_with_a_malformed_line_is_an_error(tmp_path, bad_line):
+                                      f"{image_name(1)}\tcaption but no #N", f"{image_name(1)}#0\t  "])
+def test_original_token_file_malformed_lines_are_skipped_and_counted(tmp_path, bad_line, caplog):
     root = fresh(tmp_path, "original", 2)
     token = root / "Flickr8k_text" / "Flickr8k.token.txt"
-    token.write_text(f"{image_name(0)}#0\tA dog .\n{bad_line}\n")
-    with pytest.raises(UserError) as excinfo:
+    token.write_text(f"{image_name(0)}#0\tA dog .\n{bad_line}\n{image_name(1)}#0\tA cat .\n")
+    with caplog.at_level(logging.WARNING):
+        samples = by_id(load_local(root))
+    assert samples[image_name(0)].captions == ("A dog .",)
+    assert samples[image_name(1)].captions == ("A cat .",)
+    assert "Flickr8k.token.txt: skipped 1 malformed line(s) (line 2)" in caplog.text
+
+
+def test_original_token_file_with_only_malformed_lines_is_an_error(tmp_path):
+    root = fresh(tmp_path, "original", 2)
+    (root / "Flickr8k_text" / "Flickr8k.token.txt").write_text("junk\nmore junk\n")
+    with pytest.raises(UserError, match="holds no usable captions"):
         load_local(root)
-    message = user_error(excinfo)
-    assert "Flickr8k.token.txt:2" in message and "NAME.jpg#N<TAB>caption" in message
+
+
+def test_kaggle_rows_without_a_caption_are_skipped_and_counted(tmp_path, caplog):
+    root = fresh(tmp_path, "kaggle", 2)
+    (root / "captions.txt").write_text(
+        f"image,caption\n{image_name(0)},A dog .\n{image_name(1)}\n{image_name(1)},A cat .\n")
+    with caplog.at_level(logging.WARNING):
+        samples = by_id(load_local(root))
+    assert samples[image_name(1)].captions == ("A cat .",)
+    assert "skipped 1 malformed line(s) (line 3)" in caplog.text
 
 
 @pytest.mark.parametrize("content", ['{"images": [', "[]", '{"dataset": "flickr8k"}',
@@ -352,7 +370,7 @@ def test_caption_file_whose_images_are_all_missing_is_an_error(tmp_path, layout)
 def test_caption_file_without_captions_is_an_error(tmp_path):
     root = fresh(tmp_path, "kaggle", 2)
     (root / "captions.txt").write_text("image,caption\n")
-    with pytest.raises(UserError, match="holds no captions"):
+    with pytest.raises(UserError, match="holds no usable captions"):
         load_local(root)
 
 
