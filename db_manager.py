@@ -236,9 +236,16 @@ class DbManager:
                                           state["image_dim"])
         self.caption_vectors = _map_vectors(self.work / CAPTION_VECTORS, state["captions"],
                                             state["caption_dim"])
-        self._image_pos = {i: n for n, i in enumerate(self.image_ids)}
-        self._caption_pos = {c["id"]: n for n, c in enumerate(self.captions)}
-        self._by_image = None
+        if old_images == 0 and old_captions == 0:  # a full load
+            self._image_pos, self._caption_pos, self._by_image = {}, {}, None
+        # Index only the new rows, so an append costs the same at 1k or 100k entries.
+        for n in range(old_images, len(self.image_ids)):
+            self._image_pos[self.image_ids[n]] = n
+        for n in range(old_captions, len(self.captions)):
+            entry = self.captions[n]
+            self._caption_pos[entry["id"]] = n
+            if self._by_image is not None:
+                self._by_image.setdefault(entry["image_id"], []).append(entry)
 
     def _refresh(self) -> None:
         """Merge what other processes committed since we loaded (call under the lock)."""

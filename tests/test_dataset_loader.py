@@ -691,3 +691,24 @@ def test_flat_16_bit_image_keeps_its_brightness():
     white = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
     white = white if white.mode.startswith("I") else white.convert("I;16")
     assert to_rgb(white).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_one_pixel_image_opens(tmp_path):
+    Image.new("RGB", (1, 1), (9, 8, 7)).save(tmp_path / "dot.png")
+    image = open_image(tmp_path / "dot.png")
+    assert image.size == (1, 1) and image.getpixel((0, 0)) == (9, 8, 7)
+
+
+def test_huge_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
+    Image.new("RGB", (12000, 12000), (10, 200, 30)).save(tmp_path / "huge.jpg", quality=60)
+    image = open_image(tmp_path / "huge.jpg")
+    assert image.mode == "RGB" and max(image.size) <= 6000
+    assert image.getpixel((10, 10))[1] > 150
+
+
+def test_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
+    import dataset_loader
+    Image.new("RGB", (300, 200)).save(tmp_path / "big.png")
+    monkeypatch.setattr(dataset_loader, "MAX_PIXELS", 300 * 200 - 1)
+    with pytest.raises(UserError, match=r"big.png is too large \(300x200 pixels"):
+        open_image(tmp_path / "big.png")

@@ -190,3 +190,81 @@ def test_settings_must_match_the_database_passed_in(settings_kwargs):
         main.run_experiment(dataset_loader, db_manager, 0,
                             **{**settings_kwargs, "clip_model_name": "other/clip"})
     assert snapshot(settings_kwargs["db_dir"]) == before
+
+
+def cli_args(settings_kwargs, *extra):
+    return [f"--{k.replace('_', '-')}={v}" for k, v in settings_kwargs.items()] + list(extra)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-k-similar"], "expected one argument"),
+    (["--top-k-similar="], "--top-k-similar: expected an integer, got ''"),
+    (["--device", "gpu"], "--device must be auto, cpu, cuda, cuda:N or mps"),
+    (["--vlm-model-name", "/nonexistent/vlm"], "VLM '/nonexistent/vlm': no such file or directory"),
+    (["--clip-model-name", "/nonexistent/clip"], "was built with CLIP model"),
+    (["--caption-embedding-model", "other/model"], "was built with caption model"),
+    (["stray"], "unknown argument stray"),
+])
+def test_more_bad_input_is_one_line_and_changes_nothing(args, message, seeded_db, settings_kwargs,
+                                                        capsys):
+    before = snapshot(seeded_db)
+    assert main.main(cli_args(settings_kwargs, *args)) != 0
+    assert message in error_line(capsys.readouterr().err)
+    assert snapshot(seeded_db) == before
+
+
+def test_corrupt_experiment_image_is_a_clear_error(seeded_db, settings_kwargs, capsys):
+    dataset_loader, _ = main.initialize_system(**settings_kwargs)
+    image = Path(dataset_loader.experiment[1].source)
+    original = image.read_bytes()
+    before = snapshot(seeded_db)
+    try:
+        image.write_bytes(original[:200])      # truncated JPEG
+        assert main.main(cli_args(settings_kwargs, "--experiment-image-index", "1")) == 1
+    finally:
+        image.write_bytes(original)
+    assert f"image {image} could not be read" in error_line(capsys.readouterr().err)
+    assert snapshot(seeded_db) == before
+
+
+def test_unwritable_results_dir_fails_before_any_work(seeded_db, settings_kwargs, capsys,
+                                                      monkeypatch):
+    before = snapshot(seeded_db)
+    def denied(*args, **kwargs):   # what a read-only folder answers (root would write anyway)
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(main.tempfile, "TemporaryFile", denied)
+    monkeypatch.setattr(main, "_captioner", lambda s: pytest.fail("models used before the check"))
+    assert main.main(cli_args(settings_kwargs)) == 1
+    assert "cannot write to" in error_line(capsys.readouterr().err)
+    assert snapshot(seeded_db) == before
+
+
+def test_disk_full_while_saving_keeps_database_and_results_unchanged(seeded_db, settings_kwargs,
+                                                                     capsys, monkeypatch):
+    import db_manager
+    main.initialize_system(**settings_kwargs)
+    before = snapshot(seeded_db)
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(db_manager, "_append_json", disk_full)
+    assert main.main(cli_args(settings_kwargs, "--experiment-image-index", "2")) == 1
+    assert "No space left on device" in error_line(capsys.readouterr().err)
+    assert snapshot(seeded_db) == before
+    assert not list(Path(settings_kwargs["results_dir"]).glob("experiment_2_*.json"))
+
+
+def test_check_db_and_repair_db(seeded_db, settings_kwargs, capsys):
+    main.run_experiment(experiment_index=0, **settings_kwargs)
+    assert main.main(cli_args(settings_kwargs, "--check-db")) == 0
+    assert "all checks passed" in capsys.readouterr().out
+    good = snapshot(seeded_db)
+    (seeded_db / CAPTION_DB).write_bytes(good[CAPTION_DB][:-50])
+    assert main.main(cli_args(settings_kwargs, "--check-db")) == 1
+    out = capsys.readouterr().out
+    assert "problem:" in out and "captions.json" in out and "--repair-db" in out
+    assert main.main(cli_args(settings_kwargs, "--repair-db")) == 0
+    out = capsys.readouterr().out
+    assert "backup of everything as it was" in out and "no problems left" in out
+    assert snapshot(seeded_db) == good
+    assert main.main(cli_args(settings_kwargs, "--check-db")) == 0
