@@ -106,3 +106,34 @@ def test_help_lists_every_setting_without_importing_torch():
     for name, default in config.defaults().items():
         assert config.flag(name) in out.stdout
     assert "default: 400" in out.stdout and "'openai/clip-vit-base-patch32'" in out.stdout
+
+
+# --- properties ---------------------------------------------------------------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+INT_SETTINGS = [n for n, v in config.defaults().items() if type(v) is int]
+
+
+@given(name=st.sampled_from(INT_SETTINGS), value=st.integers(1, 10**6),
+       spaces=st.sampled_from(["", " ", "\t"]))
+def test_any_integer_round_trips_through_env_and_cli(name, value, spaces):
+    text = f"{spaces}{value}{spaces}"
+    assert config.resolve(env={f"RECAP_{name}": text}).values[name] == value
+    assert config.resolve(cli={name: text}, env={}).values[name] == value
+
+
+@given(raw=st.text(max_size=20))
+def test_arbitrary_text_is_a_value_or_a_one_line_user_error(raw):
+    for name in ("TOP_K_SIMILAR", "TEMPERATURE", "DO_SAMPLE"):
+        try:
+            config.resolve(env={f"RECAP_{name}": raw})
+        except UserError as exc:
+            assert "\n" not in str(exc)
+
+
+@given(word=st.sampled_from(["1", "true", "yes", "on", "0", "false", "no", "off"]),
+       case=st.sampled_from([str.lower, str.upper, str.title]))
+def test_boolean_spellings(word, case):
+    expected = word in ("1", "true", "yes", "on")
+    assert config.resolve(env={"RECAP_DO_SAMPLE": case(word)}).do_sample is expected

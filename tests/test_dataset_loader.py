@@ -712,3 +712,24 @@ def test_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset_loader, "MAX_PIXELS", 300 * 200 - 1)
     with pytest.raises(UserError, match=r"big.png is too large \(300x200 pixels"):
         open_image(tmp_path / "big.png")
+
+
+# --- properties ---------------------------------------------------------------------
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(ids=st.sets(st.text(min_size=1, max_size=15), min_size=2, max_size=40),
+       seed=st.integers(-2**31, 2**31), data=st.data())
+def test_split_is_a_partition_that_ignores_order(ids, seed, data):
+    samples = [Sample(i, ("a caption",), f"/{n}.jpg") for n, i in enumerate(sorted(ids))]
+    n = data.draw(st.integers(1, len(samples) - 1))
+    shuffled = data.draw(st.permutations(samples))
+    a, b = Flickr8k("x", samples, n, seed), Flickr8k("x", list(shuffled), n, seed)
+    assert [s.image_id for s in a.experiment] == [s.image_id for s in b.experiment]
+    assert [s.image_id for s in a.train] == [s.image_id for s in b.train]
+    assert a.fingerprint == b.fingerprint
+    assert len(a.experiment) == n
+    assert {s.image_id for s in a.experiment} | {s.image_id for s in a.train} == ids
+    assert not {s.image_id for s in a.experiment} & {s.image_id for s in a.train}
