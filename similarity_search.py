@@ -1,11 +1,23 @@
-"""Exact cosine top-k over L2-normalised vectors. Pure numpy, no I/O."""
+"""Exact cosine top-k over L2-normalised vectors.
+
+`top_k` is the pure function the pipeline uses for one query. `SearchIndex`
+wraps it for many queries and for saving/loading an index: numpy by default
+(one matrix product per batch of queries), or a FAISS flat inner-product index
+(`pip install faiss-cpu`) with `backend="faiss"`. Both return the same top-k:
+FAISS candidates are re-scored and ordered exactly as numpy orders them.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Collection, Sequence
 
 import numpy as np
+
+BACKENDS = ("numpy", "faiss")
 
 
 @dataclass(frozen=True)
@@ -26,24 +38,169 @@ def top_k(query: np.ndarray, vectors: np.ndarray, ids: Sequence[str], k: int,
     """
     vectors = np.asarray(vectors)
     query = np.asarray(query, dtype=vectors.dtype if vectors.size else np.float32).reshape(-1)
-    if len(ids) != len(vectors):
-        raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+    _check_shapes(query, vectors, ids)
     if k <= 0 or len(vectors) == 0:
         return []
-    if vectors.shape[1] != query.shape[0]:
-        raise ValueError(f"query has dimension {query.shape[0]}, vectors {vectors.shape[1]}")
-    scores = (vectors @ query).astype(np.float32)
-    if exclude:
-        banned = [i for i, image_id in enumerate(ids) if image_id in exclude]
-        scores[banned] = -np.inf
-    valid = int(np.isfinite(scores).sum())
-    k = min(k, valid)
-    if k == 0:
+    banned = [n for n, image_id in enumerate(ids) if image_id in exclude] if exclude else []
+    return _best(vectors @ query, ids, k, banned)
+
+
+def _check_shapes(query: np.ndarray, vectors: np.ndarray, ids: Sequence[str]) -> None:
+    if len(ids) != len(vectors):
+        raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+    if len(vectors) and vectors.shape[1] != query.shape[-1]:
+        raise ValueError(f"query has dimension {query.shape[-1]}, vectors {vectors.shape[1]}")
+
+
+def _best(scores: np.ndarray, ids: Sequence[str], k: int, banned: Collection[int] = (),
+          rows: np.ndarray | None = None) -> list[Neighbour]:
+    """Top `k` of `scores` for `rows` (default: all rows), never a row in `banned`;
+    ties in row order."""
+    scores = np.array(scores, dtype=np.float32)
+    rows = np.arange(len(scores)) if rows is None else np.asarray(rows)
+    if banned:
+        scores[np.isin(rows, list(banned))] = -np.inf
+    k = min(k, int(np.isfinite(scores).sum()))
+    if k <= 0:
         return []
-    # argpartition finds the k best in O(N); a stable sort of those orders them.
-    # Rows tied with the k-th score may straddle the cut, so take every tied row.
+    # argpartition-style selection finds the k best in O(N); a stable sort orders
+    # them. Rows tied with the k-th score may straddle the cut, so take them all.
     kth = np.partition(scores, len(scores) - k)[len(scores) - k]
     candidates = np.flatnonzero(scores >= kth)
-    order = candidates[np.lexsort((candidates, -scores[candidates]))][:k]
-    return [Neighbour(rank=r + 1, image_id=ids[i], score=float(scores[i]))
+    order = candidates[np.lexsort((rows[candidates], -scores[candidates]))][:k]
+    return [Neighbour(rank=r + 1, image_id=ids[rows[i]], score=float(scores[i]))
             for r, i in enumerate(order)]
+
+
+class SearchIndex:
+    """Ids and unit vectors, searchable by cosine similarity.
+
+    >>> index = SearchIndex(dim=512)
+    >>> index.add(["a.jpg", "b.jpg"], vectors)          # (2, 512), L2-normalised
+    >>> index.search(queries, k=5)                      # one list of Neighbours per query
+    """
+
+    def __init__(self, dim: int, backend: str = "numpy"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.dim = dim
+        self.backend = backend
+        self.ids: list[str] = []
+        self._rows: dict[str, list[int]] = {}   # id -> rows, to exclude ids without a scan
+        self._chunks: list[np.ndarray] = []
+        self._matrix: np.ndarray | None = np.zeros((0, dim), dtype=np.float32)
+        self._faiss = None
+        if backend == "faiss":
+            self._faiss = _faiss().IndexFlatIP(dim)
+
+    @classmethod
+    def from_vectors(cls, ids: Sequence[str], vectors: np.ndarray,
+                     backend: str = "numpy") -> "SearchIndex":
+        """An index over `vectors` as given: a memory-mapped array is used in place."""
+        vectors = np.asarray(vectors)
+        index = cls(vectors.shape[1] if vectors.ndim == 2 else 0, backend)
+        index.add(ids, vectors)
+        return index
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """All vectors, (N, D) float32."""
+        if self._matrix is None:
+            self._matrix = self._chunks[0] if len(self._chunks) == 1 else np.concatenate(
+                self._chunks)
+            self._chunks = [self._matrix]
+        return self._matrix
+
+    def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        """Append `vectors` (N, D), float32 and L2-normalised, under `ids`."""
+        vectors = np.asanyarray(vectors)  # keeps a memory map a memory map
+        if vectors.dtype != np.float32:
+            vectors = vectors.astype(np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"expected (N, {self.dim}) vectors, got {vectors.shape}")
+        if len(ids) != len(vectors):
+            raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+        if not len(ids):
+            return
+        for n, image_id in enumerate(ids, start=len(self.ids)):
+            self._rows.setdefault(image_id, []).append(n)
+        self.ids.extend(ids)
+        if self._matrix is not None and len(self._matrix):
+            self._chunks = [self._matrix]
+        elif self._matrix is not None:
+            self._chunks = []
+        self._chunks.append(vectors)
+        self._matrix = None
+        if self._faiss is not None:
+            self._faiss.add(np.ascontiguousarray(vectors))
+
+    def search(self, queries: np.ndarray, k: int,
+               exclude: Sequence[Collection[str]] | None = None) -> list[list[Neighbour]]:
+        """The `k` nearest rows for each query row (Q, D); `exclude[q]` holds ids
+        that query q must not return (e.g. itself)."""
+        queries = np.asarray(queries, dtype=np.float32)
+        queries = queries[None] if queries.ndim == 1 else queries
+        exclude = exclude if exclude is not None else [()] * len(queries)
+        if len(exclude) != len(queries):
+            raise ValueError(f"{len(exclude)} exclude sets for {len(queries)} queries")
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"queries have dimension {queries.shape[1]}, the index {self.dim}")
+        if k <= 0 or not self.ids:
+            return [[] for _ in queries]
+        banned = [[row for image_id in ex for row in self._rows.get(image_id, ())]
+                  for ex in exclude]
+        if self._faiss is not None:
+            return [self._search_faiss(q, k, b) for q, b in zip(queries, banned)]
+        # One matrix-matrix product for the whole batch: much faster than Q products.
+        scores = queries @ self.vectors.T
+        return [_best(row, self.ids, k, b) for row, b in zip(scores, banned)]
+
+    def _search_faiss(self, query: np.ndarray, k: int, banned: list[int]) -> list[Neighbour]:
+        # Ask for a few more rows than needed (for the banned ones and for ties at
+        # the cut), widening until the cut is strictly above the last candidate,
+        # then re-score the candidates and order them the way numpy does.
+        n, need = len(self.ids), k + len(banned)
+        want = min(n, need + 8)
+        while True:
+            scores, rows = self._faiss.search(query[None], want)
+            scores, rows = scores[0], rows[0]
+            if want == n or scores[min(need, want) - 1] > scores[want - 1]:
+                break
+            want = min(n, want * 2)
+        rows = np.sort(rows[rows >= 0])
+        return _best(self.vectors[rows] @ query, self.ids, k, banned, rows=rows)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `path`.npy (vectors) and `path`.json (ids, dim), each atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+        np.save(tmp, self.vectors)
+        os.replace(tmp, path.with_suffix(".npy"))
+        meta = path.with_name(f".{path.name}.{os.getpid()}.tmp.json")
+        meta.write_text(json.dumps({"dim": self.dim, "ids": self.ids}))
+        os.replace(meta, path.with_suffix(".json"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backend: str = "numpy") -> "SearchIndex":
+        """Read an index written by `save`; the vectors are memory-mapped."""
+        path = Path(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        vectors = np.load(path.with_suffix(".npy"), mmap_mode="r")
+        if vectors.shape != (len(meta["ids"]), meta["dim"]):
+            raise ValueError(f"{path}: {vectors.shape} vectors for {len(meta['ids'])} ids")
+        index = cls(meta["dim"], backend)
+        index.add(meta["ids"], vectors)
+        return index
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        from errors import UserError
+        raise UserError("the faiss backend needs `pip install faiss-cpu`") from None
+    return faiss

@@ -68,3 +68,70 @@ def test_dimension_and_id_mismatches_are_errors():
 def test_returns_neighbour_records():
     got = top_k(unit(1)[0], unit(3), list("abc"), 1)
     assert isinstance(got[0], Neighbour) and isinstance(got[0].score, float)
+
+
+# --- SearchIndex ------------------------------------------------------------------
+
+from similarity_search import SearchIndex  # noqa: E402
+
+
+def test_index_batch_search_equals_top_k_per_query():
+    vectors, ids = unit(300, seed=1), [f"img{i}" for i in range(300)]
+    index = SearchIndex(8)
+    index.add(ids[:100], vectors[:100])
+    index.add(ids[100:], vectors[100:])                 # added in two chunks
+    queries = unit(20, seed=2)
+    excludes = [{f"img{q}"} for q in range(20)]
+    got = index.search(queries, 5, exclude=excludes)
+    want = [top_k(q, vectors, ids, 5, ex) for q, ex in zip(queries, excludes)]
+    assert [[n.image_id for n in r] for r in got] == [[n.image_id for n in r] for r in want]
+    for g, w in zip(got, want):    # a matrix product may differ from a vector product in the last bit
+        np.testing.assert_allclose([n.score for n in g], [n.score for n in w], atol=1e-6)
+    assert [n.image_id for n in index.search(queries[0], 5)[0]] == [
+        n.image_id for n in top_k(queries[0], vectors, ids, 5)]
+
+
+def test_faiss_returns_the_same_top_k_as_numpy():
+    pytest.importorskip("faiss")
+    vectors, ids = unit(2000, dim=32, seed=3), [f"img{i}" for i in range(2000)]
+    exact = SearchIndex.from_vectors(ids, vectors)
+    flat = SearchIndex.from_vectors(ids, vectors, backend="faiss")
+    queries = np.concatenate([unit(30, dim=32, seed=4), vectors[:10]])
+    excludes = [set()] * 30 + [{f"img{i}"} for i in range(10)]
+    a, b = exact.search(queries, 7, excludes), flat.search(queries, 7, excludes)
+    assert [[n.image_id for n in r] for r in a] == [[n.image_id for n in r] for r in b]
+    for ra, rb in zip(a, b):
+        np.testing.assert_allclose([n.score for n in ra], [n.score for n in rb], atol=1e-6)
+
+
+def test_faiss_settles_ties_like_numpy():
+    pytest.importorskip("faiss")
+    vectors = np.array([[1, 0]] * 30 + [[0, 1]] * 5, dtype=np.float32)
+    ids = [f"r{i}" for i in range(35)]
+    for backend in ("numpy", "faiss"):
+        got = SearchIndex.from_vectors(ids, vectors, backend).search(np.array([1, 0]), 3,
+                                                                      [{"r0"}])[0]
+        assert [n.image_id for n in got] == ["r1", "r2", "r3"], backend
+
+
+def test_index_save_and_load_round_trip(tmp_path):
+    vectors, ids = unit(50, seed=5), [f"img{i}" for i in range(50)]
+    SearchIndex.from_vectors(ids, vectors).save(tmp_path / "idx")
+    loaded = SearchIndex.load(tmp_path / "idx")
+    assert loaded.ids == ids and isinstance(loaded.vectors, np.memmap)
+    np.testing.assert_array_equal(loaded.vectors, vectors)
+    assert loaded.search(vectors[3], 1)[0][0].image_id == "img3"
+
+
+def test_index_rejects_wrong_shapes_and_backends():
+    index = SearchIndex(8)
+    with pytest.raises(ValueError):
+        index.add(["a"], unit(1, dim=4))
+    with pytest.raises(ValueError):
+        index.add(["a", "b"], unit(1))
+    with pytest.raises(ValueError):
+        SearchIndex(8, backend="annoy")
+    index.add(["a"], unit(1))
+    with pytest.raises(ValueError):
+        index.search(unit(1, dim=4), 1)
+    assert index.search(unit(2), 0) == [[], []]
