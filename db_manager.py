@@ -200,6 +200,10 @@ class DbManager:
 
     # --- reading -----------------------------------------------------------------
 
+    def has_caption(self, caption_id: str) -> bool:
+        """Whether a caption with this id (e.g. generated_caption_id(...)) is stored."""
+        return caption_id in self._caption_pos
+
     def captions_of(self, image_id: str) -> list[str]:
         """Human captions of an image; its generated captions if it has none."""
         if self._by_image is None:

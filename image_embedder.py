@@ -1,13 +1,33 @@
-"""CLIP-family image embeddings: batched, float32, L2-normalised (N, D) arrays.
+"""Image embeddings: batched, float32, L2-normalised (N, D) arrays.
 
-Works with any checkpoint whose model has `get_image_features` (CLIP, SigLIP,
-SigLIP 2, ...). Training-pool embeddings are cached on disk under CACHE_DIR,
-keyed by model, data set and split, so a second run does not recompute them.
+`ImageEmbedder` takes any image model the Hugging Face `AutoModel` loads, behind
+one interface (`embed()`, `dim`, `name`, batching, inference mode):
+
+* Models with `get_image_features` (CLIP, SigLIP, SigLIP 2, ...): the projected
+  image embedding (CLIP: `projection_dim` wide; SigLIP: the vision tower's
+  pooled `hidden_size`).
+* Plain vision backbones (ResNet, DINOv2, ViT, ConvNeXt, ...): the forward pass's
+  `pooler_output`, flattened to (N, D) -- ResNet's globally pooled last stage
+  (`hidden_sizes[-1]`, 2048 for ResNet-50), DINOv2's layer-normed CLS token
+  (`hidden_size`) -- or, without a pooler, the CLS token of `last_hidden_state`.
+
+A model whose forward pass takes no `pixel_values` (a text-only BERT, ...) or a
+checkpoint without an image processor is a `UserError`.
+
+`BACKBONES` maps the short names a search tool offers (`--backbone clip|siglip|
+resnet50|dinov2`) to checkpoints; "clip" means the configured CLIP_MODEL_NAME.
+`backbone_model_name(backbone, clip_model_name)` resolves an alias, and passes
+any other hub id or local path through unchanged.
+
+Training-pool embeddings are cached on disk under CACHE_DIR, keyed by model, data
+set and split (so every backbone has its own cache file), and a second run does
+not recompute them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -24,6 +44,26 @@ from errors import UserError, hf_token, hub_errors
 
 log = logging.getLogger(__name__)
 
+# Short backbone names -> checkpoints. None: the configured CLIP_MODEL_NAME.
+BACKBONES: dict[str, str | None] = {
+    "clip": None,
+    "siglip": "google/siglip-base-patch16-224",
+    "resnet50": "microsoft/resnet-50",
+    "dinov2": "facebook/dinov2-small",
+}
+
+
+def backbone_model_name(backbone: str, clip_model_name: str) -> str:
+    """The checkpoint for `backbone`: an alias of BACKBONES (any case; "clip" is
+    `clip_model_name`), or else the hub id / local path itself."""
+    name = str(backbone).strip()
+    if not name:
+        raise UserError(f"the backbone is empty: use one of {', '.join(BACKBONES)}, "
+                        "a hub id or a local path")
+    if name.lower() in BACKBONES:
+        return BACKBONES[name.lower()] or clip_model_name
+    return name
+
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length, as float32 (zero rows stay zero)."""
@@ -32,43 +72,128 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def _takes_pixels(model) -> bool:
+    """Whether `model` (a class or an instance) is an image model we can embed with."""
+    if hasattr(model, "get_image_features"):
+        return True
+    try:
+        return "pixel_values" in inspect.signature(model.forward).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def _auto_model_class(config):
+    """The class AutoModel would build for `config`, without loading weights (None if unknown)."""
+    import transformers
+    try:
+        cls = transformers.MODEL_MAPPING[type(config)]
+    except (KeyError, ValueError, AttributeError, ImportError):
+        return None
+    return cls[0] if isinstance(cls, (tuple, list)) else cls
+
+
 class ImageEmbedder:
-    """Embeds PIL images with a CLIP-family image tower.
+    """Embeds PIL images with a CLIP-family image tower or a plain vision backbone.
 
     `model` is a hub id / local path, or an already loaded model; then pass its
-    `processor` too.
+    `processor` (image processor, or a processor holding one) too. `what` and
+    `setting` name the model and the option that selects it in error messages.
     """
 
     def __init__(self, model: str | os.PathLike | torch.nn.Module, processor=None, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 batch_size: int = 32):
+                 batch_size: int = 32, what: str = "CLIP model",
+                 setting: str = "--clip-model-name"):
         import transformers
+        self._what = what
         if isinstance(model, (str, os.PathLike)):
-            model = self.name = str(model)
-            with hub_errors("CLIP model", model, "--clip-model-name"):
-                processor = transformers.AutoImageProcessor.from_pretrained(model, token=hf_token())
-                model = transformers.AutoModel.from_pretrained(model, dtype=dtype, token=hf_token())
+            name = self.name = str(model)
+            # The config first: a text-only checkpoint is refused before its weights load.
+            with hub_errors(what, name, setting):
+                config = transformers.AutoConfig.from_pretrained(name, token=hf_token())
+            model_class = _auto_model_class(config)
+            if model_class is not None:
+                self._require_vision(model_class)
+            with hub_errors(what, name, setting):
+                processor = transformers.AutoImageProcessor.from_pretrained(name, token=hf_token())
+                model = transformers.AutoModel.from_pretrained(name, config=config, dtype=dtype,
+                                                               token=hf_token())
         else:
             self.name = getattr(model.config, "_name_or_path", type(model).__name__)
             if processor is None:
                 raise ValueError("pass the image processor along with a loaded model")
-        if not hasattr(model, "get_image_features"):
-            raise UserError(f"CLIP model {self.name!r} ({type(model).__name__}) has no image "
-                            "tower; use a CLIP or SigLIP checkpoint")
-        self.model = model.to(device).eval()
+        self._require_vision(model)
         self.processor = getattr(processor, "image_processor", processor)
+        if (isinstance(self.processor, (transformers.PreTrainedTokenizerBase,
+                                        transformers.ProcessorMixin))
+                or not callable(self.processor)):
+            raise UserError(f"{what} {self.name!r} has no image processor "
+                            f"({type(processor).__name__} cannot prepare images)")
+        self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.dtype = dtype
         self.batch_size = batch_size
+        # CLIP/SigLIP: the projected image embedding; other backbones: the pooled forward pass.
+        self.uses_image_features = hasattr(model, "get_image_features")
+        self._dim = self._config_dim()
+
+    def _require_vision(self, model) -> None:
+        if not _takes_pixels(model):
+            kind = model.__name__ if isinstance(model, type) else type(model).__name__
+            raise UserError(f"{self._what} {self.name!r} ({kind}) is not a vision model: it has "
+                            "no image tower (its forward pass takes no pixel_values); use a "
+                            "CLIP, SigLIP, ResNet, DINOv2 or other image checkpoint")
+
+    def _config_dim(self) -> int | None:
+        """The embedding width the config promises, or None if it does not say."""
+        config = self.model.config
+        vision = getattr(config, "vision_config", None)
+        if self.uses_image_features:
+            for attr in ("projection_dim", "hidden_size"):
+                for part in (config, vision):
+                    if part is not None and getattr(part, attr, None):
+                        return int(getattr(part, attr))
+            return None
+        for part in (config, vision):
+            if part is None:
+                continue
+            sizes = getattr(part, "hidden_sizes", None)   # ResNet, ConvNeXt: the last stage
+            if sizes:
+                return int(sizes[-1])
+            if getattr(part, "hidden_size", None):        # ViT, DINOv2: the CLS token
+                return int(part.hidden_size)
+        return None
 
     @torch.inference_mode()
-    def _forward(self, images: Sequence[Image.Image]) -> np.ndarray:
+    def _pooled(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The model's (N, D) image embeddings, before normalisation."""
         pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
-        out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
-        # transformers 5.x returns an output object; 4.x returned the tensor itself
-        if not isinstance(out, torch.Tensor):
-            out = out.pooler_output if getattr(out, "pooler_output", None) is not None else out[0]
-        return l2_normalise(out.float().cpu().numpy())
+        pixels = pixels.to(self.device, self.dtype)
+        if self.uses_image_features:
+            out = self.model.get_image_features(pixel_values=pixels)
+            # transformers 5.x returns an output object; 4.x returned the tensor itself
+            if not isinstance(out, torch.Tensor):
+                out = (out.pooler_output if getattr(out, "pooler_output", None) is not None
+                       else out[0])
+        else:
+            out = self.model(pixel_values=pixels)
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is not None:
+                out = pooled                                # ResNet: (N, C, 1, 1)
+            else:
+                hidden = getattr(out, "last_hidden_state", None)
+                hidden = out[0] if hidden is None else hidden
+                # tokens (N, T, D): the CLS token; a conv feature map (N, C, H, W): its mean
+                out = hidden.mean(dim=(2, 3)) if hidden.ndim == 4 else hidden[:, 0]
+        out = out.reshape(len(out), -1)
+        if self._dim is not None and out.shape[1] != self._dim:
+            log.warning("%s %r gives %d-d embeddings, not the %d its config suggests",
+                        self._what, self.name, out.shape[1], self._dim)
+        self._dim = int(out.shape[1])
+        return out
+
+    def _forward(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return l2_normalise(self._pooled(images).float().cpu().numpy())
 
     def embed(self, images: Iterable[Image.Image], total: int | None = None,
               progress: bool = False) -> np.ndarray:
@@ -91,12 +216,10 @@ class ImageEmbedder:
 
     @property
     def dim(self) -> int:
-        config = self.model.config
-        for attr in ("projection_dim", "hidden_size"):
-            for part in (config, getattr(config, "vision_config", None)):
-                if part is not None and getattr(part, attr, None):
-                    return int(getattr(part, attr))
-        raise AttributeError("embedding dimension unknown")
+        """Embedding width: from the config, else from one forward pass of a blank image."""
+        if self._dim is None:
+            self._pooled([Image.new("RGB", (224, 224), (127, 127, 127))])
+        return self._dim
 
 
 def embed_pool(embedder: ImageEmbedder, ids: Sequence[str], load: Callable[[str], Image.Image],

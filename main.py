@@ -220,6 +220,70 @@ def run_experiment(dataset_loader=None, db_manager=None, experiment_index: int |
     return result
 
 
+def caption_folder(folder: str, retrieval: bool = True, **overrides: Any) -> dict[str, Any]:
+    """Caption every image under `folder` so that `search.py --text ... --images-dir
+    folder` can find them.
+
+    With `retrieval`, each prompt holds the captions of the image's neighbours in
+    the pipeline's memory (as in an experiment); without, the plain prompt
+    PROMPT_TEMPLATE_NO_CONTEXT. Captions, their embeddings and the images' CLIP
+    embeddings go to a database of their own under DB_DIR/folders/, never into
+    the experiment memory. Images this VLM captioned before are skipped, so an
+    interrupted run continues where it stopped.
+    """
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from dataset_loader import open_image
+    from db_manager import DbIdentity, DbManager, generated_caption_id
+    from folder_index import folder_db_dir, scan_folder
+    from prompt_generator import build_prompt
+    from similarity_search import top_k
+
+    settings = config.resolve(**overrides)
+    files = scan_folder(folder)
+    root = Path(folder).expanduser().resolve()
+    if retrieval:
+        _, memory = initialize_system(**overrides)
+    image_embedder, caption_embedder = _image_embedder(settings), _caption_embedder(settings)
+    captioner = _captioner(settings)
+    identity = DbIdentity(clip_model=settings.clip_model_name,
+                          caption_model=settings.caption_embedding_model,
+                          dataset=str(root), split=f"folder:{root}")
+    db = DbManager.open(folder_db_dir(settings.db_dir, root), identity)
+    if db.needs_seed:
+        db.seed([], np.zeros((0, image_embedder.dim), np.float32), [],
+                np.zeros((0, caption_embedder.dim), np.float32))
+    todo = [f for f in files if not db.has_caption(generated_caption_id(f, captioner.name))]
+    position = {image_id: n for n, image_id in enumerate(files)}
+    done, failed = 0, []
+    for image_id in tqdm(todo, desc="captioning", unit="img"):
+        try:
+            image = open_image(root / image_id)
+            vector = image_embedder.embed([image])[0]
+            neighbour_captions = []
+            if retrieval:
+                neighbours = top_k(vector, memory.image_vectors, memory.image_ids,
+                                   settings.top_k_similar)
+                neighbour_captions = [memory.captions_of(n.image_id) for n in neighbours]
+            prompt = build_prompt(neighbour_captions, settings.prompt_template,
+                                  settings.prompt_template_no_context,
+                                  settings.captions_per_neighbour)
+            caption = captioner.caption(image, prompt)
+        except UserError as exc:  # unreadable image, empty caption: count it, go on
+            log.warning("skipping %s: %s", image_id, exc)
+            failed.append(image_id)
+            continue
+        db.add_experiment(image_id, vector, caption, caption_embedder.embed_captions([caption])[0],
+                          vlm_model=captioner.name, experiment_index=position[image_id],
+                          timestamp=datetime.now(timezone.utc).astimezone().isoformat(
+                              timespec="seconds"))
+        done += 1
+    return {"folder": str(root), "database": str(db.db_dir), "images": len(files),
+            "captioned": done, "already_captioned": len(files) - len(todo),
+            "failed": failed, "retrieval": retrieval}
+
+
 def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -265,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     parser = config.make_parser("main.py", __doc__.split("\n\n")[0] + "\n\n"
                                 "Every setting of config.py is a flag below.")
-    actions = parser.add_argument_group("database maintenance (instead of an experiment)")
+    actions = parser.add_argument_group("instead of an experiment")
+    actions.add_argument("--caption-folder", metavar="DIR",
+                         help="caption every image under DIR (makes it searchable with "
+                              "search.py --text ... --images-dir DIR)")
+    actions.add_argument("--no-retrieval", action="store_true",
+                         help="with --caption-folder: plain prompt, no neighbours' captions")
     actions.add_argument("--check-db", action="store_true",
                          help="validate the databases in DB_DIR and print a report")
     actions.add_argument("--repair-db", action="store_true",
@@ -279,9 +348,20 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
+        overrides = {k.lower(): v for k, v in settings.as_dict().items()}
         if args.check_db or args.repair_db:
             return _maintain_db(Path(settings.db_dir), repair=args.repair_db)
-        result = run_experiment(**{k.lower(): v for k, v in settings.as_dict().items()})
+        if args.caption_folder:
+            summary = caption_folder(args.caption_folder, not args.no_retrieval, **overrides)
+            print(f"captioned {summary['captioned']} of {summary['images']} images in "
+                  f"{summary['folder']} ({summary['already_captioned']} done before, "
+                  f"{len(summary['failed'])} failed); search them with\n"
+                  f"  python search.py --text \"...\" --images-dir {args.caption_folder}")
+            return 1 if summary["failed"] else 0
+        if args.no_retrieval:
+            raise UserError("--no-retrieval goes with --caption-folder; for an experiment "
+                            "without retrieval use --top-k-similar 0")
+        result = run_experiment(**overrides)
     except UserError as exc:
         print(f"main.py: error: {exc}", file=sys.stderr)
         return 1

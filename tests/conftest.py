@@ -33,6 +33,24 @@ def tiny_clip(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_siglip(tmp_path_factory) -> str:
+    from tiny_models import make_tiny_siglip
+    return str(make_tiny_siglip(tmp_path_factory.mktemp("models") / "tiny-siglip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet(tmp_path_factory) -> str:
+    from tiny_models import make_tiny_resnet
+    return str(make_tiny_resnet(tmp_path_factory.mktemp("models") / "tiny-resnet"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory) -> str:
+    from tiny_models import make_tiny_dinov2
+    return str(make_tiny_dinov2(tmp_path_factory.mktemp("models") / "tiny-dinov2"))
+
+
+@pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory) -> str:
     from tiny_models import make_tiny_smolvlm
     return str(make_tiny_smolvlm(tmp_path_factory.mktemp("models") / "tiny-smolvlm"))

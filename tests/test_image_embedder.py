@@ -288,3 +288,192 @@ def test_a_path_object_loads_like_its_string(tiny_clip):
     images = [make_image(i) for i in range(2)]
     np.testing.assert_allclose(ImageEmbedder(Path(tiny_clip)).embed(images),
                                ImageEmbedder(tiny_clip).embed(images), atol=1e-6)
+
+
+# ------------------------------------------------------------------ other backbones
+from image_embedder import BACKBONES, backbone_model_name  # noqa: E402
+
+FAMILIES = ["clip", "siglip", "resnet", "dinov2"]
+# embedding width of each tiny fixture, and where it comes from
+EXPECTED_DIM = {
+    "clip": lambda c: c.projection_dim,                   # projected image embedding
+    "siglip": lambda c: c.vision_config.hidden_size,      # attention-pooled vision tower
+    "resnet": lambda c: c.hidden_sizes[-1],               # globally pooled last stage
+    "dinov2": lambda c: c.hidden_size,                    # layer-normed CLS token
+}
+
+
+@pytest.fixture(scope="module")
+def family_paths(request) -> dict[str, str]:
+    return {f: request.getfixturevalue(f"tiny_{f}") for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def family_embedders(family_paths) -> dict[str, ImageEmbedder]:
+    return {f: ImageEmbedder(p, device="cpu", batch_size=4) for f, p in family_paths.items()}
+
+
+@pytest.fixture(scope="module")
+def family_references(family_embedders, images) -> dict[str, np.ndarray]:
+    return {f: e.embed(images) for f, e in family_embedders.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backbone_embeds_unit_float32_rows_of_its_dim(family, family_embedders,
+                                                      family_references):
+    embedder, got = family_embedders[family], family_references[family]
+    assert got.dtype == np.float32
+    assert got.shape == (N_IMAGES, embedder.dim)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backbone_dim_comes_from_its_config(family, family_paths):
+    embedder = ImageEmbedder(family_paths[family], device="cpu")   # no forward pass yet
+    expected = EXPECTED_DIM[family](embedder.model.config)
+    assert embedder.dim == expected
+    assert embedder.embed([]).shape == (0, expected)
+
+
+def test_backbones_use_image_features_only_for_clip_and_siglip(family_embedders):
+    assert {f for f, e in family_embedders.items() if e.uses_image_features} == {"clip", "siglip"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backbone_different_images_get_different_embeddings(family, family_references):
+    ref = family_references[family]
+    off_diagonal = (ref @ ref.T)[~np.eye(N_IMAGES, dtype=bool)]
+    assert off_diagonal.max() < 0.99
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_backbone_embeddings_do_not_depend_on_batch_size(family, batch_size, family_embedders,
+                                                         family_references, images,
+                                                         monkeypatch):
+    embedder = family_embedders[family]
+    monkeypatch.setattr(embedder, "batch_size", batch_size)
+    np.testing.assert_allclose(embedder.embed(images), family_references[family], atol=1e-5)
+
+
+def test_resnet_dim_is_the_pooled_width_of_the_last_stage(family_embedders, images):
+    embedder = family_embedders["resnet"]
+    config = embedder.model.config
+    assert embedder.dim == config.hidden_sizes[-1] == 16
+    pixels = embedder.processor(images=images[:2], return_tensors="pt")["pixel_values"]
+    assert embedder.model(pixel_values=pixels).pooler_output.shape == (2, 16, 1, 1)
+
+
+def test_resnet_embedding_is_its_normalised_pooler_output(family_embedders, family_references,
+                                                          images):
+    embedder = family_embedders["resnet"]
+    pixels = embedder.processor(images=images, return_tensors="pt")["pixel_values"]
+    pooled = embedder.model(pixel_values=pixels).pooler_output.detach().flatten(1).numpy()
+    np.testing.assert_allclose(family_references["resnet"], l2_normalise(pooled), atol=1e-5)
+
+
+def test_dinov2_embedding_is_its_layer_normed_cls_token(family_embedders, family_references,
+                                                        images):
+    embedder = family_embedders["dinov2"]
+    pixels = embedder.processor(images=images, return_tensors="pt")["pixel_values"]
+    out = embedder.model(pixel_values=pixels, output_hidden_states=True)
+    cls = embedder.model.layernorm(out.hidden_states[-1][:, 0]).detach().numpy()
+    np.testing.assert_allclose(family_references["dinov2"], l2_normalise(cls), atol=1e-5)
+
+
+def test_siglip_embedding_is_its_image_features(family_embedders, family_references, images):
+    embedder = family_embedders["siglip"]
+    pixels = embedder.processor(images=images, return_tensors="pt")["pixel_values"]
+    features = embedder.model.get_image_features(pixel_values=pixels).pooler_output
+    np.testing.assert_allclose(family_references["siglip"],
+                               l2_normalise(features.detach().numpy()), atol=1e-5)
+
+
+def test_vision_model_without_pooler_embeds_its_cls_token(images):
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32, image_size=32, patch_size=8)
+    model = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    processor = transformers.ViTImageProcessorPil(size={"height": 32, "width": 32})
+    embedder = ImageEmbedder(model, processor, device="cpu")
+    got = embedder.embed(images[:3])
+    assert got.shape == (3, embedder.dim) and embedder.dim == 16
+    pixels = processor(images=images[:3], return_tensors="pt")["pixel_values"]
+    cls = model(pixel_values=pixels).last_hidden_state[:, 0].detach().numpy()
+    np.testing.assert_allclose(got, l2_normalise(cls), atol=1e-5)
+
+
+def test_dim_unknown_to_the_config_comes_from_one_forward_pass(tiny_resnet):
+    model = transformers.AutoModel.from_pretrained(tiny_resnet)
+    model.config.hidden_sizes = []          # the config no longer says how wide the output is
+    embedder = ImageEmbedder(model, transformers.AutoImageProcessor.from_pretrained(tiny_resnet))
+    assert embedder.dim == 16
+    assert embedder.embed([]).shape == (0, 16)
+
+
+def test_saved_text_only_checkpoint_without_image_processor_is_a_user_error(tmp_path):
+    folder = tmp_path / "bert"
+    _tiny_bert().save_pretrained(folder)
+    with pytest.raises(UserError, match="is not a vision model") as info:
+        ImageEmbedder(str(folder), device="cpu")
+    assert "BertModel" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_vision_model_with_a_tokenizer_for_processor_is_a_user_error(tiny_clip):
+    model = transformers.CLIPModel.from_pretrained(tiny_clip)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_clip)
+    with pytest.raises(UserError, match="no image processor"):
+        ImageEmbedder(model, tokenizer, device="cpu")
+
+
+def test_error_messages_name_the_model_and_setting_given():
+    with pytest.raises(UserError) as info:
+        ImageEmbedder("/nonexistent/backbone", what="image model", setting="--backbone")
+    assert str(info.value).startswith("image model '/nonexistent/backbone': no such file")
+    assert "--backbone" in str(info.value)
+
+
+# ---------------------------------------------------------------- backbone_model_name
+def test_backbones_table():
+    assert BACKBONES == {"clip": None, "siglip": "google/siglip-base-patch16-224",
+                         "resnet50": "microsoft/resnet-50", "dinov2": "facebook/dinov2-small"}
+
+
+@pytest.mark.parametrize("backbone, expected", [
+    ("clip", "openai/clip-vit-base-patch32"),
+    ("siglip", "google/siglip-base-patch16-224"),
+    ("resnet50", "microsoft/resnet-50"),
+    ("dinov2", "facebook/dinov2-small"),
+    ("ResNet50", "microsoft/resnet-50"),
+    (" dinov2 ", "facebook/dinov2-small"),
+    ("facebook/dinov2-base", "facebook/dinov2-base"),
+    ("/models/my-vit", "/models/my-vit"),
+    ("./clip", "./clip"),
+])
+def test_backbone_model_name(backbone, expected):
+    assert backbone_model_name(backbone, "openai/clip-vit-base-patch32") == expected
+
+
+def test_backbone_clip_is_the_configured_clip_model(tiny_clip):
+    assert backbone_model_name("clip", tiny_clip) == tiny_clip
+
+
+def test_empty_backbone_is_a_user_error():
+    with pytest.raises(UserError, match="clip, siglip, resnet50, dinov2"):
+        backbone_model_name("  ", "openai/clip-vit-base-patch32")
+
+
+# ------------------------------------------------------------- embed_pool per backbone
+def test_embed_pool_keeps_one_cache_file_per_backbone(family_embedders, tmp_path, monkeypatch):
+    first = {}
+    for family, embedder in family_embedders.items():
+        first[family] = embed_pool(embedder, IDS, load, tmp_path, "flickr|split-a")[1]
+        assert first[family].shape == (len(IDS), embedder.dim)
+    arrays = sorted((tmp_path / "image_embeddings").glob("*.npy"))
+    assert len(arrays) == len(FAMILIES)
+    metas = [json.loads(a.with_suffix(".json").read_text()) for a in arrays]
+    assert sorted(m["model"] for m in metas) == sorted(e.name for e in family_embedders.values())
+    for family, embedder in family_embedders.items():     # each reads back its own file
+        _model_must_not_run(monkeypatch, embedder)
+        ids, vectors = embed_pool(embedder, IDS, load, tmp_path, "flickr|split-a")
+        assert ids == IDS
+        np.testing.assert_array_equal(vectors, first[family])

@@ -1,12 +1,18 @@
 """Tiny, deterministic, random-weight models of the real architectures used by the pipeline.
 
-Two builders are provided for tests (no network access needed):
+Builders provided for tests (no network access needed):
 
 * :func:`make_tiny_clip` -- a ``CLIPModel`` + ``CLIPProcessor`` (image retriever / embedder).
+* :func:`make_tiny_siglip` -- a ``SiglipModel`` + ``SiglipImageProcessor`` (like
+  google/siglip-base-patch16-224; no tokenizer, which would need sentencepiece).
+* :func:`make_tiny_resnet` -- a ``ResNetModel`` + ``ConvNextImageProcessor`` (like
+  microsoft/resnet-50).
+* :func:`make_tiny_dinov2` -- a ``Dinov2Model`` + ``BitImageProcessor`` (like
+  facebook/dinov2-small).
 * :func:`make_tiny_smolvlm` -- an ``Idefics3ForConditionalGeneration`` + ``Idefics3Processor``
   (SmolVLM v1 layout, captioner).
 
-Both save everything with ``save_pretrained`` so the folders load back through
+All save everything with ``save_pretrained`` so the folders load back through
 ``AutoModel`` / ``AutoModelForImageTextToText`` / ``AutoProcessor`` / ``AutoImageProcessor``.
 Weights are seeded and tokenizers are built without the (hash-order dependent) trainer, so the
 saved folders are identical across runs and processes.
@@ -21,7 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-__all__ = ["make_tiny_clip", "make_tiny_smolvlm", "SMOLVLM_CHAT_TEMPLATE", "CAPTION_WORDS"]
+__all__ = ["make_tiny_clip", "make_tiny_siglip", "make_tiny_resnet", "make_tiny_dinov2",
+           "make_tiny_smolvlm", "SMOLVLM_CHAT_TEMPLATE", "CAPTION_WORDS"]
 
 # The real chat template shipped with HuggingFaceTB/SmolVLM-Instruct (v1).
 # Renders: "<|im_start|>User:<image>PROMPT<end_of_utterance>\nAssistant:"
@@ -151,6 +158,102 @@ def make_tiny_clip(path: str | Path) -> Path:
 
     model.save_pretrained(path)
     processor.save_pretrained(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Other image-embedding backbones (search tool --backbone siglip|resnet50|dinov2)
+# --------------------------------------------------------------------------------------------
+
+BACKBONE_IMAGE_SIZE = 32
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def make_tiny_siglip(path: str | Path) -> Path:
+    """Build and save a tiny random ``SiglipModel`` + ``SiglipImageProcessor`` in ``path``.
+
+    The image embedding is the vision tower's attention-pooled output, ``vision_config.hidden_size``
+    (24) wide. Only the image processor is saved (a ``SiglipProcessor`` needs a sentencepiece
+    tokenizer); ``AutoImageProcessor`` loads it.
+    """
+    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    text_config = dict(vocab_size=64, hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                       num_attention_heads=4, max_position_embeddings=16,
+                       pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    vision_config = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, image_size=BACKBONE_IMAGE_SIZE, patch_size=8)
+    config = SiglipConfig(text_config=text_config, vision_config=vision_config)
+    torch.manual_seed(0)
+    model = SiglipModel(config).eval()
+    _init_(model, seed=1, std=0.2)
+    # as google/siglip-base-patch16-224: squash to the square input, mean/std 0.5, bicubic
+    image_processor = SiglipImageProcessorPil(
+        size={"height": BACKBONE_IMAGE_SIZE, "width": BACKBONE_IMAGE_SIZE},
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resample=3)
+    # transformers 5.x: save_pretrained diffs against a default SiglipTextConfig(), whose own
+    # bos/eos ids (49406/49407) fail its vocabulary check (32000) -- a harmless warning, hidden.
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model.save_pretrained(path)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    image_processor.save_pretrained(path)
+    return path
+
+
+def make_tiny_resnet(path: str | Path) -> Path:
+    """Build and save a tiny random ``ResNetModel`` + ``ConvNextImageProcessor`` in ``path``.
+
+    Two stages of one bottleneck layer each, ``hidden_sizes=[8, 16]``: the pooler output is
+    (N, 16, 1, 1), i.e. 16-d embeddings (2048-d for ResNet-50).
+    """
+    from transformers import ConvNextImageProcessorPil, ResNetConfig, ResNetModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                          layer_type="bottleneck", hidden_act="relu")
+    torch.manual_seed(0)
+    model = ResNetModel(config).eval()
+    # std 0.3: ReLU + global average pooling make all-positive features; at this std different
+    # images still differ (mean cosine ~0.65, vs ~0.95 with std 0.5-2 or basic blocks).
+    _init_(model, seed=2, std=0.3)
+    # as microsoft/resnet-50: shortest edge to size / crop_pct, centre crop, ImageNet mean/std
+    image_processor = ConvNextImageProcessorPil(
+        size={"shortest_edge": BACKBONE_IMAGE_SIZE}, crop_pct=0.875, resample=3,
+        image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    model.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    return path
+
+
+def make_tiny_dinov2(path: str | Path) -> Path:
+    """Build and save a tiny random ``Dinov2Model`` + ``BitImageProcessor`` in ``path``.
+
+    ``hidden_size=32`` (384 for dinov2-small); the pooler output is the layer-normed CLS token.
+    """
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                          image_size=BACKBONE_IMAGE_SIZE, patch_size=8)
+    torch.manual_seed(0)
+    model = Dinov2Model(config).eval()
+    _init_(model, seed=3, std=0.2)
+    # as facebook/dinov2-small: shortest edge 256 -> centre crop 224, scaled down to 36 -> 32
+    image_processor = BitImageProcessorPil(
+        size={"shortest_edge": BACKBONE_IMAGE_SIZE + 4},
+        crop_size={"height": BACKBONE_IMAGE_SIZE, "width": BACKBONE_IMAGE_SIZE},
+        do_center_crop=True, resample=3, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    model.save_pretrained(path)
+    image_processor.save_pretrained(path)
     return path
 
 

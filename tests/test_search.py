@@ -1,0 +1,188 @@
+"""search.py: image and text search over the memory and over folders, on tiny models."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import main
+import search
+from errors import UserError
+from fake_flickr import captions_for, image_name, make_image
+
+
+@pytest.fixture
+def memory(settings_kwargs):
+    """A seeded pipeline memory with one experiment, and its data set."""
+    dataset_loader, _ = main.initialize_system(**settings_kwargs)
+    main.run_experiment(experiment_index=0, **settings_kwargs)
+    return dataset_loader
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """A folder of 6 photos in two subfolders, plus a text file to ignore."""
+    root = tmp_path / "photos"
+    for i in range(6):
+        folder = root / ("a" if i < 3 else "b/c")
+        folder.mkdir(parents=True, exist_ok=True)
+        make_image(i).save(folder / f"p{i}.{'jpg' if i % 2 else 'png'}")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def cli(settings_kwargs, *args):
+    return [f"--{k.replace('_', '-')}={v}" for k, v in settings_kwargs.items()] + list(args)
+
+
+def test_image_search_over_the_memory_finds_the_query_first(memory, settings_kwargs):
+    sample = memory.train[3]
+    result = search.search_images(sample.source, 3, **settings_kwargs)
+    assert [h.rank for h in result.hits] == [1, 2, 3]
+    assert result.hits[0].image_id == sample.image_id and result.hits[0].score > 0.999
+    assert result.hits[0].path == sample.source
+    assert result.indexed == len(memory.train) + 1           # training pool + the experiment
+    scores = [h.score for h in result.hits]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_folder_search_is_recursive_and_incremental(photos, settings_kwargs, monkeypatch, caplog):
+    first = search.search_images(str(photos / "b/c/p4.png"), 2, images_dir=str(photos),
+                                 **settings_kwargs)
+    assert first.hits[0].image_id == "b/c/p4.png" and first.indexed == 6
+    assert first.index_update.startswith("0 unchanged, 6 new")
+    import image_embedder
+    calls = []
+    real = image_embedder.ImageEmbedder._forward
+
+    def counting(self, images):
+        calls.append(len(images))
+        return real(self, images)
+    monkeypatch.setattr(image_embedder.ImageEmbedder, "_forward", counting)
+    again = search.search_images(str(photos / "a/p1.jpg"), 2, images_dir=str(photos),
+                                 **settings_kwargs)
+    assert again.index_update.startswith("6 unchanged, 0 new") and calls == [1]  # only the query
+
+    make_image(40).save(photos / "a/p0.png")                  # changed
+    (photos / "b/c/p5.jpg").unlink()                          # removed
+    make_image(41).save(photos / "new.webp", "WEBP")          # added
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    calls.clear()
+    third = search.search_images(str(photos / "new.webp"), 1, images_dir=str(photos),
+                                 **settings_kwargs)
+    assert third.index_update == "4 unchanged, 1 new, 1 changed, 1 removed, 1 unreadable"
+    assert third.hits[0].image_id == "new.webp" and third.indexed == 6
+    assert sum(calls) == 3                                    # p0, new.webp and the query
+    assert "unreadable" in caplog.text
+    calls.clear()
+    fourth = search.search_images(str(photos / "new.webp"), 1, images_dir=str(photos),
+                                  **settings_kwargs)
+    assert fourth.index_update == "6 unchanged, 0 new, 0 changed, 0 removed, 1 unreadable"
+    assert calls == [1]                                       # the broken file is not retried
+
+
+@pytest.mark.parametrize("backbone", ["tiny_resnet", "tiny_dinov2", "tiny_siglip"])
+def test_other_backbones_search_folders_and_the_memory(backbone, request, photos, memory,
+                                                       settings_kwargs):
+    model = request.getfixturevalue(backbone)
+    folder = search.search_images(str(photos / "a/p2.png"), 2, images_dir=str(photos),
+                                  backbone=model, **settings_kwargs)
+    assert folder.hits[0].image_id == "a/p2.png" and folder.model == model
+    sample = memory.train[1]
+    db = search.search_images(sample.source, 2, backbone=model, **settings_kwargs)
+    assert db.hits[0].image_id == sample.image_id and db.model == model
+    assert db.index_update.startswith("0 unchanged")   # embedded with this backbone, cached
+    cached = search.search_images(sample.source, 2, backbone=model, **settings_kwargs)
+    assert cached.index_update.startswith(f"{db.indexed} unchanged, 0 new")
+
+
+def test_faiss_index_gives_the_same_results(memory, settings_kwargs):
+    pytest.importorskip("faiss")
+    query = memory.train[5].source
+    exact = search.search_images(query, 5, **settings_kwargs)
+    flat = search.search_images(query, 5, index="faiss", **settings_kwargs)
+    assert [h.image_id for h in exact.hits] == [h.image_id for h in flat.hits]
+
+
+def test_text_search_ranks_the_matching_image_first(memory, settings_kwargs):
+    cats = {image_name(i) for i in range(16) if "cat" in captions_for(i)[0]}
+    result = search.search_text("a cat", 3, **settings_kwargs)
+    assert result.hits[0].image_id in cats
+    assert "cat" in result.hits[0].caption.lower() and result.hits[0].caption_source == "human"
+    assert len({h.image_id for h in result.hits}) == 3        # one row per image
+    generated = main.run_experiment(experiment_index=1, **settings_kwargs)
+    hit = search.search_text(generated["generated_caption"], 1, **settings_kwargs).hits[0]
+    assert hit.image_id == generated["image_id"] and hit.caption_source == "generated"
+    assert hit.caption_model == settings_kwargs["vlm_model_name"]
+
+
+def test_caption_folder_makes_a_folder_searchable_by_words(photos, settings_kwargs):
+    summary = main.caption_folder(str(photos), retrieval=False, **settings_kwargs)
+    assert summary["captioned"] == 6 and summary["failed"] == []
+    again = main.caption_folder(str(photos), retrieval=False, **settings_kwargs)
+    assert again["captioned"] == 0 and again["already_captioned"] == 6   # resumable
+    from db_manager import DbManager
+    from folder_index import folder_db_dir
+    db = DbManager.open(folder_db_dir(settings_kwargs["db_dir"], photos))
+    caption = next(c for c in db.captions if c["image_id"] == "b/c/p3.jpg")["caption"]
+    hit = search.search_text(caption, 1, images_dir=str(photos), **settings_kwargs).hits[0]
+    assert hit.image_id == "b/c/p3.jpg" and hit.caption_source == "generated"
+    assert hit.path == str(photos / "b/c/p3.jpg")
+    # the folder's captions never enter the experiment memory
+    assert not Path(settings_kwargs["db_dir"], "captions.json").exists()
+
+
+def test_caption_folder_with_retrieval_uses_the_memory(photos, memory, settings_kwargs):
+    summary = main.caption_folder(str(photos), retrieval=True, **settings_kwargs)
+    assert summary["captioned"] == 6 and summary["retrieval"]
+
+
+def test_cli_table_figure_and_json(memory, settings_kwargs, tmp_path, capsys):
+    query = memory.train[0].source
+    assert search.main(cli(settings_kwargs, "--query", query, "--topk", "3",
+                           "--plot", str(tmp_path / "fig.png"))) == 0
+    out = capsys.readouterr().out
+    assert "rank" in out and query in out and f"figure: {tmp_path / 'fig.png'}" in out
+    figure = (tmp_path / "fig.png").read_bytes()
+    assert figure.startswith(b"\x89PNG") and len(figure) > 5000
+    assert search.main(cli(settings_kwargs, "--text", "a dog", "--topk", "2", "--json")) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["mode"] == "text" and data["query"] == "a dog" and len(data["hits"]) == 2
+    assert set(data["hits"][0]) == {"rank", "image_id", "score", "path", "caption",
+                                    "caption_source", "caption_model"}
+    assert Path(data["figure"]).parent == Path(settings_kwargs["results_dir"])
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--query", "/nonexistent.jpg"], 1, "image not found: /nonexistent.jpg"),
+    (["--query", "{notes}"], 1, "could not be read"),
+    (["--query", "{img}", "--topk", "0"], 1, "--topk must be a positive integer, got 0"),
+    (["--query", "{img}", "--topk", "-3"], 1, "--topk must be a positive integer, got -3"),
+    (["--query", "{img}", "--topk", "abc"], 2, "--topk must be a positive integer, got 'abc'"),
+    (["--query", "{img}", "--topk", "1000000"], 1, "--topk 1000000 is more than the 6 images"),
+    (["--query", "{img}", "--images-dir", "{empty}"], 1, "no images in"),
+    (["--text", "x", "--images-dir", "{photos}"], 1, "has no captions yet"),
+    (["--text", "  "], 1, "--text is empty"),
+    ([], 2, "give --query IMAGE or --text TEXT"),
+    (["--query", "{img}", "--text", "x"], 2, "not allowed with argument"),
+    (["--query", "{img}", "--backbone", "/nonexistent/model"], 1,
+     "image model '/nonexistent/model': no such file or directory (set --backbone"),
+])
+def test_bad_input_is_one_line(args, code, message, photos, settings_kwargs, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    values = {"notes": photos / "notes.txt", "img": photos / "a/p0.png", "empty": tmp_path / "empty",
+              "photos": photos}
+    args = [a.format(**values) for a in args]
+    if "--images-dir" not in args and "--query" in args:
+        args += ["--images-dir", str(photos)]
+    assert search.main(cli(settings_kwargs, *args)) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and message in lines[0], err
+
+
+def test_search_without_a_memory_says_how_to_make_one(settings_kwargs, photos):
+    with pytest.raises(UserError, match="run `python main.py` first"):
+        search.search_images(str(photos / "a/p0.png"), 1, **settings_kwargs)
