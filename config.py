@@ -58,6 +58,13 @@ PROMPT_TEMPLATE = (
 # Prompt used when no neighbours are retrieved (TOP_K_SIMILAR=0).
 PROMPT_TEMPLATE_NO_CONTEXT = "Write one short sentence that describes this image."
 
+# Which memory experiments retrieve from: "growing" (everything in the image
+# database, including experiment images earlier runs appended: the original
+# design), "frozen" (only the human-captioned training pool, so results do not
+# depend on run order) or "auto" (growing for single experiments, frozen for
+# batch runs such as --all).
+MEMORY = "auto"
+
 # --- generation (greedy by default, so results are reproducible) ------------
 MAX_NEW_TOKENS = 64
 NUM_BEAMS = 1
@@ -69,8 +76,9 @@ TEMPERATURE = 1.0
 VLM_IMAGE_LONGEST_EDGE = 0
 
 # --- throughput --------------------------------------------------------------
-# Images or captions per forward pass when embedding.
-BATCH_SIZE = 32
+# Images or captions per forward pass: embeddings, and caption generation in
+# batch runs (--all: BATCH_SIZE experiment images per generate call).
+BATCH_SIZE = 8
 
 # --- storage -----------------------------------------------------------------
 # The three JSON databases (image_embeddings.json, captions.json,
@@ -167,6 +175,8 @@ def _check(values: dict[str, Any]) -> None:
         raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
     if "{context}" not in values["PROMPT_TEMPLATE"]:
         raise UserError("--prompt-template must contain {context}")
+    if values["MEMORY"] not in ("auto", "frozen", "growing"):
+        raise UserError(f"--memory must be auto, frozen or growing, got {values['MEMORY']!r}")
     if values["LOG_LEVEL"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise UserError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {values['LOG_LEVEL']!r}")
 

@@ -653,6 +653,16 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         raise UserError(f"cannot write {path}: permission denied") from None
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (UTF-8) atomically, like write_json_atomic."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, text.encode("utf-8"))
+    except PermissionError:
+        raise UserError(f"cannot write {path}: permission denied") from None
+
+
 def _dumps(data: Any, indent: bool = False) -> bytes:
     option = orjson.OPT_SERIALIZE_NUMPY | (orjson.OPT_INDENT_2 if indent else 0)
     return orjson.dumps(data, option=option)

@@ -138,83 +138,160 @@ def run_experiment(dataset_loader=None, db_manager=None, experiment_index: int |
     the databases, writes RESULTS_DIR/experiment_{index}_{timestamp}.json and
     returns the same record as a dict.
     """
-    from db_manager import write_json_atomic
-    from prompt_generator import build_prompt
-    from similarity_search import top_k
-
     settings = config.resolve(**overrides)
     index = settings.experiment_image_index if experiment_index is None else experiment_index
     _check_writable(Path(settings.results_dir))  # fail before the slow work, not after
+    start = time.perf_counter()
+    if dataset_loader is None or db_manager is None:
+        from dataset_loader import check_index
+        check_index(index, settings.experiment_samples)  # before any slow loading
+        dataset_loader, db_manager = initialize_system(**overrides)
+    dataset_loader.experiment_sample(index)
+    [result] = run_experiments(dataset_loader, db_manager, [int(index)], settings,
+                               growing=settings.memory != "frozen",
+                               load_seconds=time.perf_counter() - start)
+    if "error" in result:
+        raise result["exception"]
+    return result
+
+
+def run_experiments(dataset_loader, db_manager, indices: list[int], settings: config.Settings,
+                    growing: bool = True, load_seconds: float = 0.0) -> list[dict[str, Any]]:
+    """Run the experiments `indices` as one batch: one embedding pass, one
+    `generate` call, then each result saved to RESULTS_DIR and the databases.
+
+    Returns one dict per index: the result record, or {"experiment_index",
+    "image_id", "error", "exception"} for an image that failed (unreadable,
+    empty caption); the others go on. With `growing`, neighbours come from
+    everything in the image database (the seed's growing memory); otherwise only
+    from the human-captioned training pool, so results do not depend on order.
+    Timings are the batch's seconds per stage divided by its size.
+    """
+    import numpy as np
+
+    from prompt_generator import build_prompt
+    from similarity_search import top_k
+
+    for setting, used in (("clip_model_name", db_manager.identity.clip_model),
+                          ("caption_embedding_model", db_manager.identity.caption_model)):
+        if settings.values[setting.upper()] != used:
+            raise UserError(f"{setting}={settings.values[setting.upper()]!r} but the database "
+                            f"was opened for {used!r}; call initialize_system with the same settings")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
     def lap(stage: str) -> None:
         nonlocal clock
         now = time.perf_counter()
-        timings[stage] = round(now - clock, 4)
+        timings[stage] = round((now - clock) / len(indices), 4)
         clock = now
 
-    if dataset_loader is None or db_manager is None:
-        from dataset_loader import check_index
-        check_index(index, settings.experiment_samples)  # before any slow loading
-        dataset_loader, db_manager = initialize_system(**overrides)
-    for setting, used in (("clip_model_name", db_manager.identity.clip_model),
-                          ("caption_embedding_model", db_manager.identity.caption_model)):
-        if settings.values[setting.upper()] != used:
-            raise UserError(f"{setting}={settings.values[setting.upper()]!r} but the database "
-                            f"was opened for {used!r}; call initialize_system with the same settings")
-    sample = dataset_loader.experiment_sample(index)
-    index = int(index)  # numpy integers too
     image_embedder, caption_embedder = _image_embedder(settings), _caption_embedder(settings)
     captioner = _captioner(settings)
-    lap("load")
+    timings["load"] = round(load_seconds + time.perf_counter() - clock, 4)
+    clock = time.perf_counter()
 
-    image = dataset_loader.load_image(sample)
+    results: dict[int, dict[str, Any]] = {}
+    work = []  # (index, sample, image) of the images that could be read
+    for index in indices:
+        sample = dataset_loader.experiment_sample(index)
+        try:
+            work.append((index, sample, dataset_loader.load_image(sample)))
+        except UserError as exc:
+            results[index] = _failure(index, sample, exc)
     lap("load_image")
-    query = image_embedder.embed([image])[0]
+    queries = image_embedder.embed([image for _, _, image in work])
     lap("embed_image")
-    neighbours = top_k(query, db_manager.image_vectors, db_manager.image_ids,
-                       settings.top_k_similar, exclude={sample.image_id})
-    neighbour_captions = [db_manager.captions_of(n.image_id) for n in neighbours]
+    ids, vectors = db_manager.image_ids, db_manager.image_vectors
+    if not growing:
+        train = np.flatnonzero(np.asarray(db_manager.image_kinds) == "train")
+        ids, vectors = [ids[n] for n in train], vectors[train]
+    found = [top_k(query, vectors, ids, settings.top_k_similar, exclude={sample.image_id})
+             for query, (_, sample, _) in zip(queries, work)]
+    contexts = [[db_manager.captions_of(n.image_id) for n in neighbours] for neighbours in found]
     lap("search")
-    prompt = build_prompt(neighbour_captions, settings.prompt_template,
-                          settings.prompt_template_no_context, settings.captions_per_neighbour)
+    prompts = [build_prompt(c, settings.prompt_template, settings.prompt_template_no_context,
+                            settings.captions_per_neighbour) for c in contexts]
     lap("prompt")
-    caption = captioner.caption(image, prompt)
+    captions = _generate(captioner, [image for _, _, image in work], prompts)
     lap("generate")
-    caption_vector = caption_embedder.embed_captions([caption])[0]
+    texts = [c for c in captions if isinstance(c, str)]
+    caption_vectors = iter(caption_embedder.embed_captions(texts))
     lap("embed_caption")
 
-    now = datetime.now(timezone.utc).astimezone()
     device, dtype = _device(settings)
-    result = {
-        "experiment_index": index,
-        "image_id": sample.image_id,
-        "generated_caption": caption,
-        "original_caption": sample.captions[0],
-        "original_captions": list(sample.captions),
-        "similar_images": [{"rank": n.rank, "image_id": n.image_id, "score": round(n.score, 6),
-                            "captions": c} for n, c in zip(neighbours, neighbour_captions)],
-        "prompt": prompt,
-        "config": {**{k.lower(): v for k, v in settings.as_dict().items()},
-                   "resolved_device": str(device), "resolved_dtype": str(dtype).replace("torch.", "")},
-        "timings": timings,
-        "versions": _versions(),
-        "timestamp": now.isoformat(timespec="seconds"),
-    }
-    # The result file first, then the databases: if saving to the databases
-    # fails, the result file goes too, so results/ never shows an unsaved run.
-    path = _result_path(Path(settings.results_dir), index, now)
+    shared = {"config": {**{k.lower(): v for k, v in settings.as_dict().items()},
+                         "memory": "growing" if growing else "frozen",
+                         "resolved_device": str(device),
+                         "resolved_dtype": str(dtype).replace("torch.", "")},
+              "versions": _versions()}
+    for (index, sample, _), query, neighbours, context, prompt, caption in zip(
+            work, queries, found, contexts, prompts, captions):
+        if not isinstance(caption, str):
+            results[index] = _failure(index, sample, caption)
+            continue
+        now = datetime.now(timezone.utc).astimezone()
+        result = {
+            "experiment_index": index,
+            "image_id": sample.image_id,
+            "generated_caption": caption,
+            "original_caption": sample.captions[0],
+            "original_captions": list(sample.captions),
+            "similar_images": [{"rank": n.rank, "image_id": n.image_id,
+                                "score": round(n.score, 6), "captions": c}
+                               for n, c in zip(neighbours, context)],
+            "prompt": prompt,
+            **shared,
+            "timings": dict(timings),
+            "batch_size": len(indices),
+            "timestamp": now.isoformat(timespec="seconds"),
+        }
+        results[index] = _save(result, db_manager, query, next(caption_vectors), captioner.name,
+                               Path(settings.results_dir))
+    return [results[index] for index in indices]
+
+
+def _generate(captioner, images: list, prompts: list[str]) -> list:
+    """Captions for a batch; if the batch fails, image by image, so that one bad
+    image costs only its own caption. Failures come back as exceptions."""
+    if not images:
+        return []
+    try:
+        captions = captioner.caption_batch(images, prompts)
+    except Exception as exc:  # noqa: BLE001 - isolate the image that breaks the batch
+        if len(images) == 1:
+            return [exc if isinstance(exc, UserError) else UserError(
+                f"caption generation failed: {type(exc).__name__}: {exc}")]
+        return [item for image, prompt in zip(images, prompts)
+                for item in _generate(captioner, [image], [prompt])]
+    return [c or captioner.empty_caption_error() for c in captions]
+
+
+def _failure(index: int, sample, exc: Exception) -> dict[str, Any]:
+    return {"experiment_index": index, "image_id": sample.image_id, "error": str(exc),
+            "exception": exc}
+
+
+def _save(result: dict[str, Any], db_manager, image_vector, caption_vector, vlm_model: str,
+          results_dir: Path) -> dict[str, Any]:
+    """The result file first, then the databases: if saving to the databases
+    fails, the result file goes too, so results/ never shows an unsaved run."""
+    from db_manager import write_json_atomic
+    start = time.perf_counter()
+    path = _result_path(results_dir, result["experiment_index"],
+                        datetime.fromisoformat(result["timestamp"]))
     write_json_atomic(path, result)
     try:
-        db_manager.add_experiment(sample.image_id, query, caption, caption_vector,
-                                  vlm_model=captioner.name, experiment_index=index,
+        db_manager.add_experiment(result["image_id"], image_vector, result["generated_caption"],
+                                  caption_vector, vlm_model=vlm_model,
+                                  experiment_index=result["experiment_index"],
                                   timestamp=result["timestamp"])
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    lap("save_to_db")
-    result["timings"] = {**timings, "total": round(sum(timings.values()), 4)}
+    timings = result["timings"]
+    timings["save_to_db"] = round(time.perf_counter() - start, 4)
+    timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 4)
     write_json_atomic(path, result)  # again, now with the time the save took
     result["result_path"] = str(path)
     return result
@@ -329,6 +406,14 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     parser = config.make_parser("main.py", __doc__.split("\n\n")[0] + "\n\n"
                                 "Every setting of config.py is a flag below.")
+    batch = parser.add_argument_group("many experiments (see batch_runner.py)")
+    batch.add_argument("--all", action="store_true",
+                       help="run every experiment index 0 .. EXPERIMENT_SAMPLES-1 (resumable)")
+    batch.add_argument("--indices", metavar="SPEC", help="run a subset, e.g. 0-49,100")
+    batch.add_argument("--run-name", metavar="NAME",
+                       help="run directory under RESULTS_DIR/runs/ (default: VLM and k)")
+    batch.add_argument("--evaluate", metavar="RUN_DIR",
+                       help="recompute summary.json/summary.csv and metrics of a run")
     actions = parser.add_argument_group("instead of an experiment")
     actions.add_argument("--caption-folder", metavar="DIR",
                          help="caption every image under DIR (makes it searchable with "
@@ -358,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(summary['failed'])} failed); search them with\n"
                   f"  python search.py --text \"...\" --images-dir {args.caption_folder}")
             return 1 if summary["failed"] else 0
+        if args.all or args.indices or args.evaluate:
+            return _batch(args, settings, overrides)
         if args.no_retrieval:
             raise UserError("--no-retrieval goes with --caption-folder; for an experiment "
                             "without retrieval use --top-k-similar 0")
@@ -373,6 +460,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(_summary(result))
     return 0
+
+
+def _batch(args, settings: config.Settings, overrides: dict[str, Any]) -> int:
+    """--all / --indices / --evaluate."""
+    import batch_runner
+    if args.evaluate:
+        run_dir = Path(args.evaluate)
+        summary = batch_runner.summarize(run_dir, **overrides)
+    else:
+        if args.all and args.indices:
+            raise UserError("give --all or --indices, not both")
+        indices = (list(range(settings.experiment_samples)) if args.all else
+                   batch_runner.parse_indices(args.indices, settings.experiment_samples))
+        summary = batch_runner.run_batch(indices, args.run_name, **overrides)
+        run_dir = Path(settings.results_dir) / "runs" / summary["run"]
+    print(batch_runner.format_summary(summary, run_dir))
+    return batch_runner.exit_code(summary)
 
 
 def _maintain_db(db_dir: Path, repair: bool) -> int:

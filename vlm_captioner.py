@@ -104,10 +104,14 @@ class VLMCaptioner:
         """The caption of one image; EmptyCaptionError if the model says nothing."""
         text = self.caption_batch([image], [prompt])[0]
         if not text:
-            raise EmptyCaptionError(
-                f"VLM {self.name!r} generated an empty caption; try a larger --max-new-tokens, "
-                "--num-beams 3 or another --vlm-model-name")
+            raise self.empty_caption_error()
         return text
+
+    def empty_caption_error(self) -> EmptyCaptionError:
+        """The error for an image the model said nothing about."""
+        return EmptyCaptionError(
+            f"VLM {self.name!r} generated an empty caption; try a larger --max-new-tokens, "
+            "--num-beams 3 or another --vlm-model-name")
 
 
 def _set_longest_edge(processor, edge: int) -> None:

@@ -43,9 +43,10 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def record(title: str, body: str, notes: str = "") -> None:
-    """Print the result and append it to BENCHMARKS.md."""
+def record(title: str, body: str, notes: str = "",
+           path: str | os.PathLike | None = None) -> None:
+    """Print the result and append it to `path` (default: the repository's BENCHMARKS.md)."""
     text = f"\n## {title}\n\n{machine_info()}\n\n{body}\n" + (f"\n{notes}\n" if notes else "")
     print(text)
-    with open(ROOT / "BENCHMARKS.md", "a", encoding="utf-8") as f:
+    with open(ROOT / "BENCHMARKS.md" if path is None else path, "a", encoding="utf-8") as f:
         f.write(text)

@@ -1,0 +1,236 @@
+"""Many experiments: a resumable run over experiment indices, with a summary.
+
+    python main.py --all                              # indices 0 .. EXPERIMENT_SAMPLES-1
+    python main.py --all --run-name k3 --top-k-similar 3
+    python main.py --indices 0-49,100                 # a subset
+    python main.py --evaluate results/runs/k3         # (re)compute the summary and metrics
+
+A run lives in RESULTS_DIR/runs/<run-name>/:
+  manifest.json   settings, versions, indices, start and end times
+  items/N.json    one file per finished (or failed) experiment, written atomically
+  summary.json    corpus metrics + one record per image
+  summary.csv     one row per image: id, captions, references, neighbours, metrics, timings
+
+Resuming: re-running the same command skips every index with a finished item
+file; a killed run never leaves a half-written one (temporary file + rename),
+and an experiment whose item was not written is simply run again (its
+database entry is replaced, not duplicated). Failed images are recorded with
+their error and retried on the next run. BATCH_SIZE images share one
+`generate` call.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import config
+from errors import UserError
+
+log = logging.getLogger("batch")
+
+# Settings that change what an experiment produces: a run resumed with other
+# values would mix two experiments in one summary.
+RESULT_SETTINGS = ("DATASET_NAME", "EXPERIMENT_SAMPLES", "RANDOM_SEED", "CLIP_MODEL_NAME",
+                   "VLM_MODEL_NAME", "CAPTION_EMBEDDING_MODEL", "TOP_K_SIMILAR",
+                   "CAPTIONS_PER_NEIGHBOUR", "PROMPT_TEMPLATE", "PROMPT_TEMPLATE_NO_CONTEXT",
+                   "MAX_NEW_TOKENS", "NUM_BEAMS", "DO_SAMPLE", "TEMPERATURE",
+                   "VLM_IMAGE_LONGEST_EDGE")
+
+
+def parse_indices(spec: str, samples: int) -> list[int]:
+    """"0-49,100" -> [0, 1, ..., 49, 100], checked against 0 .. samples-1."""
+    indices: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not match:
+            raise UserError(f"--indices: {part!r} is not N or N-M (e.g. 0-49,100)")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise UserError(f"--indices: range {part!r} runs backwards")
+        if last >= samples:
+            raise UserError(f"--indices: {last} is out of range: choose 0 to {samples - 1}")
+        indices.extend(range(first, last + 1))
+    return list(dict.fromkeys(indices))
+
+
+def default_run_name(settings: config.Settings) -> str:
+    vlm = Path(settings.vlm_model_name.rstrip("/")).name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{vlm}-k{settings.top_k_similar}")
+
+
+def run_batch(indices: list[int], run_name: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Run (or resume) the experiments `indices`; returns the summary.
+
+    MEMORY "auto" means frozen here: neighbours come from the training pool only.
+    """
+    from tqdm.auto import tqdm
+
+    import main
+
+    settings = config.resolve(**overrides)
+    growing = settings.memory == "growing"
+    run_dir = Path(settings.results_dir) / "runs" / (run_name or default_run_name(settings))
+    manifest = _start(run_dir, settings, indices, growing)
+    done = finished_items(run_dir)
+    todo = [i for i in indices if i not in done]
+    log.info("run %s: %d of %d experiments to do (%d finished before)", run_dir, len(todo),
+             len(indices), len(indices) - len(todo))
+    if todo:
+        dataset, db = main.initialize_system(**overrides)
+        bar = tqdm(total=len(todo), desc="captioning", unit="caption", smoothing=0.1)
+        for start in range(0, len(todo), settings.batch_size):
+            batch = todo[start:start + settings.batch_size]
+            for item in main.run_experiments(dataset, db, batch, settings, growing=growing):
+                item.pop("exception", None)
+                item["status"] = "failed" if "error" in item else "ok"
+                _write_item(run_dir, item)
+                if item["status"] == "failed":
+                    log.warning("experiment %d (%s) failed: %s", item["experiment_index"],
+                                item["image_id"], item["error"])
+            bar.update(len(batch))
+        bar.close()
+    manifest["finished"] = _now()
+    _write_json(run_dir / "manifest.json", manifest)
+    return summarize(run_dir, **overrides)
+
+
+def _start(run_dir: Path, settings: config.Settings, indices: list[int],
+           growing: bool) -> dict[str, Any]:
+    """Create the run directory, or check that a resumed run used the same settings."""
+    import main
+    wanted = {name.lower(): settings.values[name] for name in RESULT_SETTINGS}
+    wanted["memory"] = "growing" if growing else "frozen"
+    path = run_dir / "manifest.json"
+    if path.exists():
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path} is unreadable ({exc}); move the run directory away") from None
+        differ = {k: (manifest["settings"].get(k), v) for k, v in wanted.items()
+                  if manifest["settings"].get(k) != v}
+        if differ:
+            name, (was, now) = next(iter(differ.items()))
+            raise UserError(f"run {run_dir.name!r} was started with {name}={was!r}, not {now!r}; "
+                            "resume it with the same settings or choose another --run-name")
+        manifest["indices"] = sorted(set(manifest["indices"]) | set(indices))
+        manifest["resumed"] = manifest.get("resumed", []) + [_now()]
+    else:
+        manifest = {"run": run_dir.name, "settings": wanted,
+                    "config": {k.lower(): v for k, v in settings.as_dict().items()},
+                    "versions": main._versions(), "indices": sorted(indices),
+                    "started": _now(), "finished": None}
+    _write_json(path, manifest)
+    return manifest
+
+
+def finished_items(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """Items of experiments that finished successfully (failed ones are retried)."""
+    items = {}
+    for file in sorted((run_dir / "items").glob("*.json")):
+        try:
+            item = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # cannot be half-written (rename), but never trust a damaged one
+        if item.get("status") == "ok":
+            items[item["experiment_index"]] = item
+    return items
+
+
+def summarize(run_dir: str | Path, **overrides: Any) -> dict[str, Any]:
+    """summary.json + summary.csv of a run directory, with caption metrics."""
+    import metrics
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "manifest.json").exists():
+        raise UserError(f"{run_dir} is not a run directory (no manifest.json)")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    items = []
+    for file in sorted((run_dir / "items").glob("*.json"), key=lambda f: int(f.stem)):
+        try:
+            items.append(json.loads(file.read_text()))
+        except (OSError, json.JSONDecodeError, ValueError):
+            log.warning("skipping unreadable item %s", file)
+    ok = [i for i in items if i.get("status") == "ok"]
+    embedder = None
+    if ok:
+        settings = config.resolve(**overrides)
+        import main
+        embedder = main._caption_embedder(settings.replace(
+            caption_embedding_model=manifest["settings"]["caption_embedding_model"]))
+    scores = metrics.evaluate_captions(
+        {str(i["experiment_index"]): i["generated_caption"] for i in ok},
+        {str(i["experiment_index"]): i["original_captions"] for i in ok},
+        caption_embedder=embedder) if ok else {"skipped": {"all": "no finished experiments"}}
+    per_image = scores.pop("per_image", {})
+    for item in items:
+        item["metrics"] = per_image.get(str(item["experiment_index"]), {})
+    failed = [i for i in items if i.get("status") != "ok"]
+    seconds = [i["timings"]["total"] for i in ok]
+    summary = {"run": manifest["run"], "settings": manifest["settings"],
+               "experiments": len(items), "finished": len(ok), "failed": len(failed),
+               "metrics": scores,
+               "seconds_per_caption": round(sum(seconds) / len(seconds), 4) if seconds else None,
+               "items": items}
+    _write_json(run_dir / "summary.json", summary)
+    _write_csv(run_dir / "summary.csv", items)
+    return summary
+
+
+CSV_COLUMNS = ("experiment_index", "image_id", "status", "error", "generated_caption",
+               "references", "neighbours", "BLEU-4", "CIDEr-D", "ROUGE-L",
+               "embedding_similarity", "seconds_total", "seconds_generate")
+
+
+def _write_csv(path: Path, items: list[dict[str, Any]]) -> None:
+    from db_manager import write_text_atomic
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    for item in items:
+        timings, scores = item.get("timings", {}), item.get("metrics", {})
+        writer.writerow([
+            item["experiment_index"], item["image_id"], item.get("status"), item.get("error", ""),
+            item.get("generated_caption", ""), " | ".join(item.get("original_captions", [])),
+            "; ".join(f"{n['image_id']}:{n['score']:.4f}" for n in item.get("similar_images", [])),
+            *(scores.get(m, "") for m in ("BLEU-4", "CIDEr-D", "ROUGE-L", "embedding_similarity")),
+            timings.get("total", ""), timings.get("generate", "")])
+    write_text_atomic(path, out.getvalue())
+
+
+def _write_item(run_dir: Path, item: dict[str, Any]) -> None:
+    _write_json(run_dir / "items" / f"{item['experiment_index']}.json", item)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from db_manager import write_json_atomic
+    write_json_atomic(path, data)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """0 if every experiment finished, 1 if any failed."""
+    return 1 if summary["failed"] else 0
+
+
+def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
+    import metrics
+    lines = [f"run {summary['run']}: {summary['finished']} finished, {summary['failed']} failed "
+             f"({run_dir})"]
+    if summary.get("seconds_per_caption"):
+        lines.append(f"{summary['seconds_per_caption']:.2f} s per caption")
+    lines.append(metrics.format_report(summary["metrics"]))
+    return "\n".join(lines)
+
+

@@ -1,0 +1,166 @@
+"""Batch runs: all experiments, resumable, failures recorded, batched == unbatched."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import batch_runner
+import main
+from errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("0-3", [0, 1, 2, 3]), ("2", [2]), ("0-1,3", [0, 1, 3]), ("3,1-2,1", [3, 1, 2]),
+    (" 0 - 1 , 2 ", [0, 1, 2]),
+])
+def test_parse_indices(spec, expected):
+    assert batch_runner.parse_indices(spec, 4) == expected
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("0-4", "4 is out of range: choose 0 to 3"), ("a-b", "is not N or N-M"),
+    ("3-1", "runs backwards"), ("-1", "is not N or N-M"), ("", "is not N or N-M"),
+])
+def test_bad_indices(spec, message):
+    with pytest.raises(UserError, match=message):
+        batch_runner.parse_indices(spec, 4)
+
+
+def test_run_all_writes_items_summary_and_csv(settings_kwargs):
+    summary = batch_runner.run_batch([0, 1, 2, 3], "r", **{**settings_kwargs, "batch_size": 3})
+    run_dir = Path(settings_kwargs["results_dir"]) / "runs" / "r"
+    assert summary["finished"] == 4 and summary["failed"] == 0
+    assert sorted(int(p.stem) for p in (run_dir / "items").glob("*.json")) == [0, 1, 2, 3]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["settings"]["memory"] == "frozen" and manifest["finished"]
+    data = json.loads((run_dir / "summary.json").read_text())
+    assert data["finished"] == 4 and "BLEU-4" in data["metrics"] and "CIDEr-D" in data["metrics"]
+    item = data["items"][0]
+    assert item["generated_caption"] and len(item["original_captions"]) == 5
+    assert item["batch_size"] == 3 and "BLEU-4" in item["metrics"]
+    rows = list(csv.DictReader((run_dir / "summary.csv").open()))
+    assert [r["experiment_index"] for r in rows] == ["0", "1", "2", "3"]
+    assert set(batch_runner.CSV_COLUMNS) == set(rows[0])
+    assert len(list(Path(settings_kwargs["results_dir"]).glob("experiment_*.json"))) == 4
+
+
+def test_frozen_memory_retrieves_only_training_images(settings_kwargs):
+    batch_runner.run_batch([0, 1, 2, 3], "frozen", **settings_kwargs)
+    summary = batch_runner.run_batch([0, 1, 2, 3], "frozen-again", **settings_kwargs)
+    dataset, _ = main.initialize_system(**settings_kwargs)
+    train = {s.image_id for s in dataset.train}
+    for item in summary["items"]:
+        assert {n["image_id"] for n in item["similar_images"]} <= train
+
+
+def test_growing_memory_can_retrieve_earlier_experiments(settings_kwargs):
+    kwargs = {**settings_kwargs, "memory": "growing", "top_k_similar": 20}
+    summary = batch_runner.run_batch([0, 1], "g", **{**kwargs, "batch_size": 1})
+    neighbours = {n["image_id"] for n in summary["items"][1]["similar_images"]}
+    assert summary["items"][0]["image_id"] in neighbours
+
+
+def test_resume_does_not_recompute_finished_experiments(settings_kwargs, monkeypatch):
+    batch_runner.run_batch([0, 1], "resume", **settings_kwargs)
+    import vlm_captioner
+    calls = []
+    real = vlm_captioner.VLMCaptioner.caption_batch
+
+    def counting(self, images, prompts):
+        calls.append(len(images))
+        return real(self, images, prompts)
+    monkeypatch.setattr(vlm_captioner.VLMCaptioner, "caption_batch", counting)
+    summary = batch_runner.run_batch([0, 1, 2, 3], "resume", **settings_kwargs)
+    assert sum(calls) == 2 and summary["finished"] == 4
+
+
+def test_resuming_with_other_settings_is_an_error(settings_kwargs):
+    batch_runner.run_batch([0], "fixed", **settings_kwargs)
+    with pytest.raises(UserError, match="was started with top_k_similar=5, not 3"):
+        batch_runner.run_batch([1], "fixed", **{**settings_kwargs, "top_k_similar": 3})
+
+
+def test_one_failing_image_is_recorded_and_the_rest_finish(settings_kwargs):
+    dataset, _ = main.initialize_system(**settings_kwargs)
+    image = Path(dataset.experiment[2].source)
+    original = image.read_bytes()
+    image.write_bytes(b"not a jpeg")
+    try:
+        summary = batch_runner.run_batch([0, 1, 2, 3], "fail", **settings_kwargs)
+        assert summary["finished"] == 3 and summary["failed"] == 1
+        failed = next(i for i in summary["items"] if i["status"] == "failed")
+        assert failed["experiment_index"] == 2 and "could not be read" in failed["error"]
+        assert batch_runner.exit_code(summary) == 1
+    finally:
+        image.write_bytes(original)
+    summary = batch_runner.run_batch([0, 1, 2, 3], "fail", **settings_kwargs)   # retried
+    assert summary["finished"] == 4 and batch_runner.exit_code(summary) == 0
+
+
+def test_a_failing_batch_falls_back_to_single_images(settings_kwargs, monkeypatch):
+    import vlm_captioner
+    real = vlm_captioner.VLMCaptioner.caption_batch
+
+    def flaky(self, images, prompts):
+        if len(images) > 1:
+            raise RuntimeError("out of memory")
+        if images[0].size == (1, 1):
+            raise RuntimeError("bad image")
+        return real(self, images, prompts)
+    monkeypatch.setattr(vlm_captioner.VLMCaptioner, "caption_batch", flaky)
+    summary = batch_runner.run_batch([0, 1, 2], "flaky", **{**settings_kwargs, "batch_size": 3})
+    assert summary["finished"] == 3
+
+
+def test_batched_and_unbatched_greedy_captions_agree(settings_kwargs, tmp_path):
+    one = batch_runner.run_batch([0, 1, 2, 3], "b1", **{**settings_kwargs, "batch_size": 1})
+    four = batch_runner.run_batch([0, 1, 2, 3], "b4", **{
+        **settings_kwargs, "batch_size": 4, "db_dir": str(tmp_path / "db4")})
+    assert [i["generated_caption"] for i in one["items"]] == [
+        i["generated_caption"] for i in four["items"]]
+    assert [i["prompt"] for i in one["items"]] == [i["prompt"] for i in four["items"]]
+
+
+def test_killed_run_resumes_with_every_index_exactly_once(pipeline_env, settings_kwargs):
+    env = {**pipeline_env, "RECAP_BATCH_SIZE": "1", "RECAP_LOG_LEVEL": "WARNING"}
+    items = Path(settings_kwargs["results_dir"]) / "runs" / "killed" / "items"
+    proc = subprocess.Popen([sys.executable, "main.py", "--all", "--run-name", "killed"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(items.glob("*.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 1 <= len(list(items.glob("*.json"))) < 4, "the run was not killed in the middle"
+    out = subprocess.run([sys.executable, "main.py", "--all", "--run-name", "killed"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "4 finished, 0 failed" in out.stdout
+    assert sorted(int(p.stem) for p in items.glob("*.json")) == [0, 1, 2, 3]
+    captions = json.loads((Path(settings_kwargs["db_dir"]) / "captions.json").read_text())
+    generated = [c["image_id"] for c in captions["entries"] if c["source"] == "generated"]
+    assert len(generated) == len(set(generated)) == 4
+
+
+def test_cli_all_and_evaluate(settings_kwargs, capsys):
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in settings_kwargs.items()]
+    assert main.main(args + ["--indices", "0-1", "--run-name", "cli"]) == 0
+    out = capsys.readouterr().out
+    assert "run cli: 2 finished, 0 failed" in out and "BLEU-4" in out
+    run_dir = Path(settings_kwargs["results_dir"]) / "runs" / "cli"
+    (run_dir / "summary.json").unlink()
+    assert main.main(args + ["--evaluate", str(run_dir)]) == 0
+    assert (run_dir / "summary.json").exists()
+    assert main.main(args + ["--all", "--indices", "1"]) == 1
+    assert "not both" in capsys.readouterr().err
+    assert main.main(args + ["--evaluate", str(run_dir / "nothing")]) == 1
