@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import os
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -224,6 +225,13 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setting_flags(parser)
     return parser
+
+
+def configure_logging(settings: Settings) -> None:
+    """The command-line programs' logging: LOG_LEVEL, time, level, module, message."""
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:

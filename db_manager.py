@@ -668,32 +668,16 @@ def _dumps(data: Any, indent: bool = False) -> bytes:
     return orjson.dumps(data, option=option)
 
 
-def _write_atomic(path: Path, blob: bytes) -> int:
-    """Temp file in the same folder, flush, fsync, rename, fsync the folder."""
+def _write_atomic(path: Path, data: bytes | Iterable[bytes]) -> int:
+    """Temp file in the same folder, flush, fsync, rename, fsync the folder.
+
+    `data` is the content, or an iterable of chunks (streamed). Returns the size.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return len(blob)
-
-
-def _write_json_file(path: Path, header: dict[str, Any], entries: Iterable[bytes]) -> int:
-    """A database JSON file, one entry per line, written atomically; returns its size."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_dumps(header)[:-1] + b',"entries":[')
-            for n, entry in enumerate(entries):
-                f.write((b",\n" if n else b"\n") + entry)
-            f.write(TAIL)
+            for chunk in ([data] if isinstance(data, bytes) else data):
+                f.write(chunk)
             size = f.tell()
             f.flush()
             os.fsync(f.fileno())
@@ -704,6 +688,16 @@ def _write_json_file(path: Path, header: dict[str, Any], entries: Iterable[bytes
         raise
     _fsync_dir(path.parent)
     return size
+
+
+def _write_json_file(path: Path, header: dict[str, Any], entries: Iterable[bytes]) -> int:
+    """A database JSON file, one entry per line, written atomically; returns its size."""
+    def chunks() -> Iterator[bytes]:
+        yield _dumps(header)[:-1] + b',"entries":['
+        for n, entry in enumerate(entries):
+            yield (b",\n" if n else b"\n") + entry
+        yield TAIL
+    return _write_atomic(path, chunks())
 
 
 def _write_caption_files(json_dir: Path, work: Path, headers: dict, captions: list[dict],

@@ -429,9 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"main.py: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    config.configure_logging(settings)
     try:
         overrides = {k.lower(): v for k, v in settings.as_dict().items()}
         if args.check_db or args.repair_db:

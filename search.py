@@ -293,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"search.py: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    config.configure_logging(settings)
     overrides = {name.lower(): value for name, value in settings.as_dict().items()}
     try:
         if args.query:

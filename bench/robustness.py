@@ -339,9 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"robustness: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    config.configure_logging(settings)
     try:
         import torch
         import transformers
