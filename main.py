@@ -140,7 +140,7 @@ def run_experiment(dataset_loader=None, db_manager=None, experiment_index: int |
     """
     settings = config.resolve(**overrides)
     index = settings.experiment_image_index if experiment_index is None else experiment_index
-    _check_writable(Path(settings.results_dir))  # fail before the slow work, not after
+    check_writable(Path(settings.results_dir))  # fail before the slow work, not after
     start = time.perf_counter()
     if dataset_loader is None or db_manager is None:
         from dataset_loader import check_index
@@ -213,7 +213,7 @@ def run_experiments(dataset_loader, db_manager, indices: list[int], settings: co
     prompts = [build_prompt(c, settings.prompt_template, settings.prompt_template_no_context,
                             settings.captions_per_neighbour) for c in contexts]
     lap("prompt")
-    captions = _generate(captioner, [image for _, _, image in work], prompts)
+    captions = generate_captions(captioner, [image for _, _, image in work], prompts)
     lap("generate")
     texts = [c for c in captions if isinstance(c, str)]
     caption_vectors = iter(caption_embedder.embed_captions(texts))
@@ -251,7 +251,7 @@ def run_experiments(dataset_loader, db_manager, indices: list[int], settings: co
     return [results[index] for index in indices]
 
 
-def _generate(captioner, images: list, prompts: list[str]) -> list:
+def generate_captions(captioner, images: list, prompts: list[str]) -> list:
     """Captions for a batch; if the batch fails, image by image, so that one bad
     image costs only its own caption. Failures come back as exceptions."""
     if not images:
@@ -263,7 +263,7 @@ def _generate(captioner, images: list, prompts: list[str]) -> list:
             return [exc if isinstance(exc, UserError) else UserError(
                 f"caption generation failed: {type(exc).__name__}: {exc}")]
         return [item for image, prompt in zip(images, prompts)
-                for item in _generate(captioner, [image], [prompt])]
+                for item in generate_captions(captioner, [image], [prompt])]
     return [c or captioner.empty_caption_error() for c in captions]
 
 
@@ -361,7 +361,8 @@ def caption_folder(folder: str, retrieval: bool = True, **overrides: Any) -> dic
             "failed": failed, "retrieval": retrieval}
 
 
-def _check_writable(folder: Path) -> None:
+def check_writable(folder: Path) -> None:
+    """UserError unless files can be created in `folder` (made if missing)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

@@ -1,7 +1,6 @@
 """search.py: image and text search over the memory and over folders, on tiny models."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

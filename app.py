@@ -1,0 +1,761 @@
+"""A local web page over the pipeline: caption an image and see why, search the memory.
+
+    python app.py                                   # http://127.0.0.1:7860
+    python app.py --port 8080 --top-k-similar 3     # every setting of config.py is a flag ...
+    RECAP_DB_DIR=memory/ python app.py              # ... and a RECAP_* variable, as for main.py
+
+Tabs: Caption (upload an image or pick an experiment image: its top-k
+neighbours with scores and captions, the exact prompt, the generated caption,
+the reference captions, timings per stage; "save to memory" appends it to the
+databases), Search by image and Search by text (search.py), and Runs (the run
+directories of batch_runner.py: metrics, ablation chart, generated vs reference
+captions).
+
+The handlers (caption_tab, search_image_tab, search_text_tab, list_runs,
+runs_tab) are plain functions that return plain data; build_ui() lays them out
+with Gradio. They reuse the pipeline's own stages and main.py's model cache, so
+models load once per process. Model calls are serialised by MODEL_LOCK. Nothing
+is written to the databases unless "save to memory" is ticked. Importing this
+module loads nothing and starts nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import numbers
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import config
+from errors import UserError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger("app")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024   # larger uploads are refused before decoding
+UPLOADS = "uploads"                   # DB_DIR/uploads/: images saved to memory from the page
+THUMBNAIL = 320                       # longest side of the pictures sent to the browser
+RUN_PAGE = 12                         # images per page in the Runs tab
+MAX_K = 50                            # the search tabs' largest k
+
+# One model call at a time, whoever asks: the page's events, the start-up
+# warm-up and direct Python callers. Each request still gets its own result,
+# since the handlers keep no per-user state.
+MODEL_LOCK = threading.Lock()
+
+Progress = Callable[[float, str], None]
+
+
+# --- shared helpers ----------------------------------------------------------------
+
+def _resolve(settings: config.Settings | None) -> config.Settings:
+    return config.resolve() if settings is None else settings
+
+
+def _overrides(settings: config.Settings) -> dict[str, Any]:
+    return {name.lower(): value for name, value in settings.as_dict().items()}
+
+
+def _step(progress: Progress | None, fraction: float, text: str) -> None:
+    if progress is not None:
+        progress(fraction, text)
+
+
+def _system(settings: config.Settings):
+    """(dataset, db) from main's cache: the first call loads the data set and the
+    models and opens (on a first run, builds) the memory. Call under MODEL_LOCK."""
+    import main
+    return main.initialize_system(**_overrides(settings))
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded image, checked: its file name, bytes and decoded RGB image."""
+
+    name: str
+    data: bytes
+    image: "Image.Image"
+
+    @property
+    def image_id(self) -> str:
+        """Its id in the memory: the same bytes always get the same id."""
+        return upload_id(self.data)
+
+
+def upload_id(data: bytes) -> str:
+    return f"upload-{hashlib.sha1(data).hexdigest()}.png"
+
+
+def read_upload(upload: "str | os.PathLike | bytes | Image.Image | None") -> Upload:
+    """Check and decode an upload (a file path, bytes or a PIL image).
+
+    UserError with a readable message for no file, an empty or too large file,
+    a file that is not an image, a corrupt image, or one with too many pixels.
+    """
+    from PIL import Image
+
+    from dataset_loader import open_image
+    if upload is None or (isinstance(upload, str) and not upload.strip()):
+        raise UserError("no image: upload one first")
+    if isinstance(upload, Image.Image):
+        buffer = io.BytesIO()
+        upload.save(buffer, format="PNG")
+        data, name = buffer.getvalue(), "image"
+    elif isinstance(upload, (bytes, bytearray)):
+        data, name = bytes(upload), "upload"
+    else:
+        path = Path(upload)
+        name = path.name
+        try:
+            size = path.stat().st_size
+            _check_size(size, name)
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise UserError(f"the uploaded file {name} is gone; upload it again") from None
+        except IsADirectoryError:
+            raise UserError(f"{name} is a folder, not an image") from None
+    _check_size(len(data), name)
+    if not data:
+        raise UserError(f"{name} is empty")
+    return Upload(name, data, open_image(io.BytesIO(data), name=name))
+
+
+def _check_size(size: int, name: str) -> None:
+    if size > MAX_UPLOAD_BYTES:
+        raise UserError(f"{name} is {size / 2**20:.1f} MB; the limit is "
+                        f"{MAX_UPLOAD_BYTES / 2**20:.0f} MB: downscale it first")
+
+
+def _thumbnail(image: "Image.Image") -> "Image.Image":
+    image = image.copy()
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
+    return image
+
+
+def _placeholder(text: str = "no image") -> "Image.Image":
+    from PIL import Image, ImageDraw
+    image = Image.new("RGB", (THUMBNAIL, THUMBNAIL * 3 // 4), (225, 225, 225))
+    ImageDraw.Draw(image).text((12, THUMBNAIL * 3 // 8 - 6), text, fill=(90, 90, 90))
+    return image
+
+
+def _image_of(image_id: str, settings: config.Settings, dataset=None,
+              load: Callable[[], "Image.Image"] | None = None) -> "Image.Image":
+    """A thumbnail of an image of the memory: from `load`, the data set, or the
+    uploads saved from this page; a grey placeholder if none of them has it."""
+    from dataset_loader import open_image
+    attempts = []
+    if load is not None:
+        attempts.append(load)
+    sample = dataset.get(image_id) if dataset is not None else None
+    if sample is not None:
+        attempts.append(lambda: dataset.load_image(sample))
+    saved = Path(settings.db_dir) / UPLOADS / Path(image_id).name
+    if image_id.startswith("upload-"):
+        attempts.append(lambda: open_image(saved))
+    for attempt in attempts:
+        try:
+            return _thumbnail(attempt())
+        except Exception as exc:  # noqa: BLE001 - a picture that cannot be shown is not an error
+            log.debug("cannot show %s: %s", image_id, exc)
+    return _placeholder(f"{Path(image_id).name[:40]}: no image file")
+
+
+def _whole_number(value: Any, what: str, low: int = 1, high: int | None = None) -> int:
+    """A whole number from a form field (which may send a float or text)."""
+    if isinstance(value, bool) or value is None or value == "":
+        raise UserError(f"{what}: enter a whole number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a whole number, got {value!r}") from None
+    if not number.is_integer():
+        raise UserError(f"{what} must be a whole number, got {value!r}")
+    number = int(number)
+    if number < low or (high is not None and number > high):
+        bounds = f"{low} to {high}" if high is not None else f"at least {low}"
+        raise UserError(f"{what} must be {bounds}, got {number}")
+    return number
+
+
+# --- Caption ---------------------------------------------------------------------
+
+def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image | None",
+                save_to_memory: bool = False, settings: config.Settings | None = None,
+                progress: Progress | None = None) -> dict[str, Any]:
+    """Caption an uploaded image (a path, bytes or PIL image) or the experiment
+    image at an index, with the pipeline's retrieval, prompt and VLM.
+
+    Returns {"image_id", "source" ("upload" or "experiment"), "experiment_index"
+    (None for an upload), "query" (PIL), "neighbours" [(PIL, "score · caption")],
+    "similar_images" [{"rank", "image_id", "score", "captions"}], "prompt",
+    "caption", "references" (empty for an upload), "timings" {stage: seconds},
+    "memory" ("growing" or "frozen"), "model", "saved"}.
+
+    Retrieval excludes the query's own id only: an experiment image, or an upload
+    saved to memory earlier. With `save_to_memory` the image's embedding and
+    caption are appended through db_manager (uploads as "upload-<sha1>.png" with
+    experiment_index -1, their image kept in DB_DIR/uploads/); without it nothing
+    is written. A bad upload or index raises UserError before anything loads.
+    """
+    import numpy as np
+
+    import main
+    from prompt_generator import build_prompt
+    from similarity_search import top_k
+
+    settings = _resolve(settings)
+    upload: Upload | None = None
+    index: int | None = None
+    if isinstance(image_or_index, numbers.Number) and not isinstance(image_or_index, bool):
+        index = _whole_number(image_or_index, "experiment image index", 0,
+                              settings.experiment_samples - 1)
+    else:
+        upload = read_upload(image_or_index)
+    start = clock = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 4)
+        clock = now
+
+    _step(progress, 0.0, "waiting for the model")
+    with MODEL_LOCK:
+        _step(progress, 0.05, "loading models and memory")
+        dataset, db = _system(settings)
+        captioner = main._captioner(settings)
+        lap("load")
+        if upload is None:
+            sample = dataset.experiment_sample(index)
+            image_id, references = sample.image_id, list(sample.captions)
+            image = dataset.load_image(sample)
+        else:
+            image_id, references, image = upload.image_id, [], upload.image
+        lap("load_image")
+        _step(progress, 0.15, "embedding the image")
+        query = main._image_embedder(settings).embed([image])[0]
+        lap("embed_image")
+        growing = settings.memory != "frozen"
+        ids, vectors = db.image_ids, db.image_vectors
+        if not growing:  # only the human-captioned training pool, as in batch runs
+            train = np.flatnonzero(np.asarray(db.image_kinds) == "train")
+            ids, vectors = [ids[n] for n in train], vectors[train]
+        neighbours = top_k(query, vectors, ids, settings.top_k_similar, exclude={image_id})
+        contexts = [db.captions_of(n.image_id) for n in neighbours]
+        lap("search")
+        prompt = build_prompt(contexts, settings.prompt_template,
+                              settings.prompt_template_no_context,
+                              settings.captions_per_neighbour)
+        lap("prompt")
+        _step(progress, 0.3, f"generating the caption with {Path(captioner.name).name}")
+        caption = captioner.caption(image, prompt)
+        lap("generate")
+        if save_to_memory:
+            _step(progress, 0.85, "saving to memory")
+            vector = main._caption_embedder(settings).embed_captions([caption])[0]
+            lap("embed_caption")
+            if upload is not None:
+                _keep_upload(settings, upload)
+            db.add_experiment(image_id, query, caption, vector, vlm_model=captioner.name,
+                              experiment_index=-1 if index is None else index,
+                              timestamp=datetime.now(timezone.utc).astimezone().isoformat(
+                                  timespec="seconds"))
+            lap("save_to_db")
+        _step(progress, 0.95, "loading the neighbours' pictures")
+        gallery = [(_image_of(n.image_id, settings, dataset),
+                    f"{n.score:.3f} · {c[0] if c else '(no caption)'}")
+                   for n, c in zip(neighbours, contexts)]
+    timings["total"] = round(time.perf_counter() - start, 4)
+    return {"image_id": image_id, "source": "upload" if upload is not None else "experiment",
+            "experiment_index": index, "query": _thumbnail(image), "neighbours": gallery,
+            "similar_images": [{"rank": n.rank, "image_id": n.image_id,
+                                "score": round(n.score, 6), "captions": c}
+                               for n, c in zip(neighbours, contexts)],
+            "prompt": prompt, "caption": caption, "references": references,
+            "timings": timings, "memory": "growing" if growing else "frozen",
+            "model": captioner.name, "saved": bool(save_to_memory)}
+
+
+def _keep_upload(settings: config.Settings, upload: Upload) -> None:
+    """Keep a saved upload's picture beside the databases, so that later
+    neighbours and search results can show it."""
+    folder = Path(settings.db_dir) / UPLOADS
+    path = folder / upload.image_id
+    if path.exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as tmp:
+        upload.image.save(tmp, format="PNG")
+    os.replace(tmp.name, path)
+
+
+# --- Search ----------------------------------------------------------------------
+
+def search_image_tab(upload: "str | os.PathLike | bytes | Image.Image | None", k: int = 5,
+                     settings: config.Settings | None = None,
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """Images of the memory most similar to an uploaded image (search.search_images).
+
+    Returns {"query" (PIL), "hits" [(PIL, "#rank · score · image")], "rows"
+    [[rank, score, image_id]], "source", "model", "indexed"}.
+    """
+    import search
+    settings = _resolve(settings)
+    k = _whole_number(k, "k", 1, MAX_K)
+    checked = read_upload(upload)
+    _step(progress, 0.0, "waiting for the model")
+    with tempfile.TemporaryDirectory(prefix="recap-query-") as tmp:
+        if isinstance(upload, (str, os.PathLike)):
+            path = str(upload)
+        else:
+            path = str(Path(tmp) / "query.png")
+            checked.image.save(path)
+        with MODEL_LOCK:
+            _step(progress, 0.2, "searching the image database")
+            result = search.search_images(path, k, **_overrides(settings))
+            hits = [(_image_of(h.image_id, settings, load=lambda h=h: result.load_image(h)),
+                     f"#{h.rank} · {h.score:.3f} · {Path(h.image_id).name}")
+                    for h in result.hits]
+    return {"query": _thumbnail(checked.image), "hits": hits,
+            "rows": [[h.rank, round(h.score, 4), h.image_id] for h in result.hits],
+            "source": result.source, "model": result.model, "indexed": result.indexed}
+
+
+def search_text_tab(query: str | None, k: int = 5, settings: config.Settings | None = None,
+                    progress: Progress | None = None) -> dict[str, Any]:
+    """Images whose captions best match `query` (search.search_text), each with
+    the matching caption and whether a person or a VLM wrote it.
+
+    Returns {"hits" [(PIL, "#rank · score · who: caption")], "rows" [[rank,
+    score, image_id, who, caption]], "source", "model", "indexed"}.
+    """
+    import search
+    settings = _resolve(settings)
+    k = _whole_number(k, "k", 1, MAX_K)
+    if not query or not query.strip():
+        raise UserError("type a few words to search for")
+    _step(progress, 0.0, "waiting for the model")
+    with MODEL_LOCK:
+        _step(progress, 0.2, "searching the captions")
+        result = search.search_text(query.strip(), k, **_overrides(settings))
+        hits, rows = [], []
+        for h in result.hits:
+            who = ("human" if h.caption_source == "human" else
+                   f"generated by {Path(h.caption_model or 'a VLM').name}")
+            hits.append((_image_of(h.image_id, settings, load=lambda h=h: result.load_image(h)),
+                         f"#{h.rank} · {h.score:.3f} · {who}: {h.caption}"))
+            rows.append([h.rank, round(h.score, 4), h.image_id, who, h.caption])
+    return {"hits": hits, "rows": rows, "source": result.source, "model": result.model,
+            "indexed": result.indexed}
+
+
+# --- Runs ------------------------------------------------------------------------
+
+RUN_COLUMNS = ["#", "image", "status", "generated caption", "reference captions", "BLEU-4",
+               "CIDEr-D"]
+
+
+def list_runs(settings: config.Settings | None = None) -> list[str]:
+    """Names of the run directories under RESULTS_DIR/runs, newest first."""
+    settings = _resolve(settings)
+    root = Path(settings.results_dir) / "runs"
+    if not root.is_dir():
+        return []
+    runs = [d for d in root.iterdir() if d.is_dir() and (d / "manifest.json").exists()]
+    return [d.name for d in sorted(runs, key=lambda d: (-d.stat().st_mtime, d.name))]
+
+
+def runs_tab(run_dir: str | os.PathLike | None, settings: config.Settings | None = None,
+             page: int = 1, per_page: int = RUN_PAGE) -> dict[str, Any]:
+    """A run directory (a name under RESULTS_DIR/runs, or a path) for the page.
+
+    Returns {"run", "path", "header" (markdown), "metrics" (markdown, from
+    metrics.format_report), "ablation" (PIL or None: RESULTS_DIR/ablation.png),
+    "columns", "rows" (one per experiment: generated vs reference captions),
+    "gallery" [(PIL, "#index generated … / reference …")] for `page`, "page",
+    "pages"}.
+    """
+    import metrics
+    from PIL import Image
+
+    settings = _resolve(settings)
+    if not run_dir:
+        raise UserError("choose a run (make one with `python main.py --all` or --indices)")
+    named = Path(settings.results_dir) / "runs" / str(run_dir)
+    path = named if named.is_dir() else Path(run_dir)
+    summary_file = path / "summary.json"
+    if not summary_file.exists():
+        if (path / "manifest.json").exists():
+            raise UserError(f"run {path.name} has no summary yet: finish it, or run "
+                            f"`python main.py --evaluate {path}`")
+        raise UserError(f"{run_dir} is not a run directory (no manifest.json)")
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{summary_file} is unreadable: {exc}") from None
+    items = summary.get("items", [])
+    run_settings = summary.get("settings", {})
+    per_caption = summary.get("seconds_per_caption")
+    header = (f"**{summary.get('run', path.name)}**: {summary.get('finished', 0)} finished, "
+              f"{summary.get('failed', 0)} failed"
+              + (f", {per_caption:.2f} s per caption" if per_caption else "")
+              + f" · VLM `{run_settings.get('vlm_model_name', '?')}`, "
+                f"k={run_settings.get('top_k_similar', '?')}, "
+                f"memory {run_settings.get('memory', '?')} · `{path}`")
+    ablation_file = Path(settings.results_dir) / "ablation.png"
+    ablation = None
+    if ablation_file.exists():
+        try:
+            with Image.open(ablation_file) as chart:
+                ablation = chart.convert("RGB")
+        except OSError as exc:
+            log.warning("cannot show %s: %s", ablation_file, exc)
+    rows = []
+    for item in items:
+        scores = item.get("metrics") or {}
+        rows.append([item.get("experiment_index"), item.get("image_id"), item.get("status"),
+                     item.get("generated_caption") or f"(failed: {item.get('error', '?')})",
+                     " | ".join(item.get("original_captions", [])),
+                     *(round(scores[m], 4) if isinstance(scores.get(m), (int, float)) else ""
+                       for m in ("BLEU-4", "CIDEr-D"))])
+    pages = max(1, math.ceil(len(items) / per_page))
+    page = min(max(1, _whole_number(page, "page")), pages)
+    shown = items[(page - 1) * per_page:page * per_page]
+    dataset = None
+    if shown:
+        import main
+        try:
+            with MODEL_LOCK:
+                dataset = main._dataset(settings)
+        except UserError as exc:  # the pictures are optional; the captions are not
+            log.warning("cannot load the data set for the run's pictures: %s", exc)
+    gallery = []
+    for item in shown:
+        references = item.get("original_captions") or ["?"]
+        text = (f"#{item.get('experiment_index')} generated: "
+                f"{item.get('generated_caption') or '(failed)'} / reference: {references[0]}")
+        gallery.append((_image_of(item.get("image_id", "?"), settings, dataset), text))
+    return {"run": summary.get("run", path.name), "path": str(path), "header": header,
+            "metrics": metrics.format_report(summary.get("metrics") or {}),
+            "ablation": ablation, "columns": RUN_COLUMNS, "rows": rows, "gallery": gallery,
+            "page": page, "pages": pages}
+
+
+# --- the page --------------------------------------------------------------------
+
+def _error_text(exc: BaseException) -> str:
+    """What the page says about a failure: the message of a UserError, else a
+    short description; the traceback goes to the server log, never to the page."""
+    if isinstance(exc, UserError):
+        return f"**Error:** {exc}"
+    log.error("unexpected error in a page request", exc_info=exc)
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return (f"**Error:** unexpected {type(exc).__name__}"
+            + (f": {first}" if first else "") + " (details in the server's log)")
+
+
+def _markdown_list(lines: list[str], empty: str) -> str:
+    return "\n".join(f"- {line}" for line in lines) if lines else empty
+
+
+def _timings_text(timings: dict[str, float]) -> str:
+    """One row: seconds per stage."""
+    return ("**Seconds per stage**\n\n| " + " | ".join(s.replace("_", " ") for s in timings)
+            + " |\n|" + "---:|" * len(timings) + "\n| "
+            + " | ".join(f"{seconds:.3f}" for seconds in timings.values()) + " |")
+
+
+def _neighbours_text(similar: list[dict[str, Any]], per_neighbour: int) -> str:
+    """The neighbours as a table: rank, score, image, the captions the prompt took."""
+    if not similar:
+        return "**Neighbours**: none (TOP_K_SIMILAR is 0): the prompt has no captions"
+    rows = [f"| {n['rank']} | {n['score']:.3f} | `{n['image_id']}` | "
+            + " / ".join(c.replace("|", "/") for c in n["captions"][:per_neighbour]) + " |"
+            for n in similar]
+    return ("**Neighbours**\n\n| # | score | image | captions (first "
+            f"{per_neighbour}) |\n|---:|---:|---|---|\n" + "\n".join(rows))
+
+
+def build_ui(settings: config.Settings | None = None):
+    """The Gradio page (gr.Blocks) over the handlers, for `settings`."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    settings = _resolve(settings)
+    k = settings.top_k_similar
+    last_index = settings.experiment_samples - 1
+
+    def progress_of(progress) -> Progress:
+        return lambda fraction, text: progress(fraction, desc=text)
+
+    caption_outputs_count = 7
+
+    def on_caption(source, save, progress):
+        try:
+            r = caption_tab(source, bool(save), settings, progress_of(progress))
+        except Exception as exc:  # noqa: BLE001 - shown in the page
+            return (_error_text(exc),) + (None,) * (caption_outputs_count - 1)
+        where = (f"experiment image {r['experiment_index']}" if r["source"] == "experiment"
+                 else "the uploaded image")
+        status = (f"Captioned {where} (`{r['image_id']}`) in {r['timings']['total']:.2f} s "
+                  f"with `{Path(r['model']).name}`, {r['memory']} memory · "
+                  + ("**saved to memory**" if r["saved"] else "not saved"))
+        references = ("**Reference captions**\n\n" + _markdown_list(
+            r["references"], "none: an uploaded image has no reference captions") + "\n\n"
+            + _neighbours_text(r["similar_images"], settings.captions_per_neighbour))
+        return (status, r["query"], r["caption"], r["neighbours"], references, r["prompt"],
+                _timings_text(r["timings"]))
+
+    def on_caption_upload(upload, save, progress=gr.Progress()):
+        return on_caption(upload, save, progress)
+
+    def on_caption_index(index, save, progress=gr.Progress()):
+        if index is None:
+            return (_error_text(UserError("enter an experiment image index")),) + (None,) * (
+                caption_outputs_count - 1)
+        return on_caption(float(index), save, progress)
+
+    def on_search_image(upload, top, progress=gr.Progress()):
+        try:
+            r = search_image_tab(upload, top, settings, progress_of(progress))
+        except Exception as exc:  # noqa: BLE001
+            return _error_text(exc), None, None, None
+        return (f"{len(r['hits'])} of {r['indexed']} images in {r['source']} "
+                f"(`{r['model']}`)"), r["query"], r["hits"], r["rows"]
+
+    def on_search_text(query, top, progress=gr.Progress()):
+        try:
+            r = search_text_tab(query, top, settings, progress_of(progress))
+        except Exception as exc:  # noqa: BLE001
+            return _error_text(exc), None, None
+        return (f"{len(r['hits'])} of {r['indexed']} captioned images in {r['source']} "
+                f"(`{r['model']}`)"), r["hits"], r["rows"]
+
+    def on_run(run, page):
+        try:
+            r = runs_tab(run, settings, page or 1)
+        except Exception as exc:  # noqa: BLE001
+            return (_error_text(exc), None, gr.Image(value=None, visible=False), None, None,
+                    gr.Number(value=1))
+        return (r["header"], r["metrics"], gr.Image(value=r["ablation"],
+                                                    visible=r["ablation"] is not None),
+                r["rows"], r["gallery"],
+                gr.Number(value=r["page"], maximum=r["pages"],
+                          label=f"page (of {r['pages']})"))
+
+    def refresh_runs(current):
+        runs = list_runs(settings)
+        return gr.Dropdown(choices=runs, value=current if current in runs else
+                           (runs[0] if runs else None))
+
+    def first_run():
+        """On page load: the list of runs, and the newest one shown."""
+        runs = list_runs(settings)
+        if not runs:
+            empty = (f"No runs yet in `{Path(settings.results_dir) / 'runs'}`: make one with "
+                     "`python main.py --all` or `python main.py --indices 0-49`.")
+            return (gr.Dropdown(choices=[], value=None), empty, None,
+                    gr.Image(value=None, visible=False), None, None, gr.Number(value=1))
+        return (gr.Dropdown(choices=runs, value=runs[0]), *on_run(runs[0], 1))
+
+    models = dict(concurrency_id="models", concurrency_limit=1)
+    with gr.Blocks(title="Retrieval-augmented captioning", analytics_enabled=False) as page:
+        gr.Markdown(f"## Retrieval-augmented captioning\nCLIP `{settings.clip_model_name}` "
+                    f"finds similar images, their captions go into the prompt, VLM "
+                    f"`{settings.vlm_model_name}` writes the caption · memory in "
+                    f"`{settings.db_dir}`")
+        with gr.Tab("Caption", id="caption"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=280):
+                    upload = gr.File(label="Upload an image", file_types=["image"],
+                                     type="filepath", elem_id="caption-upload")
+                    go_upload = gr.Button("Caption the upload", variant="primary",
+                                          elem_id="caption-upload-button")
+                    index = gr.Number(label=f"… or an experiment image (0–{last_index})",
+                                      value=settings.experiment_image_index, precision=0,
+                                      minimum=0, maximum=last_index, elem_id="caption-index")
+                    go_index = gr.Button("Caption the experiment image",
+                                         elem_id="caption-index-button")
+                    save = gr.Checkbox(label="save to memory (appends the image and its caption "
+                                             "to the databases)", value=False,
+                                       elem_id="caption-save")
+                    query = gr.Image(label="Query", interactive=False, height=220,
+                                     elem_id="caption-query")
+                with gr.Column(scale=3):
+                    status = gr.Markdown("Upload an image or choose an experiment image.",
+                                         elem_id="caption-status")
+                    caption = gr.Textbox(label="Generated caption", interactive=False,
+                                         elem_id="caption-output")
+                    neighbours = gr.Gallery(label=f"Top-{k} neighbours (score · caption)",
+                                            columns=5, height=240, object_fit="contain",
+                                            fit_columns=False, elem_id="caption-neighbours")
+                    references = gr.Markdown(elem_id="caption-references")
+                    prompt = gr.Textbox(label="Prompt given to the VLM", lines=6,
+                                        interactive=False, elem_id="caption-prompt")
+                    timings = gr.Markdown(elem_id="caption-timings")
+            outputs = [status, query, caption, neighbours, references, prompt, timings]
+            go_upload.click(on_caption_upload, [upload, save], outputs, **models)
+            go_index.click(on_caption_index, [index, save], outputs, **models)
+
+        with gr.Tab("Search by image", id="search-image"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=280):
+                    image_query = gr.File(label="Upload an image", file_types=["image"],
+                                          type="filepath", elem_id="search-image-upload")
+                    image_k = gr.Slider(1, MAX_K, value=5, step=1, label="results",
+                                        elem_id="search-image-k")
+                    go_image = gr.Button("Search", variant="primary",
+                                         elem_id="search-image-button")
+                    image_shown = gr.Image(label="Query", interactive=False, height=220,
+                                           elem_id="search-image-query")
+                with gr.Column(scale=3):
+                    image_status = gr.Markdown("Images of the memory, most similar first "
+                                               "(cosine similarity of CLIP embeddings).",
+                                               elem_id="search-image-status")
+                    image_hits = gr.Gallery(label="Results (rank · score · image)", columns=5,
+                                            height=300, object_fit="contain", fit_columns=False,
+                                            elem_id="search-image-results")
+                    image_rows = gr.Dataframe(headers=["rank", "score", "image"],
+                                              interactive=False, elem_id="search-image-table")
+            go_image.click(on_search_image, [image_query, image_k],
+                           [image_status, image_shown, image_hits, image_rows], **models)
+
+        with gr.Tab("Search by text", id="search-text"):
+            with gr.Row():
+                text_query = gr.Textbox(label="Words", placeholder="a dog running through water",
+                                        scale=4, elem_id="search-text-query")
+                text_k = gr.Slider(1, MAX_K, value=5, step=1, label="results", scale=1,
+                                   elem_id="search-text-k")
+                go_text = gr.Button("Search", variant="primary", scale=1,
+                                    elem_id="search-text-button")
+            text_status = gr.Markdown("Images whose best caption matches the words; each "
+                                      "says whether a person or the VLM wrote it.",
+                                      elem_id="search-text-status")
+            text_hits = gr.Gallery(label="Results (rank · score · who: caption)", columns=5,
+                                   height=300, object_fit="contain", fit_columns=False,
+                                   elem_id="search-text-results")
+            text_rows = gr.Dataframe(headers=["rank", "score", "image", "caption by", "caption"],
+                                     interactive=False, wrap=True, elem_id="search-text-table")
+            for trigger in (go_text.click, text_query.submit):
+                trigger(on_search_text, [text_query, text_k], [text_status, text_hits, text_rows],
+                        **models)
+
+        with gr.Tab("Runs", id="runs"):
+            with gr.Row():
+                run = gr.Dropdown(choices=list_runs(settings), label="Run (RESULTS_DIR/runs)",
+                                  scale=3, elem_id="runs-choice")
+                refresh = gr.Button("Refresh list", scale=1)
+                run_page = gr.Number(value=1, precision=0, minimum=1, label="page", scale=1,
+                                     elem_id="runs-page")
+            run_header = gr.Markdown("Choose a run made with `python main.py --all` "
+                                     "or `--indices`.", elem_id="runs-header")
+            with gr.Row():
+                run_metrics = gr.Markdown(elem_id="runs-metrics")
+                ablation = gr.Image(label="Ablations (RESULTS_DIR/ablation.png)",
+                                    interactive=False, visible=False, elem_id="runs-ablation")
+            run_gallery = gr.Gallery(label="Generated vs reference captions", columns=6,
+                                     height=420, object_fit="contain", fit_columns=False,
+                                     elem_id="runs-gallery")
+            run_rows = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, wrap=True,
+                                    max_height=480, elem_id="runs-table",
+                                    column_widths=["5%", "15%", "7%", "29%", "34%", "5%", "5%"])
+            run_outputs = [run_header, run_metrics, ablation, run_rows, run_gallery, run_page]
+            run.input(lambda name: on_run(name, 1), run, run_outputs)
+            for trigger in (run_page.submit, run_page.input):
+                trigger(on_run, [run, run_page], run_outputs)
+            refresh.click(refresh_runs, run, run)
+        page.load(first_run, None, [run, *run_outputs])
+    return page
+
+
+def _theme():
+    import gradio as gr
+    # System fonts: the default theme would fetch web fonts, and the page works offline.
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "Helvetica", "Arial",
+                                   "sans-serif"],
+                             font_mono=["ui-monospace", "DejaVu Sans Mono", "monospace"])
+
+
+def _warm_up(settings: config.Settings) -> None:
+    """Load the data set, the models and the memory before the first request."""
+    try:
+        with MODEL_LOCK:
+            _system(settings)
+        log.info("models and memory loaded")
+    except Exception as exc:  # noqa: BLE001 - the page shows it again on first use
+        log.error("loading failed (the page will show this on first use): %s", exc)
+
+
+def serve(settings: config.Settings, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          preload: bool = True) -> None:
+    """Build the page and serve it until interrupted; no network use beyond `host`."""
+    for name, value in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_DISABLE_TELEMETRY", "1"),
+                        ("GRADIO_SHARE", "False")):
+        os.environ[name] = value
+    page = build_ui(settings)
+    if preload:
+        threading.Thread(target=_warm_up, args=(settings,), name="warm-up", daemon=True).start()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own requests to itself
+    page.queue(default_concurrency_limit=1)
+    try:
+        page.launch(server_name=host, server_port=port, share=False, inbrowser=False,
+                    show_error=False, ssr_mode=False, max_file_size=MAX_UPLOAD_BYTES,
+                    theme=_theme(), footer_links=[], mcp_server=False, pwa=False, quiet=True,
+                    prevent_thread_lock=True)
+    except OSError:
+        raise UserError(f"cannot listen on {host}:{port} (in use, or not an address of this "
+                        "machine): choose another --port or --host") from None
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    print(f"app.py: serving http://{shown}:{port}/ (Ctrl-C to stop)", flush=True)
+    page.block_thread()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = config.make_parser("app.py", __doc__.split("\n\n")[0] + "\n\n"
+                                + __doc__.split("\n\n")[1] + "\n\nEvery setting of config.py "
+                                "is a flag below (same as main.py).")
+    web = parser.add_argument_group("web server")
+    web.add_argument("--host", default=DEFAULT_HOST,
+                     help=f"address to listen on (default {DEFAULT_HOST}: this machine only; "
+                          "the page has no login, so think twice before 0.0.0.0)")
+    web.add_argument("--port", default=str(DEFAULT_PORT), metavar="N",
+                     help=f"port (default {DEFAULT_PORT})")
+    web.add_argument("--lazy", action="store_true",
+                     help="load models and memory on the first request, not at start")
+    try:
+        args, settings = config.parse_cli(parser, argv)
+        port = _whole_number(args.port, "--port", 1, 65535)
+    except UserError as exc:
+        print(f"app.py: error: {exc}", file=sys.stderr)
+        return 2
+    config.configure_logging(settings)
+    try:
+        serve(settings, args.host, port, preload=not args.lazy)
+    except (UserError, OSError) as exc:  # e.g. the port is taken
+        print(f"app.py: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1036 @@
+"""Baselines and ablations: every variant over the same experiment images, scored with the
+same metrics, in one table.
+
+    python -m bench.ablation                                  # every variant, first 50 images
+    python -m bench.ablation --indices 0-399                  # all 400 (hours on a CPU)
+    python -m bench.ablation --all --batch-size 8             # the same, every experiment image
+    python -m bench.ablation --variants baseline no-retrieval nn-copy k=1 k=3 --indices 0-49
+    python -m bench.ablation --list-variants                  # names and definitions
+    python -m bench.ablation --vlm-model-name HuggingFaceTB/SmolVLM-256M-Instruct --json
+
+Writes OUT_DIR/ablation.md (the machine, the settings, one table row per variant:
+BLEU-1, BLEU-4, METEOR, ROUGE-L, CIDEr-D, embedding similarity, verbatim copies,
+captions/s, s/caption), OUT_DIR/ablation.json (the raw numbers, and every variant's
+prompts, neighbours, captions and per-image scores) and OUT_DIR/ablation.png (grouped
+bars of CIDEr-D and BLEU-4 per variant). OUT_DIR is --out-dir, default RESULTS_DIR.
+The three files are rewritten after each variant, so a long run that stops early
+leaves the variants it finished (marked "in progress"). Every setting of config.py is
+a flag too (--top-k-similar, --vlm-model-name, --batch-size, ...), as in main.py.
+
+Variants (k = TOP_K_SIMILAR, cpn = CAPTIONS_PER_NEIGHBOUR, "training pool" = the
+database rows of kind "train", "the prompt" = prompt_generator.build_prompt with
+PROMPT_TEMPLATE / PROMPT_TEMPLATE_NO_CONTEXT, exactly as the pipeline builds it):
+
+    baseline            the pipeline: the k most similar images by CLIP image-image cosine
+                        (never the query itself), cpn human captions of each, most similar
+                        first. Memory: MEMORY ("auto" means frozen, as in batch runs).
+    no-retrieval        the VLM with the plain PROMPT_TEMPLATE_NO_CONTEXT (k = 0).
+    nn-copy             no VLM: the first human caption of the nearest training image
+                        (retrieval-only lower bound).
+    random-neighbours   k training images drawn at random (never the query; numpy
+                        default_rng seeded with RANDOM_SEED and the experiment index, so
+                        an image gets the same draw whichever subset is run), cpn captions
+                        each, in the order drawn: is it similarity that helps?
+    oracle-references   the image's own references minus one held out, in the prompt
+                        (upper-bound sanity check). Scoring: see below.
+    k=0, k=1, k=3, k=5, k=10
+                        baseline with that many neighbours (k=0 is no-retrieval).
+    cpn=1, cpn=all      baseline with 1 / every human caption of each neighbour.
+    memory=frozen       baseline retrieving from the training pool only.
+    memory=growing      the seed's growing memory, simulated in this process: the images
+                        are captioned in index order, and after each is captioned its CLIP
+                        embedding and generated caption join an in-memory copy of the
+                        training pool, so later images can retrieve it (with its generated
+                        caption, as the pipeline's captions_of gives it). It starts from the
+                        training pool, not from experiments stored in the database. Images
+                        share a generate call only while none of them retrieves another of
+                        the same batch: the batch is cut just before such an image, so every
+                        image sees exactly the memory a one-at-a-time run would give it.
+    image-to-caption    SmallCap's retrieval: all training captions ranked by CLIP
+                        image-text cosine (the query's CLIP image embedding against each
+                        caption's CLIP text embedding, both L2-normalised), the top k x cpn
+                        in the prompt (one per line, most similar first; captions of the
+                        query image itself excluded). The training captions are embedded
+                        once per run with CLIP's text tower (not cached on disk).
+    sample-k            k of the 2k most similar images sampled at random (default_rng
+                        seeded with RANDOM_SEED and the experiment index), kept in
+                        similarity order, cpn captions each (reported to reduce copying of
+                        tokens most retrieved captions share).
+
+Variants whose resolved definition is identical (k=5 when TOP_K_SIMILAR is 5,
+memory=frozen, k=0 and no-retrieval) are run once; the other rows say "= <variant>"
+and repeat its numbers and time. Generation is deterministic (greedy, or sampling
+seeded per generate call), so a second run would give the same captions.
+
+Scoring: metrics.evaluate_captions (COCO caption evaluation, pycocoevalcap) on the
+same experiment images for every variant, each generated caption against all of its
+image's human references (5 in Flickr8K), corpus scores; embedding similarity is
+the cosine to the best reference with CAPTION_EMBEDDING_MODEL. CIDEr-D takes its
+idf from the references of the images evaluated together, so only rows over the same
+images compare. A caption that failed (empty, or generation raised) is not scored:
+the "images" column counts the scored ones and the failures are listed. A metric
+that could not be computed shows "—" with the reason from metrics' "skipped".
+"copies" is the share of captions that repeat one of the captions in their prompt
+verbatim (after lowercasing and punctuation removal).
+
+Oracle scheme: prompting with references 1..4 and scoring against all 5 would score
+the VLM partly against text it was shown, so the oracle holds out reference number
+(experiment index mod 5) -- spreading the held-out position over the images -- puts
+the other 4 in the prompt and scores the caption against the held-out reference
+only. One reference gives lower BLEU/CIDEr-D than five, so the row is not comparable
+with the others as is; when baseline runs too, its captions are also scored against
+the same held-out references, and the table's footnote gives both numbers.
+
+Time: each row's captions/s and s/caption are the wall time of the variant's own
+work (retrieval, prompt, generation; for growing memory also the memory updates),
+not of scoring. Work shared by all variants is done once, reported separately and
+not in any row: reading the images, one CLIP embedding pass over them, and for
+image-to-caption the CLIP text embedding of the training captions. Models are
+loaded once (pipeline._image_embedder/_caption_embedder/_captioner) for the whole grid.
+
+Nothing is written to DB_DIR or to RESULTS_DIR/experiment_*: the data set and the
+training-pool memory come from pipeline.initialize_system (which seeds DB_DIR on a
+first run, as any command would) and are only read.
+
+Only numbers from the real pretrained checkpoints mean anything. The test suite runs
+this harness on tiny random-weight models and a generated data set: their numbers
+are meaningless and only show that the mechanics work. With the real weights in the
+Hugging Face cache: `python -m bench.ablation --indices 0-399` (hours on a CPU;
+`--vlm-image-longest-edge 384` or a smaller VLM is much faster).
+
+Exit status: 0 when every caption of every variant was made; 1 when some failed
+(the files are still written, with the failures listed) or on an error a user can
+fix (one `ablation: error:` line); 2 for a bad option, variant name or index spec;
+130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import config  # noqa: E402
+import main as pipeline  # noqa: E402  (cheap: it imports torch only when a model is needed)
+from errors import UserError  # noqa: E402
+
+log = logging.getLogger("ablation")
+
+PROG = "python -m bench.ablation"
+DEFAULT_IMAGES = 50               # default subset: the first 50 experiment images
+ALL = "all"                       # captions per neighbour: every caption
+MD_NAME, JSON_NAME, PNG_NAME = "ablation.md", "ablation.json", "ablation.png"
+REAL_COMMAND = "python -m bench.ablation --indices 0-399"
+TABLE_METRICS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+CHART_METRICS = ("CIDEr-D", "BLEU-4")
+# Salts of the per-image random streams, so two variants never share a draw.
+_SALT = {"random": 1, "sample": 2}
+
+
+# --- the variants ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Variant:
+    """A named variant. None means "the setting's value" (TOP_K_SIMILAR, ...)."""
+
+    name: str
+    context: str                       # image | none | nn-copy | random | oracle | caption | sample
+    description: str
+    k: int | None = None               # neighbours; None: TOP_K_SIMILAR
+    per_neighbour: int | str | None = None   # captions per neighbour; None: CAPTIONS_PER_NEIGHBOUR
+    memory: str | None = None          # frozen | growing; None: MEMORY (auto -> frozen)
+
+
+def _k_variant(k: int) -> Variant:
+    return Variant(f"k={k}", "image", f"baseline with k={k} neighbours"
+                   + (" (the plain prompt, as no-retrieval)" if k == 0 else ""), k=k)
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("baseline", "image",
+            "the pipeline: k nearest images by CLIP image-image cosine, cpn human captions "
+            "of each in the prompt"),
+    Variant("no-retrieval", "none", "the VLM with the plain describe-the-image prompt "
+                                    "(PROMPT_TEMPLATE_NO_CONTEXT, k=0)", k=0),
+    Variant("nn-copy", "nn-copy", "no VLM: the first caption of the nearest training image "
+                                  "(retrieval-only lower bound)", k=1),
+    Variant("random-neighbours", "random",
+            "k random training images (seeded; never the query), cpn captions each"),
+    Variant("oracle-references", "oracle",
+            "the image's own references minus one held out (number index mod 5) in the "
+            "prompt; scored against the held-out one (upper-bound sanity check)"),
+    *(_k_variant(k) for k in (0, 1, 3, 5, 10)),
+    Variant("cpn=1", "image", "baseline with 1 caption per neighbour", per_neighbour=1),
+    Variant("cpn=all", "image", "baseline with every caption of each neighbour",
+            per_neighbour=ALL),
+    Variant("memory=frozen", "image", "baseline retrieving from the training pool only",
+            memory="frozen"),
+    Variant("memory=growing", "image",
+            "baseline with the growing memory: earlier images of this variant (index order) "
+            "join the memory with their generated captions (simulated in memory)",
+            memory="growing"),
+    Variant("image-to-caption", "caption",
+            "SmallCap-style: the k x cpn training captions nearest to the image by CLIP "
+            "image-text cosine (the query's own captions excluded)"),
+    Variant("sample-k", "sample",
+            "k of the 2k nearest images sampled at random (seeded), in similarity order, "
+            "cpn captions each"),
+)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A variant resolved against the settings: what it does, exactly."""
+
+    name: str
+    context: str
+    k: int | None
+    per_neighbour: int | str | None
+    memory: str | None
+
+    @property
+    def signature(self) -> tuple:
+        """Equal for variants that make the same captions."""
+        return (self.context, self.k, self.per_neighbour, self.memory)
+
+    @property
+    def uses_vlm(self) -> bool:
+        return self.context != "nn-copy"
+
+    def definition(self) -> dict[str, Any]:
+        return {"context": self.context, "k": self.k, "captions_per_neighbour": self.per_neighbour,
+                "memory": self.memory}
+
+    def summary(self) -> str:
+        """The resolved definition in a few words, for the report."""
+        cpn = "every caption" if self.per_neighbour == ALL else (
+            f"{self.per_neighbour} caption{'s' if self.per_neighbour != 1 else ''}")
+        return {
+            "none": "plain prompt, no retrieval",
+            "nn-copy": "nearest training image's first caption, no VLM",
+            "oracle": "own references minus the held-out one; scored against the held-out one",
+            "image": f"image→image, k={self.k}, {cpn} per neighbour, {self.memory} memory",
+            "sample": f"image→image, {self.k} sampled from the top {2 * (self.k or 0)}, {cpn} "
+                      f"per neighbour, {self.memory} memory",
+            "random": f"{self.k} random training images, {cpn} per neighbour",
+            "caption": f"image→caption (CLIP text), top {self.k} captions",
+        }[self.context]
+
+
+def resolve_plan(variant: Variant, settings: config.Settings) -> Plan:
+    """The variant with the settings filled in; the fields that do not matter are None."""
+    k = settings.top_k_similar if variant.k is None else variant.k
+    cpn = (settings.captions_per_neighbour if variant.per_neighbour is None
+           else variant.per_neighbour)
+    memory = variant.memory or ("growing" if settings.memory == "growing" else "frozen")
+    context = variant.context
+    if context in ("image", "sample", "random", "caption") and (k == 0 or cpn == 0):
+        context = "none"  # no captions to show: build_prompt gives the plain prompt
+    if context == "none":
+        return Plan(variant.name, "none", 0, None, None)
+    if context == "nn-copy":
+        return Plan(variant.name, "nn-copy", 1, None, "frozen")
+    if context == "oracle":
+        return Plan(variant.name, "oracle", None, None, None)
+    if context == "random":
+        return Plan(variant.name, "random", k, cpn, "frozen")
+    if context == "caption":  # k x cpn captions, one per line
+        return Plan(variant.name, "caption", k * (cpn if cpn != ALL else 5), None, "frozen")
+    return Plan(variant.name, context, k, cpn, memory)
+
+
+def select_variants(names: Sequence[str] | None) -> list[str]:
+    """Variant names (commas allowed, "all" = every variant), checked, in registry order."""
+    if not names:
+        return list(VARIANTS)
+    wanted: list[str] = []
+    for raw in names:
+        for name in (n.strip() for n in str(raw).split(",")):
+            if not name:
+                continue
+            if name.lower() == "all":
+                wanted.extend(VARIANTS)
+                continue
+            if name not in VARIANTS:
+                lower = {v.lower(): v for v in VARIANTS}
+                if name.lower() in lower:
+                    name = lower[name.lower()]
+                else:
+                    match = difflib.get_close_matches(name, list(VARIANTS), n=1, cutoff=0.4)
+                    hint = (f"; did you mean {match[0]!r}?" if match else
+                            f"; choose from {', '.join(VARIANTS)}")
+                    raise UserError(f"unknown variant {name!r}{hint}")
+            wanted.append(name)
+    if not wanted:
+        raise UserError(f"--variants is empty; choose from {', '.join(VARIANTS)}")
+    chosen = set(wanted)
+    return [name for name in VARIANTS if name in chosen]
+
+
+def default_indices(samples: int) -> list[int]:
+    return list(range(min(DEFAULT_IMAGES, samples)))
+
+
+def indices_spec(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    parts: list[str] = []
+    run: list[int] = []
+    for i in indices:
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [i]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
+
+
+# --- the shared work: data, models, query images, training pool ---------------------------
+
+@dataclass
+class Query:
+    index: int            # experiment index
+    sample: Any           # dataset_loader.Sample
+    image: Any            # PIL image
+    vector: Any           # CLIP image embedding (D,)
+
+
+class Memory:
+    """An in-memory copy of the image memory: training rows, plus (growing memory)
+    experiment images as they are captioned. Never written anywhere."""
+
+    def __init__(self, ids: Sequence[str], vectors, captions_of: Callable[[str], list[str]],
+                 extra: int = 0):
+        import numpy as np
+        n, dim = vectors.shape
+        self._matrix = np.empty((n + extra, dim), dtype=np.float32)
+        self._matrix[:n] = vectors
+        self.ids: list[str] = list(ids)
+        self._captions_of = captions_of
+        self.generated: dict[str, str] = {}
+        self.pending: dict[str, None] = {}    # added for retrieval, caption not made yet
+
+    def search(self, query, k: int, exclude: set[str]):
+        from similarity_search import top_k
+        return top_k(query, self._matrix[:len(self.ids)], self.ids, k, exclude=exclude)
+
+    def captions_of(self, image_id: str) -> list[str]:
+        if image_id in self.generated:
+            return [self.generated[image_id]]
+        return self._captions_of(image_id)
+
+    def add_pending(self, image_id: str, vector) -> None:
+        self._matrix[len(self.ids)] = vector
+        self.ids.append(image_id)
+        self.pending[image_id] = None
+
+    def commit(self, captions: dict[str, str | None]) -> None:
+        """Pending images get their caption; the ones whose caption failed leave the memory
+        (the pipeline saves nothing for a failed image)."""
+        import numpy as np
+        failed = {i for i in self.pending if not captions.get(i)}
+        for image_id in self.pending:
+            if image_id not in failed:
+                self.generated[image_id] = captions[image_id]
+        self.pending = {}
+        if failed:
+            keep = np.array([i not in failed for i in self.ids])
+            rows = len(self.ids)
+            self._matrix[:int(keep.sum())] = self._matrix[:rows][keep]
+            self.ids = [i for i in self.ids if i not in failed]
+
+
+class _Shared:
+    """What every variant uses: settings, data, models, the queries and the training pool."""
+
+    def __init__(self, settings: config.Settings, overrides: dict[str, Any],
+                 indices: Sequence[int], progress: bool = False):
+        import numpy as np
+
+
+        self.settings = settings
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+        self.dataset, self.db = pipeline.initialize_system(**overrides)
+        self.image_embedder = pipeline._image_embedder(settings)
+        self.caption_embedder = pipeline._caption_embedder(settings)
+        self.captioner = pipeline._captioner(settings)
+        # the resolved device and dtype, for the report
+        self.device = tuple(str(x).replace("torch.", "") for x in pipeline._device(settings))
+
+        start = time.perf_counter()
+        self.queries: list[Query] = []
+        self.unreadable: list[dict[str, Any]] = []
+        images = []
+        for index in indices:
+            sample = self.dataset.experiment_sample(index)
+            try:
+                images.append((index, sample, self.dataset.load_image(sample)))
+            except UserError as exc:   # the same images for every variant: leave it out of all
+                log.warning("experiment %d (%s) left out: %s", index, sample.image_id, exc)
+                self.unreadable.append({"experiment_index": index, "image_id": sample.image_id,
+                                        "error": str(exc)})
+        self.seconds["load_images"] = time.perf_counter() - start
+        if not images:
+            raise UserError("none of the chosen experiment images could be read")
+        start = time.perf_counter()
+        vectors = self.image_embedder.embed([image for _, _, image in images])
+        self.seconds["embed_images"] = time.perf_counter() - start
+        self.queries = [Query(i, s, im, v) for (i, s, im), v in zip(images, vectors)]
+
+        kinds = np.asarray(self.db.image_kinds)
+        train = np.flatnonzero(kinds == "train")
+        if not len(train):
+            raise UserError(f"the memory in {settings.db_dir} has no training images")
+        self.train_ids = [self.db.image_ids[n] for n in train]
+        self.train_vectors = np.asarray(self.db.image_vectors[train], dtype=np.float32)
+        self._caption_index = None
+
+    def memory(self, growing: bool) -> Memory:
+        return Memory(self.train_ids, self.train_vectors, self.db.captions_of,
+                      extra=len(self.queries) if growing else 0)
+
+    def caption_index(self):
+        """(row ids, caption texts, CLIP text embeddings, rows of each image) of every
+        training caption; embedded on first use, once per run."""
+        if self._caption_index is None:
+            start = time.perf_counter()
+            row_ids, texts, rows_of = [], [], {}
+            for image_id in self.train_ids:
+                for n, text in enumerate(self.db.captions_of(image_id)):
+                    rows_of.setdefault(image_id, set()).add(f"{image_id}#{n}")
+                    row_ids.append(f"{image_id}#{n}")
+                    texts.append(text)
+            log.info("embedding %d training captions with the CLIP text tower of %s",
+                     len(texts), self.settings.clip_model_name)
+            vectors = clip_text_embeddings(self.image_embedder, texts, self.settings.batch_size,
+                                           progress=self.progress)
+            self._caption_index = (row_ids, dict(zip(row_ids, texts)), vectors, rows_of)
+            self.seconds["embed_training_captions"] = time.perf_counter() - start
+        return self._caption_index
+
+
+def clip_text_embeddings(image_embedder, texts: Sequence[str], batch_size: int,
+                         progress: bool = False):
+    """(N, D) L2-normalised CLIP/SigLIP text embeddings of `texts`, from the text tower
+    of the model `image_embedder` already holds (same space as its image embeddings)."""
+    import numpy as np
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+
+    from errors import hf_token, hub_errors
+    from image_embedder import l2_normalise
+
+    model = image_embedder.model
+    if not hasattr(model, "get_text_features"):
+        raise UserError(f"image-to-caption needs a CLIP-like model with a text tower; "
+                        f"{image_embedder.name!r} ({type(model).__name__}) has none "
+                        "(set --clip-model-name to a CLIP or SigLIP checkpoint)")
+    with hub_errors("CLIP tokenizer", image_embedder.name, "--clip-model-name"):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(image_embedder.name,
+                                                               token=hf_token())
+    text_config = getattr(model.config, "text_config", None)
+    limit = getattr(text_config, "max_position_embeddings", None) or 77
+    max_length = min(int(tokenizer.model_max_length), int(limit))
+    siglip = "siglip" in str(getattr(model.config, "model_type", ""))
+    chunks = []
+    bar = tqdm(total=len(texts), desc="embedding captions (CLIP text)", unit="caption",
+               disable=not progress)
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = list(texts[start:start + batch_size])
+            encoded = tokenizer(batch, padding="max_length" if siglip else True, truncation=True,
+                                max_length=max_length, return_tensors="pt")
+            encoded = {k: v.to(image_embedder.device) for k, v in encoded.items()}
+            out = model.get_text_features(**encoded)
+            # transformers 5.x returns an output object; 4.x returned the tensor itself
+            if not isinstance(out, torch.Tensor):
+                out = (out.pooler_output if getattr(out, "pooler_output", None) is not None
+                       else out[0])
+            chunks.append(out.float().cpu().numpy().reshape(len(batch), -1))
+            bar.update(len(batch))
+    bar.close()
+    if not chunks:
+        return np.zeros((0, image_embedder.dim), dtype=np.float32)
+    return l2_normalise(np.concatenate(chunks))
+
+
+# --- running one variant ------------------------------------------------------------------
+
+def _neighbour(n, captions: list[str] | None = None) -> dict[str, Any]:
+    record = {"rank": n.rank, "image_id": n.image_id, "score": round(float(n.score), 6)}
+    if captions is not None:
+        record["caption"] = captions[0]
+    return record
+
+
+def _per(per_neighbour: int | str | None) -> int:
+    return sys.maxsize if per_neighbour == ALL else int(per_neighbour or 0)
+
+
+def _rng(settings: config.Settings, kind: str, index: int):
+    import numpy as np
+    return np.random.default_rng([settings.random_seed, _SALT[kind], index])
+
+
+def _context(plan: Plan, query: Query, shared: _Shared, memory: Memory | None
+             ) -> dict[str, Any]:
+    """What goes into one image's prompt: "neighbours" (records for the report),
+    "captions" (one list per neighbour, for build_prompt), "per_neighbour", the
+    "references" to score against, and "candidates" (the memory rows it looked at)."""
+    image_id = query.sample.image_id
+    references = list(query.sample.captions)
+    context: dict[str, Any] = {"neighbours": [], "captions": [], "per_neighbour": 0,
+                               "references": references, "candidates": []}
+    if plan.context == "none":
+        return context
+    if plan.context == "oracle":
+        if len(references) >= 2:      # else nothing is left to show once one is held out
+            held = query.index % len(references)
+            shown = references[:held] + references[held + 1:]
+            context.update(captions=[shown], per_neighbour=len(shown),
+                           references=[references[held]], held_out_reference=held)
+        return context
+    if plan.context == "random":
+        pool = [n for n, i in enumerate(shared.train_ids) if i != image_id]
+        rows = _rng(shared.settings, "random", query.index).choice(
+            len(pool), size=min(plan.k, len(pool)), replace=False)
+        neighbours = [{"rank": r + 1, "image_id": shared.train_ids[pool[n]],
+                       "score": round(float(shared.train_vectors[pool[n]] @ query.vector), 6)}
+                      for r, n in enumerate(rows)]
+        context.update(neighbours=neighbours, per_neighbour=_per(plan.per_neighbour),
+                       captions=[shared.db.captions_of(n["image_id"]) for n in neighbours])
+        return context
+    if plan.context == "caption":
+        from similarity_search import top_k
+        row_ids, text_of, vectors, rows_of = shared.caption_index()
+        found = top_k(query.vector, vectors, row_ids, plan.k,
+                      exclude=rows_of.get(image_id, set()))
+        neighbours = [{"rank": n.rank, "image_id": n.image_id.rsplit("#", 1)[0],
+                       "caption": text_of[n.image_id], "score": round(float(n.score), 6)}
+                      for n in found]
+        context.update(neighbours=neighbours, captions=[[n["caption"]] for n in neighbours],
+                       per_neighbour=1)
+        return context
+    # image -> image: the pipeline's retrieval, or sample-k on top of it
+    wanted = 2 * plan.k if plan.context == "sample" else plan.k
+    found = memory.search(query.vector, wanted, exclude={image_id})
+    context["candidates"] = [n.image_id for n in found]
+    if plan.context == "sample" and len(found) > plan.k:
+        picked = _rng(shared.settings, "sample", query.index).choice(
+            len(found), size=plan.k, replace=False)
+        found = [found[n] for n in sorted(picked)]     # similarity order kept
+    neighbours = [_neighbour(n) for n in found]
+    if plan.memory == "growing":
+        for record in neighbours:
+            record["generated"] = record["image_id"] in memory.generated
+    context.update(neighbours=neighbours, per_neighbour=_per(plan.per_neighbour),
+                   captions=[memory.captions_of(n.image_id) for n in found])
+    return context
+
+
+def run_variant(plan: Plan, shared: _Shared, progress: bool = False) -> dict[str, Any]:
+    """Captions of every query for one variant, with the time its own work took."""
+    from tqdm.auto import tqdm
+
+    from prompt_generator import build_prompt, select_captions
+
+    settings = shared.settings
+    items: list[dict[str, Any]] = []
+    bar = tqdm(total=len(shared.queries), desc=plan.name, unit="img", disable=not progress)
+    calls = 0
+    start = time.perf_counter()
+    if plan.context == "nn-copy":
+        memory = shared.memory(growing=False)
+        for query in shared.queries:
+            found = memory.search(query.vector, 1, exclude={query.sample.image_id})
+            captions = memory.captions_of(found[0].image_id) if found else []
+            item = {"experiment_index": query.index, "image_id": query.sample.image_id,
+                    "prompt": None, "neighbours": [_neighbour(n, captions) for n in found],
+                    "references": list(query.sample.captions),
+                    "caption": captions[0] if captions else None}
+            if not captions:
+                item["error"] = "the nearest training image has no caption"
+            items.append(item)
+            bar.update()
+    else:
+        growing = plan.memory == "growing"
+        memory = shared.memory(growing) if plan.context in ("image", "sample") else None
+        batch: list[tuple[Query, dict[str, Any]]] = []
+
+        def flush() -> None:
+            nonlocal calls
+            if not batch:
+                return
+            captions = pipeline.generate_captions(shared.captioner, [q.image for q, _ in batch],
+                                 [item["prompt"] for _, item in batch])
+            calls += 1
+            made: dict[str, str | None] = {}
+            for (query, item), caption in zip(batch, captions):
+                ok = isinstance(caption, str)
+                item["caption"] = caption if ok else None
+                if not ok:
+                    item["error"] = str(caption)
+                    log.warning("%s: experiment %d (%s) failed: %s", plan.name, query.index,
+                                query.sample.image_id, caption)
+                items.append(item)
+                made[query.sample.image_id] = caption if ok else None
+            if growing:
+                memory.commit(made)
+            bar.update(len(batch))
+            batch.clear()
+
+        for query in shared.queries:
+            context = _context(plan, query, shared, memory)
+            if growing and memory.pending and any(i in memory.pending
+                                                  for i in context["candidates"]):
+                flush()   # it retrieves an image of this batch: caption that one first
+                context = _context(plan, query, shared, memory)
+            prompt = build_prompt(context["captions"], settings.prompt_template,
+                                  settings.prompt_template_no_context, context["per_neighbour"])
+            item = {"experiment_index": query.index, "image_id": query.sample.image_id,
+                    "prompt": prompt,
+                    "prompt_captions": select_captions(context["captions"],
+                                                       context["per_neighbour"]),
+                    "neighbours": context["neighbours"], "references": context["references"]}
+            if "held_out_reference" in context:
+                item["held_out_reference"] = context["held_out_reference"]
+            batch.append((query, item))
+            if growing:
+                memory.add_pending(query.sample.image_id, query.vector)
+            if len(batch) >= settings.batch_size:
+                flush()
+        flush()
+    seconds = time.perf_counter() - start
+    bar.close()
+    made = sum(1 for i in items if i["caption"])
+    return {"items": items, "seconds": round(seconds, 4), "generate_calls": calls,
+            "captions": made, "failed": len(items) - made,
+            "captions_per_second": round(made / seconds, 4) if made and seconds > 0 else None,
+            "seconds_per_caption": round(seconds / made, 4) if made else None}
+
+
+# --- scoring ------------------------------------------------------------------------------
+
+def score(items: Sequence[dict[str, Any]], caption_embedder, references_key: str = "references"
+          ) -> dict[str, Any]:
+    """metrics.evaluate_captions over the items that have a caption."""
+    import metrics
+    ok = [i for i in items if i.get("caption")]
+    return metrics.evaluate_captions(
+        {str(i["experiment_index"]): i["caption"] for i in ok},
+        {str(i["experiment_index"]): i[references_key] for i in ok},
+        caption_embedder=caption_embedder)
+
+
+def copied_prompt_caption(items: Sequence[dict[str, Any]]) -> float | None:
+    """Share of captions that repeat a caption of their own prompt verbatim (lowercased,
+    punctuation removed); None when no item had captions in its prompt."""
+    from metrics import fallback_tokenize
+    scored, copied = 0, 0
+    for item in items:
+        shown, caption = item.get("prompt_captions"), item.get("caption")
+        if not shown or not caption:
+            continue
+        scored += 1
+        copied += fallback_tokenize(caption) in {fallback_tokenize(c) for c in shown}
+    return copied / scored if scored else None
+
+
+def _metrics_record(result: dict[str, Any]) -> dict[str, Any]:
+    """The corpus part of an evaluate_captions result (per-image scores go to the items)."""
+    return {k: v for k, v in result.items() if k != "per_image"}
+
+
+# --- the run ------------------------------------------------------------------------------
+
+def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] | None = None,
+                 out_dir: str | os.PathLike | None = None, progress: bool = False,
+                 **overrides: Any) -> dict[str, Any]:
+    """Run the variants over the experiment images `indices` and write ablation.md,
+    ablation.json and ablation.png to `out_dir` (default RESULTS_DIR).
+
+    `variants`: names of VARIANTS (default all); `indices`: experiment indices (default
+    the first 50); keyword arguments override settings as in pipeline.initialize_system.
+    Returns the report (the content of ablation.json, plus "files").
+    """
+    from batch_runner import parse_indices
+
+    settings = config.resolve(**overrides)
+    names = select_variants(variants)
+    if indices is None:
+        indices = default_indices(settings.experiment_samples)
+    if not indices:
+        raise UserError("no experiment images chosen")
+    # checked like --indices; index order (the growing memory depends on it)
+    indices = sorted(parse_indices(",".join(str(int(i)) for i in indices),
+                                   settings.experiment_samples))
+    out = Path(settings.results_dir if out_dir is None else out_dir).expanduser()
+    pipeline.check_writable(out)
+    plans = [resolve_plan(VARIANTS[n], settings) for n in names]
+
+    overall = time.perf_counter()
+    shared = _Shared(settings, {k.lower(): v for k, v in settings.as_dict().items()}, indices,
+                     progress)
+    report = _new_report(settings, shared, names, indices)
+    files = {"md": out / MD_NAME, "json": out / JSON_NAME, "png": out / PNG_NAME}
+    done: dict[tuple, dict[str, Any]] = {}
+    for n, plan in enumerate(plans, start=1):
+        same = done.get(plan.signature)
+        if same is not None:
+            record = copy.deepcopy(same)
+            record.update(name=plan.name, description=VARIANTS[plan.name].description,
+                          same_as=same["name"])
+            log.info("variant %s (%d/%d) is the same as %s: not run again", plan.name, n,
+                     len(plans), same["name"])
+        else:
+            log.info("variant %s (%d/%d): %s", plan.name, n, len(plans), plan.summary())
+            if plan.context == "caption":
+                shared.caption_index()   # shared, once: not in the variant's own time
+            record = {"name": plan.name, "description": VARIANTS[plan.name].description,
+                      "definition": plan.definition(), "summary": plan.summary(),
+                      "same_as": None, **run_variant(plan, shared, progress)}
+            result = score(record["items"], shared.caption_embedder)
+            per_image = result.get("per_image", {})
+            for item in record["items"]:
+                item["metrics"] = per_image.get(str(item["experiment_index"]), {})
+            record["metrics"] = _metrics_record(result)
+            record["images"] = result.get("images", 0)
+            record["copied_prompt_caption"] = copied_prompt_caption(record["items"])
+            done[plan.signature] = record
+            log.info("variant %s: %d captions in %.1f s; %s", plan.name, record["captions"],
+                     record["seconds"], ", ".join(f"{m} {record['metrics'][m]:.4f}"
+                                                  for m in CHART_METRICS if m in record["metrics"]))
+        report["variants"].append(record)
+        report["shared_seconds"] = {k: round(v, 4) for k, v in shared.seconds.items()}
+        report["total_seconds"] = round(time.perf_counter() - overall, 2)
+        if plan.context == "oracle" or (plan.name == "baseline" and
+                                        any(p.context == "oracle" for p in plans)):
+            report["oracle_comparison"] = _oracle_comparison(report, shared.caption_embedder)
+        write_outputs(report, files)
+    report["complete"] = True
+    report["total_seconds"] = round(time.perf_counter() - overall, 2)
+    write_outputs(report, files)
+    report["files"] = {k: str(v) for k, v in files.items()}
+    return report
+
+
+def _new_report(settings: config.Settings, shared: _Shared, names: list[str],
+                indices: list[int]) -> dict[str, Any]:
+
+    from bench.common import machine_info
+    versions = pipeline._versions()
+    return {
+        "title": "Baselines and ablations (bench/ablation.py)",
+        "machine": machine_info(),
+        "versions": versions,
+        "settings": {k.lower(): v for k, v in settings.as_dict().items()},
+        "device": shared.device[0], "dtype": shared.device[1],
+        "models": {"vlm": shared.captioner.name, "clip": shared.image_embedder.name,
+                   "caption_embedding": shared.caption_embedder.name},
+        "data": {"dataset": settings.dataset_name,
+                 "experiment_images": len(shared.dataset.experiment),
+                 "training_images": len(shared.train_ids)},
+        "variants_requested": names,
+        "indices": [q.index for q in shared.queries],
+        "indices_requested": indices_spec(indices),
+        "image_ids": [q.sample.image_id for q in shared.queries],
+        "unreadable_images": shared.unreadable,
+        "shared_seconds": {},
+        "total_seconds": None,
+        "complete": False,
+        "oracle_comparison": None,
+        "variants": [],
+    }
+
+
+def _oracle_comparison(report: dict[str, Any], caption_embedder) -> dict[str, Any] | None:
+    """Baseline's captions scored the oracle's way (against the held-out reference), so the
+    oracle row has a like-for-like partner."""
+    rows = {v["name"]: v for v in report["variants"]}
+    oracle, baseline = rows.get("oracle-references"), rows.get("baseline")
+    if oracle is None or baseline is None:
+        return None
+    held = {i["experiment_index"]: i["references"] for i in oracle["items"]}
+    items = [{**i, "held_out": held[i["experiment_index"]]} for i in baseline["items"]
+             if i["experiment_index"] in held]
+    result = score(items, caption_embedder, references_key="held_out")
+    return {"baseline_against_held_out_reference": _metrics_record(result)}
+
+
+# --- output -------------------------------------------------------------------------------
+
+_SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_rate(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """ablation.md: the machine, the settings, the table, its footnotes, the definitions."""
+    s = report["settings"]
+    notes: list[str] = []
+
+    def note(text: str) -> str:
+        if text not in notes:
+            notes.append(text)
+        return str(notes.index(text) + 1).translate(_SUPERSCRIPT)
+
+    variants = report["variants"]
+    done = len(variants)
+    wanted = len(report["variants_requested"])
+    shared = report.get("shared_seconds", {})
+    images = len(report["indices"])
+    lines = [f"# {report['title']}", "", report["machine"], ""]
+    if not report.get("complete"):
+        lines += [f"**In progress: {done} of {wanted} variants finished.**", ""]
+    generation = ("greedy" if not s["do_sample"] else f"sampling at temperature {s['temperature']}"
+                  ) + f", max_new_tokens {s['max_new_tokens']}, num_beams {s['num_beams']}"
+    edge = s["vlm_image_longest_edge"] or "the checkpoint's default"
+    unreadable = report.get("unreadable_images") or []
+    lines += [
+        f"- VLM `{report['models']['vlm']}`, CLIP `{report['models']['clip']}`, caption "
+        f"embedder `{report['models']['caption_embedding']}` (embedding similarity).",
+        f"- Data set `{s['dataset_name']}`: {report['data']['experiment_images']} experiment "
+        f"images (seed {s['random_seed']}), {report['data']['training_images']} training images "
+        f"in the memory.",
+        f"- Images: {images} experiment images, indices {indices_spec(report['indices'])}"
+        + (f" ({len(unreadable)} unreadable left out of every variant: "
+           + ", ".join(f"{u['experiment_index']}" for u in unreadable) + ")" if unreadable else "")
+        + ".",
+        f"- TOP_K_SIMILAR {s['top_k_similar']}, CAPTIONS_PER_NEIGHBOUR "
+        f"{s['captions_per_neighbour']}, MEMORY {s['memory']} (image→image variants other "
+        f"than memory=*: {'growing' if s['memory'] == 'growing' else 'frozen'}); "
+        f"generation {generation}; VLM "
+        f"image longest edge {edge}; batch size {s['batch_size']}; device {report['device']}"
+        + (f" ({report['dtype']})" if report.get("dtype") else "") + ".",
+        "- Shared work, done once and in no row's time: reading the images "
+        f"{shared.get('load_images', 0):.1f} s, CLIP image embedding of the {images} images "
+        f"{shared.get('embed_images', 0):.1f} s"
+        + (f", CLIP text embedding of the training captions (image-to-caption) "
+           f"{shared['embed_training_captions']:.1f} s" if "embed_training_captions" in shared
+           else "")
+        + f"; total wall time {report.get('total_seconds') or 0:.0f} s including scoring.",
+        "",
+        "> Only numbers from the real pretrained checkpoints mean anything. Numbers from "
+        "random-weight models (such as the tiny models of the test suite) are meaningless: "
+        "they only show that the harness works. With the real weights in the Hugging Face "
+        f"cache, run `{REAL_COMMAND}` (hours on a CPU).",
+        "",
+    ]
+    header = ["variant", "images", *TABLE_METRICS, "embedding similarity", "copies",
+              "captions/s", "s/caption"]
+    rows = []
+    for v in variants:
+        m = v["metrics"]
+        skipped = m.get("skipped") or {}
+        name = v["name"]
+        if v.get("same_as"):
+            name += f" (= {v['same_as']})"
+        if v["definition"]["context"] == "oracle":
+            name += " " + note(_oracle_note(report))
+        cells = [name, str(v["images"]) + (" " + note(
+            f"{v['name']}: {v['failed']} caption(s) failed: " + "; ".join(
+                f"{i['experiment_index']}: {i['error']}" for i in v["items"] if i.get("error")))
+            if v["failed"] else "")]
+        for metric in TABLE_METRICS:
+            if metric in m:
+                cells.append(_fmt(m[metric]))
+            else:
+                reason = skipped.get(metric, "not computed")
+                cells.append("— " + note(f"{metric}: {reason}"))
+        emb = m.get("embedding_similarity")
+        cells.append(_fmt(emb["max"]) if isinstance(emb, dict) else
+                     "— " + note(f"embedding similarity: "
+                                 f"{skipped.get('embedding_similarity', 'not computed')}"))
+        copies = v.get("copied_prompt_caption")
+        cells.append("—" if copies is None else f"{copies:.0%}")
+        cells += [_fmt_rate(v["captions_per_second"]), _fmt_rate(v["seconds_per_caption"])]
+        rows.append(cells)
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|---|" + "---:|" * (len(header) - 1))
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+    lines.append("")
+    for n, text in enumerate(notes, start=1):
+        lines.append(f"{str(n).translate(_SUPERSCRIPT)} {text}  ")
+    if notes:
+        lines.append("")
+    emb_model = next((v["metrics"]["embedding_similarity"].get("model") for v in variants
+                      if isinstance(v["metrics"].get("embedding_similarity"), dict)), None)
+    tokenizer = next((v["metrics"].get("tokenizer") for v in variants
+                      if v["metrics"].get("tokenizer")), None)
+    lines += [
+        "Scoring: metrics.evaluate_captions (pycocoevalcap), corpus scores over the images "
+        "above, each caption against all of its image's references (the oracle: see its "
+        "note). Embedding similarity: cosine to the best reference"
+        + (f" with `{emb_model}`" if emb_model else "") + ". Copies: share of captions that "
+        "repeat a caption of their own prompt verbatim (lowercased, punctuation removed). "
+        "captions/s and s/caption: wall time of the variant's own retrieval, prompt and "
+        "generation, without scoring and shared work; a row marked (= other) is the same "
+        "configuration as that row, run once."
+        + (f" Tokenisation: {tokenizer}." if tokenizer else ""),
+        "",
+        "| variant | definition (resolved) |",
+        "|---|---|",
+    ]
+    for v in variants:
+        lines.append(f"| {v['name']} | {v['summary']} — {v['description']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _oracle_note(report: dict[str, Any]) -> str:
+    text = ("oracle-references: the prompt holds the image's references except number "
+            "(experiment index mod the number of references, 5 in Flickr8K), which is held "
+            "out; the caption is scored against that one reference only, not all of them, so "
+            "its numbers are on another scale than the other rows (one reference usually "
+            "gives lower scores).")
+    comparison = report.get("oracle_comparison")
+    if comparison:
+        m = comparison["baseline_against_held_out_reference"]
+        parts = [f"{k} {m[k]:.4f}" for k in TABLE_METRICS if k in m]
+        text += (" The baseline's captions scored the same way (against the held-out "
+                 "reference): " + (", ".join(parts) or "nothing could be computed") + ".")
+    else:
+        text += " Run it together with baseline for a like-for-like comparison."
+    return text
+
+
+def plot_chart(report: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Grouped bars: CIDEr-D and BLEU-4 per variant; a metric that was not computed is
+    marked n/a, never drawn as a value."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    variants = report["variants"]
+    names = [v["name"] for v in variants]
+    x = np.arange(len(names))
+    width = 0.8 / len(CHART_METRICS)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(names) + 2.5), 4.8))
+    top = 0.0
+    for n, metric in enumerate(CHART_METRICS):
+        values = [v["metrics"].get(metric) for v in variants]
+        pos = x - 0.4 + width * (n + 0.5)
+        heights = [0.0 if val is None else val for val in values]
+        bars = ax.bar(pos, heights, width, label=metric)
+        top = max([top] + heights)
+        for bar, val in zip(bars, values):
+            ax.annotate("n/a" if val is None else f"{val:.3f}",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7, rotation=90,
+                        xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(x, names, rotation=35, ha="right")
+    ax.set_ylim(0, (top or 1.0) * 1.35)
+    ax.set_ylabel("score")
+    title = f"CIDEr-D and BLEU-4 per variant ({len(report['indices'])} images)"
+    if not report.get("complete"):
+        title += " - in progress"
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=9, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_outputs(report: dict[str, Any], files: dict[str, Path]) -> None:
+    from db_manager import write_json_atomic, write_text_atomic
+    write_json_atomic(files["json"], report)
+    write_text_atomic(files["md"], render_markdown(report))
+    plot_chart(report, files["png"])
+
+
+# --- command line -------------------------------------------------------------------------
+
+def _list_variants() -> str:
+    width = max(len(n) for n in VARIANTS)
+    return "\n".join(f"{name:<{width}}  {v.description}" for name, v in VARIANTS.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = config.make_parser(
+        PROG, __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1]
+        + "\n\nVariants:\n" + _list_variants()
+        + "\n\nEvery setting of config.py is a flag too (below).")
+    group = parser.add_argument_group("ablation")
+    group.add_argument("--variants", nargs="+", metavar="NAME",
+                       help="variants to run (names or comma-separated; default: all)")
+    group.add_argument("--indices", metavar="SPEC",
+                       help="experiment images, e.g. 0-49,100 "
+                            f"(default: the first {DEFAULT_IMAGES})")
+    group.add_argument("--all", action="store_true", help="every experiment image")
+    group.add_argument("--out-dir", metavar="DIR",
+                       help="where ablation.md/.json/.png go (default: RESULTS_DIR)")
+    group.add_argument("--json", action="store_true",
+                       help="print the report as JSON on stdout (the table goes to stderr)")
+    group.add_argument("--list-variants", action="store_true",
+                       help="print the variants and their definitions, then exit")
+    try:
+        args, settings = config.parse_cli(parser, argv)
+        if args.list_variants:
+            print(_list_variants())
+            return 0
+        names = select_variants(args.variants)
+        if args.all and args.indices:
+            raise UserError("give --all or --indices, not both")
+        from batch_runner import parse_indices
+        indices = (list(range(settings.experiment_samples)) if args.all else
+                   parse_indices(args.indices, settings.experiment_samples) if args.indices
+                   else default_indices(settings.experiment_samples))
+    except UserError as exc:
+        print(f"ablation: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        report = run_ablation(names, indices, out_dir=args.out_dir, progress=True,
+                              **{k.lower(): v for k, v in settings.as_dict().items()})
+    except (UserError, OSError) as exc:
+        print(f"ablation: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ablation: interrupted (the files hold the variants that finished)",
+              file=sys.stderr)
+        return 130
+    text = render_markdown(report)
+    files = report["files"]
+    where = f"wrote {files['md']}, {files['json']} and {files['png']}"
+    if args.json:
+        print(text + "\n" + where, file=sys.stderr)
+        print(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    else:
+        print(text + "\n" + where)
+    return 1 if any(v["failed"] for v in report["variants"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
