@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import config
 from errors import UserError
+from search import UPLOADS  # DB_DIR/uploads/: images saved to the memory from the page
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -48,7 +49,6 @@ log = logging.getLogger("app")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024   # larger uploads are refused before decoding
-UPLOADS = "uploads"                   # DB_DIR/uploads/: images saved to memory from the page
 THUMBNAIL = 320                       # longest side of the pictures sent to the browser
 RUN_PAGE = 12                         # images per page in the Runs tab
 MAX_K = 50                            # the search tabs' largest k
@@ -213,8 +213,6 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
     experiment_index -1, their image kept in DB_DIR/uploads/); without it nothing
     is written. A bad upload or index raises UserError before anything loads.
     """
-    import numpy as np
-
     import main
     from prompt_generator import build_prompt
     from similarity_search import top_k
@@ -253,10 +251,7 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
         query = main._image_embedder(settings).embed([image])[0]
         lap("embed_image")
         growing = settings.memory != "frozen"
-        ids, vectors = db.image_ids, db.image_vectors
-        if not growing:  # only the human-captioned training pool, as in batch runs
-            train = np.flatnonzero(np.asarray(db.image_kinds) == "train")
-            ids, vectors = [ids[n] for n in train], vectors[train]
+        ids, vectors = main.memory_rows(db, growing)
         neighbours = top_k(query, vectors, ids, settings.top_k_similar, exclude={image_id})
         contexts = [db.captions_of(n.image_id) for n in neighbours]
         lap("search")
@@ -387,7 +382,8 @@ def runs_tab(run_dir: str | os.PathLike | None, settings: config.Settings | None
     """A run directory (a name under RESULTS_DIR/runs, or a path) for the page.
 
     Returns {"run", "path", "header" (markdown), "metrics" (markdown, from
-    metrics.format_report), "ablation" (PIL or None: RESULTS_DIR/ablation.png),
+    metrics.format_report), "ablation" (PIL or None: RESULTS_DIR/ablation.png, from
+    `python -m bench.ablation`), "ablation_table" (RESULTS_DIR/ablation.md or None),
     "columns", "rows" (one per experiment: generated vs reference captions),
     "gallery" [(PIL, "#index generated … / reference …")] for `page`, "page",
     "pages"}.
@@ -416,7 +412,7 @@ def runs_tab(run_dir: str | os.PathLike | None, settings: config.Settings | None
     header = (f"**{summary.get('run', path.name)}**: {summary.get('finished', 0)} finished, "
               f"{summary.get('failed', 0)} failed"
               + (f", {per_caption:.2f} s per caption" if per_caption else "")
-              + f" · VLM `{run_settings.get('vlm_model_name', '?')}`, "
+              + f" · VLM `{_model_label(run_settings.get('vlm_model_name', '?'))}`, "
                 f"k={run_settings.get('top_k_similar', '?')}, "
                 f"memory {run_settings.get('memory', '?')} · `{path}`")
     ablation_file = Path(settings.results_dir) / "ablation.png"
@@ -427,6 +423,12 @@ def runs_tab(run_dir: str | os.PathLike | None, settings: config.Settings | None
                 ablation = chart.convert("RGB")
         except OSError as exc:
             log.warning("cannot show %s: %s", ablation_file, exc)
+    table_file = Path(settings.results_dir) / "ablation.md"
+    try:
+        ablation_table = table_file.read_text() if table_file.exists() else None
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("cannot show %s: %s", table_file, exc)
+        ablation_table = None
     rows = []
     for item in items:
         scores = item.get("metrics") or {}
@@ -454,8 +456,8 @@ def runs_tab(run_dir: str | os.PathLike | None, settings: config.Settings | None
         gallery.append((_image_of(item.get("image_id", "?"), settings, dataset), text))
     return {"run": summary.get("run", path.name), "path": str(path), "header": header,
             "metrics": metrics.format_report(summary.get("metrics") or {}),
-            "ablation": ablation, "columns": RUN_COLUMNS, "rows": rows, "gallery": gallery,
-            "page": page, "pages": pages}
+            "ablation": ablation, "ablation_table": ablation_table, "columns": RUN_COLUMNS,
+            "rows": rows, "gallery": gallery, "page": page, "pages": pages}
 
 
 # --- the page --------------------------------------------------------------------
@@ -469,6 +471,12 @@ def _error_text(exc: BaseException) -> str:
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     return (f"**Error:** unexpected {type(exc).__name__}"
             + (f": {first}" if first else "") + " (details in the server's log)")
+
+
+def _model_label(name: str) -> str:
+    """A hub id as it is; a local model folder by its last part."""
+    from errors import looks_like_path
+    return Path(name.rstrip("/")).name if looks_like_path(name) else name
 
 
 def _markdown_list(lines: list[str], empty: str) -> str:
@@ -515,7 +523,7 @@ def build_ui(settings: config.Settings | None = None):
         where = (f"experiment image {r['experiment_index']}" if r["source"] == "experiment"
                  else "the uploaded image")
         status = (f"Captioned {where} (`{r['image_id']}`) in {r['timings']['total']:.2f} s "
-                  f"with `{Path(r['model']).name}`, {r['memory']} memory · "
+                  f"with `{_model_label(r['model'])}`, {r['memory']} memory · "
                   + ("**saved to memory**" if r["saved"] else "not saved"))
         references = ("**Reference captions**\n\n" + _markdown_list(
             r["references"], "none: an uploaded image has no reference captions") + "\n\n"
@@ -538,7 +546,7 @@ def build_ui(settings: config.Settings | None = None):
         except Exception as exc:  # noqa: BLE001
             return _error_text(exc), None, None, None
         return (f"{len(r['hits'])} of {r['indexed']} images in {r['source']} "
-                f"(`{r['model']}`)"), r["query"], r["hits"], r["rows"]
+                f"(`{_model_label(r['model'])}`)"), r["query"], r["hits"], r["rows"]
 
     def on_search_text(query, top, progress=gr.Progress()):
         try:
@@ -546,16 +554,17 @@ def build_ui(settings: config.Settings | None = None):
         except Exception as exc:  # noqa: BLE001
             return _error_text(exc), None, None
         return (f"{len(r['hits'])} of {r['indexed']} captioned images in {r['source']} "
-                f"(`{r['model']}`)"), r["hits"], r["rows"]
+                f"(`{_model_label(r['model'])}`)"), r["hits"], r["rows"]
 
     def on_run(run, page):
         try:
             r = runs_tab(run, settings, page or 1)
         except Exception as exc:  # noqa: BLE001
-            return (_error_text(exc), None, gr.Image(value=None, visible=False), None, None,
-                    gr.Number(value=1))
-        return (r["header"], r["metrics"], gr.Image(value=r["ablation"],
-                                                    visible=r["ablation"] is not None),
+            return (_error_text(exc), None, gr.Image(value=None, visible=False),
+                    gr.Markdown(visible=False), None, None, gr.Number(value=1))
+        return (r["header"], r["metrics"],
+                gr.Image(value=r["ablation"], visible=r["ablation"] is not None),
+                gr.Markdown(value=r["ablation_table"], visible=r["ablation_table"] is not None),
                 r["rows"], r["gallery"],
                 gr.Number(value=r["page"], maximum=r["pages"],
                           label=f"page (of {r['pages']})"))
@@ -572,15 +581,19 @@ def build_ui(settings: config.Settings | None = None):
             empty = (f"No runs yet in `{Path(settings.results_dir) / 'runs'}`: make one with "
                      "`python main.py --all` or `python main.py --indices 0-49`.")
             return (gr.Dropdown(choices=[], value=None), empty, None,
-                    gr.Image(value=None, visible=False), None, None, gr.Number(value=1))
+                    gr.Image(value=None, visible=False), gr.Markdown(visible=False), None, None,
+                    gr.Number(value=1))
         return (gr.Dropdown(choices=runs, value=runs[0]), *on_run(runs[0], 1))
 
     models = dict(concurrency_id="models", concurrency_limit=1)
-    with gr.Blocks(title="Retrieval-augmented captioning", analytics_enabled=False) as page:
-        gr.Markdown(f"## Retrieval-augmented captioning\nCLIP `{settings.clip_model_name}` "
-                    f"finds similar images, their captions go into the prompt, VLM "
-                    f"`{settings.vlm_model_name}` writes the caption · memory in "
-                    f"`{settings.db_dir}`")
+    # delete_cache: uploads and pictures older than a day go, checked hourly
+    with gr.Blocks(title="Retrieval-augmented captioning", analytics_enabled=False,
+                   delete_cache=(3600, 86400)) as page:
+        gr.Markdown("## Retrieval-augmented captioning\n"
+                    f"`{_model_label(settings.clip_model_name)}` finds similar images in the "
+                    "memory, their captions go into the prompt, "
+                    f"`{_model_label(settings.vlm_model_name)}` writes the caption. Memory: "
+                    f"`{settings.db_dir}`, runs: `{Path(settings.results_dir) / 'runs'}`.")
         with gr.Tab("Caption", id="caption"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=280):
@@ -667,16 +680,20 @@ def build_ui(settings: config.Settings | None = None):
             run_header = gr.Markdown("Choose a run made with `python main.py --all` "
                                      "or `--indices`.", elem_id="runs-header")
             with gr.Row():
-                run_metrics = gr.Markdown(elem_id="runs-metrics")
-                ablation = gr.Image(label="Ablations (RESULTS_DIR/ablation.png)",
-                                    interactive=False, visible=False, elem_id="runs-ablation")
+                run_metrics = gr.Markdown(elem_id="runs-metrics", scale=3)
+                ablation = gr.Image(label="Ablations (RESULTS_DIR/ablation.png, "
+                                          "python -m bench.ablation)",
+                                    interactive=False, visible=False, scale=2,
+                                    elem_id="runs-ablation")
+            ablation_table = gr.Markdown(visible=False, elem_id="runs-ablation-table")
             run_gallery = gr.Gallery(label="Generated vs reference captions", columns=6,
-                                     height=420, object_fit="contain", fit_columns=False,
+                                     height=320, object_fit="contain", fit_columns=False,
                                      elem_id="runs-gallery")
             run_rows = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, wrap=True,
                                     max_height=480, elem_id="runs-table",
                                     column_widths=["5%", "15%", "7%", "29%", "34%", "5%", "5%"])
-            run_outputs = [run_header, run_metrics, ablation, run_rows, run_gallery, run_page]
+            run_outputs = [run_header, run_metrics, ablation, ablation_table, run_rows,
+                           run_gallery, run_page]
             run.input(lambda name: on_run(name, 1), run, run_outputs)
             for trigger in (run_page.submit, run_page.input):
                 trigger(on_run, [run, run_page], run_outputs)

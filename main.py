@@ -37,7 +37,7 @@ log = logging.getLogger("main")
 _loaded: dict[str, tuple[Any, Any]] = {}
 
 
-def _reuse(kind: str, key: Any, load):
+def cached(kind: str, key: Any, load):
     """The object cached for `kind` if it was made with `key`, else `load()`."""
     cached = _loaded.get(kind)
     if cached is not None and cached[0] == key:
@@ -50,20 +50,20 @@ def _reuse(kind: str, key: Any, load):
 
 def _device(settings: config.Settings):
     from device import resolve_device
-    return _reuse("device", settings.device, lambda: resolve_device(settings.device))
+    return cached("device", settings.device, lambda: resolve_device(settings.device))
 
 
 def _dataset(settings: config.Settings):
     from dataset_loader import load_and_split_dataset
     key = (settings.dataset_name, settings.experiment_samples, settings.random_seed)
-    return _reuse("dataset", key, lambda: load_and_split_dataset(*key))
+    return cached("dataset", key, lambda: load_and_split_dataset(*key))
 
 
 def _image_embedder(settings: config.Settings):
     from image_embedder import ImageEmbedder
     device, dtype = _device(settings)
     key = (settings.clip_model_name, str(device), settings.batch_size)
-    return _reuse("image_embedder", key, lambda: ImageEmbedder(
+    return cached("image_embedder", key, lambda: ImageEmbedder(
         settings.clip_model_name, device=device, dtype=dtype, batch_size=settings.batch_size))
 
 
@@ -71,7 +71,7 @@ def _caption_embedder(settings: config.Settings):
     from caption_embedder import CaptionEmbedder
     device, _ = _device(settings)
     key = (settings.caption_embedding_model, str(device), settings.batch_size)
-    return _reuse("caption_embedder", key, lambda: CaptionEmbedder(
+    return cached("caption_embedder", key, lambda: CaptionEmbedder(
         settings.caption_embedding_model, device=device, batch_size=settings.batch_size))
 
 
@@ -81,7 +81,7 @@ def _captioner(settings: config.Settings):
     key = (settings.vlm_model_name, str(device), settings.max_new_tokens, settings.num_beams,
            settings.do_sample, settings.temperature, settings.vlm_image_longest_edge,
            settings.random_seed)
-    return _reuse("captioner", key, lambda: VLMCaptioner(
+    return cached("captioner", key, lambda: VLMCaptioner(
         settings.vlm_model_name, device=device, dtype=dtype,
         max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,
         do_sample=settings.do_sample, temperature=settings.temperature,
@@ -102,7 +102,7 @@ def initialize_system(**overrides: Any):
                           caption_model=settings.caption_embedding_model,
                           dataset=settings.dataset_name, split=dataset.fingerprint)
     db_dir = Path(settings.db_dir).expanduser().resolve()
-    db = _reuse("db", (db_dir, identity), lambda: DbManager.open(db_dir, identity))
+    db = cached("db", (db_dir, identity), lambda: DbManager.open(db_dir, identity))
     if db.needs_seed:
         _seed_database(settings, dataset, db)
     _image_embedder(settings), _caption_embedder(settings), _captioner(settings)
@@ -167,8 +167,6 @@ def run_experiments(dataset_loader, db_manager, indices: list[int], settings: co
     from the human-captioned training pool, so results do not depend on order.
     Timings are the batch's seconds per stage divided by its size.
     """
-    import numpy as np
-
     from prompt_generator import build_prompt
     from similarity_search import top_k
 
@@ -202,10 +200,7 @@ def run_experiments(dataset_loader, db_manager, indices: list[int], settings: co
     lap("load_image")
     queries = image_embedder.embed([image for _, _, image in work])
     lap("embed_image")
-    ids, vectors = db_manager.image_ids, db_manager.image_vectors
-    if not growing:
-        train = np.flatnonzero(np.asarray(db_manager.image_kinds) == "train")
-        ids, vectors = [ids[n] for n in train], vectors[train]
+    ids, vectors = memory_rows(db_manager, growing)
     found = [top_k(query, vectors, ids, settings.top_k_similar, exclude={sample.image_id})
              for query, (_, sample, _) in zip(queries, work)]
     contexts = [[db_manager.captions_of(n.image_id) for n in neighbours] for neighbours in found]
@@ -249,6 +244,17 @@ def run_experiments(dataset_loader, db_manager, indices: list[int], settings: co
         results[index] = _save(result, db_manager, query, next(caption_vectors), captioner.name,
                                Path(settings.results_dir))
     return [results[index] for index in indices]
+
+
+def memory_rows(db_manager, growing: bool) -> tuple[list[str], Any]:
+    """The ids and vectors retrieval may use: everything in the image database
+    (growing memory), or only the human-captioned training pool (frozen)."""
+    import numpy as np
+    ids, vectors = db_manager.image_ids, db_manager.image_vectors
+    if growing:
+        return ids, vectors
+    train = np.flatnonzero(np.asarray(db_manager.image_kinds) == "train")
+    return [ids[n] for n in train], vectors[train]
 
 
 def generate_captions(captioner, images: list, prompts: list[str]) -> list:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import config
+import main as pipeline  # cheap: it imports torch only when a model is needed
 from errors import UserError
 
 log = logging.getLogger("search")
@@ -76,7 +77,6 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
     """Images most similar to the image file `query`, from `images_dir` or the
     pipeline's image database."""
     from dataset_loader import open_image
-    from device import resolve_device
     from folder_index import index_path, scan_folder, update_index
     from image_embedder import ImageEmbedder, backbone_model_name
     from similarity_search import SearchIndex
@@ -87,12 +87,16 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
     model_name = backbone_model_name(backbone, settings.clip_model_name)
     names = ({} if backbone.strip().lower() == "clip" else
              {"what": "image model", "setting": "--backbone"})  # for error messages
+    def load_embedder() -> ImageEmbedder:  # loaded once per process, like the pipeline's
+        device, dtype = pipeline._device(settings)
+        return pipeline.cached("search_embedder", (model_name, str(device), settings.batch_size),
+                           lambda: ImageEmbedder(model_name, device=device, dtype=dtype,
+                                                 batch_size=settings.batch_size, **names))
+
     if images_dir is not None:
         files = scan_folder(images_dir)  # before loading a model: a bad folder fails fast
         root = Path(images_dir).expanduser().resolve()
-        device, dtype = resolve_device(settings.device)
-        embedder = ImageEmbedder(model_name, device=device, dtype=dtype,
-                                 batch_size=settings.batch_size, **names)
+        embedder = load_embedder()
         ids, vectors, update = update_index(
             index_path(settings.db_dir, "folder", str(root), embedder.name), embedder, files,
             lambda image_id: open_image(root / image_id))
@@ -103,9 +107,7 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
         load = lambda hit: open_image(hit.path)  # noqa: E731
     else:
         db, dataset = _open_memory(settings)
-        device, dtype = resolve_device(settings.device)
-        embedder = ImageEmbedder(model_name, device=device, dtype=dtype,
-                                 batch_size=settings.batch_size, **names)
+        embedder = load_embedder()
         if embedder.name == db.state["clip_model"]:
             ids, vectors, note = db.image_ids, db.image_vectors, ""
         else:  # another backbone: embed the database's images with it, cached
@@ -115,8 +117,8 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
                 known, lambda image_id: dataset.load_image(dataset.get(image_id)))
             note = str(update)
         source = f"image database {Path(settings.db_dir).resolve()}"
-        path_of = lambda image_id: _sample_path(dataset, image_id)  # noqa: E731
-        load = lambda hit: dataset.load_image(dataset.get(hit.image_id))  # noqa: E731
+        path_of = lambda image_id: _memory_path(dataset, settings, image_id)  # noqa: E731
+        load = lambda hit: _memory_image(dataset, settings, hit.image_id)  # noqa: E731
     _check_k_fits(k, len(ids), "images")
     search_index = SearchIndex.from_vectors(ids, vectors, backend=index)
     found = search_index.search(embedder.embed([query_image]), k)[0]
@@ -131,10 +133,8 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None,
     caption database or a folder captioned with `main.py --caption-folder`."""
     import numpy as np
 
-    from caption_embedder import CaptionEmbedder
     from dataset_loader import open_image
     from db_manager import DbManager
-    from device import resolve_device
     from folder_index import folder_db_dir
 
     _check_k(k)
@@ -155,13 +155,12 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None,
     else:
         db, dataset = _open_memory(settings)
         source = f"caption database {Path(settings.db_dir).resolve()}"
-        path_of = lambda image_id: _sample_path(dataset, image_id)  # noqa: E731
-        load = lambda hit: dataset.load_image(dataset.get(hit.image_id))  # noqa: E731
+        path_of = lambda image_id: _memory_path(dataset, settings, image_id)  # noqa: E731
+        load = lambda hit: _memory_image(dataset, settings, hit.image_id)  # noqa: E731
     if db.state["caption_model"] != settings.caption_embedding_model:
         raise UserError(f"the captions were embedded with {db.state['caption_model']!r}; set "
                         f"--caption-embedding-model to it to search them")
-    device, _ = resolve_device(settings.device)
-    embedder = CaptionEmbedder(settings.caption_embedding_model, device=device)
+    embedder = pipeline._caption_embedder(settings)  # the pipeline's, loaded once per process
     query = embedder.embed_queries([text])[0]
     scores = np.asarray(db.caption_vectors @ query, dtype=np.float32)
     images = len(set(c["image_id"] for c in db.captions))
@@ -183,14 +182,12 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None,
 
 def _open_memory(settings: config.Settings):
     """The pipeline's databases and the data set that holds their images."""
-    from dataset_loader import load_and_split_dataset
     from db_manager import DbManager
     db = DbManager.open(settings.db_dir)
     if db.needs_seed:
         raise UserError(f"no database in {settings.db_dir}: run `python main.py` first, "
                         "or search a folder with --images-dir")
-    dataset = load_and_split_dataset(settings.dataset_name, settings.experiment_samples,
-                                     settings.random_seed)
+    dataset = pipeline._dataset(settings)  # loaded once per process
     if dataset.fingerprint != db.state["split"]:
         raise UserError(f"the database in {settings.db_dir} was built from another data set or "
                         "split; use the same --dataset-name, --random-seed and "
@@ -198,9 +195,27 @@ def _open_memory(settings: config.Settings):
     return db, dataset
 
 
-def _sample_path(dataset, image_id: str) -> str | None:
+UPLOADS = "uploads"  # DB_DIR/uploads/: images saved to the memory from the web page
+
+
+def _memory_path(dataset, settings: config.Settings, image_id: str) -> str | None:
+    """The file of an image in the memory: the data set's, or a saved upload."""
     sample = dataset.get(image_id)
-    return sample.source if sample is not None and isinstance(sample.source, str) else None
+    if sample is not None:
+        return sample.source if isinstance(sample.source, str) else None
+    saved = Path(settings.db_dir) / UPLOADS / Path(image_id).name
+    return str(saved) if saved.is_file() else None
+
+
+def _memory_image(dataset, settings: config.Settings, image_id: str):
+    from dataset_loader import open_image
+    sample = dataset.get(image_id)
+    if sample is not None:
+        return dataset.load_image(sample)
+    path = _memory_path(dataset, settings, image_id)
+    if path is None:
+        raise UserError(f"no image file for {image_id!r} in the data set or {UPLOADS}/")
+    return open_image(path)
 
 
 # --- output -------------------------------------------------------------------------

@@ -185,3 +185,16 @@ def test_bad_input_is_one_line(args, code, message, photos, settings_kwargs, tmp
 def test_search_without_a_memory_says_how_to_make_one(settings_kwargs, photos):
     with pytest.raises(UserError, match="run `python main.py` first"):
         search.search_images(str(photos / "a/p0.png"), 1, **settings_kwargs)
+
+
+def test_images_saved_from_the_web_page_are_found_and_drawn(memory, settings_kwargs, tmp_path):
+    import app
+    import config
+    upload = tmp_path / "upload.png"
+    make_image(77).save(upload)
+    saved = app.caption_tab(str(upload), save_to_memory=True,
+                            settings=config.resolve(**settings_kwargs))
+    result = search.search_images(str(upload), 2, **settings_kwargs)
+    assert result.hits[0].image_id == saved["image_id"] and result.hits[0].path
+    figure = search.plot_results(result, tmp_path / "fig.png")
+    assert figure.stat().st_size > 1000
