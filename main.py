@@ -308,8 +308,9 @@ def caption_folder(folder: str, retrieval: bool = True, **overrides: Any) -> dic
     folder` can find them.
 
     With `retrieval`, each prompt holds the captions of the image's neighbours in
-    the pipeline's memory (as in an experiment); without, the plain prompt
-    PROMPT_TEMPLATE_NO_CONTEXT. Captions, their embeddings and the images' CLIP
+    the pipeline's memory (as in an experiment; MEMORY "auto" means the training
+    pool only); without, the plain prompt PROMPT_TEMPLATE_NO_CONTEXT. BATCH_SIZE
+    images share one `generate` call. Captions, their embeddings and the images' CLIP
     embeddings go to a database of their own under DB_DIR/folders/, never into
     the experiment memory. Images this VLM captioned before are skipped, so an
     interrupted run continues where it stopped.
@@ -339,29 +340,44 @@ def caption_folder(folder: str, retrieval: bool = True, **overrides: Any) -> dic
                 np.zeros((0, caption_embedder.dim), np.float32))
     todo = [f for f in files if not db.has_caption(generated_caption_id(f, captioner.name))]
     position = {image_id: n for n, image_id in enumerate(files)}
+    if retrieval:
+        ids, vectors = memory_rows(memory, growing=settings.memory == "growing")
     done, failed = 0, []
-    for image_id in tqdm(todo, desc="captioning", unit="img"):
-        try:
-            image = open_image(root / image_id)
-            vector = image_embedder.embed([image])[0]
+    bar = tqdm(total=len(todo), desc="captioning", unit="img")
+    for start in range(0, len(todo), settings.batch_size):  # BATCH_SIZE images per generate
+        batch = []
+        for image_id in todo[start:start + settings.batch_size]:
+            try:
+                batch.append((image_id, open_image(root / image_id)))
+            except UserError as exc:  # unreadable: count it, go on
+                log.warning("skipping %s: %s", image_id, exc)
+                failed.append(image_id)
+        image_vectors = image_embedder.embed([image for _, image in batch])
+        prompts = []
+        for vector in image_vectors:
             neighbour_captions = []
             if retrieval:
-                neighbours = top_k(vector, memory.image_vectors, memory.image_ids,
-                                   settings.top_k_similar)
-                neighbour_captions = [memory.captions_of(n.image_id) for n in neighbours]
-            prompt = build_prompt(neighbour_captions, settings.prompt_template,
-                                  settings.prompt_template_no_context,
-                                  settings.captions_per_neighbour)
-            caption = captioner.caption(image, prompt)
-        except UserError as exc:  # unreadable image, empty caption: count it, go on
-            log.warning("skipping %s: %s", image_id, exc)
-            failed.append(image_id)
-            continue
-        db.add_experiment(image_id, vector, caption, caption_embedder.embed_captions([caption])[0],
-                          vlm_model=captioner.name, experiment_index=position[image_id],
-                          timestamp=datetime.now(timezone.utc).astimezone().isoformat(
-                              timespec="seconds"))
-        done += 1
+                neighbour_captions = [memory.captions_of(n.image_id) for n in
+                                      top_k(vector, vectors, ids, settings.top_k_similar)]
+            prompts.append(build_prompt(neighbour_captions, settings.prompt_template,
+                                        settings.prompt_template_no_context,
+                                        settings.captions_per_neighbour))
+        captions = generate_captions(captioner, [image for _, image in batch], prompts)
+        good = [(image_id, vector, caption) for (image_id, _), vector, caption
+                in zip(batch, image_vectors, captions) if isinstance(caption, str)]
+        for (image_id, _), caption in zip(batch, captions):
+            if not isinstance(caption, str):  # empty caption, generation error
+                log.warning("skipping %s: %s", image_id, caption)
+                failed.append(image_id)
+        caption_vectors = caption_embedder.embed_captions([c for _, _, c in good])
+        for (image_id, vector, caption), caption_vector in zip(good, caption_vectors):
+            db.add_experiment(image_id, vector, caption, caption_vector,
+                              vlm_model=captioner.name, experiment_index=position[image_id],
+                              timestamp=datetime.now(timezone.utc).astimezone().isoformat(
+                                  timespec="seconds"))
+            done += 1
+        bar.update(len(todo[start:start + settings.batch_size]))
+    bar.close()
     return {"folder": str(root), "database": str(db.db_dir), "images": len(files),
             "captioned": done, "already_captioned": len(files) - len(todo),
             "failed": failed, "retrieval": retrieval}

@@ -198,3 +198,19 @@ def test_images_saved_from_the_web_page_are_found_and_drawn(memory, settings_kwa
     assert result.hits[0].image_id == saved["image_id"] and result.hits[0].path
     figure = search.plot_results(result, tmp_path / "fig.png")
     assert figure.stat().st_size > 1000
+
+
+def test_caption_folder_counts_unreadable_images_and_batches(photos, settings_kwargs):
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    summary = main.caption_folder(str(photos), retrieval=False,
+                                  **{**settings_kwargs, "batch_size": 4})
+    assert summary["captioned"] == 6 and summary["failed"] == ["broken.jpg"]
+    single = main.caption_folder(str(photos), retrieval=False, **{
+        **settings_kwargs, "batch_size": 1, "db_dir": settings_kwargs["db_dir"] + "-single"})
+    from db_manager import DbManager
+    from folder_index import folder_db_dir
+    batched, one = (DbManager.open(folder_db_dir(d, photos)) for d in (
+        settings_kwargs["db_dir"], settings_kwargs["db_dir"] + "-single"))
+    assert single["captioned"] == 6
+    assert {c["image_id"]: c["caption"] for c in batched.captions} == {
+        c["image_id"]: c["caption"] for c in one.captions}          # batched == unbatched
