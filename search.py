@@ -292,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--backbone", default="clip", metavar="NAME",
                       help="image search: clip (CLIP_MODEL_NAME), siglip, resnet50, dinov2, or a "
                            "hub id / local path (default clip)")
-    what.add_argument("--index", choices=("numpy", "faiss"), default="numpy",
-                      help="exact search backend (default numpy; faiss needs faiss-cpu)")
+    what.add_argument("--index", choices=("numpy", "faiss", "faiss-fp16"), default="numpy",
+                      help="search backend: numpy (default) or faiss (exact, float32), "
+                           "faiss-fp16 (float16 codes, faster on large indexes); faiss needs "
+                           "faiss-cpu")
     what.add_argument("--plot", metavar="PNG", help="figure file (default results/search_*.png)")
     what.add_argument("--show", action="store_true", help="also open the figure in a window")
     what.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -135,3 +135,18 @@ def test_index_rejects_wrong_shapes_and_backends():
     with pytest.raises(ValueError):
         index.search(unit(1, dim=4), 1)
     assert index.search(unit(2), 0) == [[], []]
+
+
+def test_faiss_fp16_agrees_with_exact_search():
+    pytest.importorskip("faiss")
+    vectors, ids = unit(3000, dim=64, seed=7), [f"img{i}" for i in range(3000)]
+    exact = SearchIndex.from_vectors(ids, vectors)
+    half = SearchIndex.from_vectors(ids, vectors, backend="faiss-fp16")
+    queries = unit(50, dim=64, seed=8)
+    a, b = exact.search(queries, 5), half.search(queries, 5)
+    agree = np.mean([len({n.image_id for n in x} & {n.image_id for n in y}) / 5
+                     for x, y in zip(a, b)])
+    assert agree >= 0.98
+    for x, y in zip(a, b):
+        np.testing.assert_allclose([n.score for n in x][:1], [n.score for n in y][:1], atol=2e-3)
+    assert half.search(vectors[17], 1, [set()])[0][0].image_id == "img17"
