@@ -156,23 +156,15 @@ def _placeholder(text: str = "no image") -> "Image.Image":
 
 def _image_of(image_id: str, settings: config.Settings, dataset=None,
               load: Callable[[], "Image.Image"] | None = None) -> "Image.Image":
-    """A thumbnail of an image of the memory: from `load`, the data set, or the
-    uploads saved from this page; a grey placeholder if none of them has it."""
-    from dataset_loader import open_image
-    attempts = []
-    if load is not None:
-        attempts.append(load)
-    sample = dataset.get(image_id) if dataset is not None else None
-    if sample is not None:
-        attempts.append(lambda: dataset.load_image(sample))
-    saved = Path(settings.db_dir) / UPLOADS / Path(image_id).name
-    if image_id.startswith("upload-"):
-        attempts.append(lambda: open_image(saved))
-    for attempt in attempts:
-        try:
-            return _thumbnail(attempt())
-        except Exception as exc:  # noqa: BLE001 - a picture that cannot be shown is not an error
-            log.debug("cannot show %s: %s", image_id, exc)
+    """A thumbnail of an image of the memory: from `load`, else from the data set or
+    the uploads saved from this page (search.memory_image); a grey placeholder if
+    there is none."""
+    import search
+    try:
+        return _thumbnail(load() if load is not None else
+                          search.memory_image(dataset, settings, image_id))
+    except Exception as exc:  # noqa: BLE001 - a picture that cannot be shown is not an error
+        log.debug("cannot show %s: %s", image_id, exc)
     return _placeholder(f"{Path(image_id).name[:40]}: no image file")
 
 

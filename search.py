@@ -118,7 +118,7 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
             note = str(update)
         source = f"image database {Path(settings.db_dir).resolve()}"
         path_of = lambda image_id: _memory_path(dataset, settings, image_id)  # noqa: E731
-        load = lambda hit: _memory_image(dataset, settings, hit.image_id)  # noqa: E731
+        load = lambda hit: memory_image(dataset, settings, hit.image_id)  # noqa: E731
     _check_k_fits(k, len(ids), "images")
     search_index = SearchIndex.from_vectors(ids, vectors, backend=index)
     found = search_index.search(embedder.embed([query_image]), k)[0]
@@ -156,7 +156,7 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None,
         db, dataset = _open_memory(settings)
         source = f"caption database {Path(settings.db_dir).resolve()}"
         path_of = lambda image_id: _memory_path(dataset, settings, image_id)  # noqa: E731
-        load = lambda hit: _memory_image(dataset, settings, hit.image_id)  # noqa: E731
+        load = lambda hit: memory_image(dataset, settings, hit.image_id)  # noqa: E731
     if db.state["caption_model"] != settings.caption_embedding_model:
         raise UserError(f"the captions were embedded with {db.state['caption_model']!r}; set "
                         f"--caption-embedding-model to it to search them")
@@ -207,7 +207,8 @@ def _memory_path(dataset, settings: config.Settings, image_id: str) -> str | Non
     return str(saved) if saved.is_file() else None
 
 
-def _memory_image(dataset, settings: config.Settings, image_id: str):
+def memory_image(dataset, settings: config.Settings, image_id: str):
+    """The image of an id of the memory: from the data set, or a saved upload."""
     from dataset_loader import open_image
     sample = dataset.get(image_id)
     if sample is not None:
