@@ -26,14 +26,17 @@ not recompute them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import logging
 import os
 import re
+import threading
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from queue import Empty, Queue
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -43,6 +46,8 @@ from tqdm.auto import tqdm
 from errors import UserError, hf_token, hub_errors
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Short backbone names -> checkpoints. None: the configured CLIP_MODEL_NAME.
 BACKBONES: dict[str, str | None] = {
@@ -164,10 +169,17 @@ class ImageEmbedder:
                 return int(part.hidden_size)
         return None
 
-    @torch.inference_mode()
+    def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Preprocessed pixel values of `images` (resized, cropped, normalised), on the CPU."""
+        return self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+
     def _pooled(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The model's (N, D) image embeddings, before normalisation."""
-        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return self._encode(self._pixels(images))
+
+    @torch.inference_mode()
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, D) embeddings of preprocessed `pixels`, before normalisation."""
         pixels = pixels.to(self.device, self.dtype)
         if self.uses_image_features:
             out = self.model.get_image_features(pixel_values=pixels)
@@ -192,27 +204,33 @@ class ImageEmbedder:
         self._dim = int(out.shape[1])
         return out
 
-    def _forward(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return l2_normalise(self._pooled(images).float().cpu().numpy())
-
     def embed(self, images: Iterable[Image.Image], total: int | None = None,
               progress: bool = False) -> np.ndarray:
-        """(N, D) float32 unit vectors for `images`, batch_size at a time."""
-        chunks, batch = [], []
-        bar = tqdm(total=total, desc="embedding images", unit="img", disable=not progress)
-        for image in images:
-            batch.append(image)
-            if len(batch) == self.batch_size:
-                chunks.append(self._forward(batch))
-                bar.update(len(batch))
-                batch = []
-        if batch:
-            chunks.append(self._forward(batch))
-            bar.update(len(batch))
-        bar.close()
+        """(N, D) float32 unit vectors for `images`, batch_size at a time.
+
+        `images` may be a generator that decodes files: reading and preprocessing
+        run in a background thread one batch ahead, so they overlap the forward
+        pass (PIL and the tensor ops release the GIL).
+        """
+        chunks = []
+        with tqdm(total=total, desc="embedding images", unit="img",
+                  disable=not progress) as bar:
+            for pixels in prefetch(self._pixel_batches(images), depth=2):
+                chunks.append(l2_normalise(self._encode(pixels).float().cpu().numpy()))
+                bar.update(len(pixels))
         if not chunks:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.concatenate(chunks)
+
+    def _pixel_batches(self, images: Iterable[Image.Image]) -> Iterator[torch.Tensor]:
+        batch = []
+        for image in images:
+            batch.append(image)
+            if len(batch) == self.batch_size:
+                yield self._pixels(batch)
+                batch = []
+        if batch:
+            yield self._pixels(batch)
 
     @property
     def dim(self) -> int:
@@ -220,6 +238,44 @@ class ImageEmbedder:
         if self._dim is None:
             self._pooled([Image.new("RGB", (224, 224), (127, 127, 127))])
         return self._dim
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Yield `items`, produced by a background thread up to `depth` ahead.
+
+    An exception in the producer is raised here, in the consumer; if the
+    consumer stops early, the producer stops after its current item.
+    """
+    done = object()
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                queue.put((item, None))
+            queue.put((done, None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            queue.put((done, exc))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = queue.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(Empty):
+                queue.get(timeout=0.05)
+        thread.join()
 
 
 def embed_pool(embedder: ImageEmbedder, ids: Sequence[str], load: Callable[[str], Image.Image],

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import transformers
 
 from errors import UserError
 from fake_flickr import make_image
-from image_embedder import ImageEmbedder, embed_pool, l2_normalise
+from image_embedder import ImageEmbedder, embed_pool, l2_normalise, prefetch
 
 N_IMAGES = 7  # not a multiple of 3: the last batch is short
 
@@ -68,6 +70,61 @@ def test_embed_of_no_images_is_an_empty_model_dim_array(embedder):
     got = embedder.embed([])
     assert got.shape == (0, embedder.dim)
     assert got.dtype == np.float32
+
+
+def test_embed_reads_the_next_batch_while_the_model_runs(embedder, monkeypatch):
+    # The generator is read by the prefetch thread: the first image of batch 2 is
+    # read before the model has finished batch 1 (decoding overlaps the forward).
+    events = []
+    original = embedder._encode
+
+    def slow_encode(pixels):
+        time.sleep(0.2)
+        out = original(pixels)
+        events.append("encoded")
+        return out
+
+    def images():
+        for i in range(N_IMAGES):
+            events.append(f"read {i}")
+            yield make_image(i)
+    monkeypatch.setattr(embedder, "_encode", slow_encode)
+    embedder.embed(images())
+    assert events.index(f"read {embedder.batch_size}") < events.index("encoded")
+
+
+def test_embed_raises_an_error_of_the_image_source(embedder):
+    def images():
+        yield make_image(0)
+        raise UserError("image 1 could not be read")
+    with pytest.raises(UserError, match="image 1"):
+        embedder.embed(images())
+
+
+def test_prefetch_keeps_order_and_stops_its_thread_when_the_consumer_stops():
+    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+    produced = []
+
+    def numbers():
+        for n in range(1000):
+            produced.append(n)
+            yield n
+    before = threading.active_count()
+    stream = prefetch(numbers(), depth=2)
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.close()
+    assert threading.active_count() == before
+    assert len(produced) < 10  # it stopped, not ran to the end
+
+
+def test_prefetch_reraises_the_producer_error_in_the_consumer():
+    def broken():
+        yield 1
+        raise ValueError("boom")
+    stream = prefetch(broken())
+    assert next(stream) == 1
+    with pytest.raises(ValueError, match="boom"):
+        next(stream)
 
 
 def test_loaded_model_and_processor_embed_like_the_path(tiny_clip, images, reference):
@@ -130,15 +187,15 @@ def load(image_id: str):
 
 @pytest.fixture
 def count_forward(monkeypatch):
-    """Wrap an embedder's `_forward` so each test can see whether the model ran."""
+    """Wrap an embedder's `_encode` so each test can see whether the model ran."""
     def wrap(embedder: ImageEmbedder) -> list[int]:
         calls = []
-        original = embedder._forward
+        original = embedder._encode
 
         def counting(batch):
             calls.append(len(batch))
             return original(batch)
-        monkeypatch.setattr(embedder, "_forward", counting)
+        monkeypatch.setattr(embedder, "_encode", counting)
         return calls
     return wrap
 
@@ -146,7 +203,7 @@ def count_forward(monkeypatch):
 def _model_must_not_run(monkeypatch, embedder):
     def fail(batch):
         raise AssertionError("the model ran although the cache should have been used")
-    monkeypatch.setattr(embedder, "_forward", fail)
+    monkeypatch.setattr(embedder, "_encode", fail)
 
 
 def test_embed_pool_returns_ids_and_their_embeddings(embedder, tmp_path):

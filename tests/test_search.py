@@ -53,12 +53,12 @@ def test_folder_search_is_recursive_and_incremental(photos, settings_kwargs, mon
     assert first.index_update.startswith("0 unchanged, 6 new")
     import image_embedder
     calls = []
-    real = image_embedder.ImageEmbedder._forward
+    real = image_embedder.ImageEmbedder._encode
 
-    def counting(self, images):
-        calls.append(len(images))
-        return real(self, images)
-    monkeypatch.setattr(image_embedder.ImageEmbedder, "_forward", counting)
+    def counting(self, pixels):
+        calls.append(len(pixels))
+        return real(self, pixels)
+    monkeypatch.setattr(image_embedder.ImageEmbedder, "_encode", counting)
     again = search.search_images(str(photos / "a/p1.jpg"), 2, images_dir=str(photos),
                                  **settings_kwargs)
     assert again.index_update.startswith("6 unchanged, 0 new") and calls == [1]  # only the query
