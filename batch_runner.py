@@ -41,7 +41,7 @@ RESULT_SETTINGS = ("DATASET_NAME", "EXPERIMENT_SAMPLES", "RANDOM_SEED", "CLIP_MO
                    "VLM_MODEL_NAME", "CAPTION_EMBEDDING_MODEL", "TOP_K_SIMILAR",
                    "CAPTIONS_PER_NEIGHBOUR", "PROMPT_TEMPLATE", "PROMPT_TEMPLATE_NO_CONTEXT",
                    "MAX_NEW_TOKENS", "NUM_BEAMS", "DO_SAMPLE", "TEMPERATURE",
-                   "VLM_IMAGE_LONGEST_EDGE")
+                   "VLM_IMAGE_SPLITTING", "VLM_IMAGE_LONGEST_EDGE")
 
 
 def parse_indices(spec: str, samples: int) -> list[int]:

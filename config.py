@@ -71,9 +71,15 @@ MAX_NEW_TOKENS = 64
 NUM_BEAMS = 1
 DO_SAMPLE = False
 TEMPERATURE = 1.0
-# Longest image side the VLM processor resizes to; 0 keeps the checkpoint's
-# default. SmolVLM splits images into 384px tiles, so 384 means one tile and is
-# much faster on CPU, at some cost in detail.
+# Image splitting: SmolVLM can enlarge an image and cut it into tiles (384 px for
+# SmolVLM-Instruct, 512 px for the 256M/500M models) plus a global view. A 500x375
+# Flickr8K photo becomes 13 tiles, enlarged 3-4x, so no detail is gained over
+# the photo itself, and on the CPU it costs about 13x the time of one tile
+# (BENCHMARKS.md, "Caption generation"). False: one tile per image; true: the
+# checkpoint's splitting (worth it for large, detailed images).
+VLM_IMAGE_SPLITTING = False
+# With splitting on: the longest side the image is enlarged/reduced to before it is
+# cut into tiles; 0 keeps the checkpoint's default (4 tiles wide for SmolVLM).
 VLM_IMAGE_LONGEST_EDGE = 0
 
 # --- throughput --------------------------------------------------------------

@@ -80,12 +80,13 @@ def _captioner(settings: config.Settings):
     device, dtype = _device(settings)
     key = (settings.vlm_model_name, str(device), settings.max_new_tokens, settings.num_beams,
            settings.do_sample, settings.temperature, settings.vlm_image_longest_edge,
-           settings.random_seed)
+           settings.vlm_image_splitting, settings.random_seed)
     return cached("captioner", key, lambda: VLMCaptioner(
         settings.vlm_model_name, device=device, dtype=dtype,
         max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,
         do_sample=settings.do_sample, temperature=settings.temperature,
-        image_longest_edge=settings.vlm_image_longest_edge, seed=settings.random_seed))
+        image_longest_edge=settings.vlm_image_longest_edge,
+        image_splitting=settings.vlm_image_splitting, seed=settings.random_seed))
 
 
 def initialize_system(**overrides: Any):
@@ -210,6 +211,9 @@ def run_experiments(dataset_loader, db_manager, indices: list[int], settings: co
     lap("prompt")
     captions = generate_captions(captioner, [image for _, _, image in work], prompts)
     lap("generate")
+    if getattr(captioner, "last_first_token", None) is not None:
+        # Not per image and not a stage: from the start of `generate` to its first token.
+        timings["first_token"] = round(captioner.last_first_token, 4)
     texts = [c for c in captions if isinstance(c, str)]
     caption_vectors = iter(caption_embedder.embed_captions(texts))
     lap("embed_caption")
@@ -257,6 +261,22 @@ def memory_rows(db_manager, growing: bool) -> tuple[list[str], Any]:
     return [ids[n] for n in train], vectors[train]
 
 
+def retrieve_prompts(image_vectors, ids: list[str], vectors, captions_of,
+                     settings: config.Settings) -> tuple[list[list[Any]], list[str]]:
+    """Each image's TOP_K_SIMILAR neighbours among the memory rows (`ids`,
+    `vectors`) and its prompt holding their captions (`captions_of(image_id)`).
+    No memory rows: no neighbours, the plain prompt. The per-batch step that
+    --caption-folder and scale/caption_collection.py share."""
+    from prompt_generator import build_prompt
+    from similarity_search import top_k
+    found = [top_k(vector, vectors, ids, settings.top_k_similar) if len(ids) else []
+             for vector in image_vectors]
+    prompts = [build_prompt([captions_of(n.image_id) for n in neighbours],
+                            settings.prompt_template, settings.prompt_template_no_context,
+                            settings.captions_per_neighbour) for neighbours in found]
+    return found, prompts
+
+
 def generate_captions(captioner, images: list, prompts: list[str]) -> list:
     """Captions for a batch; if the batch fails, image by image, so that one bad
     image costs only its own caption. Failures come back as exceptions."""
@@ -297,7 +317,8 @@ def _save(result: dict[str, Any], db_manager, image_vector, caption_vector, vlm_
         raise
     timings = result["timings"]
     timings["save_to_db"] = round(time.perf_counter() - start, 4)
-    timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 4)
+    timings["total"] = round(sum(v for k, v in timings.items()
+                                 if k not in ("total", "first_token")), 4)
     write_json_atomic(path, result)  # again, now with the time the save took
     result["result_path"] = str(path)
     return result
@@ -321,8 +342,6 @@ def caption_folder(folder: str, retrieval: bool = True, **overrides: Any) -> dic
     from dataset_loader import open_image
     from db_manager import DbIdentity, DbManager, generated_caption_id
     from folder_index import folder_db_dir, scan_folder
-    from prompt_generator import build_prompt
-    from similarity_search import top_k
 
     settings = config.resolve(**overrides)
     files = scan_folder(folder)
@@ -340,8 +359,10 @@ def caption_folder(folder: str, retrieval: bool = True, **overrides: Any) -> dic
                 np.zeros((0, caption_embedder.dim), np.float32))
     todo = [f for f in files if not db.has_caption(generated_caption_id(f, captioner.name))]
     position = {image_id: n for n, image_id in enumerate(files)}
+    ids, vectors, captions_of = [], np.zeros((0, image_embedder.dim), np.float32), None
     if retrieval:
         ids, vectors = memory_rows(memory, growing=settings.memory == "growing")
+        captions_of = memory.captions_of
     done, failed = 0, []
     bar = tqdm(total=len(todo), desc="captioning", unit="img")
     for start in range(0, len(todo), settings.batch_size):  # BATCH_SIZE images per generate
@@ -353,15 +374,7 @@ def caption_folder(folder: str, retrieval: bool = True, **overrides: Any) -> dic
                 log.warning("skipping %s: %s", image_id, exc)
                 failed.append(image_id)
         image_vectors = image_embedder.embed([image for _, image in batch])
-        prompts = []
-        for vector in image_vectors:
-            neighbour_captions = []
-            if retrieval:
-                neighbour_captions = [memory.captions_of(n.image_id) for n in
-                                      top_k(vector, vectors, ids, settings.top_k_similar)]
-            prompts.append(build_prompt(neighbour_captions, settings.prompt_template,
-                                        settings.prompt_template_no_context,
-                                        settings.captions_per_neighbour))
+        _, prompts = retrieve_prompts(image_vectors, ids, vectors, captions_of, settings)
         captions = generate_captions(captioner, [image for _, image in batch], prompts)
         good = [(image_id, vector, caption) for (image_id, _), vector, caption
                 in zip(batch, image_vectors, captions) if isinstance(caption, str)]
@@ -447,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                          help="validate the databases in DB_DIR and print a report")
     actions.add_argument("--repair-db", action="store_true",
                          help="back up DB_DIR, then fix what can be fixed and report the rest")
+    actions.add_argument("--import-parquet", metavar="OUT_DIR",
+                         help="add the images and captions of `python -m "
+                              "scale.caption_collection --out OUT_DIR` to the databases")
     try:
         args, settings = config.parse_cli(parser, argv)
     except UserError as exc:
@@ -457,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k.lower(): v for k, v in settings.as_dict().items()}
         if args.check_db or args.repair_db:
             return _maintain_db(Path(settings.db_dir), repair=args.repair_db)
+        if args.import_parquet:
+            return _import_parquet(args.import_parquet, settings)
         if args.caption_folder:
             summary = caption_folder(args.caption_folder, not args.no_retrieval, **overrides)
             print(f"captioned {summary['captioned']} of {summary['images']} images in "
@@ -498,6 +516,18 @@ def _batch(args, settings: config.Settings, overrides: dict[str, Any]) -> int:
         run_dir = Path(settings.results_dir) / "runs" / summary["run"]
     print(batch_runner.format_summary(summary, run_dir))
     return batch_runner.exit_code(summary)
+
+
+def _import_parquet(out_dir: str, settings: config.Settings) -> int:
+    """--import-parquet: the shards of a scale/ job into the databases (db_manager writes)."""
+    from scale.shards import import_parquet
+    s = import_parquet(out_dir, settings.db_dir, settings.clip_model_name,
+                       settings.caption_embedding_model)
+    print(f"imported {s['images_added']} images and {s['captions_added']} captions from "
+          f"{s['shards']} shard(s) of {s['out_dir']} into {s['database']} "
+          f"({s['already_present']} were there already); search them with\n"
+          f"  python search.py --text \"...\"")
+    return 0
 
 
 def _maintain_db(db_dir: Path, repair: bool) -> int:

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import re
+import time
 from typing import Sequence
 
 import torch
@@ -49,7 +50,8 @@ class VLMCaptioner:
     def __init__(self, model: str | os.PathLike | torch.nn.Module, processor=None, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  max_new_tokens: int = 64, num_beams: int = 1, do_sample: bool = False,
-                 temperature: float = 1.0, image_longest_edge: int = 0, seed: int = 0):
+                 temperature: float = 1.0, image_longest_edge: int = 0,
+                 image_splitting: bool | None = None, seed: int = 0):
         import transformers
         if isinstance(model, (str, os.PathLike)):
             model = self.name = str(model)
@@ -68,6 +70,8 @@ class VLMCaptioner:
         processor.tokenizer.padding_side = "left"
         if image_longest_edge:
             _set_longest_edge(processor, image_longest_edge)
+        if image_splitting is not None:
+            _set_image_splitting(processor, image_splitting)
         self.model = model.to(device).eval()
         self.processor = processor
         self.device = torch.device(device)
@@ -77,6 +81,8 @@ class VLMCaptioner:
         if do_sample:
             self.generation["temperature"] = temperature
         self.seed = seed
+        # Seconds from the start of the last generate call to its first new token.
+        self.last_first_token: float | None = None
 
     def chat_text(self, prompt: str) -> str:
         """The prompt in the model's chat format, ending where the answer starts."""
@@ -95,7 +101,9 @@ class VLMCaptioner:
                   for k, v in inputs.items()}
         if self.generation["do_sample"]:
             torch.manual_seed(self.seed)
-        out = self.model.generate(**inputs, **self.generation)
+        clock = _FirstTokenClock()
+        out = self.model.generate(**inputs, **self.generation, logits_processor=[clock])
+        self.last_first_token = clock.seconds
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         return [clean_caption(t, p) for t, p in zip(texts, prompts)]
@@ -112,6 +120,29 @@ class VLMCaptioner:
         return EmptyCaptionError(
             f"VLM {self.name!r} generated an empty caption; try a larger --max-new-tokens, "
             "--num-beams 3 or another --vlm-model-name")
+
+
+class _FirstTokenClock:
+    """A no-op logits processor: generate() calls it once the prompt (image tiles
+    included) has gone through the model and the first new token is being chosen."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.seconds is None:
+            self.seconds = time.perf_counter() - self.start
+        return scores
+
+
+def _set_image_splitting(processor, splitting: bool) -> None:
+    image_processor = processor.image_processor
+    if hasattr(image_processor, "do_image_splitting"):
+        image_processor.do_image_splitting = splitting
+    elif splitting:
+        log.warning("--vlm-image-splitting ignored: %s does not split images",
+                    type(image_processor).__name__)
 
 
 def _set_longest_edge(processor, edge: int) -> None:

@@ -804,7 +804,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"**In progress: {done} of {wanted} variants finished.**", ""]
     generation = ("greedy" if not s["do_sample"] else f"sampling at temperature {s['temperature']}"
                   ) + f", max_new_tokens {s['max_new_tokens']}, num_beams {s['num_beams']}"
-    edge = s["vlm_image_longest_edge"] or "the checkpoint's default"
+    tiles = ("split into tiles, longest edge "
+             f"{s['vlm_image_longest_edge'] or 'of the checkpoint'}"
+             if s.get("vlm_image_splitting", True) else "one tile per image")
     unreadable = report.get("unreadable_images") or []
     lines += [
         f"- VLM `{report['models']['vlm']}`, CLIP `{report['models']['clip']}`, caption "
@@ -820,7 +822,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{s['captions_per_neighbour']}, MEMORY {s['memory']} (image→image variants other "
         f"than memory=*: {'growing' if s['memory'] == 'growing' else 'frozen'}); "
         f"generation {generation}; VLM "
-        f"image longest edge {edge}; batch size {s['batch_size']}; device {report['device']}"
+        f"images {tiles}; batch size {s['batch_size']}; device {report['device']}"
         + (f" ({report['dtype']})" if report.get("dtype") else "") + ".",
         "- Shared work, done once and in no row's time: reading the images "
         f"{shared.get('load_images', 0):.1f} s, CLIP image embedding of the {images} images "

