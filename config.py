@@ -81,6 +81,9 @@ VLM_IMAGE_SPLITTING = False
 # With splitting on: the longest side the image is enlarged/reduced to before it is
 # cut into tiles; 0 keeps the checkpoint's default (4 tiles wide for SmolVLM).
 VLM_IMAGE_LONGEST_EDGE = 0
+# The VLM's attention kernel: "" lets transformers choose (sdpa where supported);
+# "flash_attention_2" on a GPU with the flash-attn package; "eager" for debugging.
+VLM_ATTN_IMPLEMENTATION = ""
 
 # --- throughput --------------------------------------------------------------
 # Images or captions per forward pass: embeddings, and caption generation in

@@ -80,13 +80,14 @@ def _captioner(settings: config.Settings):
     device, dtype = _device(settings)
     key = (settings.vlm_model_name, str(device), settings.max_new_tokens, settings.num_beams,
            settings.do_sample, settings.temperature, settings.vlm_image_longest_edge,
-           settings.vlm_image_splitting, settings.random_seed)
+           settings.vlm_image_splitting, settings.vlm_attn_implementation, settings.random_seed)
     return cached("captioner", key, lambda: VLMCaptioner(
         settings.vlm_model_name, device=device, dtype=dtype,
         max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,
         do_sample=settings.do_sample, temperature=settings.temperature,
         image_longest_edge=settings.vlm_image_longest_edge,
-        image_splitting=settings.vlm_image_splitting, seed=settings.random_seed))
+        image_splitting=settings.vlm_image_splitting,
+        attn_implementation=settings.vlm_attn_implementation, seed=settings.random_seed))
 
 
 def initialize_system(**overrides: Any):

@@ -51,14 +51,23 @@ class VLMCaptioner:
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  max_new_tokens: int = 64, num_beams: int = 1, do_sample: bool = False,
                  temperature: float = 1.0, image_longest_edge: int = 0,
-                 image_splitting: bool | None = None, seed: int = 0):
+                 image_splitting: bool | None = None, attn_implementation: str = "",
+                 seed: int = 0):
         import transformers
         if isinstance(model, (str, os.PathLike)):
             model = self.name = str(model)
+            # "" lets transformers choose (sdpa where the model supports it)
+            attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
             with hub_errors("VLM", model, "--vlm-model-name"):
                 processor = transformers.AutoProcessor.from_pretrained(model, token=hf_token())
-                model = transformers.AutoModelForImageTextToText.from_pretrained(
-                    model, dtype=dtype, token=hf_token())
+                try:
+                    model = transformers.AutoModelForImageTextToText.from_pretrained(
+                        model, dtype=dtype, token=hf_token(), **attention)
+                except (ImportError, ValueError) as exc:
+                    if attention and ("attn" in str(exc) or "attention" in str(exc).lower()):
+                        raise UserError(f"--vlm-attn-implementation {attn_implementation!r}: "
+                                        f"{str(exc).splitlines()[0][:300]}") from None
+                    raise
         else:
             self.name = getattr(model.config, "_name_or_path", type(model).__name__)
             if processor is None:

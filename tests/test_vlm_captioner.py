@@ -202,6 +202,18 @@ def test_image_splitting_on_keeps_the_checkpoint_tiles(tiny_vlm, captioner, imag
     assert [_tiles(split, im) for im in images] == [_tiles(captioner, im) for im in images]
 
 
+def test_attn_implementation_is_passed_to_the_model(tiny_vlm):
+    captioner = VLMCaptioner(tiny_vlm, device="cpu", max_new_tokens=8,
+                             attn_implementation="eager")
+    assert captioner.model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("kernel", ["bogus", "flash_attention_2"])  # no flash-attn package here
+def test_unusable_attn_implementation_is_a_user_error(tiny_vlm, kernel):
+    with pytest.raises(UserError, match=f"--vlm-attn-implementation '{kernel}'"):
+        VLMCaptioner(tiny_vlm, device="cpu", attn_implementation=kernel)
+
+
 def test_time_to_first_token_is_measured_within_the_generate_call(captioner, images):
     start = time.perf_counter()
     captioner.caption_batch(images[:1], PROMPTS[:1])
