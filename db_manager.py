@@ -41,6 +41,9 @@ A crash before 2 leaves nothing; after 2, the next start (or --repair-db)
 cuts every file back to the committed lengths of state.json and re-applies
 the journal line, so the three databases get all three entries or none.
 A torn journal line (crash during 2) was never acknowledged and is dropped.
+`add_images` appends many images and captions the same way as one journal
+line (one write, all rows or none; rows already stored are skipped): how
+`main.py --import-parquet` brings in the output of scale/caption_collection.py.
 Errors during 2-4 (disk full, Ctrl-C) roll every file back to its committed
 length. Replacing a generated caption rewrites the two caption files whole
 (temp file + rename), the only write whose cost grows with the database.
@@ -312,6 +315,62 @@ class DbManager:
                 record["image_vector"] = None
             self._write_record(record)
 
+    def add_images(self, image_ids: Sequence[str], image_vectors: np.ndarray,
+                   captions: Sequence[dict[str, Any]], caption_vectors: np.ndarray,
+                   kind: str = "imported") -> tuple[int, int]:
+        """Append many images and captions in ONE journaled write: all rows or none
+        across the three files, with add_experiment's guarantees (durable once it
+        returns, completed or dropped after a crash, rolled back on an error).
+
+        `image_vectors[i]` is image `image_ids[i]`'s embedding; each caption entry
+        ({"id", "image_id", "caption", "source", ...}) comes with its row of
+        `caption_vectors`, and its image must be stored or in this batch. `kind`
+        labels the new images (e.g. "imported"). Images and caption ids already
+        stored are left as they are, not replaced, so adding the same rows again
+        adds nothing. Returns (images added, captions added).
+        """
+        if self.needs_seed:
+            raise RuntimeError("seed the database first")
+        image_vectors = _as_vectors(image_vectors, len(image_ids)) if len(image_ids) else None
+        caption_vectors = _as_vectors(caption_vectors, len(captions)) if len(captions) else None
+        for n, entry in enumerate(captions):
+            if not all(isinstance(entry.get(k), str) for k in ("id", "image_id", "caption",
+                                                               "source")):
+                raise ValueError(f"caption entry {n} needs string id, image_id, caption, source")
+        for what, keys in (("an image id", list(image_ids)),
+                           ("a caption id", [c["id"] for c in captions])):
+            if len(set(keys)) != len(keys):
+                raise ValueError(f"the batch holds {what} twice")
+        with self._locked():
+            self._recover()
+            self._refresh()  # what other processes added counts as already stored
+            state = self.state
+            new_images = [n for n, i in enumerate(image_ids) if i not in self._image_pos]
+            new_captions = [n for n, c in enumerate(captions) if c["id"] not in self._caption_pos]
+            if image_vectors is not None:
+                _check_dim(image_vectors[0], state["image_dim"], IMAGE_DB)
+            if caption_vectors is not None:
+                _check_dim(caption_vectors[0], state["caption_dim"], CAPTION_EMBEDDING_DB)
+            known = set(image_ids)
+            orphan = next((captions[n]["image_id"] for n in new_captions
+                           if captions[n]["image_id"] not in known
+                           and captions[n]["image_id"] not in self._image_pos), None)
+            if orphan is not None:
+                raise ValueError(f"a caption of image {orphan!r}, which is neither stored nor "
+                                 "in this batch")
+            if not new_images and not new_captions:
+                return 0, 0
+            record = {"seq": state["seq"] + 1, "batch": True,
+                      "images": [{"image_id": image_ids[n], "kind": kind} for n in new_images],
+                      "image_vectors": (image_vectors[new_images] if new_images else
+                                        np.zeros((0, state["image_dim"]), np.float32)),
+                      "captions": [dict(captions[n]) for n in new_captions],
+                      "caption_vectors": (caption_vectors[new_captions] if new_captions else
+                                          np.zeros((0, state["caption_dim"]), np.float32)),
+                      "replace": None}
+            self._write_record(record)
+        return len(new_images), len(new_captions)
+
     def _write_record(self, record: dict[str, Any]) -> None:
         journal = self.work / JOURNAL
         line = _journal_line(record)
@@ -333,6 +392,8 @@ class DbManager:
 
     def _apply(self, record: dict[str, Any]) -> None:
         """Write `record` into the files (their new sizes go to record["_sizes"])."""
+        if record.get("batch"):
+            return self._apply_batch(record)
         state = self.state
         sizes = dict(state["bytes"])
         if record["image"] is not None:
@@ -369,15 +430,52 @@ class DbManager:
                                           vectors))
         record["_sizes"] = sizes
 
+    def _apply_batch(self, record: dict[str, Any]) -> None:
+        """add_images' record: every row appended to each file in one write."""
+        state = self.state
+        sizes = dict(state["bytes"])
+        images, captions = record["images"], record["captions"]
+        if images:
+            vectors = np.asarray(record["image_vectors"], np.float32).reshape(
+                len(images), state["image_dim"])
+            count = state["images"]
+            sizes[IMAGE_DB] = _append_json(
+                self.db_dir / IMAGE_DB, sizes[IMAGE_DB], count,
+                b",\n".join(_dumps({**i, "embedding": v}) for i, v in zip(images, vectors)))
+            sizes[f"{WORK}/{IMAGE_META}"] = _append_bytes(
+                self.work / IMAGE_META, sizes[f"{WORK}/{IMAGE_META}"],
+                b"".join(_dumps(i) + b"\n" for i in images))
+            _append_bytes(self.work / IMAGE_VECTORS, count * state["image_dim"] * 4,
+                          vectors.tobytes())
+        if captions:
+            vectors = np.asarray(record["caption_vectors"], np.float32).reshape(
+                len(captions), state["caption_dim"])
+            count = state["captions"]
+            sizes[CAPTION_DB] = _append_json(self.db_dir / CAPTION_DB, sizes[CAPTION_DB], count,
+                                             b",\n".join(_dumps(c) for c in captions))
+            sizes[CAPTION_EMBEDDING_DB] = _append_json(
+                self.db_dir / CAPTION_EMBEDDING_DB, sizes[CAPTION_EMBEDDING_DB], count,
+                b",\n".join(_dumps(_caption_vector_entry(c, v)) for c, v in zip(captions, vectors)))
+            sizes[f"{WORK}/{CAPTION_META}"] = _append_bytes(
+                self.work / CAPTION_META, sizes[f"{WORK}/{CAPTION_META}"],
+                b"".join(_dumps(c) + b"\n" for c in captions))
+            _append_bytes(self.work / CAPTION_VECTORS, count * state["caption_dim"] * 4,
+                          vectors.tobytes())
+        record["_sizes"] = sizes
+
     def _finish(self, record: dict[str, Any]) -> None:
         """Commit `record`'s writes in state.json, empty the journal, adopt the new rows."""
         new = dict(self.state, seq=record["seq"], bytes=record["_sizes"])
-        if record["image"] is not None:
-            new["images"] += 1
-        if record["replace"] is None:
-            new["captions"] += 1
+        if record.get("batch"):
+            new["images"] += len(record["images"])
+            new["captions"] += len(record["captions"])
         else:
-            new["epoch"] += 1
+            if record["image"] is not None:
+                new["images"] += 1
+            if record["replace"] is None:
+                new["captions"] += 1
+            else:
+                new["epoch"] += 1
         _write_atomic(self.work / STATE, _dumps(new, indent=True))
         _truncate(self.work / JOURNAL, 0)
         old = self.state
@@ -421,10 +519,16 @@ class DbManager:
             self._load(state)
             self._apply(pending)
             self._finish(pending)
-            caption = pending["caption"]
-            self.repaired.append(
-                f"completed the interrupted save of experiment {caption.get('experiment_index')} "
-                f"({caption['image_id']}): its three entries are all present now")
+            if pending.get("batch"):
+                self.repaired.append(
+                    f"completed an interrupted batch of {len(pending['images'])} images and "
+                    f"{len(pending['captions'])} captions: all its entries are present now")
+            else:
+                caption = pending["caption"]
+                self.repaired.append(
+                    f"completed the interrupted save of experiment "
+                    f"{caption.get('experiment_index')} ({caption['image_id']}): its three "
+                    "entries are all present now")
         for note in self.repaired:
             log.warning("database %s: %s", self.db_dir, note)
 

@@ -199,12 +199,16 @@ UPLOADS = "uploads"  # DB_DIR/uploads/: images saved to the memory from the web 
 
 
 def _memory_path(dataset, settings: config.Settings, image_id: str) -> str | None:
-    """The file of an image in the memory: the data set's, or a saved upload."""
+    """The file of an image in the memory: the data set's, a saved upload, or (for
+    images imported with --import-parquet, whose ids are their paths) the file itself."""
     sample = dataset.get(image_id)
     if sample is not None:
         return sample.source if isinstance(sample.source, str) else None
     saved = Path(settings.db_dir) / UPLOADS / Path(image_id).name
-    return str(saved) if saved.is_file() else None
+    if saved.is_file():
+        return str(saved)
+    own = Path(image_id.removeprefix("file://"))
+    return str(own) if own.is_absolute() and own.is_file() else None
 
 
 def memory_image(dataset, settings: config.Settings, image_id: str):
@@ -215,7 +219,7 @@ def memory_image(dataset, settings: config.Settings, image_id: str):
         return dataset.load_image(sample)
     path = _memory_path(dataset, settings, image_id)
     if path is None:
-        raise UserError(f"no image file for {image_id!r} in the data set or {UPLOADS}/")
+        raise UserError(f"no image file for {image_id!r} in the data set, {UPLOADS}/ or on disk")
     return open_image(path)
 
 
@@ -293,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--backbone", default="clip", metavar="NAME",
                       help="image search: clip (CLIP_MODEL_NAME), siglip, resnet50, dinov2, or a "
                            "hub id / local path (default clip)")
-    what.add_argument("--index", choices=("numpy", "faiss", "faiss-fp16"), default="numpy",
+    what.add_argument("--index", choices=__import__("similarity_search").BACKENDS, default="numpy",
                       help="search backend: numpy (default) or faiss (exact, float32), "
                            "faiss-fp16 (float16 codes, faster on large indexes); faiss needs "
                            "faiss-cpu")

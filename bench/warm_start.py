@@ -35,7 +35,7 @@ BEFORE_FIRST_TOKEN = ("load", "load_image", "embed_image", "search", "prompt")
 def run(env: dict[str, str], index: int, results: Path) -> dict:
     before = set(results.glob("experiment_*.json")) if results.exists() else set()
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "main.py", "--experiment-index", str(index)],
+    proc = subprocess.run([sys.executable, "main.py", "--experiment-image-index", str(index)],
                           env=env, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode:

@@ -479,3 +479,105 @@ def test_write_json_atomic_replaces_whole_file(tmp_path):
     write_json_atomic(path, {"b": 1})
     assert json.loads(path.read_text()) == {"b": 1}
     assert os.listdir(path.parent) == ["r.json"]
+
+
+# --- many rows in one write (add_images: main.py --import-parquet) ------------------------
+
+def imported(n, prefix="col", seed=20):
+    ids = [f"/photos/{prefix}-{i}.jpg" for i in range(n)]
+    captions = [{"id": generated_caption_id(i, "vlm"), "image_id": i, "caption": f"caption of {i}",
+                 "source": "generated", "model": "vlm", "imported_from": "/out"} for i in ids]
+    return ids, unit(n, 4, seed), captions, unit(n, 5, seed + 1)
+
+
+def test_add_images_appends_many_rows_in_one_write(tmp_path):
+    db = seeded(tmp_path)
+    seq = db.state["seq"]
+    assert db.add_images(*imported(5)) == (5, 5)
+    assert db.state["seq"] == seq + 1                       # one journaled write
+    data = load_all(tmp_path)
+    assert [len(d["entries"]) for d in data.values()] == [8, 11, 11]
+    assert [e["kind"] for e in data[IMAGE_DB]["entries"]][-5:] == ["imported"] * 5
+    again = DbManager.open(tmp_path, IDENTITY)
+    ids, image_vectors, captions, caption_vectors = imported(5)
+    assert again.image_ids[-5:] == ids and again.captions[-5:] == captions
+    np.testing.assert_array_equal(again.image_vectors[-5:], image_vectors)
+    np.testing.assert_array_equal(again.caption_vectors[-5:], caption_vectors)
+    assert check_db(tmp_path) == []
+    before = snapshot(tmp_path)
+    assert again.add_images(*imported(5)) == (0, 0)         # the same rows again: nothing
+    assert db.add_images(*imported(7)) == (2, 2)            # a stale handle merges first
+    assert len(DbManager.open(tmp_path, IDENTITY).image_ids) == 3 + 7
+    assert snapshot(tmp_path) != before and check_db(tmp_path) == []
+
+
+def test_add_images_refuses_bad_rows_and_writes_nothing(tmp_path):
+    db = seeded(tmp_path)
+    before = snapshot(tmp_path)
+    ids, image_vectors, captions, caption_vectors = imported(3)
+    with pytest.raises(UserError, match="4-d vectors"):
+        db.add_images(ids, unit(3, 6), captions, caption_vectors)
+    with pytest.raises(ValueError, match="NaN"):
+        db.add_images(ids, np.full((3, 4), np.nan), captions, caption_vectors)
+    with pytest.raises(ValueError, match="neither stored nor in this batch"):
+        db.add_images(ids[:2], image_vectors[:2], captions, caption_vectors)
+    with pytest.raises(ValueError, match="holds an image id twice"):
+        db.add_images(ids[:1] * 2, image_vectors[:2], [], np.zeros((0, 5), np.float32))
+    assert snapshot(tmp_path) == before and check_db(tmp_path) == []
+
+
+@pytest.mark.parametrize("victim, failing", [
+    ("_append_json", 2), ("_append_bytes", 3), ("_write_atomic", 1),   # 1: the commit itself
+])
+def test_disk_full_during_add_images_leaves_everything_unchanged(tmp_path, monkeypatch, victim,
+                                                                 failing):
+    db = seeded(tmp_path)
+    before, images, captions = snapshot(tmp_path), list(db.image_ids), list(db.captions)
+    real, calls = getattr(db_manager, victim), []
+
+    def disk_full(*args, **kwargs):   # files were appended before this call fails
+        calls.append(1)
+        if len(calls) == failing:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(db_manager, victim, disk_full)
+    with pytest.raises(OSError):
+        db.add_images(*imported(4))
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before
+    assert db.image_ids == images and db.captions == captions
+    assert check_db(tmp_path) == []
+    assert db.add_images(*imported(4)) == (4, 4) and check_db(tmp_path) == []
+
+
+BATCH_WRITER = """
+import sys
+sys.path[:0] = [{tests!r}, {root!r}]
+import db_manager, db_writer, test_db_manager
+db_writer.crash_at(sys.argv[2])
+db = db_manager.DbManager.open(sys.argv[1])
+db.add_images(*test_db_manager.imported(6))
+print("ack", flush=True)
+"""
+
+
+@pytest.mark.parametrize("point, saved", [
+    ("journal", False), ("json:1", True), ("json:3", True), ("state", True),
+    ("truncate-journal", True),
+])
+def test_crash_during_add_images_gives_every_row_or_none(tmp_path, point, saved, caplog):
+    seeded(tmp_path)
+    code = BATCH_WRITER.format(tests=str(WRITER.parent), root=str(WRITER.parent.parent))
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), point],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 9 and "ack" not in out.stdout, out.stderr
+    db = DbManager.open(tmp_path, IDENTITY)
+    ids = imported(6)[0]
+    assert [i in db.image_ids for i in ids] == [saved] * 6
+    assert [generated_caption_id(i, "vlm") in {c["id"] for c in db.captions}
+            for i in ids] == [saved] * 6
+    assert check_db(tmp_path) == []
+    counts = [len(d["entries"]) for d in load_all(tmp_path).values()]
+    assert counts == ([9, 12, 12] if saved else [3, 6, 6])
+    if point not in ("truncate-journal", "journal"):
+        assert "completed an interrupted batch of 6 images and 6 captions" in caplog.text
