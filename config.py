@@ -42,6 +42,10 @@ VLM_MODEL_NAME = "HuggingFaceTB/SmolVLM-Instruct"
 CAPTION_EMBEDDING_MODEL = "BAAI/bge-base-en-v1.5"
 # "auto", "cpu", "cuda", "cuda:1" or "mps". auto = CUDA, then MPS, then CPU.
 DEVICE = "auto"
+# Model precision: "auto" = bfloat16 (float16 where unsupported) on GPUs, float32 on
+# the CPU; or "float32", "bfloat16" (about 2x faster on CPUs with AVX512-BF16 or
+# AMX, see BENCHMARKS.md), "float16" (GPUs only).
+DTYPE = "auto"
 
 # --- retrieval and prompt ----------------------------------------------------
 # Neighbours retrieved from the image database for each experiment image.
@@ -74,8 +78,8 @@ TEMPERATURE = 1.0
 # Image splitting: SmolVLM can enlarge an image and cut it into tiles (384 px for
 # SmolVLM-Instruct, 512 px for the 256M/500M models) plus a global view. A 500x375
 # Flickr8K photo becomes 13 tiles, enlarged 3-4x, so no detail is gained over
-# the photo itself, and on the CPU it costs about 13x the time of one tile
-# (BENCHMARKS.md, "Caption generation"). False: one tile per image; true: the
+# the photo itself, and on the CPU a caption takes 7-9x as long as with one
+# tile (BENCHMARKS.md, "Caption generation"). False: one tile per image; true: the
 # checkpoint's splitting (worth it for large, detailed images).
 VLM_IMAGE_SPLITTING = False
 # With splitting on: the longest side the image is enlarged/reduced to before it is
@@ -179,6 +183,9 @@ def _check(values: dict[str, Any]) -> None:
             raise UserError(f"{flag(name)} must be 0 or more, got {values[name]}")
     if values["TEMPERATURE"] <= 0:
         raise UserError(f"--temperature must be positive, got {values['TEMPERATURE']}")
+    if values["DTYPE"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got "
+                        f"{values['DTYPE']!r}")
     device = values["DEVICE"]
     if device not in ("auto", "cpu", "mps", "cuda") and not (
             device.startswith("cuda:") and device[5:].isdigit()):

@@ -50,7 +50,8 @@ def cached(kind: str, key: Any, load):
 
 def _device(settings: config.Settings):
     from device import resolve_device
-    return cached("device", settings.device, lambda: resolve_device(settings.device))
+    key = (settings.device, settings.dtype)
+    return cached("device", key, lambda: resolve_device(*key))
 
 
 def _dataset(settings: config.Settings):
@@ -62,7 +63,7 @@ def _dataset(settings: config.Settings):
 def _image_embedder(settings: config.Settings):
     from image_embedder import ImageEmbedder
     device, dtype = _device(settings)
-    key = (settings.clip_model_name, str(device), settings.batch_size)
+    key = (settings.clip_model_name, str(device), str(dtype), settings.batch_size)
     return cached("image_embedder", key, lambda: ImageEmbedder(
         settings.clip_model_name, device=device, dtype=dtype, batch_size=settings.batch_size))
 
@@ -78,9 +79,10 @@ def _caption_embedder(settings: config.Settings):
 def _captioner(settings: config.Settings):
     from vlm_captioner import VLMCaptioner
     device, dtype = _device(settings)
-    key = (settings.vlm_model_name, str(device), settings.max_new_tokens, settings.num_beams,
-           settings.do_sample, settings.temperature, settings.vlm_image_longest_edge,
-           settings.vlm_image_splitting, settings.vlm_attn_implementation, settings.random_seed)
+    key = (settings.vlm_model_name, str(device), str(dtype), settings.max_new_tokens,
+           settings.num_beams, settings.do_sample, settings.temperature,
+           settings.vlm_image_longest_edge, settings.vlm_image_splitting,
+           settings.vlm_attn_implementation, settings.random_seed)
     return cached("captioner", key, lambda: VLMCaptioner(
         settings.vlm_model_name, device=device, dtype=dtype,
         max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,

@@ -89,9 +89,10 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
              {"what": "image model", "setting": "--backbone"})  # for error messages
     def load_embedder() -> ImageEmbedder:  # loaded once per process, like the pipeline's
         device, dtype = pipeline._device(settings)
-        return pipeline.cached("search_embedder", (model_name, str(device), settings.batch_size),
-                           lambda: ImageEmbedder(model_name, device=device, dtype=dtype,
-                                                 batch_size=settings.batch_size, **names))
+        key = (model_name, str(device), str(dtype), settings.batch_size)
+        return pipeline.cached("search_embedder", key,
+                               lambda: ImageEmbedder(model_name, device=device, dtype=dtype,
+                                                     batch_size=settings.batch_size, **names))
 
     if images_dir is not None:
         files = scan_folder(images_dir)  # before loading a model: a bad folder fails fast
@@ -195,6 +196,7 @@ def _open_memory(settings: config.Settings):
     return db, dataset
 
 
+INDEX_BACKENDS = ("numpy", "faiss", "faiss-fp16", "ivfpq", "hnsw")
 UPLOADS = "uploads"  # DB_DIR/uploads/: images saved to the memory from the web page
 
 
@@ -297,9 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--backbone", default="clip", metavar="NAME",
                       help="image search: clip (CLIP_MODEL_NAME), siglip, resnet50, dinov2, or a "
                            "hub id / local path (default clip)")
-    what.add_argument("--index", choices=__import__("similarity_search").BACKENDS, default="numpy",
+    # similarity_search.BACKENDS, spelled out so that --help does not import numpy
+    what.add_argument("--index", choices=INDEX_BACKENDS, default="numpy",
                       help="search backend: numpy (default) or faiss (exact, float32), "
-                           "faiss-fp16 (float16 codes, faster on large indexes); faiss needs "
+                           "faiss-fp16 (float16 codes, faster on large indexes), ivfpq or "
+                           "hnsw (approximate, for millions of images); all but numpy need "
                            "faiss-cpu")
     what.add_argument("--plot", metavar="PNG", help="figure file (default results/search_*.png)")
     what.add_argument("--show", action="store_true", help="also open the figure in a window")

@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
 
         backbones = list(dict.fromkeys(b.strip() for b in args.backbones))
         root, ids, skipped = readable_images(args.images_dir, args.limit)
-        device, dtype = resolve_device(settings.device)
+        device, dtype = resolve_device(settings.device, settings.dtype)
         embedders = {}
         for backbone in backbones:   # all loaded first: a bad name fails before the long part
             names = ({} if backbone.lower() == "clip" else

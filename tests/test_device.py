@@ -47,3 +47,19 @@ def test_mps_without_mps_is_a_user_error():
 def test_unknown_device_name_is_a_user_error():
     with pytest.raises(UserError, match="--device must be"):
         resolve_device("gpu")
+
+
+def test_dtype_auto_is_float32_on_the_cpu_and_can_be_chosen():
+    assert resolve_device("cpu", "auto")[1] == torch.float32
+    assert resolve_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    assert resolve_device("cpu", "float32")[1] == torch.float32
+
+
+def test_float16_on_the_cpu_is_a_user_error():
+    with pytest.raises(UserError, match="--dtype float16 is not supported on the CPU"):
+        resolve_device("cpu", "float16")
+
+
+def test_unknown_dtype_is_a_user_error():
+    with pytest.raises(UserError, match="--dtype must be auto, float32, bfloat16, float16"):
+        resolve_device("cpu", "fp8")

@@ -89,11 +89,22 @@ def test_embed_reads_the_next_batch_while_the_model_runs(embedder, monkeypatch):
             events.append(f"read {i}")
             yield make_image(i)
     monkeypatch.setattr(embedder, "_encode", slow_encode)
+    monkeypatch.setattr(embedder, "overlap", True)  # the default on GPUs
     embedder.embed(images())
     assert events.index(f"read {embedder.batch_size}") < events.index("encoded")
 
 
-def test_embed_raises_an_error_of_the_image_source(embedder):
+def test_overlap_is_off_on_the_cpu_and_gives_the_same_embeddings(embedder, images, reference,
+                                                                  monkeypatch):
+    assert embedder.overlap is False   # the forward already uses every core there
+    monkeypatch.setattr(embedder, "overlap", True)
+    np.testing.assert_array_equal(embedder.embed(images), reference)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_embed_raises_an_error_of_the_image_source(embedder, monkeypatch, overlap):
+    monkeypatch.setattr(embedder, "overlap", overlap)
+
     def images():
         yield make_image(0)
         raise UserError("image 1 could not be read")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import main
@@ -120,6 +121,16 @@ def test_training_pool_embeddings_are_cached(settings_kwargs, tmp_path, monkeypa
     monkeypatch.setattr(image_embedder.ImageEmbedder, "_encode",
                         lambda *a: pytest.fail("training pool embedded again"))
     main.initialize_system(**{**settings_kwargs, "db_dir": str(tmp_path / "fresh-db")})
+
+
+def test_bfloat16_on_the_cpu_runs_the_pipeline_and_is_recorded(settings_kwargs):
+    import torch
+    kw = {**settings_kwargs, "dtype": "bfloat16"}
+    dataset, db = main.initialize_system(**kw)
+    assert main._image_embedder(main.config.resolve(**kw)).model.dtype == torch.bfloat16
+    r = main.run_experiment(dataset, db, experiment_index=0, **kw)
+    assert r["generated_caption"] and r["config"]["resolved_dtype"] == "bfloat16"
+    assert db.image_vectors.dtype == np.float32  # the databases stay float32
 
 
 @pytest.fixture

@@ -335,3 +335,19 @@ def test_index_from_the_shards_finds_what_an_index_of_the_arrays_finds(collectio
     assert cli([str(out), "--out", str(tmp_path / "index"), "--backend", backend]) == 0
     loaded = SearchIndex.load(tmp_path / "index", backend)
     assert loaded.search(vectors[:2], 3) == reference.search(vectors[:2], 3)
+
+
+def test_build_index_takes_ann_settings(collection, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    from scale.build_index import main as cli
+    from similarity_search import SearchIndex
+    _, out = collection
+    assert cli([str(out), "--out", str(tmp_path / "hnsw"), "--backend", "hnsw",
+                "--param", "ef_search=64", "--param", "hnsw_m=8"]) == 0
+    assert "ef_search=64" in capsys.readouterr().out
+    loaded = SearchIndex.load(tmp_path / "hnsw")
+    assert loaded.backend == "hnsw" and loaded.params["ef_search"] == 64
+    assert loaded.params["hnsw_m"] == 8 and len(loaded) == N_IMAGES
+    with pytest.raises(SystemExit) as exc:
+        cli([str(out), "--out", str(tmp_path / "x"), "--param", "nprobe"])
+    assert exc.value.code == 2

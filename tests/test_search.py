@@ -104,6 +104,19 @@ def test_faiss_index_gives_the_same_results(memory, settings_kwargs):
     assert [h.image_id for h in exact.hits] == [h.image_id for h in flat.hits]
 
 
+def test_every_search_backend_is_offered_on_the_command_line():
+    import similarity_search
+    assert search.INDEX_BACKENDS == similarity_search.BACKENDS
+
+
+@pytest.mark.parametrize("backend", ["ivfpq", "hnsw"])
+def test_ann_index_finds_the_query_image_itself(memory, settings_kwargs, backend):
+    pytest.importorskip("faiss")
+    query = memory.train[5]
+    found = search.search_images(query.source, 3, index=backend, **settings_kwargs)
+    assert found.hits[0].image_id == query.image_id
+
+
 def test_text_search_ranks_the_matching_image_first(memory, settings_kwargs):
     cats = {image_name(i) for i in range(16) if "cat" in captions_for(i)[0]}
     result = search.search_text("a cat", 3, **settings_kwargs)
