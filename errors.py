@@ -10,11 +10,23 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 from typing import Iterator
 
 
 class UserError(Exception):
     """A problem the user can fix; its message says how."""
+
+
+def cli_failure(prog: str, exc: BaseException, code: int = 1,
+                interrupted: str = "interrupted") -> int:
+    """What a command-line program prints for what stopped it (one line on stderr, no
+    traceback), and its exit code: 130 for Ctrl-C, else `code` (2: bad options)."""
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return code
 
 
 def hf_token() -> str | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import config
-from errors import UserError
+from errors import UserError, cli_failure
 
 log = logging.getLogger("main")
 
@@ -469,8 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, settings = config.parse_cli(parser, argv)
     except UserError as exc:
-        print(f"main.py: error: {exc}", file=sys.stderr)
-        return 2
+        return cli_failure("main.py", exc, code=2)
     config.configure_logging(settings)
     try:
         overrides = {k.lower(): v for k, v in settings.as_dict().items()}
@@ -491,15 +490,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--no-retrieval goes with --caption-folder; for an experiment "
                             "without retrieval use --top-k-similar 0")
         result = run_experiment(**overrides)
-    except UserError as exc:
-        print(f"main.py: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # disk full, permissions: nothing a traceback would explain better
-        print(f"main.py: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("main.py: interrupted", file=sys.stderr)
-        return 130
+    # OSError: disk full, permissions: nothing a traceback would explain better
+    except (UserError, OSError, KeyboardInterrupt) as exc:
+        return cli_failure("main.py", exc)
     print(_summary(result))
     return 0
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import config
 import main as pipeline  # cheap: it imports torch only when a model is needed
-from errors import UserError
+from errors import UserError, cli_failure
 
 log = logging.getLogger("search")
 
@@ -317,8 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             raise UserError(f"--topk must be a positive integer, got {args.topk!r}") from None
     except UserError as exc:
-        print(f"search.py: error: {exc}", file=sys.stderr)
-        return 2
+        return cli_failure("search.py", exc, code=2)
     config.configure_logging(settings)
     overrides = {name.lower(): value for name, value in settings.as_dict().items()}
     try:
@@ -330,12 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         figure = args.plot or Path(settings.results_dir) / (
             f"search_{datetime.now():%Y%m%d_%H%M%S}.png")
         result.figure = str(plot_results(result, figure, show=args.show))
-    except (UserError, OSError) as exc:
-        print(f"search.py: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("search.py: interrupted", file=sys.stderr)
-        return 130
+    except (UserError, OSError, KeyboardInterrupt) as exc:
+        return cli_failure("search.py", exc)
     print(json.dumps(result.as_json(), indent=2) if args.json else format_table(result))
     return 0
 

@@ -120,7 +120,7 @@ from typing import Any, Callable, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import config  # noqa: E402
 import main as pipeline  # noqa: E402  (cheap: it imports torch only when a model is needed)
-from errors import UserError  # noqa: E402
+from errors import UserError, cli_failure  # noqa: E402
 
 log = logging.getLogger("ablation")
 
@@ -1008,21 +1008,14 @@ def main(argv: list[str] | None = None) -> int:
                    parse_indices(args.indices, settings.experiment_samples) if args.indices
                    else default_indices(settings.experiment_samples))
     except UserError as exc:
-        print(f"ablation: error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+        return cli_failure("ablation", exc, code=2)
+    config.configure_logging(settings)
     try:
         report = run_ablation(names, indices, out_dir=args.out_dir, progress=True,
                               **{k.lower(): v for k, v in settings.as_dict().items()})
-    except (UserError, OSError) as exc:
-        print(f"ablation: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("ablation: interrupted (the files hold the variants that finished)",
-              file=sys.stderr)
-        return 130
+    except (UserError, OSError, KeyboardInterrupt) as exc:
+        return cli_failure("ablation", exc,
+                           interrupted="interrupted (the files hold the variants that finished)")
     text = render_markdown(report)
     files = report["files"]
     where = f"wrote {files['md']}, {files['json']} and {files['png']}"

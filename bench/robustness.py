@@ -55,7 +55,7 @@ from PIL import Image, ImageEnhance, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import config  # noqa: E402
 from bench.common import ROOT, record, table  # noqa: E402
-from errors import UserError, looks_like_path  # noqa: E402
+from errors import UserError, cli_failure, looks_like_path  # noqa: E402
 
 log = logging.getLogger("robustness")
 
@@ -337,8 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit is not None and args.limit < 2:
             raise UserError(f"--limit must be at least 2, got {args.limit}")
     except UserError as exc:
-        print(f"robustness: error: {exc}", file=sys.stderr)
-        return 2
+        return cli_failure("robustness", exc, code=2)
     config.configure_logging(settings)
     try:
         import torch
@@ -389,12 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n## {title}\n\n{body}\n\n{notes}\n")
             else:
                 record(title, body, notes, path=args.benchmarks_file or ROOT / "BENCHMARKS.md")
-    except (UserError, OSError) as exc:
-        print(f"robustness: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("robustness: interrupted", file=sys.stderr)
-        return 130
+    except (UserError, OSError, KeyboardInterrupt) as exc:
+        return cli_failure("robustness", exc)
     if args.json:
         print(json.dumps({**results, "images": len(ids)}, indent=2))
     return 0

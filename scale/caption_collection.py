@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 import config
 from batch_runner import RESULT_SETTINGS
-from errors import UserError
+from errors import UserError, cli_failure
 
 log = logging.getLogger("scale")
 
@@ -605,8 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, settings = parse_args(argv)
     except UserError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        return cli_failure(prog, exc, code=2)
     config.configure_logging(settings)
     overrides = {k.lower(): v for k, v in settings.as_dict().items()}
     try:
@@ -619,13 +618,9 @@ def main(argv: list[str] | None = None) -> int:
             batch_sizes={s: getattr(args, f"{s}_batch_size") for s in STAGES},
             shard_size=args.shard_size, block_size=args.block_size, retries=args.retries,
             **overrides)
-    except (UserError, OSError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted (finished shards are kept; run again to continue)",
-              file=sys.stderr)
-        return 130
+    except (UserError, OSError, KeyboardInterrupt) as exc:
+        return cli_failure(prog, exc, interrupted="interrupted (finished shards are kept; "
+                           "run again to continue)")
     failed = (f", {summary['failed']} failed (see {summary['failures_file']})"
               if summary["failed"] else "")
     print(f"captioned {summary['captioned']} of {summary['images']} images into "

@@ -215,3 +215,14 @@ def test_an_existing_folder_without_a_slash_is_a_path(tmp_path, monkeypatch):
 
 def test_bare_legacy_hub_names_are_not_paths():
     assert not looks_like_path("gpt2")
+
+
+def test_cli_failure_prints_one_line_and_picks_the_exit_code(capsys):
+    from errors import cli_failure
+    assert cli_failure("prog", UserError("no such file x.jpg")) == 1
+    assert capsys.readouterr().err == "prog: error: no such file x.jpg\n"
+    assert cli_failure("prog", UserError("unknown option --topk"), code=2) == 2
+    assert cli_failure("prog", OSError(28, "No space left on device")) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert cli_failure("prog", KeyboardInterrupt(), interrupted="stopped; run again") == 130
+    assert capsys.readouterr().err == "prog: stopped; run again\n"
