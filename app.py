@@ -13,7 +13,7 @@ captions).
 
 The handlers (caption_tab, search_image_tab, search_text_tab, list_runs,
 runs_tab) are plain functions that return plain data; build_ui() lays them out
-with Gradio. They reuse the pipeline's own stages and main.py's model cache, so
+with Gradio. They call the pipeline's caption step and search, and its model cache, so
 models load once per process. Model calls are serialised by MODEL_LOCK. Nothing
 is written to the databases unless "save to memory" is ticked. Importing this
 module loads nothing and starts nothing.
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import config
-from errors import UserError
+from errors import UserError, cli_failure
 from search import UPLOADS  # DB_DIR/uploads/: images saved to the memory from the page
 
 if TYPE_CHECKING:
@@ -67,20 +67,18 @@ def _resolve(settings: config.Settings | None) -> config.Settings:
     return config.resolve() if settings is None else settings
 
 
-def _overrides(settings: config.Settings) -> dict[str, Any]:
-    return {name.lower(): value for name, value in settings.as_dict().items()}
-
-
 def _step(progress: Progress | None, fraction: float, text: str) -> None:
     if progress is not None:
         progress(fraction, text)
 
 
 def _system(settings: config.Settings):
-    """(dataset, db) from main's cache: the first call loads the data set and the
-    models and opens (on a first run, builds) the memory. Call under MODEL_LOCK."""
-    import main
-    return main.initialize_system(**_overrides(settings))
+    """(dataset, db) from the pipeline's cache: the first call loads the data set and
+    the models and opens (on a first run, builds) the memory. Call under MODEL_LOCK."""
+    import pipeline
+    dataset, db = pipeline.initialize(settings)
+    pipeline.load_models(settings).load_all()
+    return dataset, db
 
 
 @dataclass(frozen=True)
@@ -191,7 +189,7 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
                 save_to_memory: bool = False, settings: config.Settings | None = None,
                 progress: Progress | None = None) -> dict[str, Any]:
     """Caption an uploaded image (a path, bytes or PIL image) or the experiment
-    image at an index, with the pipeline's retrieval, prompt and VLM.
+    image at an index, through the pipeline's caption step (pipeline.caption_batch).
 
     Returns {"image_id", "source" ("upload" or "experiment"), "experiment_index"
     (None for an upload), "query" (PIL), "neighbours" [(PIL, "score · caption")],
@@ -205,9 +203,8 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
     experiment_index -1, their image kept in DB_DIR/uploads/); without it nothing
     is written. A bad upload or index raises UserError before anything loads.
     """
-    import main
-    from prompt_generator import build_prompt
-    from similarity_search import top_k
+    import experiment
+    import pipeline
 
     settings = _resolve(settings)
     upload: Upload | None = None
@@ -217,67 +214,50 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
                               settings.experiment_samples - 1)
     else:
         upload = read_upload(image_or_index)
-    start = clock = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(now - clock, 4)
-        clock = now
-
+    start = time.perf_counter()
     _step(progress, 0.0, "waiting for the model")
     with MODEL_LOCK:
         _step(progress, 0.05, "loading models and memory")
         dataset, db = _system(settings)
-        captioner = main._captioner(settings)
-        lap("load")
+        models = pipeline.load_models(settings).load_all()
+        timings = {"load": round(time.perf_counter() - start, 4)}
         if upload is None:
             sample = dataset.experiment_sample(index)
             image_id, references = sample.image_id, list(sample.captions)
             image = dataset.load_image(sample)
         else:
             image_id, references, image = upload.image_id, [], upload.image
-        lap("load_image")
-        _step(progress, 0.15, "embedding the image")
-        query = main._image_embedder(settings).embed([image])[0]
-        lap("embed_image")
-        growing = settings.memory != "frozen"
-        ids, vectors = main.memory_rows(db, growing)
-        neighbours = top_k(query, vectors, ids, settings.top_k_similar, exclude={image_id})
-        contexts = [db.captions_of(n.image_id) for n in neighbours]
-        lap("search")
-        prompt = build_prompt(contexts, settings.prompt_template,
-                              settings.prompt_template_no_context,
-                              settings.captions_per_neighbour)
-        lap("prompt")
-        _step(progress, 0.3, f"generating the caption with {Path(captioner.name).name}")
-        caption = captioner.caption(image, prompt)
-        lap("generate")
+        growing = experiment.memory_policy(settings, batch=False) == "growing"
+        _step(progress, 0.15, f"captioning with {Path(models.captioner.name).name}")
+        batch = pipeline.caption_batch(models, [(image_id, image)],
+                                       pipeline.Memory.from_db(db, growing),
+                                       embed_captions=bool(save_to_memory))
+        [record] = batch.items
+        if isinstance(record, pipeline.Failure):
+            record.raise_it()
+        timings.update(batch.seconds)
         if save_to_memory:
             _step(progress, 0.85, "saving to memory")
-            vector = main._caption_embedder(settings).embed_captions([caption])[0]
-            lap("embed_caption")
+            clock = time.perf_counter()
             if upload is not None:
                 _keep_upload(settings, upload)
-            db.add_experiment(image_id, query, caption, vector, vlm_model=captioner.name,
+            db.add_experiment(image_id, record.vector, record.caption, record.caption_vector,
+                              vlm_model=models.captioner.name,
                               experiment_index=-1 if index is None else index,
                               timestamp=datetime.now(timezone.utc).astimezone().isoformat(
                                   timespec="seconds"))
-            lap("save_to_db")
+            timings["save_to_db"] = round(time.perf_counter() - clock, 4)
         _step(progress, 0.95, "loading the neighbours' pictures")
         gallery = [(_image_of(n.image_id, settings, dataset),
-                    f"{n.score:.3f} · {c[0] if c else '(no caption)'}")
-                   for n, c in zip(neighbours, contexts)]
+                    f"{n.score:.3f} · {n.captions[0] if n.captions else '(no caption)'}")
+                   for n in record.neighbours]
     timings["total"] = round(time.perf_counter() - start, 4)
     return {"image_id": image_id, "source": "upload" if upload is not None else "experiment",
             "experiment_index": index, "query": _thumbnail(image), "neighbours": gallery,
-            "similar_images": [{"rank": n.rank, "image_id": n.image_id,
-                                "score": round(n.score, 6), "captions": c}
-                               for n, c in zip(neighbours, contexts)],
-            "prompt": prompt, "caption": caption, "references": references,
+            "similar_images": [n.to_json() for n in record.neighbours],
+            "prompt": record.prompt, "caption": record.caption, "references": references,
             "timings": timings, "memory": "growing" if growing else "frozen",
-            "model": captioner.name, "saved": bool(save_to_memory)}
+            "model": models.captioner.name, "saved": bool(save_to_memory)}
 
 
 def _keep_upload(settings: config.Settings, upload: Upload) -> None:
@@ -316,7 +296,7 @@ def search_image_tab(upload: "str | os.PathLike | bytes | Image.Image | None", k
             checked.image.save(path)
         with MODEL_LOCK:
             _step(progress, 0.2, "searching the image database")
-            result = search.search_images(path, k, **_overrides(settings))
+            result = search.search_images(path, k, settings=settings)
             hits = [(_image_of(h.image_id, settings, load=lambda h=h: result.load_image(h)),
                      f"#{h.rank} · {h.score:.3f} · {Path(h.image_id).name}")
                     for h in result.hits]
@@ -341,7 +321,7 @@ def search_text_tab(query: str | None, k: int = 5, settings: config.Settings | N
     _step(progress, 0.0, "waiting for the model")
     with MODEL_LOCK:
         _step(progress, 0.2, "searching the captions")
-        result = search.search_text(query.strip(), k, **_overrides(settings))
+        result = search.search_text(query.strip(), k, settings=settings)
         hits, rows = [], []
         for h in result.hits:
             who = ("human" if h.caption_source == "human" else
@@ -434,10 +414,10 @@ def runs_tab(run_dir: str | os.PathLike | None, settings: config.Settings | None
     shown = items[(page - 1) * per_page:page * per_page]
     dataset = None
     if shown:
-        import main
+        import pipeline
         try:
             with MODEL_LOCK:
-                dataset = main._dataset(settings)
+                dataset = pipeline.load_dataset(settings)
         except UserError as exc:  # the pictures are optional; the captions are not
             log.warning("cannot load the data set for the run's pictures: %s", exc)
     gallery = []
@@ -753,16 +733,15 @@ def main(argv: list[str] | None = None) -> int:
         args, settings = config.parse_cli(parser, argv)
         port = _whole_number(args.port, "--port", 1, 65535)
     except UserError as exc:
-        print(f"app.py: error: {exc}", file=sys.stderr)
-        return 2
+        return cli_failure("app.py", exc, code=2)
     config.configure_logging(settings)
     try:
-        serve(settings, args.host, port, preload=not args.lazy)
-    except (UserError, OSError) as exc:  # e.g. the port is taken
-        print(f"app.py: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        import pipeline
+        # the models and data set DB_DIR was built with, where none are given
+        serve(pipeline.with_database_settings(settings), args.host, port,
+              preload=not args.lazy)
+    except (UserError, OSError, KeyboardInterrupt) as exc:  # e.g. the port is taken
+        return cli_failure("app.py", exc)
     return 0
 
 

@@ -35,14 +35,6 @@ from errors import UserError
 
 log = logging.getLogger("batch")
 
-# Settings that change what an experiment produces: a run resumed with other
-# values would mix two experiments in one summary.
-RESULT_SETTINGS = ("DATASET_NAME", "EXPERIMENT_SAMPLES", "RANDOM_SEED", "CLIP_MODEL_NAME",
-                   "VLM_MODEL_NAME", "CAPTION_EMBEDDING_MODEL", "TOP_K_SIMILAR",
-                   "CAPTIONS_PER_NEIGHBOUR", "PROMPT_TEMPLATE", "PROMPT_TEMPLATE_NO_CONTEXT",
-                   "MAX_NEW_TOKENS", "NUM_BEAMS", "DO_SAMPLE", "TEMPERATURE",
-                   "VLM_IMAGE_SPLITTING", "VLM_IMAGE_LONGEST_EDGE")
-
 
 def parse_indices(spec: str, samples: int) -> list[int]:
     """"0-49,100" -> [0, 1, ..., 49, 100], checked against 0 .. samples-1."""
@@ -67,105 +59,125 @@ def default_run_name(settings: config.Settings) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{vlm}-k{settings.top_k_similar}")
 
 
-def run_batch(indices: list[int], run_name: str | None = None, **overrides: Any) -> dict[str, Any]:
+def run_batch(indices: list[int], run_name: str | None = None,
+              settings: config.Settings | None = None, **overrides: Any) -> dict[str, Any]:
     """Run (or resume) the experiments `indices`; returns the summary.
 
+    `settings` (default: config.resolve()) with keyword `overrides` on top.
     MEMORY "auto" means frozen here: neighbours come from the training pool only.
+    With "growing", every image sees the ones captioned before it, in index
+    order, whatever BATCH_SIZE.
     """
     from tqdm.auto import tqdm
 
-    import main
+    import experiment
+    import pipeline
 
-    settings = config.resolve(**overrides)
-    growing = settings.memory == "growing"
+    settings = config.settings_of(settings, overrides)
+    policy = experiment.memory_policy(settings, batch=True)
     run_dir = Path(settings.results_dir) / "runs" / (run_name or default_run_name(settings))
-    manifest = _start(run_dir, settings, indices, growing)
+    manifest = _start(run_dir, settings, indices, policy)
     done = finished_items(run_dir)
     todo = [i for i in indices if i not in done]
     log.info("run %s: %d of %d experiments to do (%d finished before)", run_dir, len(todo),
              len(indices), len(indices) - len(todo))
     if todo:
-        dataset, db = main.initialize_system(**overrides)
+        dataset, db = pipeline.initialize(settings)
+        memory = pipeline.Memory.from_db(db, growing=policy == "growing")
         bar = tqdm(total=len(todo), desc="captioning", unit="caption", smoothing=0.1)
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start:start + settings.batch_size]
-            for item in main.run_experiments(dataset, db, batch, settings, growing=growing):
-                item.pop("exception", None)
-                item["status"] = "failed" if "error" in item else "ok"
+            for record in experiment.run_experiments(dataset, db, batch, settings, memory):
+                item = record.to_json()
+                item["status"] = "failed" if isinstance(record, pipeline.Failure) else "ok"
                 _write_item(run_dir, item)
                 if item["status"] == "failed":
-                    log.warning("experiment %d (%s) failed: %s", item["experiment_index"],
-                                item["image_id"], item["error"])
+                    log.warning("experiment %d (%s) failed: %s", record.experiment_index,
+                                record.image_id, record.error)
             bar.update(len(batch))
         bar.close()
     manifest["finished"] = _now()
     _write_json(run_dir / "manifest.json", manifest)
-    return summarize(run_dir, **overrides)
+    return summarize(run_dir, settings)
 
 
 def _start(run_dir: Path, settings: config.Settings, indices: list[int],
-           growing: bool) -> dict[str, Any]:
+           policy: str) -> dict[str, Any]:
     """Create the run directory, or check that a resumed run used the same settings."""
-    import main
-    wanted = {name.lower(): settings.values[name] for name in RESULT_SETTINGS}
-    wanted["memory"] = "growing" if growing else "frozen"
+    import pipeline
+    wanted = {**settings.results(), "memory": policy}
     path = run_dir / "manifest.json"
     if path.exists():
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path} is unreadable ({exc}); move the run directory away") from None
-        differ = {k: (manifest["settings"].get(k), v) for k, v in wanted.items()
-                  if manifest["settings"].get(k) != v}
-        if differ:
-            name, (was, now) = next(iter(differ.items()))
-            raise UserError(f"run {run_dir.name!r} was started with {name}={was!r}, not {now!r}; "
-                            "resume it with the same settings or choose another --run-name")
+        manifest = _read_manifest(path)
+        config.check_same_results(manifest["settings"], wanted,
+                                  f"run {run_dir.name!r} was started",
+                                  "resume it with the same settings or choose another --run-name")
+        manifest["settings"] = {**manifest["settings"], **wanted}
         manifest["indices"] = sorted(set(manifest["indices"]) | set(indices))
         manifest["resumed"] = manifest.get("resumed", []) + [_now()]
     else:
-        manifest = {"run": run_dir.name, "settings": wanted,
-                    "config": {k.lower(): v for k, v in settings.as_dict().items()},
-                    "versions": main._versions(), "indices": sorted(indices),
+        manifest = {"run": run_dir.name, "settings": wanted, "config": settings.to_json(),
+                    "versions": pipeline.versions(), "indices": sorted(indices),
                     "started": _now(), "finished": None}
     _write_json(path, manifest)
     return manifest
 
 
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("settings"), dict):
+            raise ValueError("no settings in it")
+        return manifest
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise UserError(f"{path} is unreadable ({exc}); move the run directory away") from None
+
+
 def finished_items(run_dir: Path) -> dict[int, dict[str, Any]]:
     """Items of experiments that finished successfully (failed ones are retried)."""
-    items = {}
-    for file in sorted((run_dir / "items").glob("*.json")):
+    return {item["experiment_index"]: item for item in read_items(run_dir)
+            if item.get("status") == "ok"}
+
+
+def read_items(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's items/N.json records, by index. Other files there (notes.json, an
+    editor's backup) and unreadable ones are left out with a warning."""
+    items = []
+    for file in (run_dir / "items").glob("*.json"):
+        if not file.stem.isdigit():
+            log.warning("ignoring %s: not an item file (items/N.json)", file)
+            continue
         try:
             item = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # cannot be half-written (rename), but never trust a damaged one
-        if item.get("status") == "ok":
-            items[item["experiment_index"]] = item
-    return items
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            # cannot be half-written (rename), but never trust a damaged one
+            log.warning("skipping unreadable item %s: %s", file, exc)
+            continue
+        if not isinstance(item, dict) or item.get("experiment_index") != int(file.stem):
+            log.warning("ignoring %s: not an item of this run", file)
+            continue
+        items.append(item)
+    return sorted(items, key=lambda item: item["experiment_index"])
 
 
-def summarize(run_dir: str | Path, **overrides: Any) -> dict[str, Any]:
+def summarize(run_dir: str | Path, settings: config.Settings | None = None,
+              **overrides: Any) -> dict[str, Any]:
     """summary.json + summary.csv of a run directory, with caption metrics."""
     import metrics
+    import pipeline
 
     run_dir = Path(run_dir)
     if not (run_dir / "manifest.json").exists():
         raise UserError(f"{run_dir} is not a run directory (no manifest.json)")
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    items = []
-    for file in sorted((run_dir / "items").glob("*.json"), key=lambda f: int(f.stem)):
-        try:
-            items.append(json.loads(file.read_text()))
-        except (OSError, json.JSONDecodeError, ValueError):
-            log.warning("skipping unreadable item %s", file)
+    manifest = _read_manifest(run_dir / "manifest.json")
+    items = read_items(run_dir)
     ok = [i for i in items if i.get("status") == "ok"]
     embedder = None
     if ok:
-        settings = config.resolve(**overrides)
-        import main
-        embedder = main._caption_embedder(settings.replace(
-            caption_embedding_model=manifest["settings"]["caption_embedding_model"]))
+        settings = config.settings_of(settings, overrides)
+        embedder = pipeline.load_models(settings.replace(
+            caption_embedding_model=manifest["settings"]["caption_embedding_model"])
+        ).caption_embedder
     scores = metrics.evaluate_captions(
         {str(i["experiment_index"]): i["generated_caption"] for i in ok},
         {str(i["experiment_index"]): i["original_captions"] for i in ok},

@@ -21,73 +21,79 @@ from typing import Any, Mapping
 
 from errors import UserError
 
+# Settings annotated `Changes` change what an experiment produces (its neighbours,
+# prompt, caption or vectors). They are the one list that batch resume,
+# --caption-folder, scale/ manifests and the embedding caches compare
+# (config.result_settings()): a run resumed with another value is refused.
+Changes = Any
+
 # --- data --------------------------------------------------------------------
 # Hugging Face hub id of a Flickr8K copy with 5 captions per image, or a local
 # folder in the Kaggle (Images/ + captions.txt), original (Flicker8k_Dataset/ +
 # Flickr8k.token.txt) or Karpathy (dataset_flickr8k.json + images) layout.
-DATASET_NAME = "jxie/flickr8k"
+DATASET_NAME: Changes = "jxie/flickr8k"
 # Images held out for experiments; the rest of Flickr8K is the training pool.
-EXPERIMENT_SAMPLES = 400
+EXPERIMENT_SAMPLES: Changes = 400
 # Which experiment image `python main.py` captions (0 .. EXPERIMENT_SAMPLES-1).
 EXPERIMENT_IMAGE_INDEX = 0
 # Seed of the experiment/training split. The split depends on this alone.
-RANDOM_SEED = 42
+RANDOM_SEED: Changes = 42
 
 # --- models ------------------------------------------------------------------
 # Image embedder for retrieval: any CLIP or SigLIP checkpoint (hub id or path).
-CLIP_MODEL_NAME = "openai/clip-vit-base-patch32"
+CLIP_MODEL_NAME: Changes = "openai/clip-vit-base-patch32"
 # Captioner: any image-text-to-text checkpoint with a chat template.
-VLM_MODEL_NAME = "HuggingFaceTB/SmolVLM-Instruct"
+VLM_MODEL_NAME: Changes = "HuggingFaceTB/SmolVLM-Instruct"
 # Sentence-transformers model for caption embeddings (text search).
-CAPTION_EMBEDDING_MODEL = "BAAI/bge-base-en-v1.5"
+CAPTION_EMBEDDING_MODEL: Changes = "BAAI/bge-base-en-v1.5"
 # "auto", "cpu", "cuda", "cuda:1" or "mps". auto = CUDA, then MPS, then CPU.
 DEVICE = "auto"
 # Model precision: "auto" = bfloat16 (float16 where unsupported) on GPUs, float32 on
 # the CPU; or "float32", "bfloat16" (about 2x faster on CPUs with AVX512-BF16 or
 # AMX, see BENCHMARKS.md), "float16" (GPUs only).
-DTYPE = "auto"
+DTYPE: Changes = "auto"
 
 # --- retrieval and prompt ----------------------------------------------------
 # Neighbours retrieved from the image database for each experiment image.
-TOP_K_SIMILAR = 5
+TOP_K_SIMILAR: Changes = 5
 # Human captions taken from each neighbour. Two of five keeps the prompt short
 # (10 captions for k=5) while still showing how different people describe a
 # scene; small VLMs copy from long contexts instead of looking at the image.
-CAPTIONS_PER_NEIGHBOUR = 2
+CAPTIONS_PER_NEIGHBOUR: Changes = 2
 # Prompt given to the VLM with the image. {context} is replaced by one
 # "- caption" line per retrieved caption.
-PROMPT_TEMPLATE = (
+PROMPT_TEMPLATE: Changes = (
     "Captions of similar images:\n{context}\n"
     "Using them only as hints, write one short sentence that describes this image."
 )
 # Prompt used when no neighbours are retrieved (TOP_K_SIMILAR=0).
-PROMPT_TEMPLATE_NO_CONTEXT = "Write one short sentence that describes this image."
+PROMPT_TEMPLATE_NO_CONTEXT: Changes = "Write one short sentence that describes this image."
 
 # Which memory experiments retrieve from: "growing" (everything in the image
 # database, including experiment images earlier runs appended: the original
 # design), "frozen" (only the human-captioned training pool, so results do not
 # depend on run order) or "auto" (growing for single experiments, frozen for
 # batch runs such as --all).
-MEMORY = "auto"
+MEMORY: Changes = "auto"
 
 # --- generation (greedy by default, so results are reproducible) ------------
-MAX_NEW_TOKENS = 64
-NUM_BEAMS = 1
-DO_SAMPLE = False
-TEMPERATURE = 1.0
+MAX_NEW_TOKENS: Changes = 64
+NUM_BEAMS: Changes = 1
+DO_SAMPLE: Changes = False
+TEMPERATURE: Changes = 1.0
 # Image splitting: SmolVLM can enlarge an image and cut it into tiles (384 px for
 # SmolVLM-Instruct, 512 px for the 256M/500M models) plus a global view. A 500x375
 # Flickr8K photo becomes 13 tiles, enlarged 3-4x, so no detail is gained over
 # the photo itself, and on the CPU a caption takes 7-9x as long as with one
 # tile (BENCHMARKS.md, "Caption generation"). False: one tile per image; true: the
 # checkpoint's splitting (worth it for large, detailed images).
-VLM_IMAGE_SPLITTING = False
+VLM_IMAGE_SPLITTING: Changes = False
 # With splitting on: the longest side the image is enlarged/reduced to before it is
 # cut into tiles; 0 keeps the checkpoint's default (4 tiles wide for SmolVLM).
-VLM_IMAGE_LONGEST_EDGE = 0
+VLM_IMAGE_LONGEST_EDGE: Changes = 0
 # The VLM's attention kernel: "" lets transformers choose (sdpa where supported);
 # "flash_attention_2" on a GPU with the flash-attn package; "eager" for debugging.
-VLM_ATTN_IMPLEMENTATION = ""
+VLM_ATTN_IMPLEMENTATION: Changes = ""
 
 # --- throughput --------------------------------------------------------------
 # Images or captions per forward pass: embeddings, and caption generation in
@@ -117,9 +123,15 @@ def defaults() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Settings:
-    """Resolved settings: read them as attributes, lower or upper case."""
+    """Resolved settings: read them as attributes, lower or upper case.
+
+    `given` names the settings that were set by an environment variable, a flag
+    or a keyword rather than left at their default: a database that records
+    its models and data set fills in the ones not given (pipeline.for_database).
+    """
 
     values: Mapping[str, Any]
+    given: frozenset[str] = frozenset()
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -130,8 +142,60 @@ class Settings:
     def as_dict(self) -> dict[str, Any]:
         return dict(self.values)
 
+    def __reduce__(self):  # picklable (Ray actors get them), though values is read-only
+        return _settings, (dict(self.values), tuple(sorted(self.given)))
+
     def replace(self, **overrides: Any) -> "Settings":
-        return _merge(self.as_dict(), overrides, source="keyword")
+        """These settings with keyword overrides (by lower-case name) applied."""
+        if not overrides:
+            return self
+        return _merge(self, overrides, source="keyword")
+
+    def to_json(self) -> dict[str, Any]:
+        """Every setting by lower-case name, as result files and manifests record them."""
+        return {name.lower(): value for name, value in self.values.items()}
+
+    def results(self, data_set: bool = True) -> dict[str, Any]:
+        """The settings that change results (see `Changes`), by lower-case name;
+        without the data set's (DATASET_NAME, EXPERIMENT_SAMPLES) for collections,
+        which caption their own images."""
+        skip = () if data_set else ("DATASET_NAME", "EXPERIMENT_SAMPLES")
+        return {name.lower(): self.values[name] for name in result_settings()
+                if name not in skip}
+
+
+def _settings(values: dict[str, Any], given: tuple[str, ...]) -> Settings:
+    return Settings(MappingProxyType(values), frozenset(given))
+
+
+def result_settings() -> tuple[str, ...]:
+    """Names of the settings annotated `Changes`, in config.py order."""
+    return tuple(name for name, kind in __annotations__.items()
+                 if kind == "Changes" and name.isupper())
+
+
+def settings_of(settings: Settings | None, overrides: Mapping[str, Any]) -> Settings:
+    """What a public function given `settings=` and/or keyword overrides runs with:
+    the settings with the keywords on top, or the resolved settings and keywords."""
+    if settings is not None:
+        return settings.replace(**overrides)
+    return resolve(**overrides)
+
+
+def check_same_results(recorded: Mapping[str, Any], wanted: Mapping[str, Any],
+                       what: str, advice: str) -> None:
+    """UserError naming the first result-changing setting whose value in `wanted`
+    differs from the one `what` ("run 'k3' was started") was made with (`recorded`,
+    by lower-case name)."""
+    for name, value in wanted.items():
+        if name in recorded and recorded[name] != value:
+            raise UserError(f"{what} with {name}={recorded[name]!r}, not {value!r}; "
+                            f"{advice}")
+        if name not in recorded and name.upper() in defaults() and \
+                value != defaults()[name.upper()]:
+            # recorded before this setting was compared: it had its default then
+            raise UserError(f"{what} with {name}={defaults()[name.upper()]!r}, not "
+                            f"{value!r}; {advice}")
 
 
 def flag(name: str) -> str:
@@ -198,8 +262,9 @@ def _check(values: dict[str, Any]) -> None:
         raise UserError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {values['LOG_LEVEL']!r}")
 
 
-def _merge(values: dict[str, Any], overrides: Mapping[str, Any], source: str) -> Settings:
-    values = dict(values)
+def _merge(settings: Settings, overrides: Mapping[str, Any], source: str) -> Settings:
+    values = dict(settings.values)
+    given = set(settings.given)
     for key, raw in overrides.items():
         name = key.upper()
         if name not in values:
@@ -209,8 +274,9 @@ def _merge(values: dict[str, Any], overrides: Mapping[str, Any], source: str) ->
             hint = _closest(name, str.lower)
             raise UserError(f"unknown setting {key!r}{hint}")
         values[name] = parse_value(name, raw, source)
+        given.add(name)
     _check(values)
-    return Settings(MappingProxyType(values))
+    return Settings(MappingProxyType(values), frozenset(given))
 
 
 def env_overrides(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -222,9 +288,9 @@ def env_overrides(env: Mapping[str, str] | None = None) -> dict[str, str]:
 def resolve(cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
             **overrides: Any) -> Settings:
     """Defaults < RECAP_* environment < CLI values < keyword arguments."""
-    settings = _merge(defaults(), env_overrides(env), source="env")
+    settings = _merge(Settings(MappingProxyType(defaults())), env_overrides(env), source="env")
     if cli:
-        settings = _merge(settings.as_dict(), cli, source="cli")
+        settings = _merge(settings, cli, source="cli")
     if overrides:
         settings = settings.replace(**overrides)
     return settings

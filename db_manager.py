@@ -103,6 +103,10 @@ class DbIdentity:
     caption_model: str
     dataset: str
     split: str
+    # Recorded so that search and import can reopen the data set from the database
+    # alone; None for databases made before they were recorded.
+    random_seed: int | None = None
+    experiment_samples: int | None = None
 
 
 def generated_caption_id(image_id: str, vlm_model: str) -> str:
@@ -121,6 +125,9 @@ class DbManager:
         self.db_dir = Path(db_dir)
         self.work = self.db_dir / WORK
         self.identity = identity
+        # The settings of the initialize_system call that returned it, for callers given
+        # only the manager: run_experiment(dataset, db, ...).
+        self.settings: Any = None
         self.state: dict[str, Any] = {}
         self.image_ids: list[str] = []
         self.image_kinds: list[str] = []
@@ -563,7 +570,8 @@ class DbManager:
             ident.clip_model, ident.caption_model, ident.dataset, ident.split)
         self.state = {"version": VERSION, "seq": 0, "epoch": 0, "origin": origin,
                       "clip_model": clip, "caption_model": caption_model, "dataset": dataset,
-                      "split": split, "image_dim": int(image_vectors.shape[1]),
+                      "split": split, **self._split_settings(),
+                      "image_dim": int(image_vectors.shape[1]),
                       "caption_dim": int(caption_vectors.shape[1]),
                       "images": len(image_ids), "captions": len(captions), "bytes": {}}
         new = self.db_dir / NEW_WORK
@@ -589,6 +597,14 @@ class DbManager:
         os.replace(new, self.work)
         _fsync_dir(self.db_dir)
         self._load()
+
+    def _split_settings(self) -> dict[str, int]:
+        ident = self.identity
+        if ident is None:
+            return {}
+        return {k: v for k, v in (("random_seed", ident.random_seed),
+                                  ("experiment_samples", ident.experiment_samples))
+                if v is not None}
 
     def _clean_interrupted_create(self) -> None:
         """A crash while creating a database: nothing was committed, so undo it."""

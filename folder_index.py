@@ -81,7 +81,7 @@ def update_index(cache: str | os.PathLike, embedder, items: Mapping[str, str],
     have an embedding, their (N, D) vectors, and what changed.
     """
     cache = Path(cache)
-    old = _read(cache, embedder.name)
+    old = _read(cache, embedder.key)
     old_rows = {image_id: n for n, image_id in enumerate(old["ids"])} if old else {}
     old_stamps = dict(zip(old["ids"], old["stamps"])) if old else {}
     old_skipped = old["skipped"] if old else {}
@@ -121,7 +121,7 @@ def update_index(cache: str | os.PathLike, embedder, items: Mapping[str, str],
         vectors[n] = old["vectors"][keep[image_id]] if image_id in keep else fresh[new_rows[image_id]]
     skipped = {i: items[i] for i in update.skipped}
     if old is None or todo or update.removed or skipped != old_skipped:
-        _write(cache, embedder.name, ids, [items[i] for i in ids], vectors, skipped)
+        _write(cache, embedder.key, ids, [items[i] for i in ids], vectors, skipped)
     if update.skipped:
         log.warning("%d unreadable image(s) left out of the index", len(update.skipped))
     return ids, vectors, update

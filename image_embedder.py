@@ -239,6 +239,13 @@ class ImageEmbedder:
             yield self._pixels(batch)
 
     @property
+    def key(self) -> str:
+        """What its vectors depend on, for cache keys: the model, and the precision
+        when it is not float32 (bfloat16 vectors differ slightly)."""
+        precision = str(self.dtype).replace("torch.", "")
+        return self.name if precision == "float32" else f"{self.name}@{precision}"
+
+    @property
     def dim(self) -> int:
         """Embedding width: from the config, else from one forward pass of a blank image."""
         if self._dim is None:
@@ -291,15 +298,15 @@ def embed_pool(embedder: ImageEmbedder, ids: Sequence[str], load: Callable[[str]
 
     Returns the ids that could be read and their (N, D) embeddings; unreadable
     images are skipped with a warning. The cache file is named by a hash of
-    model name, `cache_key` (data set + split) and the ids, so any change to
-    them misses the cache and recomputes.
+    model and precision (`embedder.key`), `cache_key` (data set + split) and
+    the ids, so any change to them misses the cache and recomputes.
     """
-    digest = hashlib.sha256("\n".join([embedder.name, cache_key, *ids]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\n".join([embedder.key, cache_key, *ids]).encode()).hexdigest()[:16]
     # No dots in the slug: with_suffix() below would cut the digest off "model-v1.5-<digest>".
     slug = re.sub(r"[^A-Za-z0-9_-]+", "_", embedder.name.strip("/"))[-60:]
     path = Path(cache_dir) / "image_embeddings" / f"{slug}-{digest}" if cache_dir else None
     if path is not None:
-        cached = _read_cache(path, embedder.name)
+        cached = _read_cache(path, embedder.key)
         if cached is not None:
             log.info("training-pool image embeddings loaded from cache %s", path.with_suffix(".npy"))
             return cached
@@ -321,7 +328,7 @@ def embed_pool(embedder: ImageEmbedder, ids: Sequence[str], load: Callable[[str]
     if skipped:
         log.warning("%d training images could not be read and are left out", len(skipped))
     if path is not None:
-        _write_cache(path, embedder.name, kept, vectors)
+        _write_cache(path, embedder.key, kept, vectors)
     return kept, vectors
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import config
-import main as pipeline  # cheap: it imports torch only when a model is needed
 from errors import UserError, cli_failure
 
 log = logging.getLogger("search")
@@ -73,33 +72,24 @@ def _check_k_fits(k: int, available: int, what: str) -> None:
 
 
 def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
-                  backbone: str = "clip", index: str = "numpy", **overrides: Any) -> SearchResult:
+                  backbone: str = "clip", index: str = "numpy",
+                  settings: config.Settings | None = None, **overrides: Any) -> SearchResult:
     """Images most similar to the image file `query`, from `images_dir` or the
-    pipeline's image database."""
+    pipeline's image database (whose CLIP model and data set are used unless
+    others are given). `settings` (default config.resolve()) with `overrides` on top."""
     from dataset_loader import open_image
     from folder_index import index_path, scan_folder, update_index
-    from image_embedder import ImageEmbedder, backbone_model_name
     from similarity_search import SearchIndex
 
     _check_k(k)
-    settings = config.resolve(**overrides)
+    settings = config.settings_of(settings, overrides)
     query_image = open_image(query)
-    model_name = backbone_model_name(backbone, settings.clip_model_name)
-    names = ({} if backbone.strip().lower() == "clip" else
-             {"what": "image model", "setting": "--backbone"})  # for error messages
-    def load_embedder() -> ImageEmbedder:  # loaded once per process, like the pipeline's
-        device, dtype = pipeline._device(settings)
-        key = (model_name, str(device), str(dtype), settings.batch_size)
-        return pipeline.cached("search_embedder", key,
-                               lambda: ImageEmbedder(model_name, device=device, dtype=dtype,
-                                                     batch_size=settings.batch_size, **names))
-
     if images_dir is not None:
         files = scan_folder(images_dir)  # before loading a model: a bad folder fails fast
         root = Path(images_dir).expanduser().resolve()
-        embedder = load_embedder()
+        embedder = _image_embedder(settings, backbone)
         ids, vectors, update = update_index(
-            index_path(settings.db_dir, "folder", str(root), embedder.name), embedder, files,
+            index_path(settings.db_dir, "folder", str(root), embedder.key), embedder, files,
             lambda image_id: open_image(root / image_id))
         if not ids:
             raise UserError(f"none of the images in {images_dir} could be read")
@@ -107,14 +97,14 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
         path_of = lambda image_id: str(root / image_id)  # noqa: E731
         load = lambda hit: open_image(hit.path)  # noqa: E731
     else:
-        db, dataset = _open_memory(settings)
-        embedder = load_embedder()
+        db, dataset, settings = open_memory(settings)
+        embedder = _image_embedder(settings, backbone)
         if embedder.name == db.state["clip_model"]:
             ids, vectors, note = db.image_ids, db.image_vectors, ""
         else:  # another backbone: embed the database's images with it, cached
             known = {i: "dataset" for i in db.image_ids if dataset.get(i) is not None}
             ids, vectors, update = update_index(
-                index_path(settings.db_dir, "db", dataset.fingerprint, embedder.name), embedder,
+                index_path(settings.db_dir, "db", dataset.fingerprint, embedder.key), embedder,
                 known, lambda image_id: dataset.load_image(dataset.get(image_id)))
             note = str(update)
         source = f"image database {Path(settings.db_dir).resolve()}"
@@ -128,12 +118,28 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
                         _load=load)
 
 
+def _image_embedder(settings: config.Settings, backbone: str):
+    """The pipeline's CLIP embedder, or another backbone's (loaded once per process)."""
+    import pipeline
+    from image_embedder import ImageEmbedder, backbone_model_name
+    model_name = backbone_model_name(backbone, settings.clip_model_name)
+    if model_name == settings.clip_model_name:
+        return pipeline.load_models(settings).image_embedder
+    device, dtype = pipeline.device_of(settings)
+    key = (model_name, str(device), str(dtype), settings.batch_size)
+    return pipeline.cached("search_embedder", key, lambda: ImageEmbedder(
+        model_name, device=device, dtype=dtype, batch_size=settings.batch_size,
+        what="image model", setting="--backbone"))
+
+
 def search_text(text: str, k: int = 5, *, images_dir: str | None = None,
-                **overrides: Any) -> SearchResult:
+                settings: config.Settings | None = None, **overrides: Any) -> SearchResult:
     """Images whose captions best match `text` (best caption per image), from the
-    caption database or a folder captioned with `main.py --caption-folder`."""
+    caption database or a folder captioned with `main.py --caption-folder`; the
+    query is embedded with the caption model the database records."""
     import numpy as np
 
+    import pipeline
     from dataset_loader import open_image
     from db_manager import DbManager
     from folder_index import folder_db_dir
@@ -141,7 +147,7 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None,
     _check_k(k)
     if not text.strip():
         raise UserError("--text is empty")
-    settings = config.resolve(**overrides)
+    settings = config.settings_of(settings, overrides)
     if images_dir is not None:
         root = Path(images_dir).expanduser().resolve()
         if not root.is_dir():
@@ -150,18 +156,16 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None,
         if db.needs_seed or not db.captions:
             raise UserError(f"{images_dir} has no captions yet: run "
                             f"`python main.py --caption-folder {images_dir}` first")
+        settings = pipeline.for_database(settings, db)
         source = f"captions of {root}"
         path_of = lambda image_id: str(root / image_id)  # noqa: E731
         load = lambda hit: open_image(hit.path)  # noqa: E731
     else:
-        db, dataset = _open_memory(settings)
+        db, dataset, settings = open_memory(settings)
         source = f"caption database {Path(settings.db_dir).resolve()}"
         path_of = lambda image_id: _memory_path(dataset, settings, image_id)  # noqa: E731
         load = lambda hit: memory_image(dataset, settings, hit.image_id)  # noqa: E731
-    if db.state["caption_model"] != settings.caption_embedding_model:
-        raise UserError(f"the captions were embedded with {db.state['caption_model']!r}; set "
-                        f"--caption-embedding-model to it to search them")
-    embedder = pipeline._caption_embedder(settings)  # the pipeline's, loaded once per process
+    embedder = pipeline.load_models(settings).caption_embedder  # the pipeline's, loaded once
     query = embedder.embed_queries([text])[0]
     scores = np.asarray(db.caption_vectors @ query, dtype=np.float32)
     images = len(set(c["image_id"] for c in db.captions))
@@ -181,19 +185,22 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None,
     return SearchResult("text", text, source, embedder.name, hits, images, _load=load)
 
 
-def _open_memory(settings: config.Settings):
-    """The pipeline's databases and the data set that holds their images."""
+def open_memory(settings: config.Settings):
+    """(db, dataset, settings) of the pipeline's memory in DB_DIR: the settings with
+    the database's models and data set filled in where none were given."""
+    import pipeline
     from db_manager import DbManager
     db = DbManager.open(settings.db_dir)
     if db.needs_seed:
         raise UserError(f"no database in {settings.db_dir}: run `python main.py` first, "
                         "or search a folder with --images-dir")
-    dataset = pipeline._dataset(settings)  # loaded once per process
+    settings = pipeline.for_database(settings, db)
+    dataset = pipeline.load_dataset(settings)  # loaded once per process
     if dataset.fingerprint != db.state["split"]:
         raise UserError(f"the database in {settings.db_dir} was built from another data set or "
                         "split; use the same --dataset-name, --random-seed and "
                         "--experiment-samples as main.py")
-    return db, dataset
+    return db, dataset, settings
 
 
 INDEX_BACKENDS = ("numpy", "faiss", "faiss-fp16", "ivfpq", "hnsw")
@@ -319,13 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         return cli_failure("search.py", exc, code=2)
     config.configure_logging(settings)
-    overrides = {name.lower(): value for name, value in settings.as_dict().items()}
     try:
         if args.query:
             result = search_images(args.query, k, images_dir=args.images_dir,
-                                   backbone=args.backbone, index=args.index, **overrides)
+                                   backbone=args.backbone, index=args.index, settings=settings)
         else:
-            result = search_text(args.text, k, images_dir=args.images_dir, **overrides)
+            result = search_text(args.text, k, images_dir=args.images_dir, settings=settings)
         figure = args.plot or Path(settings.results_dir) / (
             f"search_{datetime.now():%Y%m%d_%H%M%S}.png")
         result.figure = str(plot_results(result, figure, show=args.show))

@@ -86,10 +86,11 @@ work (retrieval, prompt, generation; for growing memory also the memory updates)
 not of scoring. Work shared by all variants is done once, reported separately and
 not in any row: reading the images, one CLIP embedding pass over them, and for
 image-to-caption the CLIP text embedding of the training captions. Models are
-loaded once (pipeline._image_embedder/_caption_embedder/_captioner) for the whole grid.
+loaded once (pipeline.load_models) for the whole grid, and every VLM variant goes through
+the pipeline's one caption step (pipeline.caption_batch) with its own retrieval.
 
 Nothing is written to DB_DIR or to RESULTS_DIR/experiment_*: the data set and the
-training-pool memory come from pipeline.initialize_system (which seeds DB_DIR on a
+training-pool memory come from pipeline.initialize (which seeds DB_DIR on a
 first run, as any command would) and are only read.
 
 Only numbers from the real pretrained checkpoints mean anything. The test suite runs
@@ -119,7 +120,8 @@ from typing import Any, Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import config  # noqa: E402
-import main as pipeline  # noqa: E402  (cheap: it imports torch only when a model is needed)
+import pipeline  # noqa: E402  (cheap: it imports torch only when a model is needed)
+from experiment import check_writable  # noqa: E402
 from errors import UserError, cli_failure  # noqa: E402
 
 log = logging.getLogger("ablation")
@@ -305,68 +307,23 @@ class Query:
     vector: Any           # CLIP image embedding (D,)
 
 
-class Memory:
-    """An in-memory copy of the image memory: training rows, plus (growing memory)
-    experiment images as they are captioned. Never written anywhere."""
-
-    def __init__(self, ids: Sequence[str], vectors, captions_of: Callable[[str], list[str]],
-                 extra: int = 0):
-        import numpy as np
-        n, dim = vectors.shape
-        self._matrix = np.empty((n + extra, dim), dtype=np.float32)
-        self._matrix[:n] = vectors
-        self.ids: list[str] = list(ids)
-        self._captions_of = captions_of
-        self.generated: dict[str, str] = {}
-        self.pending: dict[str, None] = {}    # added for retrieval, caption not made yet
-
-    def search(self, query, k: int, exclude: set[str]):
-        from similarity_search import top_k
-        return top_k(query, self._matrix[:len(self.ids)], self.ids, k, exclude=exclude)
-
-    def captions_of(self, image_id: str) -> list[str]:
-        if image_id in self.generated:
-            return [self.generated[image_id]]
-        return self._captions_of(image_id)
-
-    def add_pending(self, image_id: str, vector) -> None:
-        self._matrix[len(self.ids)] = vector
-        self.ids.append(image_id)
-        self.pending[image_id] = None
-
-    def commit(self, captions: dict[str, str | None]) -> None:
-        """Pending images get their caption; the ones whose caption failed leave the memory
-        (the pipeline saves nothing for a failed image)."""
-        import numpy as np
-        failed = {i for i in self.pending if not captions.get(i)}
-        for image_id in self.pending:
-            if image_id not in failed:
-                self.generated[image_id] = captions[image_id]
-        self.pending = {}
-        if failed:
-            keep = np.array([i not in failed for i in self.ids])
-            rows = len(self.ids)
-            self._matrix[:int(keep.sum())] = self._matrix[:rows][keep]
-            self.ids = [i for i in self.ids if i not in failed]
-
-
 class _Shared:
     """What every variant uses: settings, data, models, the queries and the training pool."""
 
-    def __init__(self, settings: config.Settings, overrides: dict[str, Any],
-                 indices: Sequence[int], progress: bool = False):
+    def __init__(self, settings: config.Settings, indices: Sequence[int],
+                 progress: bool = False):
         import numpy as np
-
 
         self.settings = settings
         self.progress = progress
         self.seconds: dict[str, float] = {}
-        self.dataset, self.db = pipeline.initialize_system(**overrides)
-        self.image_embedder = pipeline._image_embedder(settings)
-        self.caption_embedder = pipeline._caption_embedder(settings)
-        self.captioner = pipeline._captioner(settings)
-        # the resolved device and dtype, for the report
-        self.device = tuple(str(x).replace("torch.", "") for x in pipeline._device(settings))
+        self.dataset, self.db = pipeline.initialize(settings)
+        self.models = pipeline.load_models(settings).load_all()
+        self.image_embedder = self.models.image_embedder
+        self.caption_embedder = self.models.caption_embedder
+        self.captioner = self.models.captioner
+        described = self.models.describe()  # the resolved device and dtype, for the report
+        self.device = (described["resolved_device"], described["resolved_dtype"])
 
         start = time.perf_counter()
         self.queries: list[Query] = []
@@ -396,9 +353,10 @@ class _Shared:
         self.train_vectors = np.asarray(self.db.image_vectors[train], dtype=np.float32)
         self._caption_index = None
 
-    def memory(self, growing: bool) -> Memory:
-        return Memory(self.train_ids, self.train_vectors, self.db.captions_of,
-                      extra=len(self.queries) if growing else 0)
+    def memory(self, growing: bool) -> pipeline.Memory:
+        """The training pool; growing: the images captioned join it (in this process only)."""
+        return pipeline.Memory(self.train_ids, self.train_vectors, self.db.captions_of,
+                               ["train"] * len(self.train_ids), growing=growing)
 
     def caption_index(self):
         """(row ids, caption texts, CLIP text embeddings, rows of each image) of every
@@ -468,13 +426,6 @@ def clip_text_embeddings(image_embedder, texts: Sequence[str], batch_size: int,
 
 # --- running one variant ------------------------------------------------------------------
 
-def _neighbour(n, captions: list[str] | None = None) -> dict[str, Any]:
-    record = {"rank": n.rank, "image_id": n.image_id, "score": round(float(n.score), 6)}
-    if captions is not None:
-        record["caption"] = captions[0]
-    return record
-
-
 def _per(per_neighbour: int | str | None) -> int:
     return sys.maxsize if per_neighbour == ALL else int(per_neighbour or 0)
 
@@ -484,80 +435,92 @@ def _rng(settings: config.Settings, kind: str, index: int):
     return np.random.default_rng([settings.random_seed, _SALT[kind], index])
 
 
-def _context(plan: Plan, query: Query, shared: _Shared, memory: Memory | None
-             ) -> dict[str, Any]:
-    """What goes into one image's prompt: "neighbours" (records for the report),
-    "captions" (one list per neighbour, for build_prompt), "per_neighbour", the
-    "references" to score against, and "candidates" (the memory rows it looked at)."""
-    image_id = query.sample.image_id
+def _references(plan: Plan, query: Query) -> tuple[list[str], int | None]:
+    """The references a caption is scored against, and the oracle's held-out number."""
     references = list(query.sample.captions)
-    context: dict[str, Any] = {"neighbours": [], "captions": [], "per_neighbour": 0,
-                               "references": references, "candidates": []}
-    if plan.context == "none":
-        return context
-    if plan.context == "oracle":
-        if len(references) >= 2:      # else nothing is left to show once one is held out
+    if plan.context == "oracle" and len(references) >= 2:
+        held = query.index % len(references)
+        return [references[held]], held
+    return references, None
+
+
+def retriever(plan: Plan, shared: _Shared, by_id: dict[str, Query]) -> pipeline.Retriever:
+    """How the variant's images find their context: the pipeline's retrieval
+    (pipeline.nearest) or the variant's own, for the one caption step."""
+    from similarity_search import top_k
+
+    def neighbour(rank: int, image_id: str, score: float, captions) -> pipeline.Neighbour:
+        return pipeline.Neighbour(rank, image_id, float(score), tuple(captions))
+
+    def retrieve(memory: pipeline.Memory, image_id: str, vector) -> pipeline.Context:
+        query = by_id[image_id]
+        if plan.context == "none":
+            return pipeline.Context(())
+        if plan.context == "oracle":
+            references = list(query.sample.captions)
+            if len(references) < 2:        # nothing is left to show once one is held out
+                return pipeline.Context(())
             held = query.index % len(references)
-            shown = references[:held] + references[held + 1:]
-            context.update(captions=[shown], per_neighbour=len(shown),
-                           references=[references[held]], held_out_reference=held)
-        return context
-    if plan.context == "random":
-        pool = [n for n, i in enumerate(shared.train_ids) if i != image_id]
-        rows = _rng(shared.settings, "random", query.index).choice(
-            len(pool), size=min(plan.k, len(pool)), replace=False)
-        neighbours = [{"rank": r + 1, "image_id": shared.train_ids[pool[n]],
-                       "score": round(float(shared.train_vectors[pool[n]] @ query.vector), 6)}
-                      for r, n in enumerate(rows)]
-        context.update(neighbours=neighbours, per_neighbour=_per(plan.per_neighbour),
-                       captions=[shared.db.captions_of(n["image_id"]) for n in neighbours])
-        return context
-    if plan.context == "caption":
-        from similarity_search import top_k
-        row_ids, text_of, vectors, rows_of = shared.caption_index()
-        found = top_k(query.vector, vectors, row_ids, plan.k,
-                      exclude=rows_of.get(image_id, set()))
-        neighbours = [{"rank": n.rank, "image_id": n.image_id.rsplit("#", 1)[0],
-                       "caption": text_of[n.image_id], "score": round(float(n.score), 6)}
-                      for n in found]
-        context.update(neighbours=neighbours, captions=[[n["caption"]] for n in neighbours],
-                       per_neighbour=1)
-        return context
-    # image -> image: the pipeline's retrieval, or sample-k on top of it
-    wanted = 2 * plan.k if plan.context == "sample" else plan.k
-    found = memory.search(query.vector, wanted, exclude={image_id})
-    context["candidates"] = [n.image_id for n in found]
-    if plan.context == "sample" and len(found) > plan.k:
-        picked = _rng(shared.settings, "sample", query.index).choice(
-            len(found), size=plan.k, replace=False)
-        found = [found[n] for n in sorted(picked)]     # similarity order kept
-    neighbours = [_neighbour(n) for n in found]
-    if plan.memory == "growing":
-        for record in neighbours:
-            record["generated"] = record["image_id"] in memory.generated
-    context.update(neighbours=neighbours, per_neighbour=_per(plan.per_neighbour),
-                   captions=[memory.captions_of(n.image_id) for n in found])
-    return context
+            shown = tuple(references[:held] + references[held + 1:])
+            return pipeline.Context((), captions=(shown,), per_neighbour=len(shown))
+        if plan.context == "random":
+            pool = [n for n, i in enumerate(shared.train_ids) if i != image_id]
+            rows = _rng(shared.settings, "random", query.index).choice(
+                len(pool), size=min(plan.k, len(pool)), replace=False)
+            return pipeline.Context(tuple(
+                neighbour(r + 1, shared.train_ids[pool[n]],
+                          shared.train_vectors[pool[n]] @ vector,
+                          shared.db.captions_of(shared.train_ids[pool[n]]))
+                for r, n in enumerate(rows)), per_neighbour=_per(plan.per_neighbour))
+        if plan.context == "caption":
+            row_ids, text_of, vectors, rows_of = shared.caption_index()
+            found = top_k(vector, vectors, row_ids, plan.k,
+                          exclude=rows_of.get(image_id, set()))
+            return pipeline.Context(tuple(
+                neighbour(n.rank, n.image_id.rsplit("#", 1)[0], n.score, (text_of[n.image_id],))
+                for n in found), per_neighbour=1)
+        # image -> image: the pipeline's retrieval, or sample-k on top of it
+        wanted = 2 * plan.k if plan.context == "sample" else plan.k
+        context = pipeline.nearest(memory, image_id, vector, wanted)
+        found = context.neighbours
+        if plan.context == "sample" and len(found) > plan.k:
+            picked = _rng(shared.settings, "sample", query.index).choice(
+                len(found), size=plan.k, replace=False)
+            found = tuple(found[n] for n in sorted(picked))     # similarity order kept
+        return pipeline.Context(found, per_neighbour=_per(plan.per_neighbour),
+                                looked_at=context.read_ids)
+
+    return retrieve
+
+
+def _neighbour_record(plan: Plan, n: pipeline.Neighbour, memory: pipeline.Memory | None
+                      ) -> dict[str, Any]:
+    record = {"rank": n.rank, "image_id": n.image_id, "score": round(n.score, 6)}
+    if plan.context in ("caption", "nn-copy"):
+        record["caption"] = n.captions[0] if n.captions else None
+    if plan.memory == "growing" and memory is not None:
+        record["generated"] = n.image_id in memory.added
+    return record
 
 
 def run_variant(plan: Plan, shared: _Shared, progress: bool = False) -> dict[str, Any]:
-    """Captions of every query for one variant, with the time its own work took."""
+    """Captions of every query for one variant (the pipeline's caption step, with the
+    variant's retrieval), with the time its own work took."""
     from tqdm.auto import tqdm
-
-    from prompt_generator import build_prompt, select_captions
 
     settings = shared.settings
     items: list[dict[str, Any]] = []
     bar = tqdm(total=len(shared.queries), desc=plan.name, unit="img", disable=not progress)
     calls = 0
     start = time.perf_counter()
-    if plan.context == "nn-copy":
+    if plan.context == "nn-copy":   # no VLM: the nearest training image's first caption
         memory = shared.memory(growing=False)
         for query in shared.queries:
-            found = memory.search(query.vector, 1, exclude={query.sample.image_id})
-            captions = memory.captions_of(found[0].image_id) if found else []
+            found = pipeline.nearest(memory, query.sample.image_id, query.vector, 1).neighbours
+            captions = found[0].captions if found else ()
             item = {"experiment_index": query.index, "image_id": query.sample.image_id,
-                    "prompt": None, "neighbours": [_neighbour(n, captions) for n in found],
+                    "prompt": None, "neighbours": [_neighbour_record(plan, n, None)
+                                                   for n in found],
                     "references": list(query.sample.captions),
                     "caption": captions[0] if captions else None}
             if not captions:
@@ -565,53 +528,32 @@ def run_variant(plan: Plan, shared: _Shared, progress: bool = False) -> dict[str
             items.append(item)
             bar.update()
     else:
-        growing = plan.memory == "growing"
-        memory = shared.memory(growing) if plan.context in ("image", "sample") else None
-        batch: list[tuple[Query, dict[str, Any]]] = []
-
-        def flush() -> None:
-            nonlocal calls
-            if not batch:
-                return
-            captions = pipeline.generate_captions(shared.captioner, [q.image for q, _ in batch],
-                                 [item["prompt"] for _, item in batch])
-            calls += 1
-            made: dict[str, str | None] = {}
-            for (query, item), caption in zip(batch, captions):
-                ok = isinstance(caption, str)
-                item["caption"] = caption if ok else None
-                if not ok:
-                    item["error"] = str(caption)
+        memory = shared.memory(growing=plan.memory == "growing")
+        retrieve = retriever(plan, shared, {q.sample.image_id: q for q in shared.queries})
+        for first in range(0, len(shared.queries), settings.batch_size):
+            chunk = shared.queries[first:first + settings.batch_size]
+            batch = pipeline.caption_batch(
+                shared.models, [(q.sample.image_id, q.image) for q in chunk], memory,
+                retrieve=retrieve, vectors=[q.vector for q in chunk], embed_captions=False)
+            calls += batch.generate_calls
+            for query, record in zip(chunk, batch.items):
+                references, held = _references(plan, query)
+                item = {"experiment_index": query.index, "image_id": query.sample.image_id,
+                        "references": references}
+                if held is not None:
+                    item["held_out_reference"] = held
+                if isinstance(record, pipeline.Failure):
+                    item.update(prompt=None, prompt_captions=[], neighbours=[], caption=None,
+                                error=record.error)
                     log.warning("%s: experiment %d (%s) failed: %s", plan.name, query.index,
-                                query.sample.image_id, caption)
+                                query.sample.image_id, record.error)
+                else:
+                    item.update(prompt=record.prompt, prompt_captions=list(record.prompt_captions),
+                                neighbours=[_neighbour_record(plan, n, memory)
+                                            for n in record.neighbours],
+                                caption=record.caption)
                 items.append(item)
-                made[query.sample.image_id] = caption if ok else None
-            if growing:
-                memory.commit(made)
-            bar.update(len(batch))
-            batch.clear()
-
-        for query in shared.queries:
-            context = _context(plan, query, shared, memory)
-            if growing and memory.pending and any(i in memory.pending
-                                                  for i in context["candidates"]):
-                flush()   # it retrieves an image of this batch: caption that one first
-                context = _context(plan, query, shared, memory)
-            prompt = build_prompt(context["captions"], settings.prompt_template,
-                                  settings.prompt_template_no_context, context["per_neighbour"])
-            item = {"experiment_index": query.index, "image_id": query.sample.image_id,
-                    "prompt": prompt,
-                    "prompt_captions": select_captions(context["captions"],
-                                                       context["per_neighbour"]),
-                    "neighbours": context["neighbours"], "references": context["references"]}
-            if "held_out_reference" in context:
-                item["held_out_reference"] = context["held_out_reference"]
-            batch.append((query, item))
-            if growing:
-                memory.add_pending(query.sample.image_id, query.vector)
-            if len(batch) >= settings.batch_size:
-                flush()
-        flush()
+            bar.update(len(chunk))
     seconds = time.perf_counter() - start
     bar.close()
     made = sum(1 for i in items if i["caption"])
@@ -657,17 +599,17 @@ def _metrics_record(result: dict[str, Any]) -> dict[str, Any]:
 
 def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] | None = None,
                  out_dir: str | os.PathLike | None = None, progress: bool = False,
-                 **overrides: Any) -> dict[str, Any]:
+                 settings: config.Settings | None = None, **overrides: Any) -> dict[str, Any]:
     """Run the variants over the experiment images `indices` and write ablation.md,
     ablation.json and ablation.png to `out_dir` (default RESULTS_DIR).
 
     `variants`: names of VARIANTS (default all); `indices`: experiment indices (default
-    the first 50); keyword arguments override settings as in pipeline.initialize_system.
+    the first 50); `settings` (default config.resolve()) with keyword `overrides` on top.
     Returns the report (the content of ablation.json, plus "files").
     """
     from batch_runner import parse_indices
 
-    settings = config.resolve(**overrides)
+    settings = config.settings_of(settings, overrides)
     names = select_variants(variants)
     if indices is None:
         indices = default_indices(settings.experiment_samples)
@@ -677,12 +619,11 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
     indices = sorted(parse_indices(",".join(str(int(i)) for i in indices),
                                    settings.experiment_samples))
     out = Path(settings.results_dir if out_dir is None else out_dir).expanduser()
-    pipeline.check_writable(out)
+    check_writable(out)
     plans = [resolve_plan(VARIANTS[n], settings) for n in names]
 
     overall = time.perf_counter()
-    shared = _Shared(settings, {k.lower(): v for k, v in settings.as_dict().items()}, indices,
-                     progress)
+    shared = _Shared(settings, indices, progress)
     report = _new_report(settings, shared, names, indices)
     files = {"md": out / MD_NAME, "json": out / JSON_NAME, "png": out / PNG_NAME}
     done: dict[tuple, dict[str, Any]] = {}
@@ -730,12 +671,12 @@ def _new_report(settings: config.Settings, shared: _Shared, names: list[str],
                 indices: list[int]) -> dict[str, Any]:
 
     from bench.common import machine_info
-    versions = pipeline._versions()
+    versions = pipeline.versions()
     return {
         "title": "Baselines and ablations (bench/ablation.py)",
         "machine": machine_info(),
         "versions": versions,
-        "settings": {k.lower(): v for k, v in settings.as_dict().items()},
+        "settings": settings.to_json(),
         "device": shared.device[0], "dtype": shared.device[1],
         "models": {"vlm": shared.captioner.name, "clip": shared.image_embedder.name,
                    "caption_embedding": shared.caption_embedder.name},
@@ -1012,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
     config.configure_logging(settings)
     try:
         report = run_ablation(names, indices, out_dir=args.out_dir, progress=True,
-                              **{k.lower(): v for k, v in settings.as_dict().items()})
+                              settings=settings)
     except (UserError, OSError, KeyboardInterrupt) as exc:
         return cli_failure("ablation", exc,
                            interrupted="interrupted (the files hold the variants that finished)")

@@ -9,12 +9,12 @@
 One streaming Ray Data pipeline, every stage the single-machine pipeline's own code:
   file list (driver) -> read_files (tasks: bytes from disk or any pyarrow filesystem)
   -> ImageStage actors: dataset_loader.open_image + image_embedder (CLIP)
-  -> CaptionStage actors: similarity_search top-k against the memory, broadcast once
-     with ray.put, + prompt_generator (main.retrieve_prompts) + vlm_captioner
-     (main.generate_captions)
+  -> CaptionStage actors: the pipeline's caption step (pipeline.caption_batch: top-k
+     in the memory, broadcast once with ray.put, the prompt, the VLM) on the
+     embedded images
   -> TextStage actors: caption_embedder
   -> the driver writes Parquet shards atomically (scale/shards.py).
-Each actor loads its model once (main.py's loaders: the same device, dtype and
+Each actor loads its model once (pipeline.load_models: the same device, dtype and
 settings); actors per stage, GPUs and CPUs per actor and batch sizes are flags.
 
 The memory is the pipeline's database in DB_DIR (build it with `python main.py`),
@@ -42,17 +42,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import config
-from batch_runner import RESULT_SETTINGS
 from errors import UserError, cli_failure
 
 log = logging.getLogger("scale")
 
 ROOT = Path(__file__).resolve().parent.parent
 GLOB_CHARS = "*?["
-# Settings that change what a caption is (batch runs' list, without the data set,
-# which a collection does not use): a resumed job must use the same values.
-CAPTION_SETTINGS = tuple(n for n in RESULT_SETTINGS
-                         if n not in ("DATASET_NAME", "EXPERIMENT_SAMPLES"))
 STAGES = ("embed", "caption", "text")
 # Share of one GPU per actor with --num-gpus: one actor of each stage fits a GPU.
 GPU_SHARE = {"embed": 0.15, "caption": 0.7, "text": 0.15}
@@ -191,10 +186,6 @@ def read_bytes(path: str) -> bytes:
 
 # --- the stages (run in Ray workers) --------------------------------------------------------
 
-def _settings(values: dict[str, Any]) -> config.Settings:
-    return config.resolve(env={}, **{k.lower(): v for k, v in values.items()})
-
-
 def _vectors(rows: Sequence[Any]):
     """A list<float32> column from per-row vectors (None: a failed row)."""
     import numpy as np
@@ -263,9 +254,9 @@ def _open_images(batch, errors: list[str | None]) -> dict[int, Any]:
 class ImageStage:
     """Actor: decode each image as the pipeline does and embed it with CLIP."""
 
-    def __init__(self, settings: dict[str, Any], retries: int):
-        import main
-        self.embedder = main._image_embedder(_settings(settings))
+    def __init__(self, settings: config.Settings, retries: int):
+        import pipeline
+        self.embedder = pipeline.load_models(settings).image_embedder
         self.retries = retries
 
     def __call__(self, batch):
@@ -287,39 +278,37 @@ class ImageStage:
 
 
 class CaptionStage:
-    """Actor: retrieve neighbours from the broadcast memory, build the prompt, caption."""
+    """Actor: the pipeline's caption step (pipeline.caption_batch) on images embedded by
+    ImageStage: neighbours in the broadcast memory, the prompt, the caption."""
 
-    def __init__(self, settings: dict[str, Any], memory: list):
+    def __init__(self, settings: config.Settings, memory: list):
         import ray
 
-        import main
-        self.settings = _settings(settings)
-        self.captioner = main._captioner(self.settings)
-        memory = ray.get(memory[0])  # the one copy in the object store (a list: not resolved)
-        self.ids, self.vectors = memory["ids"], memory["vectors"]
-        self.captions = dict(zip(memory["ids"], memory["captions"]))
+        import pipeline
+        self.models = pipeline.load_models(settings)
+        self.models.captioner  # noqa: B018 - load it once, now
+        rows = ray.get(memory[0])  # the one copy in the object store (a list: not resolved)
+        self.memory = pipeline.Memory.from_rows(rows["ids"], rows["vectors"], rows["captions"])
 
     def __call__(self, batch):
-        import numpy as np
         import pyarrow as pa
 
-        import main
+        import pipeline
         errors = batch.column("error").to_pylist()
         images = _open_images(batch, errors)
         rows = [n for n in images if errors[n] is None]
-        queries = batch.column("image_embedding").to_pylist()
-        found, prompts = main.retrieve_prompts(
-            [np.asarray(queries[n], np.float32) for n in rows], self.ids, self.vectors,
-            lambda image_id: self.captions.get(image_id, []), self.settings)
-        captions = main.generate_captions(self.captioner, [images[n] for n in rows], prompts)
+        ids, queries = batch.column("id").to_pylist(), batch.column("image_embedding").to_pylist()
+        done = pipeline.caption_batch(self.models, [(ids[n], images[n]) for n in rows],
+                                      self.memory, vectors=[queries[n] for n in rows],
+                                      embed_captions=False)
         text: list[str | None] = [None] * batch.num_rows
         neighbours: list[Any] = [None] * batch.num_rows
-        for n, caption, near in zip(rows, captions, found):
-            if isinstance(caption, str):
-                text[n] = caption
-                neighbours[n] = [{"id": x.image_id, "score": x.score} for x in near]
+        for n, record in zip(rows, done.items):
+            if isinstance(record, pipeline.Failure):
+                errors[n] = _message("caption generation", record.exception or record.error)
             else:
-                errors[n] = _message("caption generation", caption)
+                text[n] = record.caption
+                neighbours[n] = [{"id": x.image_id, "score": x.score} for x in record.neighbours]
         neighbour_type = pa.list_(pa.struct([("id", pa.string()), ("score", pa.float32())]))
         return pa.table({"id": batch.column("id"), "path": batch.column("path"),
                          "image_embedding": batch.column("image_embedding"),
@@ -331,9 +320,9 @@ class CaptionStage:
 class TextStage:
     """Actor: embed each caption with the caption model."""
 
-    def __init__(self, settings: dict[str, Any], retries: int):
-        import main
-        self.embedder = main._caption_embedder(_settings(settings))
+    def __init__(self, settings: config.Settings, retries: int):
+        import pipeline
+        self.embedder = pipeline.load_models(settings).caption_embedder
         self.retries = retries
 
     def __call__(self, batch):
@@ -358,30 +347,24 @@ class TextStage:
 
 def load_memory(settings: config.Settings, retrieval: bool) -> tuple[dict[str, Any], dict]:
     """The memory rows retrieval may use (ids, vectors, each one's captions), and a
-    description of it for the manifest. Without retrieval: empty, no database."""
+    description of it for the manifest. Without retrieval: empty, no database.
+    `settings` are for_database's: the database's models where none were given."""
     import numpy as np
     if not retrieval:
         return {"ids": [], "vectors": np.zeros((0, 0), np.float32), "captions": []}, {
             "policy": "none", "db_dir": None, "rows": 0, "digest": None}
-    import main
+    import pipeline
     from db_manager import DbManager
     db = DbManager.open(settings.db_dir)
     if db.needs_seed:
         raise UserError(f"no memory to retrieve from in {settings.db_dir}: build it with "
                         "`python main.py` (same settings) first, or caption without "
                         "retrieval (--no-retrieval)")
-    for what, found, wanted, option in (
-            ("CLIP model", db.state["clip_model"], settings.clip_model_name, "--clip-model-name"),
-            ("caption model", db.state["caption_model"], settings.caption_embedding_model,
-             "--caption-embedding-model")):
-        if found != wanted:
-            raise UserError(f"database {settings.db_dir} was built with {what} {found!r}, not "
-                            f"{wanted!r}: use another --db-dir for these settings, or set "
-                            f"{option} back")
+    pipeline.for_database(settings, db)  # the models must be the database's
     policy = "growing" if settings.memory == "growing" else "frozen"
-    ids, vectors = main.memory_rows(db, growing=policy == "growing")
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    captions = [db.captions_of(image_id) for image_id in ids]
+    memory = pipeline.Memory.from_db(db, growing=policy == "growing")
+    ids, vectors = memory.ids, np.ascontiguousarray(memory.vectors, dtype=np.float32)
+    captions = [memory.captions_of(image_id) for image_id in ids]
     digest = hashlib.sha256("\n".join(ids).encode() + vectors.tobytes()).hexdigest()[:16]
     return {"ids": list(ids), "vectors": vectors, "captions": captions}, {
         "policy": policy, "db_dir": str(Path(settings.db_dir).resolve()), "rows": len(ids),
@@ -433,10 +416,13 @@ def caption_collection(images: str, out_dir: str | os.PathLike, *, retrieval: bo
                        cpus_per_actor: float | None = None,
                        batch_sizes: dict[str, int | None] | None = None,
                        shard_size: int = 5000, block_size: int | None = None,
-                       retries: int = 2, **overrides: Any) -> dict[str, Any]:
+                       retries: int = 2, settings: config.Settings | None = None,
+                       **overrides: Any) -> dict[str, Any]:
     """Caption every image `images` names into Parquet shards in `out_dir` (resumable).
 
-    `overrides` are settings of config.py by lower-case name, as for main.py.
+    `settings` (default config.resolve()) with `overrides` (settings of config.py by
+    lower-case name, as for main.py) on top; with retrieval, the models the memory in
+    DB_DIR was built with fill the ones not given.
     `actors`, `gpus_per_actor` and `batch_sizes` are keyed by stage ("embed",
     "caption", "text"); unset entries follow --num-gpus (see _plan) and
     BATCH_SIZE. Returns a summary: images, already_done, captioned, failed,
@@ -444,7 +430,10 @@ def caption_collection(images: str, out_dir: str | os.PathLike, *, retrieval: bo
     """
     from scale import shards
 
-    settings = config.resolve(**overrides)
+    settings = config.settings_of(settings, overrides)
+    if retrieval:
+        import pipeline
+        settings = pipeline.with_database_settings(settings)
     if shard_size < 1 or (block_size is not None and block_size < 1):
         raise UserError("--shard-size and --block-size must be at least 1")
     if retries < 0:
@@ -462,7 +451,7 @@ def caption_collection(images: str, out_dir: str | os.PathLike, *, retrieval: bo
                   "caption": settings.caption_embedding_model}
         manifest = shards.start_manifest(out, {
             "models": models, "retrieval": retrieval, "root": root, "memory": memory_info,
-            "settings": {n.lower(): settings.values[n] for n in CAPTION_SETTINGS}}, run)
+            "settings": settings.results(data_set=False)}, run)
         shards.remove_temporary_files(out)
         done = shards.written_ids(out)
         todo = [(i, p) for i, p in files if i not in done]
@@ -502,7 +491,6 @@ def _dataset(ray, todo: list[tuple[str, str]], settings: config.Settings, memory
     from ray.data import ActorPoolStrategy
     table = pa.table({"id": [i for i, _ in todo], "path": [p for _, p in todo]})
     blocks = [table.slice(n, block_size) for n in range(0, table.num_rows, block_size)]
-    values = settings.as_dict()
     memory_ref = ray.put(memory)  # broadcast once; every CaptionStage actor reads this copy
 
     def pool(stage: str) -> dict[str, Any]:
@@ -514,11 +502,11 @@ def _dataset(ray, todo: list[tuple[str, str]], settings: config.Settings, memory
     dataset = dataset.map_batches(read_files, batch_size=sizes["embed"], batch_format="pyarrow",
                                   num_cpus=plan["embed"]["cpus"])
     dataset = dataset.map_batches(ImageStage, fn_constructor_kwargs={
-        "settings": values, "retries": retries}, **pool("embed"))
+        "settings": settings, "retries": retries}, **pool("embed"))
     dataset = dataset.map_batches(CaptionStage, fn_constructor_kwargs={
-        "settings": values, "memory": [memory_ref]}, **pool("caption"))
+        "settings": settings, "memory": [memory_ref]}, **pool("caption"))
     return dataset.map_batches(TextStage, fn_constructor_kwargs={
-        "settings": values, "retries": retries}, **pool("text"))
+        "settings": settings, "retries": retries}, **pool("text"))
 
 
 def _drain(dataset, writer, failures, total: int) -> None:
@@ -607,7 +595,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         return cli_failure(prog, exc, code=2)
     config.configure_logging(settings)
-    overrides = {k.lower(): v for k, v in settings.as_dict().items()}
     try:
         summary = caption_collection(
             args.images, args.out, retrieval=not args.no_retrieval, root=args.root,
@@ -617,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
             cpus_per_actor=args.cpus_per_actor,
             batch_sizes={s: getattr(args, f"{s}_batch_size") for s in STAGES},
             shard_size=args.shard_size, block_size=args.block_size, retries=args.retries,
-            **overrides)
+            settings=settings)
     except (UserError, OSError, KeyboardInterrupt) as exc:
         return cli_failure(prog, exc, interrupted="interrupted (finished shards are kept; "
                            "run again to continue)")

@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+import config
 from errors import UserError
 
 log = logging.getLogger(__name__)
@@ -171,13 +172,16 @@ def start_manifest(out_dir: Path, wanted: dict[str, Any], run: str) -> dict[str,
         manifest = {"format": FORMAT, "version": VERSION, **wanted, "created": now(),
                     "runs": []}
     else:
-        for key in ("models", "settings", "retrieval", "root"):
+        config.check_same_results(manifest.get("settings", {}), wanted["settings"],
+                                  f"{out_dir} was started",
+                                  "resume it with the same settings or choose another --out")
+        for key in ("models", "retrieval", "root"):
             was, want = manifest.get(key), wanted[key]
             if isinstance(want, dict):
                 differ = next((k for k in want if was.get(k) != want[k]), None)
                 if differ is not None:
-                    name = differ if key == "settings" else f"{key} {differ}"
-                    raise UserError(f"{out_dir} was started with {name}={was.get(differ)!r}, "
+                    raise UserError(f"{out_dir} was started with {key} {differ}="
+                                    f"{was.get(differ)!r}, "
                                     f"not {want[differ]!r}; resume it with the same settings "
                                     "or choose another --out")
             elif was != want:

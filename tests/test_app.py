@@ -26,6 +26,7 @@ import app
 import batch_runner
 import config
 import main
+import pipeline
 from db_manager import DbManager, generated_caption_id
 from errors import UserError
 from fake_flickr import make_image
@@ -209,7 +210,7 @@ def test_an_unexpected_error_shows_no_traceback(caplog):
 
 def test_concurrent_requests_each_get_their_own_result(memory, settings, photo, monkeypatch):
     alone = [app.caption_tab(0, settings=settings), app.caption_tab(str(photo), settings=settings)]
-    captioner = main._captioner(settings)
+    captioner = pipeline.load_models(settings).captioner
     running, most = [0], [0]
     real = type(captioner).caption_batch
 

@@ -163,3 +163,55 @@ def test_cli_all_and_evaluate(settings_kwargs, capsys):
     assert main.main(args + ["--all", "--indices", "1"]) == 1
     assert "not both" in capsys.readouterr().err
     assert main.main(args + ["--evaluate", str(run_dir / "nothing")]) == 1
+
+
+@pytest.fixture
+def twins(tmp_path, settings_kwargs):
+    """A data set whose experiment images 1-3 are re-saved copies of experiment image 0,
+    so each retrieves the earlier ones from a growing memory."""
+    from PIL import Image
+
+    from dataset_loader import load_and_split_dataset
+    from fake_flickr import make_flickr
+    root = make_flickr(tmp_path / "twins", n_images=16)
+    split = load_and_split_dataset(str(root), 4, 42)
+    with Image.open(split.experiment[0].source) as first:
+        first = first.copy()
+    for n, sample in enumerate(split.experiment[1:], start=1):
+        first.save(sample.source, quality=95 - n)
+    return {**settings_kwargs, "dataset_name": str(root), "memory": "growing",
+            "top_k_similar": 3}
+
+
+def test_growing_memory_gives_the_same_neighbours_at_any_batch_size(twins, tmp_path):
+    one = batch_runner.run_batch([0, 1, 2, 3], "b1", **{
+        **twins, "batch_size": 1, "db_dir": str(tmp_path / "db1")})
+    four = batch_runner.run_batch([0, 1, 2, 3], "b4", **{
+        **twins, "batch_size": 4, "db_dir": str(tmp_path / "db4")})
+    ids = [i["image_id"] for i in one["items"]]
+    for n, item in enumerate(one["items"][1:], start=1):    # earlier twins are retrieved
+        assert ids[n - 1] in {x["image_id"] for x in item["similar_images"]}
+    assert [[x["image_id"] for x in i["similar_images"]] for i in one["items"]] == [
+        [x["image_id"] for x in i["similar_images"]] for i in four["items"]]
+    assert [i["prompt"] for i in one["items"]] == [i["prompt"] for i in four["items"]]
+    assert [i["generated_caption"] for i in one["items"]] == [
+        i["generated_caption"] for i in four["items"]]
+
+
+def test_resuming_with_another_precision_is_refused(settings_kwargs):
+    batch_runner.run_batch([0], "precision", **settings_kwargs)
+    with pytest.raises(UserError, match="was started with dtype='auto', not 'bfloat16'"):
+        batch_runner.run_batch([1], "precision", **{**settings_kwargs, "dtype": "bfloat16"})
+    with pytest.raises(UserError, match="vlm_attn_implementation='', not 'eager'"):
+        batch_runner.run_batch([1], "precision", **{**settings_kwargs,
+                                                    "vlm_attn_implementation": "eager"})
+
+
+def test_a_stray_file_in_items_does_not_break_evaluate(settings_kwargs, capsys):
+    batch_runner.run_batch([0, 1], "notes", **settings_kwargs)
+    run_dir = Path(settings_kwargs["results_dir"]) / "runs" / "notes"
+    (run_dir / "items" / "notes.json").write_text('{"todo": "look at 1"}')
+    (run_dir / "items" / "7.json").write_text("{not json")
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in settings_kwargs.items()]
+    assert main.main(args + ["--evaluate", str(run_dir)]) == 0
+    assert "run notes: 2 finished, 0 failed" in capsys.readouterr().out

@@ -271,6 +271,18 @@ def test_embed_pool_other_model_name_misses_the_cache(embedder, tiny_clip, tmp_p
     assert sum(calls) == len(IDS)
 
 
+def test_a_bfloat16_run_does_not_reuse_float32_cached_vectors(embedder, tiny_clip, tmp_path,
+                                                             count_forward):
+    import torch
+    embed_pool(embedder, IDS, load, tmp_path, "flickr|split-a")          # float32
+    bf16 = ImageEmbedder(tiny_clip, device="cpu", dtype=torch.bfloat16)
+    assert bf16.key != embedder.key
+    calls = count_forward(bf16)
+    embed_pool(bf16, IDS, load, tmp_path, "flickr|split-a")
+    assert sum(calls) == len(IDS)                                         # embedded again
+    assert len(list((tmp_path / "image_embeddings").glob("*.npy"))) == 2
+
+
 def test_embed_pool_model_name_with_a_dot_keeps_cache_keys_apart(tiny_clip, tmp_path,
                                                                  count_forward):
     # "clip-v1.5-<digest>".with_suffix(".npy") used to drop the digest, so every split

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import experiment
 import main
+import pipeline
 from db_manager import CAPTION_DB, CAPTION_EMBEDDING_DB, FILES, IMAGE_DB
 from fake_flickr import make_flickr
 
@@ -90,13 +92,13 @@ def test_python_api_both_forms_reuse_models(settings_kwargs):
     dataset_loader, db_manager = main.initialize_system(**settings_kwargs)
     r = main.run_experiment(dataset_loader, db_manager, experiment_index=0, **settings_kwargs)
     assert r["generated_caption"] and r["image_id"] == dataset_loader.experiment[0].image_id
-    captioner = main._loaded["captioner"][1]
-    embedder = main._loaded["image_embedder"][1]
+    captioner, embedder = pipeline.loaded("captioner"), pipeline.loaded("image_embedder")
 
     r2 = main.run_experiment(experiment_index=3, top_k_similar=2, **settings_kwargs)
     assert len(r2["similar_images"]) == 2
-    assert main._loaded["captioner"][1] is captioner and main._loaded["image_embedder"][1] is embedder
-    assert main._loaded["db"][1] is db_manager                         # not re-read from disk
+    assert pipeline.loaded("captioner") is captioner
+    assert pipeline.loaded("image_embedder") is embedder
+    assert pipeline.loaded("db") is db_manager                          # not re-read from disk
     assert r2["image_id"] in db_manager.image_ids                       # memory grew in place
     assert db_counts(settings_kwargs["db_dir"]) == (TRAIN_IMAGES + 2,) + (
         TRAIN_IMAGES * CAPTIONS_PER_IMAGE + 2,) * 2
@@ -127,7 +129,8 @@ def test_bfloat16_on_the_cpu_runs_the_pipeline_and_is_recorded(settings_kwargs):
     import torch
     kw = {**settings_kwargs, "dtype": "bfloat16"}
     dataset, db = main.initialize_system(**kw)
-    assert main._image_embedder(main.config.resolve(**kw)).model.dtype == torch.bfloat16
+    assert pipeline.load_models(main.config.resolve(**kw)).image_embedder.model.dtype == \
+        torch.bfloat16
     r = main.run_experiment(dataset, db, experiment_index=0, **kw)
     assert r["generated_caption"] and r["config"]["resolved_dtype"] == "bfloat16"
     assert db.image_vectors.dtype == np.float32  # the databases stay float32
@@ -246,8 +249,9 @@ def test_unwritable_results_dir_fails_before_any_work(seeded_db, settings_kwargs
     before = snapshot(seeded_db)
     def denied(*args, **kwargs):   # what a read-only folder answers (root would write anyway)
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(main.tempfile, "TemporaryFile", denied)
-    monkeypatch.setattr(main, "_captioner", lambda s: pytest.fail("models used before the check"))
+    monkeypatch.setattr(experiment.tempfile, "TemporaryFile", denied)
+    monkeypatch.setattr(pipeline.Models, "captioner",
+                        property(lambda s: pytest.fail("models used before the check")))
     assert main.main(cli_args(settings_kwargs)) == 1
     assert "cannot write to" in error_line(capsys.readouterr().err)
     assert snapshot(seeded_db) == before
@@ -282,3 +286,16 @@ def test_check_db_and_repair_db(seeded_db, settings_kwargs, capsys):
     assert "backup of everything as it was" in out and "no problems left" in out
     assert snapshot(seeded_db) == good
     assert main.main(cli_args(settings_kwargs, "--check-db")) == 0
+
+
+def test_settings_given_to_initialize_system_carry_to_run_experiment(settings_kwargs):
+    dataset_loader, db_manager = main.initialize_system(**settings_kwargs)
+    r = main.run_experiment(dataset_loader, db_manager, experiment_index=1)   # the seed's form
+    assert r.generated_caption and r.config["clip_model_name"] == settings_kwargs[
+        "clip_model_name"]
+    assert len(r.similar_images) == 5
+    fewer = main.run_experiment(dataset_loader, db_manager, experiment_index=2, top_k_similar=2)
+    assert len(fewer.similar_images) == 2                       # a keyword, for this call only
+    again = main.run_experiment(dataset_loader, db_manager, experiment_index=3)
+    assert len(again.similar_images) == 5
+    assert again.to_json()["generated_caption"] == again["generated_caption"]

@@ -227,3 +227,36 @@ def test_caption_folder_counts_unreadable_images_and_batches(photos, settings_kw
     assert single["captioned"] == 6
     assert {c["image_id"]: c["caption"] for c in batched.captions} == {
         c["image_id"]: c["caption"] for c in one.captions}          # batched == unbatched
+
+
+def test_a_memory_describes_itself_to_search(memory, settings_kwargs, tmp_path, capsys,
+                                             monkeypatch):
+    # built from a local data set and tiny models; search is given only --db-dir
+    monkeypatch.chdir(tmp_path)
+    only = ["--db-dir", settings_kwargs["db_dir"], "--results-dir", str(tmp_path / "r"),
+            "--device", "cpu"]
+    assert search.main(only + ["--text", "a dog", "--topk", "2", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["model"] == settings_kwargs["caption_embedding_model"] and found["hits"]
+    assert search.main(only + ["--query", memory.train[2].source, "--topk", "1", "--json"]) == 0
+    hit = json.loads(capsys.readouterr().out)["hits"][0]
+    assert hit["image_id"] == memory.train[2].image_id
+
+
+def test_searching_with_another_model_than_the_database_is_one_line(memory, settings_kwargs,
+                                                                      tiny_siglip, capsys):
+    args = cli({**settings_kwargs, "clip_model_name": tiny_siglip}, "--query",
+               memory.train[0].source)
+    assert search.main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and settings_kwargs["clip_model_name"] in err
+    assert tiny_siglip in err
+
+
+def test_captioning_a_folder_again_with_other_settings_is_refused(photos, settings_kwargs):
+    main.caption_folder(str(photos), retrieval=False, **settings_kwargs)
+    with pytest.raises(UserError, match="was captioned with max_new_tokens=8, not 12"):
+        main.caption_folder(str(photos), retrieval=False,
+                            **{**settings_kwargs, "max_new_tokens": 12})
+    with pytest.raises(UserError, match="was captioned with retrieval=False, not True"):
+        main.caption_folder(str(photos), retrieval=True, **settings_kwargs)

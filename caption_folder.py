@@ -1,0 +1,94 @@
+"""Caption every image of a folder, so that words find them:
+
+    python main.py --caption-folder photos/              # neighbours' captions in the prompt
+    python main.py --caption-folder photos/ --no-retrieval
+    python search.py --text "a dog on a beach" --images-dir photos/
+
+The folder gets a database of its own under DB_DIR/folders/ (the experiment
+memory is only read): each image's CLIP embedding, its generated caption and
+the caption's embedding, written through db_manager. Images this VLM captioned
+before are skipped, so an interrupted run continues where it stopped; the
+result-changing settings are kept beside the database (settings.json) and a
+rerun with other values is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import config
+import pipeline
+
+log = logging.getLogger("caption_folder")
+
+SETTINGS_FILE = "settings.json"
+
+
+def caption_folder(folder: str, settings: config.Settings, retrieval: bool = True
+                   ) -> dict[str, Any]:
+    """Caption every image under `folder` (BATCH_SIZE per generate call).
+
+    With `retrieval`, each prompt holds the captions of the image's neighbours in
+    the pipeline's memory (MEMORY "auto" means the training pool only); without,
+    the plain PROMPT_TEMPLATE_NO_CONTEXT. Returns {"folder", "database", "images",
+    "captioned", "already_captioned", "failed" (ids), "retrieval"}.
+    """
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from dataset_loader import open_image
+    from db_manager import DbIdentity, DbManager, generated_caption_id, write_json_atomic
+    from folder_index import folder_db_dir, scan_folder
+
+    files = scan_folder(folder)  # before any model loads: a bad folder fails at once
+    root = Path(folder).expanduser().resolve()
+    models = pipeline.load_models(settings)
+    if retrieval:
+        _, memory_db = pipeline.initialize(settings)
+        memory = pipeline.Memory.from_db(memory_db, growing=settings.memory == "growing"
+                                         ).read_only()
+    else:
+        memory = pipeline.Memory.empty()
+    db = DbManager.open(folder_db_dir(settings.db_dir, root), DbIdentity(
+        clip_model=settings.clip_model_name, caption_model=settings.caption_embedding_model,
+        dataset=str(root), split=f"folder:{root}"))
+    wanted = {**settings.results(data_set=False), "retrieval": retrieval}
+    manifest = db.db_dir / SETTINGS_FILE
+    if manifest.exists():
+        config.check_same_results(json.loads(manifest.read_text()), wanted,
+                                  f"folder {root} was captioned",
+                                  "use the same settings, or another --db-dir")
+    image_embedder, caption_embedder, captioner = (models.image_embedder,
+                                                   models.caption_embedder, models.captioner)
+    if db.needs_seed:
+        db.seed([], np.zeros((0, image_embedder.dim), np.float32), [],
+                np.zeros((0, caption_embedder.dim), np.float32))
+    write_json_atomic(manifest, wanted)
+    todo = [f for f in files if not db.has_caption(generated_caption_id(f, captioner.name))]
+    position = {image_id: n for n, image_id in enumerate(files)}
+    done, failed = 0, []
+    bar = tqdm(total=len(todo), desc="captioning", unit="img")
+    for start in range(0, len(todo), settings.batch_size):
+        chunk = todo[start:start + settings.batch_size]
+        batch = pipeline.caption_batch(
+            models, [(i, lambda i=i: open_image(root / i)) for i in chunk], memory)
+        for record in batch.items:
+            if isinstance(record, pipeline.Failure):  # unreadable, empty caption: go on
+                log.warning("skipping %s: %s", record.image_id, record.error)
+                failed.append(record.image_id)
+                continue
+            db.add_experiment(record.image_id, record.vector, record.caption,
+                              record.caption_vector, vlm_model=captioner.name,
+                              experiment_index=position[record.image_id],
+                              timestamp=datetime.now(timezone.utc).astimezone().isoformat(
+                                  timespec="seconds"))
+            done += 1
+        bar.update(len(chunk))
+    bar.close()
+    return {"folder": str(root), "database": str(db.db_dir), "images": len(files),
+            "captioned": done, "already_captioned": len(files) - len(todo),
+            "failed": failed, "retrieval": retrieval}

@@ -1,0 +1,180 @@
+"""Experiments: experiment images through the caption step, each kept as a result
+file and in the memory.
+
+    settings = config.resolve()
+    dataset, db = pipeline.initialize(settings)
+    [result] = experiment.run_experiments(dataset, db, [42], settings)
+    result.generated_caption, result.to_json()
+
+A result file, RESULTS_DIR/experiment_{index}_{timestamp}.json, holds
+ExperimentResult.to_json():
+  experiment_index, image_id      which image (index into the experiment split)
+  generated_caption               the VLM's caption
+  original_caption(s)             its human references (the first, and all)
+  similar_images                  [{rank, image_id, score, captions}] the neighbours
+  prompt                          the exact text given to the VLM
+  config                          every setting (lower-case), the memory policy used,
+                                  resolved_device, resolved_dtype
+  versions                        python and the main packages
+  timings                         seconds per stage (the batch's, per image), total,
+                                  first_token (not per image)
+  batch_size, timestamp, result_path
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import config
+import pipeline
+from errors import UserError
+
+if TYPE_CHECKING:
+    from dataset_loader import Flickr8k
+    from db_manager import DbManager
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    """One captioned experiment image (the result file's content)."""
+
+    experiment_index: int
+    image_id: str
+    generated_caption: str
+    original_captions: tuple[str, ...]
+    similar_images: tuple[pipeline.Neighbour, ...]
+    prompt: str
+    config: Mapping[str, Any]
+    versions: Mapping[str, str]
+    timings: Mapping[str, float]
+    batch_size: int
+    timestamp: str
+    result_path: str | None = None
+
+    @property
+    def original_caption(self) -> str:
+        return self.original_captions[0]
+
+    def to_json(self) -> dict[str, Any]:
+        record = {
+            "experiment_index": self.experiment_index, "image_id": self.image_id,
+            "generated_caption": self.generated_caption,
+            "original_caption": self.original_caption,
+            "original_captions": list(self.original_captions),
+            "similar_images": [n.to_json() for n in self.similar_images],
+            "prompt": self.prompt, "config": dict(self.config), "versions": dict(self.versions),
+            "timings": dict(self.timings), "batch_size": self.batch_size,
+            "timestamp": self.timestamp}
+        if self.result_path is not None:
+            record["result_path"] = self.result_path
+        return record
+
+    def __getitem__(self, key: str) -> Any:
+        """`result["generated_caption"]`: the seed's dict-style access still works."""
+        return self.to_json()[key]
+
+
+def memory_policy(settings: config.Settings, batch: bool) -> str:
+    """"growing" or "frozen": MEMORY, where "auto" is growing for one experiment and
+    frozen for batch runs (results then do not depend on order)."""
+    if settings.memory == "auto":
+        return "frozen" if batch else "growing"
+    return settings.memory
+
+
+def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int],
+                    settings: config.Settings, memory: pipeline.Memory | None = None,
+                    load_seconds: float = 0.0) -> list[ExperimentResult | pipeline.Failure]:
+    """Caption the experiment images `indices` as one batch (pipeline.caption_batch),
+    then save each: its result file in RESULTS_DIR, then its row in the databases.
+
+    `memory` (default: the database's rows, as MEMORY says for one experiment)
+    is shared across calls by batch runs, so a growing memory sees every image
+    captioned before. Returns one record per index: an ExperimentResult, or a
+    pipeline.Failure (unreadable image, empty caption) while the others go on.
+    Timings are the batch's seconds per stage divided by its size.
+    """
+    for name, used in (("clip_model_name", db.identity.clip_model),
+                       ("caption_embedding_model", db.identity.caption_model)):
+        if getattr(settings, name) != used:
+            raise UserError(f"{name}={getattr(settings, name)!r} but the database was opened "
+                            f"for {used!r}; call initialize_system with the same settings")
+    clock = time.perf_counter()
+    models = pipeline.load_models(settings).load_all()
+    if memory is None:
+        memory = pipeline.Memory.from_db(db, memory_policy(settings, batch=False) == "growing")
+    load = round(load_seconds + time.perf_counter() - clock, 4)
+    samples = [dataset.experiment_sample(i) for i in indices]
+    batch = pipeline.caption_batch(
+        models, [(s.image_id, lambda s=s: dataset.load_image(s)) for s in samples], memory)
+    timings = {"load": load, **{stage: round(seconds / len(indices), 4)
+                                for stage, seconds in batch.seconds.items()}}
+    if batch.first_token is not None:
+        timings["first_token"] = round(batch.first_token, 4)  # per generate call
+    shared = {"config": {**settings.to_json(),
+                         "memory": "growing" if memory.growing else "frozen",
+                         **models.describe()},
+              "versions": pipeline.versions()}
+    results: list[ExperimentResult | pipeline.Failure] = []
+    for index, sample, record in zip(indices, samples, batch.items):
+        if isinstance(record, pipeline.Failure):
+            results.append(replace(record, experiment_index=index))
+            continue
+        now = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+        result = ExperimentResult(index, sample.image_id, record.caption, tuple(sample.captions),
+                                  record.neighbours, record.prompt, shared["config"],
+                                  shared["versions"], dict(timings), len(indices), now)
+        results.append(save(result, db, record, models.captioner.name,
+                            Path(settings.results_dir)))
+    return results
+
+
+def save(result: ExperimentResult, db: "DbManager", record: pipeline.Captioned, vlm_model: str,
+         results_dir: Path) -> ExperimentResult:
+    """The result file first, then the databases: if saving to the databases fails,
+    the result file goes too, so results/ never shows an unsaved experiment."""
+    from db_manager import write_json_atomic
+    start = time.perf_counter()
+    path = result_path(results_dir, result.experiment_index,
+                       datetime.fromisoformat(result.timestamp))
+    write_json_atomic(path, result.to_json())
+    try:
+        db.add_experiment(result.image_id, record.vector, result.generated_caption,
+                          record.caption_vector, vlm_model=vlm_model,
+                          experiment_index=result.experiment_index, timestamp=result.timestamp)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    timings = dict(result.timings)
+    timings["save_to_db"] = round(time.perf_counter() - start, 4)
+    timings["total"] = round(sum(v for k, v in timings.items()
+                                 if k not in ("total", "first_token")), 4)
+    result = replace(result, timings=timings, result_path=str(path))
+    write_json_atomic(path, result.to_json())  # again, now with the time the save took
+    return result
+
+
+def check_writable(folder: Path) -> None:
+    """UserError unless files can be created in `folder` (made if missing)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write to {folder}: {exc.strerror}") from None
+
+
+def result_path(results_dir: Path, index: int, now: datetime) -> Path:
+    """RESULTS_DIR/experiment_{index}_{timestamp}.json, never an existing file's name."""
+    stamp = now.strftime("%Y%m%d_%H%M%S")
+    path = results_dir / f"experiment_{index}_{stamp}.json"
+    n = 1
+    while path.exists():  # two runs of one index within a second keep both files
+        path = results_dir / f"experiment_{index}_{stamp}_{n}.json"
+        n += 1
+    return path
