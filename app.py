@@ -14,8 +14,10 @@ captions).
 The handlers (caption_tab, search_image_tab, search_text_tab, list_runs,
 runs_tab) are plain functions that return plain data; build_ui() lays them out
 with Gradio. They call the pipeline's caption step and search, and its model cache, so
-models load once per process. Model calls are serialised by MODEL_LOCK. Nothing
-is written to the databases unless "save to memory" is ticked. Importing this
+models load once per process. Model calls are serialised by MODEL_LOCK. The
+pictures go to Gradio as files of THUMBNAILS (thumbnails.py), each written once,
+never as PIL images. Nothing is written to the databases unless "save to memory"
+is ticked. Importing this
 module loads nothing and starts nothing.
 """
 
@@ -28,6 +30,7 @@ import logging
 import math
 import numbers
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import config
+import thumbnails
 from errors import UserError, cli_failure
 from search import UPLOADS  # DB_DIR/uploads/: images saved to the memory from the page
 
@@ -48,6 +52,7 @@ log = logging.getLogger("app")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+DEFAULT_QUEUE_SIZE = 64               # requests waiting at most; more are told to retry
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024   # larger uploads are refused before decoding
 THUMBNAIL = 320                       # longest side of the pictures sent to the browser
 RUN_PAGE = 12                         # images per page in the Runs tab
@@ -57,6 +62,10 @@ MAX_K = 50                            # the search tabs' largest k
 # warm-up and direct Python callers. Each request still gets its own result,
 # since the handlers keep no per-user state.
 MODEL_LOCK = threading.Lock()
+
+# Every picture the page shows goes to Gradio as a file from here, written once
+# (Gradio rewrites PIL images in place per request, which tears concurrent downloads).
+THUMBNAILS = thumbnails.ThumbnailCache()
 
 Progress = Callable[[float, str], None]
 
@@ -139,28 +148,41 @@ def _check_size(size: int, name: str) -> None:
                         f"{MAX_UPLOAD_BYTES / 2**20:.0f} MB: downscale it first")
 
 
-def _thumbnail(image: "Image.Image") -> "Image.Image":
+def _shrunk(image: "Image.Image") -> "Image.Image":
     image = image.copy()
     image.thumbnail((THUMBNAIL, THUMBNAIL))
     return image
 
 
-def _placeholder(text: str = "no image") -> "Image.Image":
-    from PIL import Image, ImageDraw
-    image = Image.new("RGB", (THUMBNAIL, THUMBNAIL * 3 // 4), (225, 225, 225))
-    ImageDraw.Draw(image).text((12, THUMBNAIL * 3 // 8 - 6), text, fill=(90, 90, 90))
-    return image
+def _thumbnail(image: "Image.Image") -> str:
+    """The file of `image` shrunk to THUMBNAIL pixels (from THUMBNAILS: made once
+    per distinct picture)."""
+    return THUMBNAILS.file_for(thumbnails.pixels_key(image, THUMBNAIL), lambda: _shrunk(image))
+
+
+def _placeholder(text: str = "no image") -> str:
+    """The file of a grey picture saying `text`."""
+    def draw() -> "Image.Image":
+        from PIL import Image, ImageDraw
+        image = Image.new("RGB", (THUMBNAIL, THUMBNAIL * 3 // 4), (225, 225, 225))
+        ImageDraw.Draw(image).text((12, THUMBNAIL * 3 // 8 - 6), text, fill=(90, 90, 90))
+        return image
+    return THUMBNAILS.file_for(thumbnails.source_key("placeholder", text, THUMBNAIL), draw)
 
 
 def _image_of(image_id: str, settings: config.Settings, dataset=None,
-              load: Callable[[], "Image.Image"] | None = None) -> "Image.Image":
-    """A thumbnail of an image of the memory: from `load`, else from the data set or
-    the uploads saved from this page (search.memory_image); a grey placeholder if
-    there is none."""
+              load: Callable[[], "Image.Image"] | None = None, path: str | None = None) -> str:
+    """The thumbnail file of an image of the memory: drawn from `load`, else from
+    the data set or the uploads saved from this page (search.memory_image); a grey
+    placeholder if there is none. Cached by the image's id, data set and file
+    (`path`, else search.memory_path), so a cached one is neither read nor encoded."""
     import search
     try:
-        return _thumbnail(load() if load is not None else
-                          search.memory_image(dataset, settings, image_id))
+        if path is None and dataset is not None:
+            path = search.memory_path(dataset, settings, image_id)
+        key = thumbnails.source_key(settings.dataset_name, image_id, path, THUMBNAIL)
+        return THUMBNAILS.file_for(key, lambda: _shrunk(
+            load() if load is not None else search.memory_image(dataset, settings, image_id)))
     except Exception as exc:  # noqa: BLE001 - a picture that cannot be shown is not an error
         log.debug("cannot show %s: %s", image_id, exc)
     return _placeholder(f"{Path(image_id).name[:40]}: no image file")
@@ -192,8 +214,9 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
     image at an index, through the pipeline's caption step (pipeline.caption_batch).
 
     Returns {"image_id", "source" ("upload" or "experiment"), "experiment_index"
-    (None for an upload), "query" (PIL), "neighbours" [(PIL, "score · caption")],
-    "similar_images" [{"rank", "image_id", "score", "captions"}], "prompt",
+    (None for an upload), "query" (a thumbnail file), "neighbours" [(thumbnail
+    file, "score · caption")], "similar_images" [{"rank", "image_id", "score",
+    "captions"}], "prompt",
     "caption", "references" (empty for an upload), "timings" {stage: seconds},
     "memory" ("growing" or "frozen"), "model", "saved"}.
 
@@ -280,8 +303,8 @@ def search_image_tab(upload: "str | os.PathLike | bytes | Image.Image | None", k
                      progress: Progress | None = None) -> dict[str, Any]:
     """Images of the memory most similar to an uploaded image (search.search_images).
 
-    Returns {"query" (PIL), "hits" [(PIL, "#rank · score · image")], "rows"
-    [[rank, score, image_id]], "source", "model", "indexed"}.
+    Returns {"query" (a thumbnail file), "hits" [(thumbnail file, "#rank · score
+    · image")], "rows" [[rank, score, image_id]], "source", "model", "indexed"}.
     """
     import search
     settings = _resolve(settings)
@@ -297,7 +320,8 @@ def search_image_tab(upload: "str | os.PathLike | bytes | Image.Image | None", k
         with MODEL_LOCK:
             _step(progress, 0.2, "searching the image database")
             result = search.search_images(path, k, settings=settings)
-            hits = [(_image_of(h.image_id, settings, load=lambda h=h: result.load_image(h)),
+            hits = [(_image_of(h.image_id, settings, load=lambda h=h: result.load_image(h),
+                               path=h.path),
                      f"#{h.rank} · {h.score:.3f} · {Path(h.image_id).name}")
                     for h in result.hits]
     return {"query": _thumbnail(checked.image), "hits": hits,
@@ -310,7 +334,7 @@ def search_text_tab(query: str | None, k: int = 5, settings: config.Settings | N
     """Images whose captions best match `query` (search.search_text), each with
     the matching caption and whether a person or a VLM wrote it.
 
-    Returns {"hits" [(PIL, "#rank · score · who: caption")], "rows" [[rank,
+    Returns {"hits" [(thumbnail file, "#rank · score · who: caption")], "rows" [[rank,
     score, image_id, who, caption]], "source", "model", "indexed"}.
     """
     import search
@@ -326,7 +350,8 @@ def search_text_tab(query: str | None, k: int = 5, settings: config.Settings | N
         for h in result.hits:
             who = ("human" if h.caption_source == "human" else
                    f"generated by {Path(h.caption_model or 'a VLM').name}")
-            hits.append((_image_of(h.image_id, settings, load=lambda h=h: result.load_image(h)),
+            hits.append((_image_of(h.image_id, settings, load=lambda h=h: result.load_image(h),
+                                   path=h.path),
                          f"#{h.rank} · {h.score:.3f} · {who}: {h.caption}"))
             rows.append([h.rank, round(h.score, 4), h.image_id, who, h.caption])
     return {"hits": hits, "rows": rows, "source": result.source, "model": result.model,
@@ -354,10 +379,10 @@ def runs_tab(run_dir: str | os.PathLike | None, settings: config.Settings | None
     """A run directory (a name under RESULTS_DIR/runs, or a path) for the page.
 
     Returns {"run", "path", "header" (markdown), "metrics" (markdown, from
-    metrics.format_report), "ablation" (PIL or None: RESULTS_DIR/ablation.png, from
+    metrics.format_report), "ablation" (a file or None: RESULTS_DIR/ablation.png, from
     `python -m bench.ablation`), "ablation_table" (RESULTS_DIR/ablation.md or None),
     "columns", "rows" (one per experiment: generated vs reference captions),
-    "gallery" [(PIL, "#index generated … / reference …")] for `page`, "page",
+    "gallery" [(thumbnail file, "#index generated … / reference …")] for `page`, "page",
     "pages"}.
     """
     import metrics
@@ -390,9 +415,12 @@ def runs_tab(run_dir: str | os.PathLike | None, settings: config.Settings | None
     ablation_file = Path(settings.results_dir) / "ablation.png"
     ablation = None
     if ablation_file.exists():
-        try:
-            with Image.open(ablation_file) as chart:
-                ablation = chart.convert("RGB")
+        def chart() -> "Image.Image":
+            with Image.open(ablation_file) as opened:
+                return opened.convert("RGB")
+        try:  # a copy in THUMBNAILS: bench.ablation may rewrite the file while it is shown
+            ablation = THUMBNAILS.file_for(thumbnails.source_key("ablation", str(ablation_file)),
+                                           chart)
         except OSError as exc:
             log.warning("cannot show %s: %s", ablation_file, exc)
     table_file = Path(settings.results_dir) / "ablation.md"
@@ -692,9 +720,16 @@ def _warm_up(settings: config.Settings) -> None:
         log.error("loading failed (the page will show this on first use): %s", exc)
 
 
+def _stop(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(settings: config.Settings, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          preload: bool = True) -> None:
-    """Build the page and serve it until interrupted; no network use beyond `host`."""
+          preload: bool = True, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+    """Build the page and serve it until interrupted; no network use beyond `host`.
+
+    Requests wait in Gradio's queue, at most `queue_size` of them (a visitor
+    beyond that is told the queue is full); model calls leave it one at a time."""
     for name, value in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_DISABLE_TELEMETRY", "1"),
                         ("GRADIO_SHARE", "False")):
         os.environ[name] = value
@@ -702,7 +737,9 @@ def serve(settings: config.Settings, host: str = DEFAULT_HOST, port: int = DEFAU
     if preload:
         threading.Thread(target=_warm_up, args=(settings,), name="warm-up", daemon=True).start()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own requests to itself
-    page.queue(default_concurrency_limit=1)
+    # One at a time per event, and one model call at a time across events
+    # (concurrency_id "models"): the models are shared and MODEL_LOCK serialises them anyway.
+    page.queue(default_concurrency_limit=1, max_size=queue_size)
     try:
         page.launch(server_name=host, server_port=port, share=False, inbrowser=False,
                     show_error=False, ssr_mode=False, max_file_size=MAX_UPLOAD_BYTES,
@@ -711,6 +748,10 @@ def serve(settings: config.Settings, host: str = DEFAULT_HOST, port: int = DEFAU
     except OSError:
         raise UserError(f"cannot listen on {host}:{port} (in use, or not an address of this "
                         "machine): choose another --port or --host") from None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (systemd, docker stop) ends the server as Ctrl-C does, so that
+        # exit handlers run (the picture cache's folder is removed).
+        signal.signal(signal.SIGTERM, _stop)
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     print(f"app.py: serving http://{shown}:{port}/ (Ctrl-C to stop)", flush=True)
     page.block_thread()
@@ -727,11 +768,15 @@ def main(argv: list[str] | None = None) -> int:
                           "the page has no login, so think twice before 0.0.0.0)")
     web.add_argument("--port", default=str(DEFAULT_PORT), metavar="N",
                      help=f"port (default {DEFAULT_PORT})")
+    web.add_argument("--queue-size", default=str(DEFAULT_QUEUE_SIZE), metavar="N",
+                     help=f"requests that may wait for the models (default {DEFAULT_QUEUE_SIZE}); "
+                          "beyond that a visitor is told the queue is full and to try again")
     web.add_argument("--lazy", action="store_true",
                      help="load models and memory on the first request, not at start")
     try:
         args, settings = config.parse_cli(parser, argv)
         port = _whole_number(args.port, "--port", 1, 65535)
+        queue_size = _whole_number(args.queue_size, "--queue-size", 1)
     except UserError as exc:
         return cli_failure("app.py", exc, code=2)
     config.configure_logging(settings)
@@ -739,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         import pipeline
         # the models and data set DB_DIR was built with, where none are given
         serve(pipeline.with_database_settings(settings), args.host, port,
-              preload=not args.lazy)
+              preload=not args.lazy, queue_size=queue_size)
     except (UserError, OSError, KeyboardInterrupt) as exc:  # e.g. the port is taken
         return cli_failure("app.py", exc)
     return 0

@@ -108,7 +108,7 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
                 known, lambda image_id: dataset.load_image(dataset.get(image_id)))
             note = str(update)
         source = f"image database {Path(settings.db_dir).resolve()}"
-        path_of = lambda image_id: _memory_path(dataset, settings, image_id)  # noqa: E731
+        path_of = lambda image_id: memory_path(dataset, settings, image_id)  # noqa: E731
         load = lambda hit: memory_image(dataset, settings, hit.image_id)  # noqa: E731
     _check_k_fits(k, len(ids), "images")
     search_index = SearchIndex.from_vectors(ids, vectors, backend=index)
@@ -163,7 +163,7 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None,
     else:
         db, dataset, settings = open_memory(settings)
         source = f"caption database {Path(settings.db_dir).resolve()}"
-        path_of = lambda image_id: _memory_path(dataset, settings, image_id)  # noqa: E731
+        path_of = lambda image_id: memory_path(dataset, settings, image_id)  # noqa: E731
         load = lambda hit: memory_image(dataset, settings, hit.image_id)  # noqa: E731
     embedder = pipeline.load_models(settings).caption_embedder  # the pipeline's, loaded once
     query = embedder.embed_queries([text])[0]
@@ -207,7 +207,7 @@ INDEX_BACKENDS = ("numpy", "faiss", "faiss-fp16", "ivfpq", "hnsw")
 UPLOADS = "uploads"  # DB_DIR/uploads/: images saved to the memory from the web page
 
 
-def _memory_path(dataset, settings: config.Settings, image_id: str) -> str | None:
+def memory_path(dataset, settings: config.Settings, image_id: str) -> str | None:
     """The file of an image in the memory: the data set's, a saved upload, or (for
     images imported with --import-parquet, whose ids are their paths) the file itself."""
     sample = dataset.get(image_id)
@@ -226,7 +226,7 @@ def memory_image(dataset, settings: config.Settings, image_id: str):
     sample = dataset.get(image_id)
     if sample is not None:
         return dataset.load_image(sample)
-    path = _memory_path(dataset, settings, image_id)
+    path = memory_path(dataset, settings, image_id)
     if path is None:
         raise UserError(f"no image file for {image_id!r} in the data set, {UPLOADS}/ or on disk")
     return open_image(path)
