@@ -417,6 +417,18 @@ def test_caption_list_column_with_file_name_column():
         assert_same_picture(d.load_image(sample), i)
 
 
+def test_hub_ids_with_surrounding_whitespace_keep_their_images_and_captions():
+    names = [f" {image_name(i)} " if i != 1 else f"{image_name(i)}\t" for i in range(3)]
+    table = hub_table({"image_filename": names, "captions": [captions_for(i) for i in range(3)]},
+                      [jpeg_bytes(make_image(i)) for i in range(3)])
+    samples, rows = samples_from_table(table, "padded-ids")
+    assert [(s.image_id, s.captions) for s in samples] == [
+        (image_name(i), tuple(captions_for(i))) for i in range(3)]
+    d = Flickr8k("padded-ids", samples, 1, 42, hub_rows=rows)
+    for i, sample in enumerate(samples):
+        assert_same_picture(d.load_image(sample), i)
+
+
 @pytest.mark.parametrize("column", ["text", "caption"])
 def test_one_caption_per_row_is_grouped_by_image(column):
     images = [jpeg_bytes(make_image(i)) for i in range(3)]
