@@ -4,17 +4,16 @@ and the settings that point the pipeline at them. Everything works offline."""
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# The project's modules come from its editable install (pyproject.toml). This folder
+# is not a package: pytest's default "prepend" import mode puts it on sys.path as the
+# rootdir of this conftest, so tests import their helpers (fake_flickr, tiny_models,
+# db_writer) by name.
 from fake_flickr import make_flickr  # noqa: E402
 
 
