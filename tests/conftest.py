@@ -4,6 +4,7 @@ and the settings that point the pipeline at them. Everything works offline."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -15,6 +16,23 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # rootdir of this conftest, so tests import their helpers (fake_flickr, tiny_models,
 # db_writer) by name.
 from fake_flickr import make_flickr  # noqa: E402
+
+
+# Programs some tests run, and why they may be missing; .ci/run installs both.
+TOOLS = {
+    "needs_java": ("java", "java is not on PATH: METEOR and the PTB tokenizer cannot run "
+                           "(.ci/run installs it with apt-get install default-jre-headless)"),
+    "needs_chromium": ("chromium", "chromium is not on PATH: the browser test cannot run "
+                                   "(.ci/run installs it with apt-get install chromium)"),
+}
+
+
+def pytest_runtest_setup(item):
+    """Skip a test marked needs_java / needs_chromium, saying why, where that program is
+    missing (decided before the test's fixtures run, so they cannot hide it)."""
+    for marker, (program, reason) in TOOLS.items():
+        if item.get_closest_marker(marker) and shutil.which(program) is None:
+            pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)
