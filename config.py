@@ -15,6 +15,7 @@ import argparse
 import difflib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -46,7 +47,8 @@ CLIP_MODEL_NAME: Changes = "openai/clip-vit-base-patch32"
 VLM_MODEL_NAME: Changes = "HuggingFaceTB/SmolVLM-Instruct"
 # Sentence-transformers model for caption embeddings (text search).
 CAPTION_EMBEDDING_MODEL: Changes = "BAAI/bge-base-en-v1.5"
-# "auto", "cpu", "cuda", "cuda:1" or "mps". auto = CUDA, then MPS, then CPU.
+# Where the models run ("auto": CUDA, then MPS, then CPU; "cuda:1": the second GPU).
+# One of "auto", "cpu", "cuda", "cuda:N" or "mps".
 DEVICE = "auto"
 # Model precision: "auto" = bfloat16 (float16 where unsupported) on GPUs, float32 on
 # the CPU; or "float32", "bfloat16" (about 2x faster on CPUs with AVX512-BF16 or
@@ -77,9 +79,13 @@ PROMPT_TEMPLATE_NO_CONTEXT: Changes = "Write one short sentence that describes t
 MEMORY: Changes = "auto"
 
 # --- generation (greedy by default, so results are reproducible) ------------
+# Most tokens generated for one caption.
 MAX_NEW_TOKENS: Changes = 64
+# Beams of beam search; 1 decodes greedily.
 NUM_BEAMS: Changes = 1
+# Sample the caption's tokens instead of taking the most likely one.
 DO_SAMPLE: Changes = False
+# Sampling temperature (with DO_SAMPLE).
 TEMPERATURE: Changes = 1.0
 # Image splitting: SmolVLM can enlarge an image and cut it into tiles (384 px for
 # SmolVLM-Instruct, 512 px for the 256M/500M models) plus a global view. A 500x375
@@ -113,6 +119,16 @@ LOG_LEVEL = "INFO"
 
 
 ENV_PREFIX = "RECAP_"
+
+# The values of the settings that take one of a fixed set, checked by _check and listed
+# by --help ("cuda:N": cuda with a device number). Not settings themselves: defaults()
+# skips names that start with an underscore.
+_CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "DEVICE": ("auto", "cpu", "cuda", "cuda:N", "mps"),
+    "DTYPE": ("auto", "float32", "bfloat16", "float16"),
+    "MEMORY": ("auto", "frozen", "growing"),
+    "LOG_LEVEL": ("DEBUG", "INFO", "WARNING", "ERROR"),
+})
 
 
 def defaults() -> dict[str, Any]:
@@ -198,6 +214,17 @@ def check_same_results(recorded: Mapping[str, Any], wanted: Mapping[str, Any],
                             f"{value!r}; {advice}")
 
 
+def choices(name: str) -> tuple[str, ...]:
+    """The values setting `name` can take, or () where it takes any value of its type."""
+    return _CHOICES.get(name.upper(), ())
+
+
+def _one_of(name: str) -> str:
+    """DTYPE -> "auto, float32, bfloat16 or float16", for error messages."""
+    *first, last = _CHOICES[name]
+    return f"{', '.join(first)} or {last}"
+
+
 def flag(name: str) -> str:
     """TOP_K_SIMILAR -> --top-k-similar"""
     return "--" + name.lower().replace("_", "-")
@@ -247,19 +274,16 @@ def _check(values: dict[str, Any]) -> None:
             raise UserError(f"{flag(name)} must be 0 or more, got {values[name]}")
     if values["TEMPERATURE"] <= 0:
         raise UserError(f"--temperature must be positive, got {values['TEMPERATURE']}")
-    if values["DTYPE"] not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got "
-                        f"{values['DTYPE']!r}")
     device = values["DEVICE"]
-    if device not in ("auto", "cpu", "mps", "cuda") and not (
-            device.startswith("cuda:") and device[5:].isdigit()):
-        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    if not (device in _CHOICES["DEVICE"] and device != "cuda:N"
+            or device.startswith("cuda:") and device[5:].isdigit()):
+        raise UserError(f"--device must be {_one_of('DEVICE')}, got {device!r}")
+    for name, value in (("DTYPE", values["DTYPE"]), ("MEMORY", values["MEMORY"]),
+                        ("LOG_LEVEL", values["LOG_LEVEL"].upper())):
+        if value not in _CHOICES[name]:
+            raise UserError(f"{flag(name)} must be {_one_of(name)}, got {values[name]!r}")
     if "{context}" not in values["PROMPT_TEMPLATE"]:
         raise UserError("--prompt-template must contain {context}")
-    if values["MEMORY"] not in ("auto", "frozen", "growing"):
-        raise UserError(f"--memory must be auto, frozen or growing, got {values['MEMORY']!r}")
-    if values["LOG_LEVEL"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise UserError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {values['LOG_LEVEL']!r}")
 
 
 def _merge(settings: Settings, overrides: Mapping[str, Any], source: str) -> Settings:
@@ -317,12 +341,43 @@ def configure_logging(settings: Settings) -> None:
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """One --kebab-case flag per setting, its help the default (no torch import)."""
+    """One --kebab-case flag per setting; its help is the setting's meaning (the first
+    sentence of its comment in this file), its choices and its default (no torch import)."""
     group = parser.add_argument_group("settings (also RECAP_<NAME> environment variables)")
+    meanings = _meanings()
     for name, default in defaults().items():
         kind = "true|false" if isinstance(default, bool) else type(default).__name__.upper()
+        values = f"choices: {', '.join(choices(name))}; " if choices(name) else ""
+        text = f"{meanings.get(name, '').rstrip('.')} ({values}default: {default!r})".strip()
         group.add_argument(flag(name), dest=f"setting_{name}", metavar=kind, default=None,
-                           help=f"default: {default!r}".replace("%", "%%"))
+                           help=text.replace("%", "%%"))
+
+
+def _meanings() -> dict[str, str]:
+    """Each setting's meaning: the first sentence of the comment right above its
+    constant in this file (section rules "# --- ..." left out)."""
+    meanings: dict[str, str] = {}
+    comment: list[str] = []
+    with open(__file__, encoding="utf-8") as source:
+        for line in source:
+            if line.startswith("#"):
+                if not line.startswith("# ---"):
+                    comment.append(line[1:].strip())
+                continue
+            name = re.match(r"([A-Z][A-Z0-9_]*)\s*[:=]", line)
+            if name and comment:
+                meanings[name.group(1)] = _first_sentence(" ".join(comment))
+            comment = []
+    return meanings
+
+
+def _first_sentence(text: str) -> str:
+    # A full stop after a word, a number, a bracket or a quote, followed by a space
+    # ("0 .. N" and "e.g. x" are no sentence ends).
+    for end in re.finditer(r"(?<=[\w)\]\"'`])\.(?=\s|$)", text):
+        if not re.search(r"\b(e\.g|i\.e|etc|vs)$", text[:end.start()]):
+            return text[:end.end()]
+    return text
 
 
 def parse_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None

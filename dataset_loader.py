@@ -347,7 +347,7 @@ def samples_from_table(table: Any, name: str = "data set") -> tuple[list[Sample]
     captions: dict[str, list[str]] = defaultdict(list)
     first_row: dict[str, int] = {}
     for row, (image_id, row_captions) in enumerate(zip(ids, rows)):
-        image_id = str(image_id)
+        image_id = str(image_id).strip()  # the key _add files the captions under
         first_row.setdefault(image_id, row)
         for caption in row_captions:
             _add(captions, image_id, caption or "")

@@ -8,9 +8,12 @@ points print its message on one line and exit non-zero; library callers catch it
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import re
 import sys
+import threading
 from typing import Iterator
 
 
@@ -36,16 +39,85 @@ def hf_token() -> str | None:
 
 @contextlib.contextmanager
 def hub_errors(what: str, name: str, setting: str) -> Iterator[None]:
-    """Turn a failed hub/local load of `name` into a UserError that names the fix.
+    """The context of every load of `name` from the hub or a local path: a failure
+    becomes a UserError that names the fix.
 
-    `what` is e.g. "CLIP model", `setting` the flag that selects it.
+    `what` is e.g. "CLIP model", `setting` the flag that selects it. Offline, the load
+    fails at once: for a hub id, a hub that cannot be reached (asked once per process,
+    `hub_reachable`) puts the process in offline mode, as HF_HUB_OFFLINE=1 does, instead
+    of letting huggingface_hub retry every file for ~24 s. Its retry warnings are kept
+    quiet during the load: a failure ends in the one line of the UserError.
     """
     try:
-        yield
+        with _quiet_hub_logs():
+            if not looks_like_path(name) and not hub_offline() and not hub_reachable():
+                go_offline()
+            yield
     except UserError:
         raise
     except Exception as exc:  # hub, HTTP, OS and config errors all look different
         raise UserError(_describe(exc, what, name, setting)) from exc
+
+
+HUB_PROBE_TIMEOUT = 3.0  # seconds: a hub that does not answer by then counts as unreachable
+
+
+def hub_offline() -> bool:
+    """True in the hub libraries' offline mode: HF_HUB_OFFLINE, else the older
+    TRANSFORMERS_OFFLINE, is 1, true, yes or on (huggingface_hub's own rule)."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub (HF_ENDPOINT, through the proxies huggingface_hub
+    uses) answers one request within HUB_PROBE_TIMEOUT; asked once per process."""
+    from huggingface_hub import constants, get_session
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT)
+    except Exception:  # no DNS, refused, timed out, TLS: the loads would only retry
+        return False
+    return True  # any HTTP answer: the hub itself says what is missing or gated
+
+
+def go_offline() -> None:
+    """Put this process in the hub libraries' offline mode, as HF_HUB_OFFLINE=1 at start
+    would: cached files load without a request, anything else fails at once."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    # Libraries imported already read the variable at import time.
+    for module, names in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+                          ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
+        if module in sys.modules:
+            for attr in names:
+                setattr(sys.modules[module], attr, True)
+
+
+_quiet_lock = threading.Lock()
+_quiet_loads = 0
+_hub_level = logging.NOTSET
+
+
+@contextlib.contextmanager
+def _quiet_hub_logs() -> Iterator[None]:
+    """huggingface_hub's warnings (HTTP retries, each printed by its own handler and
+    again by the root logger) off while loads run, unless HF_HUB_VERBOSITY asks for
+    more than warnings. Counted, so that loads in threads overlap safely."""
+    global _quiet_loads, _hub_level
+    logger = logging.getLogger("huggingface_hub")
+    with _quiet_lock:
+        if _quiet_loads == 0:
+            _hub_level = logger.level
+        _quiet_loads += 1
+        if logger.getEffectiveLevel() >= logging.WARNING:
+            logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_loads -= 1
+            if _quiet_loads == 0:
+                logger.setLevel(_hub_level)
 
 
 def _describe(exc: Exception, what: str, name: str, setting: str) -> str:
@@ -63,7 +135,7 @@ def _describe(exc: Exception, what: str, name: str, setting: str) -> str:
                 f"https://huggingface.co/{name}, then run `python setup_token.py` or set HF_TOKEN")
     if kind in ("RepositoryNotFoundError", "RevisionNotFoundError") or re.search(r"\b404\b", hint):
         return f"{what} {name!r} was not found on the Hugging Face Hub (check {setting})"
-    offline = (os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    offline = (hub_offline()
                or kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError",
                            "ConnectTimeout", "ConnectError")
                or "offline" in hint or "connect" in hint

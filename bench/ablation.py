@@ -118,7 +118,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import config  # noqa: E402
 import pipeline  # noqa: E402  (cheap: it imports torch only when a model is needed)
 from experiment import check_writable  # noqa: E402

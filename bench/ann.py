@@ -21,16 +21,14 @@ retraining); hnsw at several ef_search.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import record, table  # noqa: E402
-from similarity_search import ANN_BACKENDS, SearchIndex, ann_params  # noqa: E402
+from bench.common import record, table
+from similarity_search import ANN_BACKENDS, SearchIndex, ann_params
 
 DIM, K, QUERIES, BATCH = 512, 5, 500, 64
 

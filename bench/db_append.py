@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import record, table, timed  # noqa: E402
-from db_manager import DbIdentity, DbManager, _write_json_file, _dumps, FILES  # noqa: E402
+from bench.common import record, table, timed
+from db_manager import DbIdentity, DbManager, _write_json_file, _dumps, FILES
 
 IMAGE_DIM, CAPTION_DIM = 512, 768
 

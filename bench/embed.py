@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import record, table  # noqa: E402
-from bench.models import model_path  # noqa: E402
+from bench.common import record, table
+from bench.models import model_path
 
 
 def make_photos(folder: Path, n: int) -> list[Path]:

@@ -23,10 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import record, table  # noqa: E402
-from bench.embed import make_photos  # noqa: E402
-from bench.models import model_path  # noqa: E402
+from bench.common import record, table
+from bench.embed import make_photos
+from bench.models import model_path
 
 
 def measure(size: str, batch: int, splitting: bool, captions: int, new_tokens: int,

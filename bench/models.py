@@ -11,19 +11,20 @@ architectures of the defaults at their published sizes, saved with
 * `bge-base`: a BERT-base sentence-transformers model (BAAI/bge-base-en-v1.5's
   architecture: 12 layers, 768 wide, CLS pooling, normalised), with the BERT
   vocabulary of the all-MiniLM-L6-v2 package.
+
+The tiny-model builders come from the test helpers (`tests.tiny_models`), which
+import when the benchmarks run from the repository root, as README's commands do.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from bench.common import ROOT
 
 MODELS_DIR = Path(os.environ.get("RECAP_BENCH_MODELS", ROOT / ".bench-models"))
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def model_path(name: str) -> Path:
@@ -41,16 +42,16 @@ def model_path(name: str) -> Path:
 def _clip(path: Path, name: str) -> None:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-    from tiny_models import _make_clip_tokenizer
+    from tests.tiny_models import make_clip_tokenizer
 
     torch.manual_seed(0)
     CLIPModel(CLIPConfig()).save_pretrained(path)
     CLIPProcessor(image_processor=CLIPImageProcessor(),
-                  tokenizer=_make_clip_tokenizer()).save_pretrained(path)
+                  tokenizer=make_clip_tokenizer()).save_pretrained(path)
 
 
 def _smolvlm(path: Path, name: str) -> None:
-    from tiny_models import make_tiny_smolvlm
+    from tests.tiny_models import make_tiny_smolvlm
     make_tiny_smolvlm(path, size=name.split("-")[1])
 
 

@@ -52,10 +52,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import config  # noqa: E402
-from bench.common import ROOT, record, table  # noqa: E402
-from errors import UserError, cli_failure, looks_like_path  # noqa: E402
+import config
+from bench.common import ROOT, record, table
+from errors import UserError, cli_failure, looks_like_path
 
 log = logging.getLogger("robustness")
 

@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import record, table, timed  # noqa: E402
-from similarity_search import SearchIndex  # noqa: E402
+from bench.common import record, table, timed
+from similarity_search import SearchIndex
 
 DIM, K = 512, 5
 

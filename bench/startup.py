@@ -18,10 +18,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import ROOT, record, table  # noqa: E402
+from bench.common import ROOT, record, table
 
 MODULES = ("config", "errors", "main", "search", "batch_runner", "db_manager", "folder_index",
            "similarity_search", "prompt_generator", "dataset_loader", "metrics", "app")

@@ -25,9 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import ROOT, record, table  # noqa: E402
-from bench.models import model_path  # noqa: E402
+from bench.common import ROOT, record, table
+from bench.models import model_path
 
 BEFORE_FIRST_TOKEN = ("load", "load_image", "embed_image", "search", "prompt")
 
@@ -53,8 +52,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--out", help="append the table here instead of BENCHMARKS.md")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "tests"))
-    from fake_flickr import make_flickr
+    from tests.fake_flickr import make_flickr
 
     models = {name: str(model_path(name)) for name in ("clip", "smolvlm-256m", "bge-base")}
     with tempfile.TemporaryDirectory() as tmp:

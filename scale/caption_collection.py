@@ -46,7 +46,6 @@ from errors import UserError, cli_failure
 
 log = logging.getLogger("scale")
 
-ROOT = Path(__file__).resolve().parent.parent
 GLOB_CHARS = "*?["
 STAGES = ("embed", "caption", "text")
 # Share of one GPU per actor with --num-gpus: one actor of each stage fits a GPU.
@@ -373,14 +372,18 @@ def load_memory(settings: config.Settings, retrieval: bool) -> tuple[dict[str, A
 
 def init_ray(ray, address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to `address` (or RAY_ADDRESS, or the job's cluster), else start a local
-    instance whose workers import this project. Reuses a session already started."""
+    instance. Reuses a session already started.
+
+    A local instance's workers run this Python, whose editable install of the project
+    (`-e .` in requirements.txt) imports its modules. A cluster's workers get the code
+    from the job's `ray job submit --working-dir .`, which Ray puts on their path.
+    """
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)  # the cluster's workers get the code from --working-dir
+        ray.init(address=address)
         return
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=num_cpus, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    ray.init(num_cpus=num_cpus)
 
 
 def _plan(ray, num_gpus: float, actors: dict[str, int | None],

@@ -4,18 +4,35 @@ and the settings that point the pipeline at them. Everything works offline."""
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
+import shutil
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# The project's modules come from its editable install (pyproject.toml). This folder
+# is not a package: pytest's default "prepend" import mode puts it on sys.path as the
+# rootdir of this conftest, so tests import their helpers (fake_flickr, tiny_models,
+# db_writer) by name.
 from fake_flickr import make_flickr  # noqa: E402
+
+
+# Programs some tests run, and why they may be missing; .ci/run installs both.
+TOOLS = {
+    "needs_java": ("java", "java is not on PATH: METEOR and the PTB tokenizer cannot run "
+                           "(.ci/run installs it with apt-get install default-jre-headless)"),
+    "needs_chromium": ("chromium", "chromium is not on PATH: the browser test cannot run "
+                                   "(.ci/run installs it with apt-get install chromium)"),
+}
+
+
+def pytest_runtest_setup(item):
+    """Skip a test marked needs_java / needs_chromium, saying why, where that program is
+    missing (decided before the test's fixtures run, so they cannot hide it)."""
+    for marker, (program, reason) in TOOLS.items():
+        if item.get_closest_marker(marker) and shutil.which(program) is None:
+            pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)

@@ -10,12 +10,10 @@ clean-up) at that point of the first append, to simulate a crash there.
 
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import db_manager  # noqa: E402
+import db_manager
 
 
 def vector(seed: int, dim: int) -> np.ndarray:

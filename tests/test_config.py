@@ -1,5 +1,6 @@
 """Settings: defaults, RECAP_* < --flags < keywords, parsing and one-line errors."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,12 +101,57 @@ def test_help_lists_every_setting_without_importing_torch():
             "try:\n    main.main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+                         env={**os.environ, "COLUMNS": "1000"}, timeout=60)  # one line a flag
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("NO-TORCH")
     for name, default in config.defaults().items():
         assert config.flag(name) in out.stdout
     assert "default: 400" in out.stdout and "'openai/clip-vit-base-patch32'" in out.stdout
+
+
+def help_of_each_flag(text: str) -> dict[str, str]:
+    """`--help` output -> {flag: its help text on one line}."""
+    blocks: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("  --"):
+            current, _, rest = line.strip().partition(" ")
+            blocks[current] = rest
+        elif current and line.startswith("    "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return {name: " ".join(help.split()) for name, help in blocks.items()}
+
+
+def test_help_gives_each_setting_its_meaning_and_choices():
+    out = subprocess.run([sys.executable, "main.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "COLUMNS": "1000"}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    helps = help_of_each_flag(out.stdout)
+    assert "Neighbours retrieved from the image database" in helps["--top-k-similar"]
+    assert "(default: 5)" in helps["--top-k-similar"]
+    assert "choices: auto, float32, bfloat16, float16; default: 'auto'" in helps["--dtype"]
+    assert "choices: auto, frozen, growing" in helps["--memory"]
+    assert "choices: DEBUG, INFO, WARNING, ERROR" in helps["--log-level"]
+    assert "choices: auto, cpu, cuda, cuda:N, mps" in helps["--device"]
+    for name in config.defaults():  # a setting without a comment in config.py has no meaning
+        help = helps[config.flag(name)]
+        assert not help.split(None, 1)[-1].startswith("(default"), (name, help)
+
+
+def test_choices_are_what_the_settings_accept():
+    for name in ("DEVICE", "DTYPE", "MEMORY", "LOG_LEVEL"):
+        for value in config.choices(name):
+            if value != "cuda:N":
+                assert getattr(config.resolve(env={}, **{name: value}), name) == value
+        with pytest.raises(UserError, match=", ".join(config.choices(name)[:2])):
+            config.resolve(env={}, **{name: "nonsense"})
+    assert config.resolve(env={}, device="cuda:3").device == "cuda:3"
+    with pytest.raises(UserError):
+        config.resolve(env={}, device="cuda:N")
+    assert config.choices("TOP_K_SIMILAR") == ()
+    assert not any(name.endswith("CHOICES") for name in config.defaults())
 
 
 # --- properties ---------------------------------------------------------------------

@@ -182,11 +182,11 @@ def test_split_of_known_ids_is_unchanged():
 def test_split_is_the_same_in_a_fresh_process_with_another_hash_seed(layout_dirs, hash_seed):
     folder = str(layout_dirs["kaggle"])
     here = load_and_split_dataset(folder, 5, 7)
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import dataset_loader as d; "
-            "s = d.load_and_split_dataset(sys.argv[2], 5, 7); "
+    code = ("import json, sys; import dataset_loader as d; "
+            "s = d.load_and_split_dataset(sys.argv[1], 5, 7); "
             "print(json.dumps([[x.image_id for x in s.experiment], s.fingerprint]))")
     env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT), folder], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-c", code, folder], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert json.loads(out) == [ids(here.experiment), here.fingerprint]
 
@@ -417,6 +417,18 @@ def test_caption_list_column_with_file_name_column():
         assert_same_picture(d.load_image(sample), i)
 
 
+def test_hub_ids_with_surrounding_whitespace_keep_their_images_and_captions():
+    names = [f" {image_name(i)} " if i != 1 else f"{image_name(i)}\t" for i in range(3)]
+    table = hub_table({"image_filename": names, "captions": [captions_for(i) for i in range(3)]},
+                      [jpeg_bytes(make_image(i)) for i in range(3)])
+    samples, rows = samples_from_table(table, "padded-ids")
+    assert [(s.image_id, s.captions) for s in samples] == [
+        (image_name(i), tuple(captions_for(i))) for i in range(3)]
+    d = Flickr8k("padded-ids", samples, 1, 42, hub_rows=rows)
+    for i, sample in enumerate(samples):
+        assert_same_picture(d.load_image(sample), i)
+
+
 @pytest.mark.parametrize("column", ["text", "caption"])
 def test_one_caption_per_row_is_grouped_by_image(column):
     images = [jpeg_bytes(make_image(i)) for i in range(3)]
@@ -468,7 +480,7 @@ def test_hub_data_set_concatenates_all_splits(monkeypatch):
 
 def test_uncached_hub_data_set_offline_is_an_error_naming_it(tmp_path):
     """Run with an empty Hugging Face cache, so a developer's cached copy cannot be loaded."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import dataset_loader as d\n"
+    code = ("import dataset_loader as d\n"
             "from errors import UserError\n"
             "try:\n    d.load_and_split_dataset('jxie/flickr8k', 400, 42)\n"
             "except UserError as e:\n    print(e)\nelse:\n    print('loaded!')\n")
@@ -476,7 +488,7 @@ def test_uncached_hub_data_set_offline_is_an_error_naming_it(tmp_path):
            "HF_HOME": str(tmp_path / "hf")}
     for key in ("HF_HUB_CACHE", "HF_DATASETS_CACHE", "HUGGINGFACE_HUB_CACHE"):
         env.pop(key, None)
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60, check=True).stdout.strip()
     assert "\n" not in out, out
     assert "'jxie/flickr8k'" in out and "not in the local Hugging Face cache" in out

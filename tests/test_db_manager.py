@@ -550,9 +550,9 @@ def test_disk_full_during_add_images_leaves_everything_unchanged(tmp_path, monke
     assert db.add_images(*imported(4)) == (4, 4) and check_db(tmp_path) == []
 
 
+# Run in tests/ (the working directory is on a `-c` script's path) to import its helpers.
 BATCH_WRITER = """
 import sys
-sys.path[:0] = [{tests!r}, {root!r}]
 import db_manager, db_writer, test_db_manager
 db_writer.crash_at(sys.argv[2])
 db = db_manager.DbManager.open(sys.argv[1])
@@ -567,9 +567,8 @@ print("ack", flush=True)
 ])
 def test_crash_during_add_images_gives_every_row_or_none(tmp_path, point, saved, caplog):
     seeded(tmp_path)
-    code = BATCH_WRITER.format(tests=str(WRITER.parent), root=str(WRITER.parent.parent))
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), point],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", BATCH_WRITER, str(tmp_path), point],
+                         cwd=WRITER.parent, capture_output=True, text=True, timeout=60)
     assert out.returncode == 9 and "ack" not in out.stdout, out.stderr
     db = DbManager.open(tmp_path, IDENTITY)
     ids = imported(6)[0]

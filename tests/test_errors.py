@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+import errors
 from errors import UserError, hf_token, hub_errors, looks_like_path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # ------------------------------------------------------------------------------ hf_token
 
@@ -146,6 +153,7 @@ def _message(exc: Exception, name: str = "org/model") -> str:
 @pytest.fixture
 def online(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(errors, "hub_reachable", lambda: True)
 
 
 def test_hub_errors_lets_a_user_error_through_unchanged():
@@ -193,6 +201,95 @@ def test_data_set_download_hint_names_the_repo_type():
     with pytest.raises(UserError, match="--repo-type dataset"):
         with hub_errors("data set", "org/flickr", "--dataset-name"):
             raise OSError("offline")
+
+
+# ------------------------------------------------- no network, without HF_HUB_OFFLINE
+def _load_data_set(name):
+    from dataset_loader import load_hub
+    return load_hub(name)
+
+
+OFFLINE_LOADERS = {**{stage: LOADERS[stage][:2] for stage in LOADERS},
+                   "data set": (_load_data_set, "data set")}
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """A machine without network and without HF_HUB_OFFLINE: no host name resolves.
+    Yields the host names looked up, one per connection attempt."""
+    import datasets.config
+    import huggingface_hub.constants
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    lookups = []
+
+    def unresolvable(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    errors.hub_reachable.cache_clear()
+    yield lookups
+    errors.hub_reachable.cache_clear()
+
+
+@pytest.mark.parametrize("stage", OFFLINE_LOADERS)
+def test_without_network_an_uncached_load_fails_after_one_request_and_prints_nothing(
+        stage, no_network, capfd, caplog):
+    loader, what = OFFLINE_LOADERS[stage]
+    with pytest.raises(UserError) as info:
+        loader("someorg/not-cached")
+    assert str(info.value).startswith(
+        f"{what} 'someorg/not-cached' is not in the local Hugging Face cache")
+    assert len(no_network) == 1  # the one probe of the hub: no request per file, no retries
+    assert capfd.readouterr().err == ""
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+
+def test_without_network_the_hub_is_asked_once_per_process(no_network):
+    for stage in ("image embedder", "captioner", "data set"):
+        with pytest.raises(UserError, match="not in the local Hugging Face cache"):
+            OFFLINE_LOADERS[stage][0]("someorg/not-cached")
+    assert len(no_network) == 1
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # the process is now offline, as with the variable
+
+
+def test_a_local_path_never_asks_the_hub(no_network):
+    with pytest.raises(UserError, match="no such file or directory"):
+        _load_image_embedder("/nonexistent/model")
+    assert no_network == []
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args, what", [
+    (["--dataset-name", "someorg/not-cached"], "data set"),
+    (["--clip-model-name", "someorg/not-cached"], "CLIP model"),
+])
+def test_main_py_without_network_ends_in_one_line(tmp_path, flickr_dir, args, what):
+    """`python main.py` where the hub cannot be reached (a closed port stands in for it),
+    without HF_HUB_OFFLINE: one line on stderr, not ~24 s of retry warnings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECAP_")
+           and k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", HF_HOME=str(tmp_path / "hf"),
+               RECAP_DATASET_NAME=flickr_dir, RECAP_EXPERIMENT_SAMPLES="4",
+               RECAP_LOG_LEVEL="WARNING", RECAP_DB_DIR=str(tmp_path / "db"),
+               RECAP_RESULTS_DIR=str(tmp_path / "results"),
+               RECAP_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"main.py: error: {what} 'someorg/not-cached' is not in the "
+                               "local Hugging Face cache and the hub cannot be reached")
+    assert "hf download someorg/not-cached" in lines[0]
 
 
 # ---------------------------------------------------------------------- looks_like_path

@@ -14,8 +14,7 @@ import pytest
 import metrics
 
 JAVA = shutil.which("java")
-needs_java = pytest.mark.skipif(JAVA is None, reason="java is not on PATH: the PTB tokenizer "
-                                                     "and METEOR cannot run")
+needs_java = pytest.mark.needs_java  # conftest.py skips these, saying why, without java
 
 # Four Flickr8K-style images with 3-4 references each.
 GEN = {

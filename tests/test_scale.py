@@ -32,11 +32,11 @@ N_IMAGES = 10          # readable images of the collection, plus one corrupt JPE
 
 @pytest.fixture(scope="module")
 def ray_address():
-    """A local Ray instance for the whole file (its workers import the project)."""
+    """A local Ray instance for the whole file (its workers import the project from its
+    editable install)."""
     started = not ray.is_initialized()
     if started:
-        context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                           runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         address = context.address_info["address"]
     else:
         address = ray.get_runtime_context().gcs_address

@@ -17,10 +17,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-try:  # works whether or not ``tests`` is importable as a package
-    from tests.tiny_models import CAPTION_WORDS, make_tiny_clip, make_tiny_smolvlm
-except ImportError:  # pragma: no cover - depends on how pytest sets up sys.path
-    from tiny_models import CAPTION_WORDS, make_tiny_clip, make_tiny_smolvlm
+from tiny_models import CAPTION_WORDS, make_tiny_clip, make_tiny_smolvlm  # noqa: E402
 
 TESTS_DIR = Path(__file__).resolve().parent
 PROMPT = "Describe the image briefly."
@@ -206,8 +203,7 @@ def test_deterministic_across_processes(tmp_path, clip_dir, vlm_dir, vlm):
     model, processor = vlm
     expected_caption = _caption(model, processor, _images()[3])
     script = f"""
-import json, os, sys
-sys.path.insert(0, {str(TESTS_DIR)!r})
+import json, os
 os.environ["HF_HUB_OFFLINE"] = "1"
 import torch, transformers
 from tiny_models import make_tiny_clip, make_tiny_smolvlm
@@ -219,7 +215,9 @@ model = transformers.AutoModelForImageTextToText.from_pretrained(vlm_dir).eval()
 print(json.dumps(_caption(model, proc, _images()[3])))
 """
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONHASHSEED="12345")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    # Run in tests/ (the working directory is on a `-c` script's path) to import its helpers.
+    res = subprocess.run([sys.executable, "-c", script], cwd=TESTS_DIR, capture_output=True,
+                         text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1]) == expected_caption
     assert _files_digest(tmp_path / "clip") == _files_digest(clip_dir)

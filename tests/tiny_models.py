@@ -86,7 +86,8 @@ CLIP_IMAGE_SIZE = 32
 CLIP_PATCH_SIZE = 8
 
 
-def _make_clip_tokenizer():
+def make_clip_tokenizer():
+    """A small deterministic CLIP tokenizer (byte-level BPE over the caption words)."""
     from transformers import CLIPTokenizer
 
     byte_chars = [c for _, c in sorted(_bytes_to_unicode().items())]
@@ -122,7 +123,7 @@ def make_tiny_clip(path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = _make_clip_tokenizer()
+    tokenizer = make_clip_tokenizer()
     text_config = dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
