@@ -174,11 +174,8 @@ def run_experiments(dataset_loader, db_manager, indices: list[int], settings: co
     from prompt_generator import build_prompt
     from similarity_search import top_k
 
-    for setting, used in (("clip_model_name", db_manager.identity.clip_model),
-                          ("caption_embedding_model", db_manager.identity.caption_model)):
-        if settings.values[setting.upper()] != used:
-            raise UserError(f"{setting}={settings.values[setting.upper()]!r} but the database "
-                            f"was opened for {used!r}; call initialize_system with the same settings")
+    db_manager.check_models(clip_model=settings.clip_model_name,
+                            caption_model=settings.caption_embedding_model)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -305,7 +302,7 @@ def _save(result: dict[str, Any], db_manager, image_vector, caption_vector, vlm_
           results_dir: Path) -> dict[str, Any]:
     """The result file first, then the databases: if saving to the databases
     fails, the result file goes too, so results/ never shows an unsaved run."""
-    from db_manager import write_json_atomic
+    from atomic_files import write_json_atomic
     start = time.perf_counter()
     path = _result_path(results_dir, result["experiment_index"],
                         datetime.fromisoformat(result["timestamp"]))

@@ -109,7 +109,7 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
     else:
         db, dataset = _open_memory(settings)
         embedder = load_embedder()
-        if embedder.name == db.state["clip_model"]:
+        if embedder.name == db.state.clip_model:
             ids, vectors, note = db.image_ids, db.image_vectors, ""
         else:  # another backbone: embed the database's images with it, cached
             known = {i: "dataset" for i in db.image_ids if dataset.get(i) is not None}
@@ -158,9 +158,7 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None,
         source = f"caption database {Path(settings.db_dir).resolve()}"
         path_of = lambda image_id: _memory_path(dataset, settings, image_id)  # noqa: E731
         load = lambda hit: memory_image(dataset, settings, hit.image_id)  # noqa: E731
-    if db.state["caption_model"] != settings.caption_embedding_model:
-        raise UserError(f"the captions were embedded with {db.state['caption_model']!r}; set "
-                        f"--caption-embedding-model to it to search them")
+    db.check_models(caption_model=settings.caption_embedding_model)
     embedder = pipeline._caption_embedder(settings)  # the pipeline's, loaded once per process
     query = embedder.embed_queries([text])[0]
     scores = np.asarray(db.caption_vectors @ query, dtype=np.float32)
@@ -189,7 +187,7 @@ def _open_memory(settings: config.Settings):
         raise UserError(f"no database in {settings.db_dir}: run `python main.py` first, "
                         "or search a folder with --images-dir")
     dataset = pipeline._dataset(settings)  # loaded once per process
-    if dataset.fingerprint != db.state["split"]:
+    if dataset.fingerprint != db.state.split:
         raise UserError(f"the database in {settings.db_dir} was built from another data set or "
                         "split; use the same --dataset-name, --random-seed and "
                         "--experiment-samples as main.py")

@@ -923,6 +923,7 @@ def plot_chart(report: dict[str, Any], path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from atomic_files import atomic_writer
     variants = report["variants"]
     names = [v["name"] for v in variants]
     x = np.arange(len(names))
@@ -951,19 +952,16 @@ def plot_chart(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.legend(fontsize=9, loc="upper right")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
+        with atomic_writer(path, suffix=".png") as f:
+            fig.savefig(f, dpi=100, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 
 def write_outputs(report: dict[str, Any], files: dict[str, Path]) -> None:
-    from db_manager import write_json_atomic, write_text_atomic
+    from atomic_files import write_json_atomic, write_text_atomic
     write_json_atomic(files["json"], report)
     write_text_atomic(files["md"], render_markdown(report))
     plot_chart(report, files["png"])

@@ -370,14 +370,8 @@ def load_memory(settings: config.Settings, retrieval: bool) -> tuple[dict[str, A
         raise UserError(f"no memory to retrieve from in {settings.db_dir}: build it with "
                         "`python main.py` (same settings) first, or caption without "
                         "retrieval (--no-retrieval)")
-    for what, found, wanted, option in (
-            ("CLIP model", db.state["clip_model"], settings.clip_model_name, "--clip-model-name"),
-            ("caption model", db.state["caption_model"], settings.caption_embedding_model,
-             "--caption-embedding-model")):
-        if found != wanted:
-            raise UserError(f"database {settings.db_dir} was built with {what} {found!r}, not "
-                            f"{wanted!r}: use another --db-dir for these settings, or set "
-                            f"{option} back")
+    db.check_models(clip_model=settings.clip_model_name,
+                    caption_model=settings.caption_embedding_model)
     policy = "growing" if settings.memory == "growing" else "frozen"
     ids, vectors = main.memory_rows(db, growing=policy == "growing")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
