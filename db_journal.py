@@ -86,16 +86,16 @@ def replace_record(db_dir: Path, state: DbState, row: int, caption: dict[str, An
     for attempt in range(2):
         try:
             spans = _spans(db_dir, state, row)
-            blobs = _replacement(caption, vector)
-            if _holds(db_dir, spans, caption["id"]) and all(
-                    len(b) <= length for b, (_, length) in zip(blobs, spans)):
+            if _holds(db_dir, spans, caption["id"]):
                 break
-            spans = None
-            break
-        except (OSError, ValueError, UserError):  # no or a stale slot table: rebuild, retry
-            spans = None
-            if attempt == 0:
-                build_slots(db_dir, state, force=True)
+        except (OSError, ValueError, UserError):
+            pass
+        spans = None
+        if attempt == 0:  # no slot table, or a stale one: build it from the files, retry
+            build_slots(db_dir, state, force=True)
+    blobs = _replacement(caption, vector)
+    if spans is not None and any(len(b) > length for b, (_, length) in zip(blobs, spans)):
+        spans = None
     if spans is None:
         log.info("the new caption of %s does not fit the old one's room: rewriting the caption "
                  "files", caption["image_id"])

@@ -4,7 +4,8 @@
 
 KIND is append (a new experiment), replace (a rerun of a stored experiment
 whose caption fits the old one's room), rewrite (a rerun with a much longer
-caption) or batch (add_images of 4 images with captions); all by default.
+caption), batch (add_images of 4 images with captions) or seed (creating the
+database); all by default.
 For each kind and primitive (write, fsync, replace, truncate: os.write /
 os.fsync / os.replace / os.ftruncate, and a file object's write / truncate)
 the write runs on a fresh copy of a small database with the N-th call of that
@@ -33,7 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-KINDS = ("append", "replace", "rewrite", "batch")
+KINDS = ("append", "replace", "rewrite", "batch", "seed")
+IDENTITY = ("clip", "bge", "flickr", "abc")
 PRIMITIVES = ("write", "fsync", "replace", "truncate")
 OS_CALLS = {"write": "write", "fsync": "fsync", "replace": "replace", "truncate": "ftruncate"}
 
@@ -43,13 +45,18 @@ def unit(rows: int, dim: int, seed: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def build(db_dir: Path) -> None:
-    """3 training images with 2 human captions each, and one experiment (a generated caption)."""
-    from db_manager import DbIdentity, DbManager
-    db = DbManager.open(db_dir, DbIdentity("clip", "bge", "flickr", "abc"))
+def seed(db) -> None:
+    """3 training images with 2 human captions each."""
     db.seed([f"im{i}.jpg" for i in range(3)], unit(3, 4, 0),
             [{"id": f"im{i}.jpg#{n}", "image_id": f"im{i}.jpg", "caption": f"caption {i} {n}",
               "source": "human"} for i in range(3) for n in range(2)], unit(6, 5, 1))
+
+
+def build(db_dir: Path) -> None:
+    """The seed and one experiment (a generated caption)."""
+    from db_manager import DbIdentity, DbManager
+    db = DbManager.open(db_dir, DbIdentity(*IDENTITY))
+    seed(db)
     db.add_experiment("exp.jpg", unit(1, 4, 2)[0], "a dog on the grass", unit(1, 5, 3)[0],
                       vlm_model="vlm", experiment_index=0, timestamp="2026-12-01T00:00:00")
 
@@ -71,8 +78,10 @@ def write(db, kind: str) -> None:
     elif kind in REPLACEMENT:
         db.add_experiment("exp.jpg", unit(1, 4, 2)[0], REPLACEMENT[kind], unit(1, 5, 6)[0],
                           vlm_model="vlm", experiment_index=0, timestamp="2026-12-01T00:00:02")
-    else:
+    elif kind == "batch":
         db.add_images(*batch())
+    else:
+        seed(db)
 
 
 class Faults:
@@ -145,7 +154,7 @@ class Faults:
 
 
 def trials(kinds: list[str], work: Path) -> list[dict]:
-    from db_manager import DbManager
+    from db_manager import DbIdentity, DbManager
     base = work / "base"
     build(base)
     done = []
@@ -155,8 +164,11 @@ def trials(kinds: list[str], work: Path) -> list[dict]:
             while True:
                 n += 1
                 copy = work / f"{kind}-{primitive}-{n}"
-                shutil.copytree(base, copy)
-                db = DbManager.open(copy)
+                if kind == "seed":
+                    copy.mkdir()
+                else:
+                    shutil.copytree(base, copy)
+                db = DbManager.open(copy, DbIdentity(*IDENTITY))
                 error = None
                 with Faults(primitive, n) as faults:
                     try:
@@ -179,12 +191,14 @@ def verify(trial: dict) -> str | None:
         db = DbManager.open(trial["dir"])
     except Exception as exc:  # noqa: BLE001
         return f"open: {exc}"
-    problems = check_db(trial["dir"])
+    problems = check_db(trial["dir"]) if not db.needs_seed else []
     if problems:
         return "check_db: " + "; ".join(problems)
     kind = trial["kind"]
     rows = {c["id"]: n for n, c in enumerate(db.captions)}
-    if kind == "append":
+    if kind == "seed":
+        parts = [not db.needs_seed and len(db.image_ids) == 3 and len(db.captions) == 6]
+    elif kind == "append":
         parts = ["new.jpg" in db.image_ids, "new.jpg#gen:vlm" in rows]
     elif kind in REPLACEMENT:
         row = rows["exp.jpg#gen:vlm"]
