@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 
-import atomic_files
 from atomic_files import (append, atomic_path, atomic_writer, move_into_place, truncate,
                           write_at, write_bytes_atomic, write_json_atomic, write_text_atomic)
 from errors import UserError
@@ -36,10 +35,11 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["r.txt"]
 
 
-def test_chunks_are_streamed_and_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(atomic_files, "_BUFFER", 4)
-    size = write_bytes_atomic(tmp_path / "f", (b"ab" for _ in range(5)))
-    assert size == 10 and (tmp_path / "f").read_bytes() == b"ab" * 5
+def test_chunks_are_streamed_and_counted(tmp_path):
+    chunks = (bytes([n % 256]) * 300_000 for n in range(10))     # 3 MB in 10 pieces
+    size = write_bytes_atomic(tmp_path / "f", chunks)
+    data = (tmp_path / "f").read_bytes()
+    assert size == len(data) == 3_000_000 and data[::300_000] == bytes(range(10))
 
 
 def test_atomic_writer_keeps_the_old_file_when_the_block_fails(tmp_path):

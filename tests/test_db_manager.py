@@ -414,10 +414,13 @@ def test_killed_writers_never_lose_an_acknowledged_experiment(tmp_path):
     rng = random.Random(1234)
     acknowledged: set[str] = set()
     trials = 50
+    start = time.perf_counter()
+    run_writer(tmp_path, "warm-up", 1)
+    startup = time.perf_counter() - start  # longer on a busy machine: kill later there
     for trial in range(trials):
         proc = subprocess.Popen([sys.executable, str(WRITER), str(tmp_path), f"t{trial}", "40"],
                                 stdout=subprocess.PIPE, text=True)
-        time.sleep(rng.uniform(0.05, 0.4))
+        time.sleep(rng.uniform(0.3, 1.0) * startup + rng.uniform(0.05, 0.4))
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate()
         acknowledged |= {line.split()[1] for line in out.splitlines() if line.startswith("ack")}
