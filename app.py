@@ -290,10 +290,9 @@ def _keep_upload(settings: config.Settings, upload: Upload) -> None:
     path = folder / upload.image_id
     if path.exists():
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as tmp:
-        upload.image.save(tmp, format="PNG")
-    os.replace(tmp.name, path)
+    from atomic_files import atomic_writer
+    with atomic_writer(path) as f:
+        upload.image.save(f, format="PNG")
 
 
 # --- Search ----------------------------------------------------------------------

@@ -203,7 +203,7 @@ CSV_COLUMNS = ("experiment_index", "image_id", "status", "error", "generated_cap
 
 
 def _write_csv(path: Path, items: list[dict[str, Any]]) -> None:
-    from db_manager import write_text_atomic
+    from atomic_files import write_text_atomic
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(CSV_COLUMNS)
@@ -223,7 +223,7 @@ def _write_item(run_dir: Path, item: dict[str, Any]) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from db_manager import write_json_atomic
+    from atomic_files import write_json_atomic
     write_json_atomic(path, data)
 
 

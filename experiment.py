@@ -99,11 +99,8 @@ def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int]
     pipeline.Failure (unreadable image, empty caption) while the others go on.
     Timings are the batch's seconds per stage divided by its size.
     """
-    for name, used in (("clip_model_name", db.identity.clip_model),
-                       ("caption_embedding_model", db.identity.caption_model)):
-        if getattr(settings, name) != used:
-            raise UserError(f"{name}={getattr(settings, name)!r} but the database was opened "
-                            f"for {used!r}; call initialize_system with the same settings")
+    db.check_models(clip_model=settings.clip_model_name,
+                    caption_model=settings.caption_embedding_model)
     clock = time.perf_counter()
     models = pipeline.load_models(settings).load_all()
     if memory is None:

@@ -149,17 +149,14 @@ def _read(cache: Path, model: str) -> dict | None:
 
 def _write(cache: Path, model: str, ids: list[str], stamps: list[str], vectors: np.ndarray,
            skipped: dict[str, str]) -> None:
-    # A cache, not a database: temp + rename for each file, the JSON (which
-    # names the row count) last, and a mismatch on read just rebuilds.
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, vectors)
-    os.replace(tmp, cache.with_suffix(".npy"))
+    # A cache, not a database: each file atomic, the JSON (which names the row
+    # count) last, and a mismatch on read just rebuilds.
+    from atomic_files import atomic_writer, write_text_atomic
+    with atomic_writer(cache.with_suffix(".npy")) as f:
+        np.save(f, vectors)
     meta = {"version": CACHE_VERSION, "model": model, "dim": int(vectors.shape[1]),
             "ids": ids, "stamps": stamps, "skipped": skipped}
-    tmp_meta = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.json")
-    tmp_meta.write_text(json.dumps(meta))
-    os.replace(tmp_meta, cache.with_suffix(".json"))
+    write_text_atomic(cache.with_suffix(".json"), json.dumps(meta))
 
 
 def folder_db_dir(db_dir: str | os.PathLike, images_dir: str | os.PathLike) -> Path:

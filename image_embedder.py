@@ -348,12 +348,9 @@ def _read_cache(path: Path, model: str) -> tuple[list[str], np.ndarray] | None:
 
 
 def _write_cache(path: Path, model: str, ids: list[str], vectors: np.ndarray) -> None:
-    # A cache, not a database: write-then-rename is enough to never read half a file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npy")
-    np.save(tmp, vectors)
-    os.replace(tmp, path.with_suffix(".npy"))
+    # A cache, not a database: each file atomic is enough to never read half a file.
+    from atomic_files import atomic_writer, write_text_atomic
+    with atomic_writer(path.with_suffix(".npy")) as f:
+        np.save(f, vectors)
     meta = {"model": model, "dim": int(vectors.shape[1]), "ids": ids}
-    tmp_meta = path.with_name(path.name + f".{os.getpid()}.tmp.json")
-    tmp_meta.write_text(json.dumps(meta))
-    os.replace(tmp_meta, path.with_suffix(".json"))
+    write_text_atomic(path.with_suffix(".json"), json.dumps(meta))

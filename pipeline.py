@@ -207,33 +207,26 @@ def seed_memory(models: Models, dataset: "Flickr8k", db: "DbManager") -> None:
 _RECORDED = (("clip_model", "CLIP_MODEL_NAME"), ("caption_model", "CAPTION_EMBEDDING_MODEL"),
              ("dataset", "DATASET_NAME"), ("random_seed", "RANDOM_SEED"),
              ("experiment_samples", "EXPERIMENT_SAMPLES"))
-# Settings a database can be used with under another value (the same images may
-# be loaded from another folder: the split fingerprint is what is checked).
-_MAY_DIFFER = ("DATASET_NAME",)
 
 
 def for_database(settings: config.Settings, db: "DbManager") -> config.Settings:
     """`settings` with the models and data set the database in `db` was built with
-    filling the ones not given. A model given that differs is one line naming both."""
+    filling the ones not given; a model given that differs is one line naming both
+    (db.check_models, the one check main, search, import and scale/ share)."""
     if db.needs_seed:
         return settings
     fill = {}
     for recorded, name in _RECORDED:
-        value = db.state.get(recorded)
-        if value is None or value == settings.values[name]:
-            continue
-        if name in settings.given:
-            if name in _MAY_DIFFER:
-                continue
-            raise UserError(f"database {db.db_dir} was built with {config.flag(name)} "
-                            f"{value!r}, not {settings.values[name]!r}: leave "
-                            f"{config.flag(name)} out to use the database's, or use another "
-                            "--db-dir")
-        fill[name.lower()] = value
+        value = getattr(db.state, recorded, None)
+        if value is not None and name not in settings.given and value != settings.values[name]:
+            fill[name.lower()] = value
     if fill:
         log.info("using the database's settings: %s",
                  ", ".join(f"{k}={v!r}" for k, v in fill.items()))
-    return settings.replace(**fill)
+    settings = settings.replace(**fill)
+    db.check_models(clip_model=settings.clip_model_name,
+                    caption_model=settings.caption_embedding_model)
+    return settings
 
 
 def with_database_settings(settings: config.Settings) -> config.Settings:

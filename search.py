@@ -99,7 +99,7 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
     else:
         db, dataset, settings = open_memory(settings)
         embedder = _image_embedder(settings, backbone)
-        if embedder.name == db.state["clip_model"]:
+        if embedder.name == db.state.clip_model:
             ids, vectors, note = db.image_ids, db.image_vectors, ""
         else:  # another backbone: embed the database's images with it, cached
             known = {i: "dataset" for i in db.image_ids if dataset.get(i) is not None}
@@ -196,7 +196,7 @@ def open_memory(settings: config.Settings):
                         "or search a folder with --images-dir")
     settings = pipeline.for_database(settings, db)
     dataset = pipeline.load_dataset(settings)  # loaded once per process
-    if dataset.fingerprint != db.state["split"]:
+    if dataset.fingerprint != db.state.split:
         raise UserError(f"the database in {settings.db_dir} was built from another data set or "
                         "split; use the same --dataset-name, --random-seed and "
                         "--experiment-samples as main.py")

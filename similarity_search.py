@@ -328,22 +328,18 @@ class SearchIndex:
         """Write `path`.npy (vectors), `path`.faiss (an ANN index, once built) and
         `path`.json (ids, dim, backend, the ANN index's settings), each atomically,
         the .json last."""
+        from atomic_files import atomic_path, atomic_writer, write_text_atomic
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-        np.save(tmp, self.vectors)
-        os.replace(tmp, path.with_suffix(".npy"))
+        with atomic_writer(path.with_suffix(".npy")) as f:
+            np.save(f, self.vectors)
         ann = None
         if self.backend in ANN_BACKENDS and self._faiss is not None:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.faiss")
-            _faiss().write_index(self._faiss, str(tmp))
-            os.replace(tmp, path.with_suffix(".faiss"))
+            with atomic_path(path.with_suffix(".faiss"), suffix=".faiss") as tmp:
+                _faiss().write_index(self._faiss, str(tmp))
             ann = {"file": path.with_suffix(".faiss").name, "backend": self.backend,
                    "count": len(self.ids), "dim": self.dim, "params": self.params}
-        meta = path.with_name(f".{path.name}.{os.getpid()}.tmp.json")
-        meta.write_text(json.dumps({"dim": self.dim, "ids": self.ids, "backend": self.backend,
-                                    "ann_index": ann}))
-        os.replace(meta, path.with_suffix(".json"))
+        write_text_atomic(path.with_suffix(".json"), json.dumps(
+            {"dim": self.dim, "ids": self.ids, "backend": self.backend, "ann_index": ann}))
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str | None = None,

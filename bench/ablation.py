@@ -116,7 +116,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import config  # noqa: E402
 import pipeline  # noqa: E402  (cheap: it imports torch only when a model is needed)
@@ -863,6 +863,7 @@ def plot_chart(report: dict[str, Any], path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from atomic_files import atomic_writer
     variants = report["variants"]
     names = [v["name"] for v in variants]
     x = np.arange(len(names))
@@ -891,19 +892,16 @@ def plot_chart(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.legend(fontsize=9, loc="upper right")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
+        with atomic_writer(path, suffix=".png") as f:
+            fig.savefig(f, dpi=100, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 
 def write_outputs(report: dict[str, Any], files: dict[str, Path]) -> None:
-    from db_manager import write_json_atomic, write_text_atomic
+    from atomic_files import write_json_atomic, write_text_atomic
     write_json_atomic(files["json"], report)
     write_text_atomic(files["md"], render_markdown(report))
     plot_chart(report, files["png"])

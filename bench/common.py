@@ -47,6 +47,6 @@ def record(title: str, body: str, notes: str = "",
            path: str | os.PathLike | None = None) -> None:
     """Print the result and append it to `path` (default: the repository's BENCHMARKS.md)."""
     text = f"\n## {title}\n\n{machine_info()}\n\n{body}\n" + (f"\n{notes}\n" if notes else "")
+    from atomic_files import append
     print(text)
-    with open(ROOT / "BENCHMARKS.md" if path is None else path, "a", encoding="utf-8") as f:
-        f.write(text)
+    append(ROOT / "BENCHMARKS.md" if path is None else path, text.encode("utf-8"))

@@ -33,9 +33,10 @@ def model_path(name: str) -> Path:
     if not (path / "config.json").is_file():
         build = {"clip": _clip, "smolvlm-256m": _smolvlm, "smolvlm-500m": _smolvlm,
                  "bge-base": _bge}[name]
+        from atomic_files import move_into_place
         tmp = path.with_name(path.name + ".tmp")
         build(tmp, name)
-        tmp.rename(path)
+        move_into_place(tmp, path)
     return path
 
 

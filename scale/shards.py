@@ -166,7 +166,7 @@ def locked(out_dir: Path) -> Iterator[None]:
 
 def start_manifest(out_dir: Path, wanted: dict[str, Any], run: str) -> dict[str, Any]:
     """Write the manifest of a new OUT_DIR, or check that a resumed job matches it."""
-    from db_manager import write_json_atomic
+    from atomic_files import write_json_atomic
     manifest = read_manifest(out_dir)
     if manifest is None:
         manifest = {"format": FORMAT, "version": VERSION, **wanted, "created": now(),
@@ -202,7 +202,7 @@ def start_manifest(out_dir: Path, wanted: dict[str, Any], run: str) -> dict[str,
 
 
 def finish_manifest(out_dir: Path, manifest: dict[str, Any], counts: dict[str, int]) -> None:
-    from db_manager import write_json_atomic
+    from atomic_files import write_json_atomic
     manifest["runs"][-1].update(finished=now(), **counts)
     write_json_atomic(out_dir / MANIFEST, manifest)
 
@@ -259,18 +259,9 @@ def write_table_atomic(table, path: Path) -> None:
     """A Parquet file that appears complete or not at all (temp file, fsync, rename)."""
     import pyarrow.parquet as pq
 
-    from db_manager import _fsync_dir
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    from atomic_files import atomic_writer
+    with atomic_writer(path) as f:
+        pq.write_table(table, f)
 
 
 class FailureLog:
@@ -327,16 +318,11 @@ def import_parquet(out_dir: str | os.PathLike, db_dir: str | os.PathLike,
     if db.needs_seed:
         raise UserError(f"no database in {db_dir}: run `python main.py` first (it builds the "
                         "memory), then import")
-    state, models = db.state, manifest["models"]
-    for what, option, ours, setting in (
-            ("CLIP model", "--clip-model-name", state["clip_model"], clip_model),
-            ("caption model", "--caption-embedding-model", state["caption_model"],
-             caption_model)):
-        key = "clip" if what == "CLIP model" else "caption"
-        if setting != ours:
-            raise UserError(f"database {db_dir} was built with {what} {ours!r}, not "
-                            f"{setting!r}: use another --db-dir for these settings, or set "
-                            f"{option} back")
+    db.check_models(clip_model=clip_model, caption_model=caption_model)
+    models = manifest["models"]
+    for what, option, ours, key in (
+            ("CLIP model", "--clip-model-name", db.state.clip_model, "clip"),
+            ("caption model", "--caption-embedding-model", db.state.caption_model, "caption")):
         if models[key] != ours:
             raise UserError(f"{out_dir} was made with {what} {models[key]!r} but the database "
                             f"{db_dir} holds {ours!r} embeddings; import it into a database of "

@@ -10,9 +10,12 @@ clean-up) at that point of the first append, to simulate a crash there.
 
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
+import db_format
+import db_journal
 import db_manager
 
 
@@ -25,28 +28,17 @@ def crash_at(point: str) -> None:
     def die(*args, **kwargs):
         os._exit(9)
     if point == "journal":
-        real_open = open
+        real_append = db_journal.append
 
-        def open_and_die(path, mode="r", *args, **kwargs):
-            f = real_open(path, mode, *args, **kwargs)
-            if str(path).endswith(db_manager.JOURNAL) and "a" in mode:
-                class Torn:
-                    def __enter__(self):
-                        return self
-
-                    def __exit__(self, *exc):
-                        return False
-
-                    def write(self, blob):
-                        f.write(blob[: len(blob) // 2])  # half a line reaches the disk
-                        f.flush()
-                        die()
-                return Torn()
-            return f
-        db_manager.open = open_and_die
+        def torn_append(path, blob):
+            if Path(path).name == db_format.JOURNAL:
+                real_append(path, blob[: len(blob) // 2])  # half a line reaches the disk
+                die()
+            return real_append(path, blob)
+        db_journal.append = torn_append
     elif point.startswith("json:"):
         calls, after = [0], int(point[5:])
-        real = db_manager._append_json
+        real = db_journal.append_json
 
         def append_then_die(*args, **kwargs):
             result = real(*args, **kwargs)
@@ -54,23 +46,23 @@ def crash_at(point: str) -> None:
             if calls[0] == after:
                 die()
             return result
-        db_manager._append_json = append_then_die
+        db_journal.append_json = append_then_die
     elif point == "state":
-        real = db_manager._write_atomic
+        real = db_journal.write_bytes_atomic
 
-        def die_on_state(path, blob):
-            if path.name == db_manager.STATE:
+        def die_on_state(path, blob, **kwargs):
+            if Path(path).name == db_format.STATE:
                 die()
-            return real(path, blob)
-        db_manager._write_atomic = die_on_state
+            return real(path, blob, **kwargs)
+        db_journal.write_bytes_atomic = die_on_state
     elif point == "truncate-journal":
-        real = db_manager._truncate
+        real = db_journal.truncate
 
         def die_on_journal(path, size):
-            if path.name == db_manager.JOURNAL:
+            if Path(path).name == db_format.JOURNAL:
                 die()
             return real(path, size)
-        db_manager._truncate = die_on_journal
+        db_journal.truncate = die_on_journal
 
 
 def main() -> None:
@@ -81,8 +73,8 @@ def main() -> None:
     for n in range(count):
         image_id = f"{prefix}-{n}.jpg"
         seed = abs(hash(image_id)) % 2**32
-        db.add_experiment(image_id, vector(seed, db.state["image_dim"]), f"caption of {image_id}",
-                          vector(seed + 1, db.state["caption_dim"]), vlm_model="vlm",
+        db.add_experiment(image_id, vector(seed, db.state.image_dim), f"caption of {image_id}",
+                          vector(seed + 1, db.state.caption_dim), vlm_model="vlm",
                           experiment_index=n, timestamp="2026-11-23T12:00:00+00:00")
         print("ack", image_id, flush=True)
 

@@ -16,9 +16,11 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import db_check
+import db_journal
 import db_manager
 from db_manager import (CAPTION_DB, CAPTION_EMBEDDING_DB, FILES, IMAGE_DB, WORK, DbIdentity,
-                        DbManager, check_db, generated_caption_id, repair_db, write_json_atomic)
+                        DbManager, check_db, generated_caption_id, repair_db)
 from errors import UserError
 
 IDENTITY = DbIdentity(clip_model="clip", caption_model="bge", dataset="flickr", split="abc")
@@ -121,6 +123,65 @@ def test_same_image_and_model_replaces_another_model_adds(tmp_path):
     assert check_db(tmp_path) == []
 
 
+def test_a_rerun_writes_over_the_old_entry_in_place(tmp_path, monkeypatch):
+    db = seeded(tmp_path)
+    add(db, caption="first")
+    sizes = {f: (tmp_path / f).stat().st_size for f in FILES}
+    monkeypatch.setattr(db_journal, "write_json_file", lambda *a: pytest.fail("file rewritten"))
+    add(db, caption="a second, longer caption of the same image", seed=3)
+    assert {f: (tmp_path / f).stat().st_size for f in FILES} == sizes   # same bytes, new entry
+    data = load_all(tmp_path)
+    generated = [c for c in data[CAPTION_DB]["entries"] if c["source"] == "generated"]
+    assert [c["caption"] for c in generated] == ["a second, longer caption of the same image"]
+    assert data[CAPTION_EMBEDDING_DB]["entries"][-1]["embedding"] == pytest.approx(
+        unit(1, 5, 3)[0].tolist())
+    assert db.captions[-1]["caption"] == generated[0]["caption"]          # in memory too
+    np.testing.assert_array_equal(db.caption_vectors[-1], unit(1, 5, 3)[0])
+    assert DbManager.open(tmp_path, IDENTITY).captions == db.captions
+    assert check_db(tmp_path) == []
+
+
+def test_a_rerun_too_long_for_the_old_room_rewrites_the_caption_files(tmp_path):
+    db = seeded(tmp_path)
+    add(db, caption="short")
+    other = DbManager.open(tmp_path, IDENTITY)
+    add(db, caption="a far longer caption " * 50, seed=3)
+    data = load_all(tmp_path)
+    assert data[CAPTION_DB]["entries"][-1]["caption"] == "a far longer caption " * 50
+    assert len(data[CAPTION_DB]["entries"]) == 7 and check_db(tmp_path) == []
+    add(other, image_id="new.jpg", seed=4)        # a stale handle reloads the rewritten files
+    assert other.captions[-2]["caption"] == "a far longer caption " * 50
+    add(db, caption="short again", seed=5)        # back in place, in the new room
+    assert DbManager.open(tmp_path, IDENTITY).captions[-2]["caption"] == "short again"
+    assert check_db(tmp_path) == []
+
+
+def test_a_database_without_the_slot_table_gets_one_on_the_first_rerun(tmp_path, monkeypatch):
+    db = seeded(tmp_path)
+    add(db, caption="first")
+    (tmp_path / WORK / "caption_slots.i64").unlink()    # as an earlier version left it
+    again = DbManager.open(tmp_path, IDENTITY)
+    monkeypatch.setattr(db_journal, "write_json_file", lambda *a: pytest.fail("file rewritten"))
+    add(again, caption="second", seed=3)
+    add(again, image_id="new.jpg", seed=4)
+    assert [c["caption"] for c in DbManager.open(tmp_path, IDENTITY).captions[-2:]] == [
+        "second", "a generated caption"]
+    assert check_db(tmp_path) == []
+
+
+def test_check_models_names_what_the_database_holds_and_what_was_asked(tmp_path):
+    db = seeded(tmp_path)
+    db.check_models(clip_model="clip", caption_model="bge")
+    db.check_models(caption_model="bge")
+    with pytest.raises(UserError) as err:
+        db.check_models(clip_model="other-clip", caption_model="other-bge")
+    message = str(err.value)
+    assert "\n" not in message and "CLIP model 'clip', not 'other-clip'" in message
+    assert "caption model 'bge', not 'other-bge'" in message
+    assert "--clip-model-name and --caption-embedding-model" in message
+    assert db.state.clip_model == "clip" and db.state.caption_dim == 5
+
+
 def test_human_captions_are_preferred_as_context(tmp_path):
     db = seeded(tmp_path)
     add(db, image_id="im0.jpg", caption="generated for a training image")
@@ -130,7 +191,7 @@ def test_human_captions_are_preferred_as_context(tmp_path):
 
 def test_append_does_not_parse_the_json_files(tmp_path, monkeypatch):
     db = seeded(tmp_path)
-    monkeypatch.setattr(db_manager, "_read_json", lambda *a: pytest.fail("JSON parsed"))
+    monkeypatch.setattr(db_check, "read_json", lambda *a: pytest.fail("JSON parsed"))
     add(db)
     DbManager.open(tmp_path, IDENTITY)
 
@@ -275,26 +336,29 @@ def test_read_only_database_folder_is_a_clear_error(tmp_path, monkeypatch):
 
 # --- failures while writing ---------------------------------------------------------------
 
-@pytest.mark.parametrize("victim, replace", [
-    ("_append_json", False), ("_append_bytes", False), ("_write_atomic", False),
-    ("_write_row", True), ("_write_json_file", True), ("_write_atomic", True),
+@pytest.mark.parametrize("victim, write", [
+    ("append_json", "new"), ("write_at", "new"), ("write_bytes_atomic", "new"),
+    ("write_at", "rerun"), ("write_bytes_atomic", "rerun"),
+    ("write_at", "longer rerun"), ("write_json_file", "longer rerun"),
+    ("write_bytes_atomic", "longer rerun"),
 ])
-def test_disk_full_leaves_files_and_memory_unchanged(tmp_path, monkeypatch, victim, replace):
+def test_disk_full_leaves_files_and_memory_unchanged(tmp_path, monkeypatch, victim, write):
     db = seeded(tmp_path)
     add(db)
     before, images, captions = snapshot(tmp_path), list(db.image_ids), list(db.captions)
     vectors = np.array(db.caption_vectors)
 
-    real, calls = getattr(db_manager, victim), []
+    real, calls = getattr(db_journal, victim), []
 
     def disk_full(*args, **kwargs):   # the first call fails; putting things back works
         calls.append(1)
         if len(calls) == 1:
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
-    monkeypatch.setattr(db_manager, victim, disk_full)
+    monkeypatch.setattr(db_journal, victim, disk_full)
+    caption = "a much longer caption " * 40 if write == "longer rerun" else "new"
     with pytest.raises(OSError) as err:
-        add(db, image_id="exp.jpg" if replace else "new.jpg", caption="new", seed=9)
+        add(db, image_id="new.jpg" if write == "new" else "exp.jpg", caption=caption, seed=9)
     assert err.value.errno == 28
     monkeypatch.undo()
     assert snapshot(tmp_path) == before
@@ -308,14 +372,14 @@ def test_disk_full_leaves_files_and_memory_unchanged(tmp_path, monkeypatch, vict
 def test_ctrl_c_during_a_write_leaves_everything_as_it_was(tmp_path, monkeypatch):
     db = seeded(tmp_path)
     before = snapshot(tmp_path)
-    real, calls = db_manager._append_json, []
+    real, calls = db_journal.append_json, []
 
     def interrupted(*args):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args)
-    monkeypatch.setattr(db_manager, "_append_json", interrupted)
+    monkeypatch.setattr(db_journal, "append_json", interrupted)
     with pytest.raises(KeyboardInterrupt):
         add(db)
     assert snapshot(tmp_path) == before and check_db(tmp_path) == []
@@ -350,10 +414,13 @@ def test_killed_writers_never_lose_an_acknowledged_experiment(tmp_path):
     rng = random.Random(1234)
     acknowledged: set[str] = set()
     trials = 50
+    start = time.perf_counter()
+    run_writer(tmp_path, "warm-up", 1)
+    startup = time.perf_counter() - start  # longer on a busy machine: kill later there
     for trial in range(trials):
         proc = subprocess.Popen([sys.executable, str(WRITER), str(tmp_path), f"t{trial}", "40"],
                                 stdout=subprocess.PIPE, text=True)
-        time.sleep(rng.uniform(0.05, 0.4))
+        time.sleep(rng.uniform(0.3, 1.0) * startup + rng.uniform(0.05, 0.4))
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate()
         acknowledged |= {line.split()[1] for line in out.splitlines() if line.startswith("ack")}
@@ -472,15 +539,6 @@ def test_round_trip_of_any_text_and_vectors(tmp_path_factory, captions, ids, see
     assert check_db(db_dir) == []
 
 
-def test_write_json_atomic_replaces_whole_file(tmp_path):
-    path = tmp_path / "sub" / "r.json"
-    write_json_atomic(path, {"a": np.float32(0.5), "v": np.arange(3, dtype=np.float32)})
-    assert json.loads(path.read_text()) == {"a": 0.5, "v": [0.0, 1.0, 2.0]}
-    write_json_atomic(path, {"b": 1})
-    assert json.loads(path.read_text()) == {"b": 1}
-    assert os.listdir(path.parent) == ["r.json"]
-
-
 # --- many rows in one write (add_images: main.py --import-parquet) ------------------------
 
 def imported(n, prefix="col", seed=20):
@@ -492,9 +550,9 @@ def imported(n, prefix="col", seed=20):
 
 def test_add_images_appends_many_rows_in_one_write(tmp_path):
     db = seeded(tmp_path)
-    seq = db.state["seq"]
+    seq = db.state.seq
     assert db.add_images(*imported(5)) == (5, 5)
-    assert db.state["seq"] == seq + 1                       # one journaled write
+    assert db.state.seq == seq + 1                       # one journaled write
     data = load_all(tmp_path)
     assert [len(d["entries"]) for d in data.values()] == [8, 11, 11]
     assert [e["kind"] for e in data[IMAGE_DB]["entries"]][-5:] == ["imported"] * 5
@@ -527,20 +585,20 @@ def test_add_images_refuses_bad_rows_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("victim, failing", [
-    ("_append_json", 2), ("_append_bytes", 3), ("_write_atomic", 1),   # 1: the commit itself
+    ("append_json", 2), ("write_at", 3), ("write_bytes_atomic", 1),   # 1: the commit itself
 ])
 def test_disk_full_during_add_images_leaves_everything_unchanged(tmp_path, monkeypatch, victim,
                                                                  failing):
     db = seeded(tmp_path)
     before, images, captions = snapshot(tmp_path), list(db.image_ids), list(db.captions)
-    real, calls = getattr(db_manager, victim), []
+    real, calls = getattr(db_journal, victim), []
 
     def disk_full(*args, **kwargs):   # files were appended before this call fails
         calls.append(1)
         if len(calls) == failing:
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
-    monkeypatch.setattr(db_manager, victim, disk_full)
+    monkeypatch.setattr(db_journal, victim, disk_full)
     with pytest.raises(OSError):
         db.add_images(*imported(4))
     monkeypatch.undo()

@@ -203,7 +203,7 @@ def test_settings_must_match_the_database_passed_in(settings_kwargs):
     from errors import UserError
     dataset_loader, db_manager = main.initialize_system(**settings_kwargs)
     before = snapshot(settings_kwargs["db_dir"])
-    with pytest.raises(UserError, match="clip_model_name='other/clip' but the database"):
+    with pytest.raises(UserError, match="was built with CLIP model .*, not 'other/clip'"):
         main.run_experiment(dataset_loader, db_manager, 0,
                             **{**settings_kwargs, "clip_model_name": "other/clip"})
     assert snapshot(settings_kwargs["db_dir"]) == before
@@ -259,13 +259,13 @@ def test_unwritable_results_dir_fails_before_any_work(seeded_db, settings_kwargs
 
 def test_disk_full_while_saving_keeps_database_and_results_unchanged(seeded_db, settings_kwargs,
                                                                      capsys, monkeypatch):
-    import db_manager
+    import db_journal
     main.initialize_system(**settings_kwargs)
     before = snapshot(seeded_db)
 
     def disk_full(*args):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(db_manager, "_append_json", disk_full)
+    monkeypatch.setattr(db_journal, "append_json", disk_full)
     assert main.main(cli_args(settings_kwargs, "--experiment-image-index", "2")) == 1
     assert "No space left on device" in error_line(capsys.readouterr().err)
     assert snapshot(seeded_db) == before

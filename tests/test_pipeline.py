@@ -140,6 +140,6 @@ def test_a_database_fills_in_the_models_and_data_set_it_was_built_with(settings_
     assert filled.clip_model_name == settings_kwargs["clip_model_name"]
     assert filled.caption_embedding_model == settings_kwargs["caption_embedding_model"]
     assert filled.experiment_samples == settings_kwargs["experiment_samples"]
-    assert pipeline.load_dataset(filled).fingerprint == db.state["split"]
-    with pytest.raises(UserError, match="was built with --clip-model-name .* not 'other/clip'"):
+    assert pipeline.load_dataset(filled).fingerprint == db.state.split
+    with pytest.raises(UserError, match="was built with CLIP model .*, not 'other/clip'"):
         pipeline.for_database(bare.replace(clip_model_name="other/clip"), db)

@@ -1,0 +1,251 @@
+"""The databases' files: names, the committed state, and reading them back.
+
+DB_DIR holds the three JSON files users see (see db_manager.py) and the
+working copy DB_DIR/.recap/ that commands read instead of parsing them:
+
+  images.jsonl, captions.jsonl   the entries without vectors, one per line
+  image_vectors.f32, caption_vectors.f32   the vectors, raw float32 rows (mapped)
+  caption_slots.i64   per caption row, where its entry starts in captions.json,
+                      caption_embeddings.json and captions.jsonl (3 int64), so
+                      that a rerun rewrites one entry in place (db_journal.py)
+  state.json          the last commit: a DbState
+  journal.jsonl       the write in progress, if any
+
+A generated caption's entries are followed by spaces (valid JSON whitespace)
+so that a rerun's caption and vector usually fit where the old ones were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import orjson
+
+from atomic_files import dumps
+from errors import UserError
+
+IMAGE_DB = "image_embeddings.json"
+CAPTION_DB = "captions.json"
+CAPTION_EMBEDDING_DB = "caption_embeddings.json"
+FILES = (IMAGE_DB, CAPTION_DB, CAPTION_EMBEDDING_DB)
+FORMATS = ((IMAGE_DB, "recap-image-embeddings"), (CAPTION_DB, "recap-captions"),
+           (CAPTION_EMBEDDING_DB, "recap-caption-embeddings"))
+VERSION = 1
+
+WORK = ".recap"
+NEW_WORK = ".recap-new"
+LOCK = ".recap.lock"
+STATE = "state.json"
+JOURNAL = "journal.jsonl"
+IMAGE_META = "images.jsonl"
+CAPTION_META = "captions.jsonl"
+IMAGE_VECTORS = "image_vectors.f32"
+CAPTION_VECTORS = "caption_vectors.f32"
+CAPTION_SLOTS = "caption_slots.i64"
+TAIL = b"\n]}\n"
+REPAIR = "run `python main.py --repair-db`, or restore the file from a backup"
+
+# Files that grow by appending, relative to DB_DIR; state.json records their committed sizes.
+IMAGE_TEXT = (IMAGE_DB, f"{WORK}/{IMAGE_META}")
+CAPTION_TEXT = (CAPTION_DB, CAPTION_EMBEDDING_DB, f"{WORK}/{CAPTION_META}")
+# The files caption_slots.i64 points into, in its column order.
+SLOT_FILES = (CAPTION_DB, CAPTION_EMBEDDING_DB, f"{WORK}/{CAPTION_META}")
+
+
+@dataclass(frozen=True)
+class DbIdentity:
+    """What a database must have been built with to be used with these settings."""
+
+    clip_model: str
+    caption_model: str
+    dataset: str
+    split: str
+    # Recorded so that search and import can reopen the data set from the database
+    # alone (pipeline.for_database); None for databases made before they were recorded.
+    random_seed: int | None = None
+    experiment_samples: int | None = None
+
+
+@dataclass(frozen=True)
+class DbState:
+    """The last committed write (state.json): models, dimensions, row counts and the
+    committed byte length of every appended file."""
+
+    clip_model: str
+    caption_model: str
+    dataset: str
+    split: str
+    image_dim: int
+    caption_dim: int
+    images: int = 0
+    captions: int = 0
+    seq: int = 0       # one more per committed write
+    epoch: int = 0     # one more per write that changed rows in place (others reload)
+    origin: str = "seed"
+    bytes: Mapping[str, int] = field(default_factory=dict)
+    version: int = VERSION
+    random_seed: int | None = None          # the split's settings, when recorded
+    experiment_samples: int | None = None
+
+    def but(self, **changes: Any) -> "DbState":
+        """A copy with `changes`."""
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> bytes:
+        return dumps({**dataclasses.asdict(self), "bytes": dict(self.bytes)}, indent=True)
+
+    def vector_bytes(self) -> dict[str, int]:
+        """Committed sizes of the working copy's fixed-width files."""
+        return {IMAGE_VECTORS: self.images * self.image_dim * 4,
+                CAPTION_VECTORS: self.captions * self.caption_dim * 4,
+                CAPTION_SLOTS: self.captions * 8 * len(SLOT_FILES)}
+
+
+def generated_caption_id(image_id: str, vlm_model: str) -> str:
+    return f"{image_id}#gen:{vlm_model}"
+
+
+def read_state(path: Path) -> DbState:
+    try:
+        raw = orjson.loads(path.read_bytes())
+        names = {f.name for f in dataclasses.fields(DbState)}
+        state = DbState(**{k: v for k, v in raw.items() if k in names})
+        for key in ("seq", "epoch", "images", "captions", "image_dim", "caption_dim"):
+            if not isinstance(getattr(state, key), int):
+                raise TypeError(key)
+        for name in FILES + (f"{WORK}/{IMAGE_META}", f"{WORK}/{CAPTION_META}"):
+            if not isinstance(state.bytes[name], int):
+                raise TypeError(name)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; {REPAIR}") from None
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path} is damaged ({type(exc).__name__}: {exc}); {REPAIR}") from None
+    return state
+
+
+def headers(state: DbState) -> dict[str, dict[str, Any]]:
+    """The JSON files' fields before "entries"."""
+    return {
+        IMAGE_DB: {"format": "recap-image-embeddings", "version": VERSION,
+                   "model": state.clip_model, "dim": state.image_dim, "dataset": state.dataset,
+                   "split": state.split},
+        CAPTION_DB: {"format": "recap-captions", "version": VERSION, "dataset": state.dataset,
+                     "split": state.split},
+        CAPTION_EMBEDDING_DB: {"format": "recap-caption-embeddings", "version": VERSION,
+                               "model": state.caption_model, "dim": state.caption_dim},
+    }
+
+
+def json_head(header: dict[str, Any]) -> bytes:
+    """A JSON file's bytes before its first entry."""
+    return dumps(header)[:-1] + b',"entries":['
+
+
+def image_entry(image: dict[str, Any], vector: np.ndarray) -> bytes:
+    return dumps({**image, "embedding": vector})
+
+
+def caption_entry(caption: dict[str, Any]) -> bytes:
+    """A caption's entry in captions.json and its line in captions.jsonl (the same bytes)."""
+    return padded(dumps(caption), caption)
+
+
+def caption_vector_entry(caption: dict[str, Any], vector: np.ndarray) -> bytes:
+    return padded(dumps({"id": caption["id"], "image_id": caption["image_id"],
+                         "embedding": vector}), caption)
+
+
+def padded(entry: bytes, caption: dict[str, Any]) -> bytes:
+    """Room after a generated caption's entry for a longer one from a rerun."""
+    if caption.get("source") != "generated":
+        return entry
+    return entry + b" " * max(192, len(entry) // 8)
+
+
+def read_jsonl(path: Path, start: int, end: int) -> list[dict[str, Any]]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            blob = f.read(end - start)
+        if len(blob) != end - start:
+            raise ValueError("file is shorter than committed")
+        return [orjson.loads(line) for line in blob.splitlines()]
+    except (OSError, ValueError) as exc:
+        raise UserError(f"working copy file {path} is damaged ({exc}); {REPAIR}") from None
+
+
+def map_vectors(path: Path, rows: int, dim: int) -> np.ndarray:
+    if rows == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    need = rows * dim * 4
+    if not path.exists() or path.stat().st_size < need:
+        raise UserError(f"vector file {path} is shorter than its {rows} rows; {REPAIR}")
+    # A plain ndarray view of the map: numpy code and orjson treat it like any array.
+    # The map is shared: a row rewritten in place shows here too.
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(rows, dim)).view(np.ndarray)
+
+
+def new_rows(db_dir: Path, old: DbState | None, new: DbState) -> tuple[list[dict], list[dict]]:
+    """The image entries and caption entries committed after `old` (all, if None)."""
+    work = db_dir / WORK
+    start = old.bytes if old is not None else {}
+    images = read_jsonl(work / IMAGE_META, start.get(f"{WORK}/{IMAGE_META}", 0),
+                        new.bytes[f"{WORK}/{IMAGE_META}"])
+    captions = read_jsonl(work / CAPTION_META, start.get(f"{WORK}/{CAPTION_META}", 0),
+                          new.bytes[f"{WORK}/{CAPTION_META}"])
+    if len(images) != new.images - (old.images if old else 0) or \
+            len(captions) != new.captions - (old.captions if old else 0):
+        raise UserError(f"the working copy in {work} does not match its state; {REPAIR}")
+    return images, captions
+
+
+def check_json_end(path: Path, size: int) -> None:
+    """Cheap check that a JSON file is as the last commit left it."""
+    try:
+        actual = path.stat().st_size
+        with open(path, "rb") as f:
+            f.seek(max(0, size - len(TAIL)))
+            end = f.read(len(TAIL))
+    except FileNotFoundError:
+        raise UserError(f"database file {path} is missing; {REPAIR}") from None
+    if actual != size or end != TAIL:
+        raise UserError(f"database file {path} is corrupt or was changed by another program "
+                        f"({actual} bytes, the last save left {size}); {REPAIR}")
+
+
+def as_vectors(x: np.ndarray, rows: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None]
+    if x.shape[0] != rows:
+        raise ValueError(f"expected {rows} vectors, got {x.shape[0]}")
+    if not np.isfinite(x).all():
+        raise ValueError("vectors contain NaN or inf")
+    return np.ascontiguousarray(x)
+
+
+def check_dim(vector: np.ndarray, dim: int, name: str) -> None:
+    if vector.shape[0] != dim:
+        raise UserError(f"{name} holds {dim}-d vectors, got a {vector.shape[0]}-d one")
+
+
+def check_unique(path: Path, ids: list[str]) -> None:
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            raise UserError(f"database file {path} has duplicate id {i!r}")
+        seen.add(i)
+
+
+def path_of(db_dir: Path, name: str) -> Path:
+    """A file named relative to DB_DIR (as in DbState.bytes) or to the working copy."""
+    return db_dir / name if name in FILES or name.startswith(WORK) else db_dir / WORK / name
+
+
+__all__ = ["DbIdentity", "DbState", "FILES", "IMAGE_DB", "CAPTION_DB", "CAPTION_EMBEDDING_DB",
+           "generated_caption_id", "read_state", "headers", "new_rows", "map_vectors",
+           "check_json_end"]
