@@ -87,7 +87,8 @@ def run_batch(indices: list[int], run_name: str | None = None,
         bar = tqdm(total=len(todo), desc="captioning", unit="caption", smoothing=0.1)
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start:start + settings.batch_size]
-            for record in experiment.run_experiments(dataset, db, batch, settings, memory):
+            for record in experiment.run_experiments(dataset, db, batch, settings, memory,
+                                                     batch=True):
                 item = record.to_json()
                 item["status"] = "failed" if isinstance(record, pipeline.Failure) else "ok"
                 _write_item(run_dir, item)
@@ -105,7 +106,8 @@ def _start(run_dir: Path, settings: config.Settings, indices: list[int],
            policy: str) -> dict[str, Any]:
     """Create the run directory, or check that a resumed run used the same settings."""
     import pipeline
-    wanted = {**settings.results(), "memory": policy}
+    wanted = {**settings.results(), "memory": policy,
+              "near_duplicate_threshold": config.near_duplicate_threshold(settings, batch=True)}
     path = run_dir / "manifest.json"
     if path.exists():
         manifest = _read_manifest(path)
@@ -190,11 +192,33 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
     summary = {"run": manifest["run"], "settings": manifest["settings"],
                "experiments": len(items), "finished": len(ok), "failed": len(failed),
                "metrics": scores,
+               "near_duplicates": _near_duplicates(manifest, ok,
+                                                   config.settings_of(settings, overrides)),
                "seconds_per_caption": round(sum(seconds) / len(seconds), 4) if seconds else None,
                "items": items}
     _write_json(run_dir / "summary.json", summary)
     _write_csv(run_dir / "summary.csv", items)
     return summary
+
+
+def _near_duplicates(manifest: dict[str, Any], ok: list[dict[str, Any]],
+                     settings: config.Settings) -> dict[str, Any] | None:
+    """How many finished images have a near-duplicate in the training pool of DB_DIR:
+    at the run's guard, or at the batch runs' default (0.95) when it ran unguarded,
+    so the leak shows either way (near_duplicates.count_in_db)."""
+    from db_manager import DbManager
+    import near_duplicates
+    recorded = manifest["settings"].get("near_duplicate_threshold", 0.0)
+    threshold = (config.near_duplicate_threshold(recorded, batch=True)
+                 or config.near_duplicate_threshold("auto", batch=True))
+    db_dir = Path(settings.db_dir)
+    if not ok or not db_dir.is_dir():
+        return None
+    db = DbManager.open(db_dir)
+    if db.needs_seed:
+        return None
+    counted = near_duplicates.count_in_db(db, [i["image_id"] for i in ok], threshold)
+    return {**counted, "guarded": bool(config.near_duplicate_threshold(recorded, batch=True))}
 
 
 CSV_COLUMNS = ("experiment_index", "image_id", "status", "error", "generated_caption",
@@ -242,6 +266,12 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
              f"({run_dir})"]
     if summary.get("seconds_per_caption"):
         lines.append(f"{summary['seconds_per_caption']:.2f} s per caption")
+    near = summary.get("near_duplicates")
+    if near:
+        lines.append(f"{near['with_near_duplicate']} of {near['images']} images have a "
+                     f"near-duplicate in the training pool (cosine >= {near['threshold']:g}; "
+                     + ("kept out of their prompts)" if near["guarded"] else
+                        "NOT guarded: their twins' captions may be in the prompts)"))
     lines.append(metrics.format_report(summary["metrics"]))
     return "\n".join(lines)
 

@@ -62,6 +62,43 @@ TOP_K_SIMILAR: Changes = 5
 # (10 captions for k=5) while still showing how different people describe a
 # scene; small VLMs copy from long contexts instead of looking at the image.
 CAPTIONS_PER_NEIGHBOUR: Changes = 2
+# How the TOP_K_SIMILAR neighbours are chosen among the nearest memory rows. The
+# nearest images are often several views of one scene, so the prompt repeats one
+# description k times, and captioners copy what most retrieved captions share
+# (Li et al. 2024, arXiv 2406.02265):
+#   "top"    the k most similar images (the original design);
+#   "mmr"    maximal marginal relevance over the image vectors: each next neighbour
+#            maximises MMR_LAMBDA * similarity to the query - (1 - MMR_LAMBDA) *
+#            similarity to the neighbours already chosen (similar and varied);
+#   "dedup"  the nearest images in order, skipping one whose image vector or
+#            caption vector has a cosine above DEDUP_THRESHOLD to one already
+#            chosen (one neighbour per scene);
+#   "sample" k of the 2k most similar, drawn at random (seeded by RANDOM_SEED and
+#            the image), in similarity order (less copying of shared tokens).
+NEIGHBOUR_SELECTION: Changes = "top"
+# "mmr": weight of similarity to the query against similarity to the chosen ones
+# (1 = "top"). At 0.5 a second view of the first neighbour's scene (cosine ~0.95 to
+# both) gains 0.5 * (0.95 - 0.95) = 0 and loses to any image more similar to the
+# query than to that neighbour; above ~0.57 it would win against an image of
+# similarity 0.8 (0.75 to the first), and the prompt would repeat the scene again.
+MMR_LAMBDA: Changes = 0.5
+# "dedup": two neighbours with a CLIP image cosine, or a cosine of their captions'
+# mean CAPTION_EMBEDDING_MODEL vectors, above this show one scene. 0.92: views of one
+# scene (bursts, crops, copies) score above it on CLIP image vectors, different
+# photos of one kind of scene (two dogs on grass) mostly below. Not yet measured on
+# Flickr8K: bench/ablation.py's "scenes" column shows what it removes.
+DEDUP_THRESHOLD: Changes = 0.92
+# The leak guard: memory rows with an image cosine of at least this to the query
+# image are never retrieved, so a near-twin of an experiment image in the training
+# pool (Flickr8K has bursts of one scene) cannot hand the VLM its own scene's human
+# captions and inflate BLEU/CIDEr. 0 = off. "auto": 0.95 for batch evaluation runs
+# (--all / --indices, bench/ablation.py) and off for single experiments, the web
+# page, --caption-folder and scale/, where a twin's captions are a fair hint.
+# 0.95: above two different scenes, below re-encoded, resized or slightly cropped
+# copies; `python main.py --near-duplicates` lists the pairs it catches. Result
+# files record the value used (config.near_duplicate_threshold).
+NEAR_DUPLICATE_THRESHOLD: Changes = "auto"
+
 # Prompt given to the VLM with the image. {context} is replaced by one
 # "- caption" line per retrieved caption.
 PROMPT_TEMPLATE: Changes = (
@@ -127,6 +164,7 @@ _CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "DEVICE": ("auto", "cpu", "cuda", "cuda:N", "mps"),
     "DTYPE": ("auto", "float32", "bfloat16", "float16"),
     "MEMORY": ("auto", "frozen", "growing"),
+    "NEIGHBOUR_SELECTION": ("top", "mmr", "dedup", "sample"),
     "LOG_LEVEL": ("DEBUG", "INFO", "WARNING", "ERROR"),
 })
 
@@ -245,6 +283,8 @@ def parse_value(name: str, raw: Any, source: str) -> Any:
         return raw
     if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
         return float(raw)
+    if kind is str and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return str(raw)  # near_duplicate_threshold=0.9: a number where a word may go too
     if not isinstance(raw, str):
         raise UserError(f"{where}: expected {kind.__name__}, got {type(raw).__name__} {raw!r}")
     text = raw.strip()
@@ -279,11 +319,41 @@ def _check(values: dict[str, Any]) -> None:
             or device.startswith("cuda:") and device[5:].isdigit()):
         raise UserError(f"--device must be {_one_of('DEVICE')}, got {device!r}")
     for name, value in (("DTYPE", values["DTYPE"]), ("MEMORY", values["MEMORY"]),
+                        ("NEIGHBOUR_SELECTION", values["NEIGHBOUR_SELECTION"]),
                         ("LOG_LEVEL", values["LOG_LEVEL"].upper())):
         if value not in _CHOICES[name]:
             raise UserError(f"{flag(name)} must be {_one_of(name)}, got {values[name]!r}")
     if "{context}" not in values["PROMPT_TEMPLATE"]:
         raise UserError("--prompt-template must contain {context}")
+    for name in ("MMR_LAMBDA", "DEDUP_THRESHOLD"):
+        if not 0 <= values[name] <= 1:
+            raise UserError(f"{flag(name)} must be between 0 and 1, got {values[name]}")
+    threshold = values["NEAR_DUPLICATE_THRESHOLD"]
+    if threshold != "auto" and _unit_number(threshold) is None:
+        raise UserError("--near-duplicate-threshold must be auto or a cosine between 0 (off) "
+                        f"and 1, got {threshold!r}")
+
+
+def _unit_number(text: str) -> float | None:
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if 0 <= number <= 1 else None
+
+
+# NEAR_DUPLICATE_THRESHOLD "auto" in batch evaluation runs (see its comment above).
+_AUTO_BATCH_THRESHOLD = 0.95
+
+
+def near_duplicate_threshold(settings: Settings | str | float, batch: bool) -> float:
+    """NEAR_DUPLICATE_THRESHOLD (of `settings`, or a value of it) as a cosine, 0 = off:
+    "auto" is 0.95 for batch evaluation runs (--all, --indices, bench/ablation.py)
+    and off for the rest."""
+    value = settings.near_duplicate_threshold if isinstance(settings, Settings) else settings
+    if value == "auto":
+        return _AUTO_BATCH_THRESHOLD if batch else 0.0
+    return float(value)
 
 
 def _merge(settings: Settings, overrides: Mapping[str, Any], source: str) -> Settings:

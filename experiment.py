@@ -13,7 +13,8 @@ ExperimentResult.to_json():
   original_caption(s)             its human references (the first, and all)
   similar_images                  [{rank, image_id, score, captions}] the neighbours
   prompt                          the exact text given to the VLM
-  config                          every setting (lower-case), the memory policy used,
+  config                          every setting (lower-case), the memory policy and
+                                  near-duplicate threshold used (the cosine, 0 = off),
                                   resolved_device, resolved_dtype
   versions                        python and the main packages
   timings                         seconds per stage (the batch's, per image), total,
@@ -89,7 +90,8 @@ def memory_policy(settings: config.Settings, batch: bool) -> str:
 
 def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int],
                     settings: config.Settings, memory: pipeline.Memory | None = None,
-                    load_seconds: float = 0.0) -> list[ExperimentResult | pipeline.Failure]:
+                    load_seconds: float = 0.0, batch: bool = False
+                    ) -> list[ExperimentResult | pipeline.Failure]:
     """Caption the experiment images `indices` as one batch (pipeline.caption_batch),
     then save each: its result file in RESULTS_DIR, then its row in the databases.
 
@@ -97,7 +99,8 @@ def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int]
     is shared across calls by batch runs, so a growing memory sees every image
     captioned before. Returns one record per index: an ExperimentResult, or a
     pipeline.Failure (unreadable image, empty caption) while the others go on.
-    Timings are the batch's seconds per stage divided by its size.
+    Timings are the batch's seconds per stage divided by its size. `batch`: part
+    of a batch evaluation run (NEAR_DUPLICATE_THRESHOLD "auto" guards there).
     """
     db.check_models(clip_model=settings.clip_model_name,
                     caption_model=settings.caption_embedding_model)
@@ -107,18 +110,21 @@ def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int]
         memory = pipeline.Memory.from_db(db, memory_policy(settings, batch=False) == "growing")
     load = round(load_seconds + time.perf_counter() - clock, 4)
     samples = [dataset.experiment_sample(i) for i in indices]
-    batch = pipeline.caption_batch(
-        models, [(s.image_id, lambda s=s: dataset.load_image(s)) for s in samples], memory)
+    selection = pipeline.Selection.of(settings, batch)
+    captioned = pipeline.caption_batch(
+        models, [(s.image_id, lambda s=s: dataset.load_image(s)) for s in samples], memory,
+        selection=selection)
     timings = {"load": load, **{stage: round(seconds / len(indices), 4)
-                                for stage, seconds in batch.seconds.items()}}
-    if batch.first_token is not None:
-        timings["first_token"] = round(batch.first_token, 4)  # per generate call
+                                for stage, seconds in captioned.seconds.items()}}
+    if captioned.first_token is not None:
+        timings["first_token"] = round(captioned.first_token, 4)  # per generate call
     shared = {"config": {**settings.to_json(),
                          "memory": "growing" if memory.growing else "frozen",
+                         "near_duplicate_threshold": selection.near_duplicate_threshold,
                          **models.describe()},
               "versions": pipeline.versions()}
     results: list[ExperimentResult | pipeline.Failure] = []
-    for index, sample, record in zip(indices, samples, batch.items):
+    for index, sample, record in zip(indices, samples, captioned.items):
         if isinstance(record, pipeline.Failure):
             results.append(replace(record, experiment_index=index))
             continue

@@ -127,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
                          help="validate the databases in DB_DIR and print a report")
     actions.add_argument("--repair-db", action="store_true",
                          help="back up DB_DIR, then fix what can be fixed and report the rest")
+    actions.add_argument("--near-duplicates", action="store_true",
+                         help="list the experiment images with a near-duplicate in the "
+                              "training pool (table + RESULTS_DIR/near_duplicates.png)")
+    actions.add_argument("--threshold", metavar="COSINE", type=float,
+                         help="with --near-duplicates: CLIP cosine of a near-duplicate "
+                              "(default: the batch runs' guard, 0.95)")
     actions.add_argument("--import-parquet", metavar="OUT_DIR",
                          help="add the images and captions of `python -m "
                               "scale.caption_collection --out OUT_DIR` to the databases")
@@ -140,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
             return _maintain_db(Path(settings.db_dir), repair=args.repair_db)
         if args.import_parquet:
             return _import_parquet(args.import_parquet, settings)
+        if args.near_duplicates:
+            import near_duplicates
+            print(near_duplicates.find(settings, args.threshold).table())
+            return 0
+        if args.threshold is not None:
+            raise UserError("--threshold goes with --near-duplicates; the guard of "
+                            "experiments is --near-duplicate-threshold")
         if args.caption_folder:
             import caption_folder as folders
             summary = folders.caption_folder(args.caption_folder, settings,

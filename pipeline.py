@@ -311,7 +311,8 @@ class Memory:
 
     def __init__(self, ids: Sequence[str], vectors: "np.ndarray",
                  captions_of: Callable[[str], Sequence[str]],
-                 kinds: Sequence[str] | None = None, growing: bool = False):
+                 kinds: Sequence[str] | None = None, growing: bool = False,
+                 caption_vector_of: Callable[[str], "np.ndarray | None"] | None = None):
         import numpy as np
         self._ids = list(ids)
         self._vectors = np.asarray(vectors, dtype=np.float32)
@@ -319,12 +320,15 @@ class Memory:
             raise ValueError(f"{len(self._ids)} ids for vectors of shape {self._vectors.shape}")
         self._kinds = list(kinds) if kinds is not None else ["memory"] * len(self._ids)
         self._captions_of = captions_of
+        # a row's captions as one unit vector (NEIGHBOUR_SELECTION "dedup"); None: unknown
+        self._caption_vector_of = caption_vector_of
         self.growing = growing
         # rows added in this process: id -> (vector, kind); captions None while pending
         self._added: dict[str, tuple[Any, str]] = {}
         self._added_captions: dict[str, list[str] | None] = {}
         self._replaced: set[str] = set()     # added ids that replace a row of `ids`
         self._base: set[str] | None = None   # the ids given, as a set (made on first add)
+        self._position: dict[str, int] | None = None   # row of each id given (vectors_of)
 
     @classmethod
     def from_db(cls, db: "DbManager", growing: bool) -> "Memory":
@@ -335,7 +339,8 @@ class Memory:
         if not growing:
             rows = np.flatnonzero(np.asarray(kinds) == "train")
             ids, kinds, vectors = [ids[n] for n in rows], ["train"] * len(rows), vectors[rows]
-        return cls(ids, vectors, db.captions_of, kinds, growing=growing)
+        return cls(ids, vectors, db.captions_of, kinds, growing=growing,
+                   caption_vector_of=caption_vector_lookup(db))
 
     @classmethod
     def from_rows(cls, ids: Sequence[str], vectors: "np.ndarray",
@@ -412,6 +417,22 @@ class Memory:
         return [Hit(rank, image_id, score) for rank, (score, _, image_id)
                 in enumerate(hits[:k], start=1)]
 
+    def vectors_of(self, ids: Sequence[str]) -> "np.ndarray":
+        """(len(ids), D) vectors of rows by id (an added row's own vector)."""
+        import numpy as np
+        if self._position is None:
+            self._position = {image_id: n for n, image_id in enumerate(self._ids)}
+        return np.stack([self._added[i][0] if i in self._added else
+                         self._vectors[self._position[i]] for i in ids]) if ids else \
+            np.zeros((0, self._vectors.shape[1]), np.float32)
+
+    def caption_vector_of(self, image_id: str) -> "np.ndarray | None":
+        """A row's captions as one unit vector (their mean); None when unknown (a row
+        added here, a memory without caption vectors)."""
+        if image_id in self._added or self._caption_vector_of is None:
+            return None
+        return self._caption_vector_of(image_id)
+
     def captions_of(self, image_id: str) -> list[str]:
         """The captions of a row: a row added here has its generated caption only."""
         if image_id in self._added_captions:
@@ -438,6 +459,34 @@ class Memory:
         self._added.pop(image_id, None)
         self._added_captions.pop(image_id, None)
         self._replaced.discard(image_id)
+
+
+def caption_vector_lookup(db: "DbManager") -> Callable[[str], "np.ndarray | None"]:
+    """image id -> the unit mean of its caption vectors (human ones where it has
+    any, as captions_of), computed on first use."""
+    by_image: dict[str, Any] | None = None
+    cache: dict[str, Any] = {}
+
+    def lookup(image_id: str):
+        nonlocal by_image
+        from neighbour_selection import mean_caption_vector
+        if image_id in cache:
+            return cache[image_id]
+        if by_image is None:
+            by_image = {}
+            for n, entry in enumerate(db.captions):
+                by_image.setdefault(entry["image_id"], []).append((entry["source"], n))
+        rows = by_image.get(image_id, [])
+        human = [n for source, n in rows if source == "human"]
+        rows = human or [n for _, n in rows]
+        vectors = db.caption_vectors
+        if not rows or vectors.ndim != 2 or max(rows) >= len(vectors):
+            cache[image_id] = None
+        else:
+            cache[image_id] = mean_caption_vector(vectors[rows], vectors.shape[1])
+        return cache[image_id]
+
+    return lookup
 
 
 # --- retrieval and prompt -------------------------------------------------------------------
@@ -467,11 +516,96 @@ class Context:
 Retriever = Callable[["Memory", str, Any], Context]
 
 
-def nearest(memory: Memory, image_id: str, vector: "np.ndarray", k: int) -> Context:
-    """The pipeline's retrieval: the k most similar memory rows, never the image itself."""
-    found = memory.search(vector, k, exclude=(image_id,))
-    return Context(tuple(Neighbour(h.rank, h.image_id, float(h.score),
-                                   tuple(memory.captions_of(h.image_id))) for h in found))
+@dataclass(frozen=True)
+class Selection:
+    """How retrieval picks an image's neighbours (see config.py: NEIGHBOUR_SELECTION,
+    MMR_LAMBDA, DEDUP_THRESHOLD, NEAR_DUPLICATE_THRESHOLD, RANDOM_SEED)."""
+
+    k: int
+    method: str = "top"                  # top | mmr | dedup | sample
+    mmr_lambda: float = 0.5
+    dedup_threshold: float = 0.92
+    near_duplicate_threshold: float = 0.0    # the leak guard; 0 = off
+    seed: int = 42
+
+    @classmethod
+    def of(cls, settings: config.Settings, batch: bool = False) -> "Selection":
+        """The settings' selection; `batch`: a batch evaluation run (NEAR_DUPLICATE_THRESHOLD
+        "auto" guards there)."""
+        return cls(settings.top_k_similar, settings.neighbour_selection, settings.mmr_lambda,
+                   settings.dedup_threshold, config.near_duplicate_threshold(settings, batch),
+                   settings.random_seed)
+
+    @property
+    def candidates(self) -> int:
+        """Nearest rows the method chooses from (before the guard removes any)."""
+        return {"top": 1, "sample": 2}.get(self.method, CANDIDATES_PER_NEIGHBOUR) * self.k
+
+
+# "mmr" and "dedup" choose among the 4k nearest rows: enough for k scenes when each
+# has a few views, without reaching into unrelated images for variety alone.
+CANDIDATES_PER_NEIGHBOUR = 4
+
+
+def nearest(memory: Memory, image_id: str, vector: "np.ndarray", k: "int | Selection"
+            ) -> Context:
+    """The pipeline's retrieval: an image's neighbours, never the image itself.
+
+    `k` an int: the k most similar memory rows. A `Selection`: among the nearest
+    rows, without those at or above its near-duplicate threshold to the query
+    (searching further while fewer than the candidates it needs are left), the
+    k its method picks, in prompt order; ranks are 1..k in that order and scores
+    stay the cosine to the query."""
+    import numpy as np
+
+    import neighbour_selection as choose
+    select = k if isinstance(k, Selection) else Selection(int(k))
+    if select.k <= 0:
+        return Context(())
+    wanted = select.candidates
+    guard = select.near_duplicate_threshold
+    looked = wanted
+    while True:
+        found = memory.search(vector, looked, exclude=(image_id,))
+        kept = [h for h in found if not (guard > 0 and h.score >= guard)]
+        if len(kept) >= wanted or len(found) < looked:
+            break
+        looked *= 2          # near-duplicates took places: look further
+    kept = kept[:wanted]
+    rows = list(range(len(kept)))
+    if select.method != "top" and len(kept) > select.k:
+        images = memory.vectors_of([h.image_id for h in kept])
+        if select.method == "mmr":
+            rows = choose.mmr(vector, images, select.k, select.mmr_lambda)
+        elif select.method == "dedup":
+            rows = choose.dedup(images, select.k, select.dedup_threshold,
+                                _caption_rows(memory, [h.image_id for h in kept]))
+        elif select.method == "sample":
+            rows = choose.sample(len(kept), select.k, np.random.default_rng(
+                [select.seed, _stable_hash(image_id)]))
+    # The choice reads vectors only (an added row has no caption vector, pending or
+    # not), so it is the same before and after a pending row gets its caption: the
+    # neighbours alone are what a growing batch must wait for.
+    return Context(tuple(Neighbour(rank, kept[n].image_id, float(kept[n].score),
+                                   tuple(memory.captions_of(kept[n].image_id)))
+                         for rank, n in enumerate(rows[:select.k], start=1)))
+
+
+def _caption_rows(memory: Memory, ids: Sequence[str]) -> "np.ndarray":
+    """(N, D') caption vectors of `ids`, NaN rows where unknown; None if none is known."""
+    import numpy as np
+    found = [memory.caption_vector_of(i) for i in ids]
+    known = [v for v in found if v is not None]
+    if not known:
+        return None
+    dim = len(known[0])
+    return np.stack([np.full(dim, np.nan, np.float32) if v is None else v for v in found])
+
+
+def _stable_hash(text: str) -> int:
+    """The same number for an image id in every process (str hashes are salted)."""
+    import zlib
+    return zlib.crc32(text.encode("utf-8"))
 
 
 def build_prompt(settings: config.Settings, context: Context) -> tuple[str, tuple[str, ...]]:
@@ -514,12 +648,15 @@ class _Stopwatch:
 
 def caption_batch(models: Models, items: Sequence[tuple[str, Any]], memory: Memory, *,
                   retrieve: Retriever | None = None, vectors: Sequence[Any] | None = None,
-                  embed_captions: bool = True) -> CaptionBatch:
+                  embed_captions: bool = True, selection: Selection | None = None
+                  ) -> CaptionBatch:
     """The caption step for a batch: one record per (image_id, image or opener) of
     `items`, in order, a `Captioned` or a `Failure`.
 
-    `retrieve` finds each image's context (default: its TOP_K_SIMILAR nearest rows
-    of `memory`, never itself). With a growing memory each captioned image joins
+    `retrieve` finds each image's context (default: `nearest` with `selection`,
+    which defaults to the settings' for one experiment: TOP_K_SIMILAR neighbours by
+    NEIGHBOUR_SELECTION, never the image itself; batch evaluation runs pass
+    `Selection.of(settings, batch=True)`). With a growing memory each captioned image joins
     it, and an image is generated only after every earlier image it retrieves,
     so a batch gives exactly the neighbours one image at a time would.
     `vectors` (one per item) skips the image embedding (computed elsewhere);
@@ -528,8 +665,8 @@ def caption_batch(models: Models, items: Sequence[tuple[str, Any]], memory: Memo
     import numpy as np
     settings = models.settings
     if retrieve is None:
-        k = settings.top_k_similar
-        retrieve = lambda m, image_id, vector: nearest(m, image_id, vector, k)  # noqa: E731
+        select = selection or Selection.of(settings)
+        retrieve = lambda m, image_id, vector: nearest(m, image_id, vector, select)  # noqa: E731
     clock = _Stopwatch()
     records: list[Captioned | Failure | None] = [None] * len(items)
     images: dict[int, Any] = {}

@@ -53,9 +53,28 @@ PROMPT_TEMPLATE / PROMPT_TEMPLATE_NO_CONTEXT, exactly as the pipeline builds it)
                         query image itself excluded). The training captions are embedded
                         once per run with CLIP's text tower (not cached on disk).
     sample-k            k of the 2k most similar images sampled at random (default_rng
-                        seeded with RANDOM_SEED and the experiment index), kept in
-                        similarity order, cpn captions each (reported to reduce copying of
-                        tokens most retrieved captions share).
+                        seeded with RANDOM_SEED and the image id), kept in similarity order,
+                        cpn captions each (reported to reduce copying of tokens most
+                        retrieved captions share): NEIGHBOUR_SELECTION "sample".
+    mmr                 baseline with NEIGHBOUR_SELECTION "mmr": maximal marginal relevance
+                        over the image vectors (MMR_LAMBDA) among the 4k nearest.
+    dedup               baseline with NEIGHBOUR_SELECTION "dedup": the nearest images,
+                        skipping one within DEDUP_THRESHOLD (image or caption cosine) of
+                        one already chosen.
+    near-dup-guard      baseline with the leak guard: training images with a CLIP cosine of
+                        at least 0.95 to the query (NEAR_DUPLICATE_THRESHOLD "auto" in a
+                        batch run) are never retrieved. With NEAR_DUPLICATE_THRESHOLD
+                        "auto" only this row is guarded, so it shows what near-twins in
+                        the training pool do to the scores; a number guards every
+                        image→image row.
+
+Every image→image variant retrieves through the pipeline's one retrieval
+(pipeline.nearest with a pipeline.Selection); the baseline follows NEIGHBOUR_SELECTION.
+For every variant the table also gives the mean number of distinct scenes among an
+image's neighbours (groups of neighbours linked by CLIP image cosines above
+DEDUP_THRESHOLD, neighbour_selection.scene_count) and of distinct words in the
+captions of its prompt, so the effect of a selection shows even where the caption
+scores of the models cannot be trusted.
 
 Variants whose resolved definition is identical (k=5 when TOP_K_SIMILAR is 5,
 memory=frozen, k=0 and no-retrieval) are run once; the other rows say "= <variant>"
@@ -133,7 +152,7 @@ REAL_COMMAND = "python -m bench.ablation --indices 0-399"
 TABLE_METRICS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 CHART_METRICS = ("CIDEr-D", "BLEU-4")
 # Salts of the per-image random streams, so two variants never share a draw.
-_SALT = {"random": 1, "sample": 2}
+_SALT = {"random": 1}
 
 
 # --- the variants ----------------------------------------------------------------------
@@ -148,6 +167,8 @@ class Variant:
     k: int | None = None               # neighbours; None: TOP_K_SIMILAR
     per_neighbour: int | str | None = None   # captions per neighbour; None: CAPTIONS_PER_NEIGHBOUR
     memory: str | None = None          # frozen | growing; None: MEMORY (auto -> frozen)
+    selection: str | None = None       # top | mmr | dedup | sample; None: NEIGHBOUR_SELECTION
+    guard: bool = False                # the near-duplicate guard even when the setting is auto
 
 
 def _k_variant(k: int) -> Variant:
@@ -181,9 +202,16 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("image-to-caption", "caption",
             "SmallCap-style: the k x cpn training captions nearest to the image by CLIP "
             "image-text cosine (the query's own captions excluded)"),
-    Variant("sample-k", "sample",
+    Variant("sample-k", "image",
             "k of the 2k nearest images sampled at random (seeded), in similarity order, "
-            "cpn captions each"),
+            "cpn captions each", selection="sample"),
+    Variant("mmr", "image", "baseline choosing its neighbours by maximal marginal relevance "
+                            "(MMR_LAMBDA) among the 4k nearest", selection="mmr"),
+    Variant("dedup", "image", "baseline skipping a neighbour that is a near-duplicate "
+                              "(DEDUP_THRESHOLD) of one already chosen", selection="dedup"),
+    Variant("near-dup-guard", "image", "baseline never retrieving a training image this "
+                                       "similar to the query (the leak guard, 0.95)",
+            guard=True),
 )}
 
 
@@ -196,11 +224,14 @@ class Plan:
     k: int | None
     per_neighbour: int | str | None
     memory: str | None
+    selection: str | None = None       # image -> image: the pipeline's NEIGHBOUR_SELECTION
+    near_duplicate_threshold: float | None = None   # image -> image: the guard, 0 = off
 
     @property
     def signature(self) -> tuple:
         """Equal for variants that make the same captions."""
-        return (self.context, self.k, self.per_neighbour, self.memory)
+        return (self.context, self.k, self.per_neighbour, self.memory, self.selection,
+                self.near_duplicate_threshold)
 
     @property
     def uses_vlm(self) -> bool:
@@ -208,7 +239,8 @@ class Plan:
 
     def definition(self) -> dict[str, Any]:
         return {"context": self.context, "k": self.k, "captions_per_neighbour": self.per_neighbour,
-                "memory": self.memory}
+                "memory": self.memory, "neighbour_selection": self.selection,
+                "near_duplicate_threshold": self.near_duplicate_threshold}
 
     def summary(self) -> str:
         """The resolved definition in a few words, for the report."""
@@ -218,12 +250,25 @@ class Plan:
             "none": "plain prompt, no retrieval",
             "nn-copy": "nearest training image's first caption, no VLM",
             "oracle": "own references minus the held-out one; scored against the held-out one",
-            "image": f"image→image, k={self.k}, {cpn} per neighbour, {self.memory} memory",
-            "sample": f"image→image, {self.k} sampled from the top {2 * (self.k or 0)}, {cpn} "
-                      f"per neighbour, {self.memory} memory",
+            "image": f"image→image, k={self.k} ({self._selected()}), {cpn} per neighbour, "
+                     f"{self.memory} memory" + (
+                         f", no image with cosine >= {self.near_duplicate_threshold:g}"
+                         if self.near_duplicate_threshold else ""),
             "random": f"{self.k} random training images, {cpn} per neighbour",
             "caption": f"image→caption (CLIP text), top {self.k} captions",
         }[self.context]
+
+
+    def _selected(self) -> str:
+        return {"top": "the nearest", "mmr": "by MMR among the nearest",
+                "dedup": "the nearest, near-duplicates skipped",
+                "sample": f"sampled from the top {2 * (self.k or 0)}"}[self.selection or "top"]
+
+    def selection_for(self, settings: config.Settings) -> "pipeline.Selection":
+        """The pipeline's retrieval for this image -> image plan."""
+        return pipeline.Selection(self.k or 0, self.selection or "top", settings.mmr_lambda,
+                                  settings.dedup_threshold, self.near_duplicate_threshold or 0.0,
+                                  settings.random_seed)
 
 
 def resolve_plan(variant: Variant, settings: config.Settings) -> Plan:
@@ -233,7 +278,7 @@ def resolve_plan(variant: Variant, settings: config.Settings) -> Plan:
            else variant.per_neighbour)
     memory = variant.memory or ("growing" if settings.memory == "growing" else "frozen")
     context = variant.context
-    if context in ("image", "sample", "random", "caption") and (k == 0 or cpn == 0):
+    if context in ("image", "random", "caption") and (k == 0 or cpn == 0):
         context = "none"  # no captions to show: build_prompt gives the plain prompt
     if context == "none":
         return Plan(variant.name, "none", 0, None, None)
@@ -245,7 +290,16 @@ def resolve_plan(variant: Variant, settings: config.Settings) -> Plan:
         return Plan(variant.name, "random", k, cpn, "frozen")
     if context == "caption":  # k x cpn captions, one per line
         return Plan(variant.name, "caption", k * (cpn if cpn != ALL else 5), None, "frozen")
-    return Plan(variant.name, context, k, cpn, memory)
+    # "auto" guards only the near-dup-guard row here, so it shows what the guard does;
+    # a threshold given guards every image -> image row.
+    value = settings.near_duplicate_threshold
+    guard = config.near_duplicate_threshold(value, batch=True)
+    if variant.guard:
+        guard = guard or config.near_duplicate_threshold("auto", batch=True)
+    elif value == "auto":
+        guard = 0.0
+    return Plan(variant.name, context, k, cpn, memory,
+                variant.selection or settings.neighbour_selection, guard)
 
 
 def select_variants(names: Sequence[str] | None) -> list[str]:
@@ -351,11 +405,13 @@ class _Shared:
         self.train_ids = [self.db.image_ids[n] for n in train]
         self.train_vectors = np.asarray(self.db.image_vectors[train], dtype=np.float32)
         self._caption_index = None
+        self._caption_vector_of = pipeline.caption_vector_lookup(self.db)
 
     def memory(self, growing: bool) -> pipeline.Memory:
         """The training pool; growing: the images captioned join it (in this process only)."""
         return pipeline.Memory(self.train_ids, self.train_vectors, self.db.captions_of,
-                               ["train"] * len(self.train_ids), growing=growing)
+                               ["train"] * len(self.train_ids), growing=growing,
+                               caption_vector_of=self._caption_vector_of)
 
     def caption_index(self):
         """(row ids, caption texts, CLIP text embeddings, rows of each image) of every
@@ -448,6 +504,8 @@ def retriever(plan: Plan, shared: _Shared, by_id: dict[str, Query]) -> pipeline.
     (pipeline.nearest) or the variant's own, for the one caption step."""
     from similarity_search import top_k
 
+    selection = plan.selection_for(shared.settings) if plan.context == "image" else None
+
     def neighbour(rank: int, image_id: str, score: float, captions) -> pipeline.Neighbour:
         return pipeline.Neighbour(rank, image_id, float(score), tuple(captions))
 
@@ -478,16 +536,9 @@ def retriever(plan: Plan, shared: _Shared, by_id: dict[str, Query]) -> pipeline.
             return pipeline.Context(tuple(
                 neighbour(n.rank, n.image_id.rsplit("#", 1)[0], n.score, (text_of[n.image_id],))
                 for n in found), per_neighbour=1)
-        # image -> image: the pipeline's retrieval, or sample-k on top of it
-        wanted = 2 * plan.k if plan.context == "sample" else plan.k
-        context = pipeline.nearest(memory, image_id, vector, wanted)
-        found = context.neighbours
-        if plan.context == "sample" and len(found) > plan.k:
-            picked = _rng(shared.settings, "sample", query.index).choice(
-                len(found), size=plan.k, replace=False)
-            found = tuple(found[n] for n in sorted(picked))     # similarity order kept
-        return pipeline.Context(found, per_neighbour=_per(plan.per_neighbour),
-                                looked_at=context.read_ids)
+        # image -> image: the pipeline's retrieval
+        context = pipeline.nearest(memory, image_id, vector, selection)
+        return pipeline.Context(context.neighbours, per_neighbour=_per(plan.per_neighbour))
 
     return retrieve
 
@@ -557,9 +608,29 @@ def run_variant(plan: Plan, shared: _Shared, progress: bool = False) -> dict[str
     bar.close()
     made = sum(1 for i in items if i["caption"])
     return {"items": items, "seconds": round(seconds, 4), "generate_calls": calls,
+            **diversity(items, memory, settings.dedup_threshold),
             "captions": made, "failed": len(items) - made,
             "captions_per_second": round(made / seconds, 4) if made and seconds > 0 else None,
             "seconds_per_caption": round(seconds / made, 4) if made else None}
+
+
+def diversity(items: Sequence[dict[str, Any]], memory: pipeline.Memory, threshold: float
+              ) -> dict[str, float | None]:
+    """Per item and on average: distinct scenes among its neighbours (groups linked by
+    image cosines above `threshold`) and distinct words in its prompt's captions.
+    Sets each item's "distinct_scenes" / "distinct_words" (None where it has none)."""
+    from neighbour_selection import distinct_words, scene_count
+    for item in items:
+        ids = [n["image_id"] for n in item.get("neighbours") or []]
+        item["distinct_scenes"] = scene_count(memory.vectors_of(ids), threshold) if ids \
+            else None
+        shown = item.get("prompt_captions")
+        item["distinct_words"] = distinct_words(shown) if shown else None
+
+    def mean(key: str) -> float | None:
+        values = [i[key] for i in items if i[key] is not None]
+        return round(sum(values) / len(values), 4) if values else None
+    return {"distinct_scenes": mean("distinct_scenes"), "distinct_words": mean("distinct_words")}
 
 
 # --- scoring ------------------------------------------------------------------------------
@@ -779,7 +850,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     header = ["variant", "images", *TABLE_METRICS, "embedding similarity", "copies",
-              "captions/s", "s/caption"]
+              "scenes", "words", "captions/s", "s/caption"]
     rows = []
     for v in variants:
         m = v["metrics"]
@@ -805,6 +876,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                                  f"{skipped.get('embedding_similarity', 'not computed')}"))
         copies = v.get("copied_prompt_caption")
         cells.append("—" if copies is None else f"{copies:.0%}")
+        cells += [_fmt(v.get("distinct_scenes"), 2), _fmt(v.get("distinct_words"), 1)]
         cells += [_fmt_rate(v["captions_per_second"]), _fmt_rate(v["seconds_per_caption"])]
         rows.append(cells)
     lines.append("| " + " | ".join(header) + " |")
@@ -825,6 +897,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "note). Embedding similarity: cosine to the best reference"
         + (f" with `{emb_model}`" if emb_model else "") + ". Copies: share of captions that "
         "repeat a caption of their own prompt verbatim (lowercased, punctuation removed). "
+        f"Scenes: mean distinct scenes among an image's neighbours (neighbours linked by CLIP "
+        f"image cosines above DEDUP_THRESHOLD {s['dedup_threshold']:g} are one scene). Words: "
+        "mean distinct words in the captions of an image's prompt. "
         "captions/s and s/caption: wall time of the variant's own retrieval, prompt and "
         "generation, without scoring and shared work; a row marked (= other) is the same "
         "configuration as that row, run once."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Sequence
 
 from PIL import Image, ImageDraw
 
@@ -79,4 +80,43 @@ def make_flickr(root: str | Path, layout: str = "kaggle", n_images: int = 16,
             {"images": images, "dataset": "flickr8k"}))
     else:
         raise ValueError(layout)
+    return root
+
+
+def make_view(scene: int, view: int, size: tuple[int, int] = (120, 90)) -> Image.Image:
+    """View `view` of scene `scene`, as a burst or an edited copy would give it:
+    0 the picture, 1 a slight crop, 2 a little brighter, 3 a resized copy. Scenes
+    0-7 differ in background colour, so the tests' tiny CLIP tells them apart (saved
+    as JPEG: the views of a scene >= 0.99 cosine, two scenes <= 0.96)."""
+    from PIL import ImageEnhance
+    img = make_image(scene, size)
+    w, h = size
+    if view % 4 == 1:
+        img = img.crop((2, 1, w - 2, h - 1)).resize(size)
+    elif view % 4 == 2:
+        img = ImageEnhance.Brightness(img).enhance(1.05)
+    elif view % 4 == 3:
+        img = img.resize((w // 2, h // 2)).resize(size)
+    return img
+
+
+def scene_name(scene: int, view: int) -> str:
+    return f"{2000000 + scene * 7919}_s{scene:02d}v{view}.jpg"
+
+
+def make_scenes_flickr(root: str | Path, views: Sequence[int]) -> Path:
+    """A Kaggle-layout Flickr8K whose scenes come in several views: scene s has
+    views[s] images (scene_name(s, v)), near-duplicates of one another, with the
+    scene's captions in other words for each view."""
+    root = Path(root)
+    image_dir = root / "Images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["image,caption"]
+    for scene, count in enumerate(views):
+        for view in range(count):
+            make_view(scene, view).save(image_dir / scene_name(scene, view), quality=90)
+            words = captions_for(scene)
+            lines += [f'{scene_name(scene, view)},"{c}"' if "," in c else
+                      f"{scene_name(scene, view)},{c}" for c in words[view:] + words[:view]]
+    (root / "captions.txt").write_text("\n".join(lines) + "\n")
     return root

@@ -17,11 +17,14 @@ import main
 import metrics
 from bench import ablation
 from errors import UserError
+import pipeline
+from neighbour_selection import distinct_words
 from prompt_generator import select_captions
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = ["baseline", "no-retrieval", "nn-copy", "random-neighbours", "oracle-references", "k=1",
-        "cpn=all", "memory=growing", "image-to-caption", "sample-k"]
+        "cpn=all", "memory=growing", "image-to-caption", "sample-k", "mmr", "dedup",
+        "near-dup-guard"]
 METEOR_OFF = "METEOR not run in this test (its JVM takes ~10 s a call)"
 # Why the report says METEOR was skipped under no_meteor: without java, metrics.py skips
 # it itself before the stand-in is called.
@@ -62,7 +65,8 @@ def test_registry_resolves_and_dedupes():
     plans = {name: ablation.resolve_plan(v, settings) for name, v in ablation.VARIANTS.items()}
     assert {"baseline", "no-retrieval", "nn-copy", "random-neighbours", "oracle-references",
             "k=0", "k=1", "k=3", "k=5", "k=10", "cpn=1", "cpn=all", "memory=frozen",
-            "memory=growing", "image-to-caption", "sample-k"} == set(plans)
+            "memory=growing", "image-to-caption", "sample-k", "mmr", "dedup",
+            "near-dup-guard"} == set(plans)
     assert plans["baseline"].signature == plans["k=5"].signature == plans["memory=frozen"].signature
     assert plans["k=0"].signature == plans["no-retrieval"].signature
     assert plans["memory=growing"].memory == "growing" and plans["baseline"].memory == "frozen"
@@ -71,6 +75,16 @@ def test_registry_resolves_and_dedupes():
     growing = config.resolve(memory="growing")
     assert ablation.resolve_plan(ablation.VARIANTS["baseline"], growing).memory == "growing"
     assert len({p.signature for p in plans.values()}) == len(plans) - 3
+    # selections: the pipeline's, each variant its own; "auto" guards near-dup-guard only
+    assert plans["baseline"].selection == "top" and plans["sample-k"].selection == "sample"
+    assert (plans["mmr"].selection, plans["dedup"].selection) == ("mmr", "dedup")
+    assert plans["near-dup-guard"].near_duplicate_threshold == 0.95
+    assert plans["baseline"].near_duplicate_threshold == plans["mmr"].near_duplicate_threshold == 0
+    given = config.resolve(near_duplicate_threshold=0.9, neighbour_selection="dedup")
+    plans = {name: ablation.resolve_plan(v, given) for name, v in ablation.VARIANTS.items()}
+    assert plans["baseline"].near_duplicate_threshold == 0.9 == plans["mmr"].near_duplicate_threshold
+    assert plans["near-dup-guard"].signature == plans["dedup"].signature  # = baseline now
+    assert plans["baseline"].selection == "dedup"
 
 
 def test_variant_names_and_indices():
@@ -151,9 +165,32 @@ def test_grid_runs_every_variant_on_the_same_images(settings_kwargs, tmp_path, n
             assert n["image_id"] != item["image_id"] and n["image_id"] in train
             assert n["caption"] in dataset.get(n["image_id"]).captions
     # sample-k: k of the top 2k, in similarity order
+    memory = pipeline.Memory.from_db(db, growing=False)
+    embedder = pipeline.load_models(config.resolve(**settings_kwargs)).image_embedder
     for item in rows["sample-k"]["items"]:
-        ranks = [n["rank"] for n in item["neighbours"]]
-        assert len(ranks) == 5 and ranks == sorted(ranks) and max(ranks) <= 10
+        vector = embedder.embed([dataset.load_image(dataset.get(item["image_id"]))])[0]
+        top_ten = [h.image_id for h in memory.search(vector, 10, exclude=(item["image_id"],))]
+        chosen = [n["image_id"] for n in item["neighbours"]]
+        assert len(chosen) == 5 and chosen == sorted(chosen, key=top_ten.index)
+    # mmr / dedup: k neighbours; the guard: none at or above 0.95 to the query
+    for name in ("mmr", "dedup", "near-dup-guard"):
+        for item in rows[name]["items"]:
+            assert len(item["neighbours"]) == 5 and item["image_id"] not in {
+                n["image_id"] for n in item["neighbours"]}, name
+    assert all(n["score"] < 0.95 for i in rows["near-dup-guard"]["items"]
+               for n in i["neighbours"])
+    assert rows["near-dup-guard"]["definition"]["near_duplicate_threshold"] == 0.95
+    # scenes and words, for every variant that shows captions
+    for name, v in rows.items():
+        for item in v["items"]:
+            if item.get("neighbours"):
+                assert 1 <= item["distinct_scenes"] <= len(item["neighbours"]), name
+            if item.get("prompt_captions"):
+                assert item["distinct_words"] >= 1, name
+    assert rows["no-retrieval"]["distinct_scenes"] is None
+    assert rows["no-retrieval"]["distinct_words"] is None
+    assert rows["baseline"]["distinct_words"] == sum(
+        distinct_words(i["prompt_captions"]) for i in base) / 4
 
     # the files
     files = {k: Path(v) for k, v in report["files"].items()}
@@ -164,7 +201,8 @@ def test_grid_runs_every_variant_on_the_same_images(settings_kwargs, tmp_path, n
     assert list(table) == GRID
     assert "| variant | images | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | " \
            "embedding similarity |" in md
-    assert all(len(cells) == 11 for cells in table.values())
+    assert all(len(cells) == 13 for cells in table.values())
+    assert "| copies | scenes | words |" in md
     assert table["baseline"][4].startswith("— ")          # METEOR skipped, with a footnote
     assert f"METEOR: {METEOR_SKIPPED}" in md
     assert "meaningless" in md and ablation.REAL_COMMAND in md
@@ -177,9 +215,12 @@ def test_grid_runs_every_variant_on_the_same_images(settings_kwargs, tmp_path, n
 
 def test_baseline_is_the_pipelines_batch_run(settings_kwargs, tmp_path, no_meteor):
     import batch_runner
-    summary = batch_runner.run_batch([0, 1, 2, 3], "pipeline", **settings_kwargs)   # frozen
+    # a threshold given guards both alike ("auto" guards batch runs, and in the
+    # ablation its near-dup-guard row only)
+    kwargs = {**settings_kwargs, "near_duplicate_threshold": 0.95}
+    summary = batch_runner.run_batch([0, 1, 2, 3], "pipeline", **kwargs)   # frozen
     [base] = ablation.run_ablation(["baseline"], [0, 1, 2, 3], out_dir=tmp_path / "a",
-                                   **settings_kwargs)["variants"]
+                                   **kwargs)["variants"]
     for ours, theirs in zip(base["items"], summary["items"]):
         assert ours["prompt"] == theirs["prompt"]
         assert ours["caption"] == theirs["generated_caption"]
