@@ -14,6 +14,8 @@ captions.json
                   "experiment_index", "timestamp"}]}
 caption_embeddings.json
     {"format": "recap-caption-embeddings", "version": 1, "model": embedder name, "dim": D,
+     "query_prompt", "document_prompt" (the text put before queries and captions;
+     absent in databases made before they were recorded),
      "entries": [{"id" (same order as captions.json), "image_id", "embedding": [D floats]}]}
 
 Keys: one image embedding per image id (the CLIP model is fixed per database);
@@ -93,6 +95,8 @@ REPAIR = "run `python main.py --repair-db`, or restore the file from a backup"
 # Files that grow by appending, relative to DB_DIR; state.json records their committed sizes.
 IMAGE_TEXT = (IMAGE_DB, f"{WORK}/{IMAGE_META}")
 CAPTION_TEXT = (CAPTION_DB, CAPTION_EMBEDDING_DB, f"{WORK}/{CAPTION_META}")
+# Caption prompts, in state.json and the caption_embeddings.json header (when recorded).
+PROMPT_FIELDS = ("query_prompt", "document_prompt")
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,12 @@ class DbIdentity:
     # alone; None for databases made before they were recorded.
     random_seed: int | None = None
     experiment_samples: int | None = None
+    # The caption model's prompts (caption_embedder.TextPrompts, resolved): recorded by
+    # a new database and checked like the models; None: not checked. Databases made
+    # before they were recorded have captions without a document prompt
+    # (pipeline.for_database fills CAPTION_DOCUMENT_PROMPT "" for them).
+    query_prompt: str | None = None
+    document_prompt: str | None = None
 
 
 def generated_caption_id(image_id: str, vlm_model: str) -> str:
@@ -207,6 +217,28 @@ class DbManager:
                 raise UserError(f"database {self.db_dir} was built with {field} {found!r}, not "
                                 f"{expected!r}: use another --db-dir for these settings, or set "
                                 f"{option} back")
+        if want.query_prompt is not None and want.document_prompt is not None:
+            self.check_caption_prompts(want.query_prompt, want.document_prompt)
+
+    @property
+    def caption_prompts(self) -> tuple[str, str] | None:
+        """(query prompt, document prompt) the captions were embedded with; None for a
+        database made before prompts were recorded."""
+        query, document = self.state.get("query_prompt"), self.state.get("document_prompt")
+        return None if query is None or document is None else (query, document)
+
+    def check_caption_prompts(self, query: str, document: str) -> None:
+        """UserError if the database recorded other caption prompts than these. One
+        made before they were recorded embedded its captions with no prompt (its query
+        prompt was the model's, as now: not checked)."""
+        recorded = self.caption_prompts or (None, "")
+        for what, found, expected, option in (
+                ("document (caption) prompt", recorded[1], document, "--caption-document-prompt"),
+                ("query prompt", recorded[0], query, "--caption-query-prompt")):
+            if found is not None and found != expected:
+                raise UserError(f"database {self.db_dir} was built with the caption model's "
+                                f"{what} {found!r}, not {expected!r}: use another --db-dir for "
+                                f"these prompts, or set {option} {found!r}")
 
     # --- reading -----------------------------------------------------------------
 
@@ -548,14 +580,16 @@ class DbManager:
             CAPTION_DB: {"format": "recap-captions", "version": VERSION, "dataset": s["dataset"],
                          "split": s["split"]},
             CAPTION_EMBEDDING_DB: {"format": "recap-caption-embeddings", "version": VERSION,
-                                   "model": s["caption_model"], "dim": s["caption_dim"]},
+                                   "model": s["caption_model"], "dim": s["caption_dim"],
+                                   **{k: s[k] for k in PROMPT_FIELDS if k in s}},
         }
 
     # --- creating ----------------------------------------------------------------
 
     def _create(self, image_ids: list[str], kinds: list[str], image_vectors: np.ndarray,
                 captions: list[dict[str, Any]], caption_vectors: np.ndarray, origin: str,
-                models: tuple[str, str, str, str] | None = None) -> None:
+                models: tuple[str, str, str, str] | None = None,
+                prompts: dict[str, str] | None = None) -> None:
         """Write a complete database (JSON files and working copy) in one commit.
 
         Everything is written into DB_DIR/.recap-new/ first; the JSON files are
@@ -571,6 +605,8 @@ class DbManager:
         self.state = {"version": VERSION, "seq": 0, "epoch": 0, "origin": origin,
                       "clip_model": clip, "caption_model": caption_model, "dataset": dataset,
                       "split": split, **self._split_settings(),
+                      # the caption prompts: the JSON header's on import, else the identity's
+                      **(prompts if prompts is not None else self._prompt_settings()),
                       "image_dim": int(image_vectors.shape[1]),
                       "caption_dim": int(caption_vectors.shape[1]),
                       "images": len(image_ids), "captions": len(captions), "bytes": {}}
@@ -606,6 +642,12 @@ class DbManager:
                                   ("experiment_samples", ident.experiment_samples))
                 if v is not None}
 
+    def _prompt_settings(self) -> dict[str, str]:
+        ident = self.identity
+        if ident is None or ident.query_prompt is None or ident.document_prompt is None:
+            return {}
+        return {"query_prompt": ident.query_prompt, "document_prompt": ident.document_prompt}
+
     def _clean_interrupted_create(self) -> None:
         """A crash while creating a database: nothing was committed, so undo it."""
         new = self.db_dir / NEW_WORK
@@ -631,7 +673,8 @@ class DbManager:
                      [e["kind"] for e in images["entries"]], parsed["image_vectors"],
                      captions["entries"], parsed["caption_vectors"], origin="import",
                      models=(images["model"], embeddings["model"], images.get("dataset", ""),
-                             images.get("split", "")))
+                             images.get("split", "")),
+                     prompts={k: embeddings[k] for k in PROMPT_FIELDS if k in embeddings})
 
 
 # --- checking and repairing ------------------------------------------------------
