@@ -1,16 +1,27 @@
-"""Caption embeddings for text search, with a sentence-transformers model (BGE).
+"""Caption embeddings for text search, with a sentence-transformers model.
 
-Captions are embedded as they are; search queries get the model's query
-instruction when it has one (BGE English v1.5: "Represent this sentence for
-searching relevant passages: "), because BGE was trained that way for short
-queries against longer passages.
+Retrieval models are trained with prompts: a query prompt before search
+queries and a document prompt before the texts searched (EmbeddingGemma:
+"task: search result | query: " / "title: none | text: "; E5: "query: " /
+"passage: "; BGE English v1.5: "Represent this sentence for searching relevant
+passages: " before queries, nothing before passages). Captions are documents,
+search words are queries; they go through sentence-transformers'
+`encode_document` / `encode_query` with the prompts `resolve_prompts` chose.
+
+    embedder = CaptionEmbedder("google/embeddinggemma-300m")
+    embedder.prompts                       # TextPrompts(query=..., document=...)
+    embedder.embed_captions(["a dog runs"]), embedder.embed_queries(["dog"])
+
+The database records the prompts its captions were embedded with
+(pipeline.identity), and searches embed their queries the same way.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,24 +31,62 @@ from errors import UserError, hf_token, hub_errors
 log = logging.getLogger(__name__)
 
 BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
+E5_QUERY_PREFIX, E5_PASSAGE_PREFIX = "query: ", "passage: "
+AUTO = "auto"  # CAPTION_QUERY_PROMPT / CAPTION_DOCUMENT_PROMPT: the model's own
+# sentence-transformers' encode_document takes the first of these prompt names.
+DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
 
 
-def query_instruction(model_name: str, prompts: dict[str, str] | None) -> str:
-    """The prefix for search queries: the model's own "query" prompt, else BGE's
-    for BGE English models, else none."""
-    if prompts and prompts.get("query"):
-        return prompts["query"]
+@dataclass(frozen=True)
+class TextPrompts:
+    """The text put before search queries and before captions (documents)."""
+
+    query: str = ""
+    document: str = ""
+
+
+def _is_bge_english(name: str) -> bool:
+    return "bge-" in name and "-en" in name and "m3" not in name
+
+
+def _is_e5(name: str) -> bool:
+    # e5-*-v2, multilingual-e5-*; not the instruct models (their own query format)
+    return "e5-" in name and "instruct" not in name and "mistral" not in name
+
+
+def resolve_prompts(model_name: str, model_prompts: Mapping[str, str] | None,
+                    query: str = AUTO, document: str = AUTO) -> TextPrompts:
+    """The prompts to embed with. `query` / `document`: the text itself, or "auto":
+    the model's own sentence-transformers prompt ("query"; "document", "passage" or
+    "corpus", as encode_query / encode_document pick them) when it has a non-empty
+    one, else by name: BGE English v1.5 its query instruction, E5 "query: " /
+    "passage: ", other models none.
+
+    E5's prefixes are a pair: with the document prompt set (e.g. "" for a database
+    made before prompts were recorded), queries get no E5 prefix either, so the
+    queries match how those captions were embedded.
+    """
+    prompts = dict(model_prompts or {})
     name = model_name.lower()
-    if "bge-" in name and "-en" in name and "m3" not in name:
-        return BGE_QUERY_INSTRUCTION
-    return ""
+    e5 = _is_e5(name) and query == AUTO and document == AUTO
+    if document == AUTO:
+        own = next((prompts[k] for k in DOCUMENT_PROMPT_NAMES if prompts.get(k)), "")
+        document = own or (E5_PASSAGE_PREFIX if e5 else "")
+    if query == AUTO:
+        query = prompts.get("query") or (
+            BGE_QUERY_INSTRUCTION if _is_bge_english(name) else E5_QUERY_PREFIX if e5 else "")
+    return TextPrompts(query=query, document=document)
 
 
 class CaptionEmbedder:
-    """Embeds captions and queries; `model` is a name/path or a loaded SentenceTransformer."""
+    """Embeds captions and queries; `model` is a name/path or a loaded SentenceTransformer.
+
+    `query_prompt` / `document_prompt`: the text itself or "auto" (resolve_prompts).
+    """
 
     def __init__(self, model, *, device: torch.device | str = "cpu", batch_size: int = 32,
-                 name: str | None = None):
+                 name: str | None = None, query_prompt: str = AUTO,
+                 document_prompt: str = AUTO):
         from sentence_transformers import SentenceTransformer
         if isinstance(model, (str, os.PathLike)):
             model = str(model)  # sentence-transformers 6 rejects Path objects
@@ -50,7 +99,8 @@ class CaptionEmbedder:
         self.model = model
         self.name = name or "sentence-transformer"
         self.batch_size = batch_size
-        self.query_prefix = query_instruction(self.name, getattr(model, "prompts", None))
+        self.prompts = resolve_prompts(self.name, getattr(model, "prompts", None),
+                                       query_prompt, document_prompt)
 
     @property
     def dim(self) -> int:
@@ -59,18 +109,34 @@ class CaptionEmbedder:
         return int(get())
 
     @torch.inference_mode()
-    def _encode(self, texts: Sequence[str], progress: bool) -> np.ndarray:
+    def _encode(self, texts: Sequence[str], query: bool, progress: bool) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(list(texts), batch_size=self.batch_size,
-                                    normalize_embeddings=True, convert_to_numpy=True,
-                                    show_progress_bar=progress)
+        # encode_query / encode_document also route asymmetric models (a Router
+        # module) to their query or document branch; the prompt is passed explicitly
+        # so that it is the one recorded, even "" (no prompt).
+        encode = self.model.encode_query if query else self.model.encode_document
+        prompt = self.prompts.query if query else self.prompts.document
+        vectors = encode(list(texts), prompt=prompt, batch_size=self.batch_size,
+                         normalize_embeddings=True, convert_to_numpy=True,
+                         show_progress_bar=progress)
         return np.asarray(vectors, dtype=np.float32)
 
     def embed_captions(self, captions: Sequence[str], progress: bool = False) -> np.ndarray:
-        """(N, D) float32 unit vectors for captions (no instruction)."""
-        return self._encode(captions, progress)
+        """(N, D) float32 unit vectors for captions, with the document prompt."""
+        return self._encode(captions, query=False, progress=progress)
 
     def embed_queries(self, queries: Sequence[str]) -> np.ndarray:
-        """(N, D) float32 unit vectors for search queries, with the query instruction."""
-        return self._encode([self.query_prefix + q for q in queries], progress=False)
+        """(N, D) float32 unit vectors for search queries, with the query prompt."""
+        return self._encode(queries, query=True, progress=False)
+
+    def unknown_fraction(self, text: str) -> float:
+        """The share of `text`'s tokens the model's tokenizer does not know (its unknown
+        token): near 1 for a language the model was not trained on (Korean words for
+        an English WordPiece model); 0 for byte-level tokenizers, which know every text."""
+        tokenizer = getattr(self.model, "tokenizer", None)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if tokenizer is None or unk is None:
+            return 0.0
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return sum(i == unk for i in ids) / len(ids) if ids else 0.0

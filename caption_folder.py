@@ -53,9 +53,11 @@ def caption_folder(folder: str, settings: config.Settings, retrieval: bool = Tru
                                          ).read_only()
     else:
         memory = pipeline.Memory.empty()
+    prompts = models.caption_embedder.prompts  # recorded, so searches embed queries alike
     db = DbManager.open(folder_db_dir(settings.db_dir, root), DbIdentity(
         clip_model=settings.clip_model_name, caption_model=settings.caption_embedding_model,
-        dataset=str(root), split=f"folder:{root}"))
+        dataset=str(root), split=f"folder:{root}", query_prompt=prompts.query,
+        document_prompt=prompts.document))
     wanted = {**settings.results(data_set=False), "retrieval": retrieval}
     manifest = db.db_dir / SETTINGS_FILE
     if manifest.exists():

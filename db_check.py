@@ -15,7 +15,7 @@ import orjson
 import db_journal
 from atomic_files import write_bytes_atomic
 from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, FILES, FORMATS, IMAGE_DB, JOURNAL,
-                       NEW_WORK, REPAIR, STATE, VERSION, WORK, DbState, check_unique, headers,
+                       NEW_WORK, PROMPT_FIELDS, REPAIR, STATE, VERSION, WORK, DbState, check_unique, headers,
                        image_entry, map_vectors, new_rows, read_state)
 from errors import UserError
 
@@ -154,7 +154,8 @@ def import_json(db_dir: Path) -> DbState:
                     image_dim=int(parsed["image_vectors"].shape[1]),
                     caption_dim=int(parsed["caption_vectors"].shape[1]),
                     images=len(images["entries"]), captions=len(captions["entries"]),
-                    origin="import")
+                    origin="import",
+                    **{k: embeddings[k] for k in PROMPT_FIELDS if k in embeddings})
     return db_journal.create(db_dir, state, [e["image_id"] for e in images["entries"]],
                              [e["kind"] for e in images["entries"]], parsed["image_vectors"],
                              captions["entries"], parsed["caption_vectors"])

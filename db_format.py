@@ -68,6 +68,16 @@ class DbIdentity:
     # alone (pipeline.for_database); None for databases made before they were recorded.
     random_seed: int | None = None
     experiment_samples: int | None = None
+    # The caption model's prompts (caption_embedder.TextPrompts, resolved): recorded by
+    # a new database and checked like the models; None: not checked. Databases made
+    # before they were recorded have captions without a document prompt
+    # (pipeline.for_database fills CAPTION_DOCUMENT_PROMPT "" for them).
+    query_prompt: str | None = None
+    document_prompt: str | None = None
+
+
+# Caption prompts, in state.json and the caption_embeddings.json header (when recorded).
+PROMPT_FIELDS = ("query_prompt", "document_prompt")
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,8 @@ class DbState:
     version: int = VERSION
     random_seed: int | None = None          # the split's settings, when recorded
     experiment_samples: int | None = None
+    query_prompt: str | None = None         # the caption model's prompts, when recorded
+    document_prompt: str | None = None
 
     def but(self, **changes: Any) -> "DbState":
         """A copy with `changes`."""
@@ -136,7 +148,9 @@ def headers(state: DbState) -> dict[str, dict[str, Any]]:
         CAPTION_DB: {"format": "recap-captions", "version": VERSION, "dataset": state.dataset,
                      "split": state.split},
         CAPTION_EMBEDDING_DB: {"format": "recap-caption-embeddings", "version": VERSION,
-                               "model": state.caption_model, "dim": state.caption_dim},
+                               "model": state.caption_model, "dim": state.caption_dim,
+                               **{k: getattr(state, k) for k in PROMPT_FIELDS
+                                  if getattr(state, k) is not None}},
     }
 
 

@@ -144,6 +144,28 @@ class DbManager:
             raise UserError(f"database {self.db_dir} was built with split {self.state.split!r}, "
                             f"not {want.split!r}: use another --db-dir for these settings, or "
                             "set --dataset-name / --random-seed / --experiment-samples back")
+        if want.query_prompt is not None and want.document_prompt is not None:
+            self.check_caption_prompts(want.query_prompt, want.document_prompt)
+
+    @property
+    def caption_prompts(self) -> tuple[str, str] | None:
+        """(query prompt, document prompt) the captions were embedded with; None for a
+        database made before prompts were recorded."""
+        query, document = self.state.query_prompt, self.state.document_prompt
+        return None if query is None or document is None else (query, document)
+
+    def check_caption_prompts(self, query: str, document: str) -> None:
+        """UserError if the database recorded other caption prompts than these. One
+        made before they were recorded embedded its captions with no prompt (its query
+        prompt was the model's, as now: not checked)."""
+        recorded = self.caption_prompts or (None, "")
+        for what, found, expected, option in (
+                ("document (caption) prompt", recorded[1], document, "--caption-document-prompt"),
+                ("query prompt", recorded[0], query, "--caption-query-prompt")):
+            if found is not None and found != expected:
+                raise UserError(f"database {self.db_dir} was built with the caption model's "
+                                f"{what} {found!r}, not {expected!r}: use another --db-dir for "
+                                f"these prompts, or set {option} {found!r}")
 
     # --- reading -----------------------------------------------------------------
 
@@ -238,7 +260,11 @@ class DbManager:
                             image_dim=int(image_vectors.shape[1]),
                             caption_dim=int(caption_vectors.shape[1]), images=len(image_ids),
                             captions=len(captions), random_seed=ident.random_seed,
-                            experiment_samples=ident.experiment_samples)
+                            experiment_samples=ident.experiment_samples,
+                            **({"query_prompt": ident.query_prompt,
+                                "document_prompt": ident.document_prompt}
+                               if ident.query_prompt is not None
+                               and ident.document_prompt is not None else {}))
             db_journal.create(self.db_dir, state, list(image_ids), ["train"] * len(image_ids),
                               image_vectors, [dict(c) for c in captions], caption_vectors)
             self._load()

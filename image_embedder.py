@@ -11,6 +11,10 @@ one interface (`embed()`, `dim`, `name`, batching, inference mode):
   (`hidden_sizes[-1]`, 2048 for ResNet-50), DINOv2's layer-normed CLS token
   (`hidden_size`) -- or, without a pooler, the CLS token of `last_hidden_state`.
 
+CLIP and SigLIP also have a text tower in the same space: `embed_texts()` gives
+the (N, D) unit vectors of texts that score against the image embeddings (text
+-> image search, search.py --text-by clip; the image-to-caption ablation).
+
 A model whose forward pass takes no `pixel_values` (a text-only BERT, ...) or a
 checkpoint without an image processor is a `UserError`.
 
@@ -128,6 +132,8 @@ class ImageEmbedder:
             if processor is None:
                 raise ValueError("pass the image processor along with a loaded model")
         self._require_vision(model)
+        # a processor's tokenizer, for embed_texts; else loaded from `name` on first use
+        self._tokenizer = getattr(processor, "tokenizer", None)
         self.processor = getattr(processor, "image_processor", processor)
         if (isinstance(self.processor, (transformers.PreTrainedTokenizerBase,
                                         transformers.ProcessorMixin))
@@ -224,6 +230,49 @@ class ImageEmbedder:
             for pixels in prefetch(batches, depth=2) if self.overlap else batches:
                 chunks.append(l2_normalise(self._encode(pixels).float().cpu().numpy()))
                 bar.update(len(pixels))
+        if not chunks:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(chunks)
+
+    @property
+    def has_text_tower(self) -> bool:
+        """Whether `embed_texts` works: a CLIP-like model with a text tower."""
+        return hasattr(self.model, "get_text_features")
+
+    def embed_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """(N, D) float32 unit vectors of `texts` from the model's text tower, in the
+        space of its image embeddings (CLIP, SigLIP); batch_size at a time."""
+        import transformers
+        if not self.has_text_tower:
+            raise UserError(f"{self._what} {self.name!r} ({type(self.model).__name__}) has no "
+                            "text tower: searching images by words with it, or the "
+                            "image-to-caption ablation, needs a CLIP or SigLIP checkpoint "
+                            "(set --clip-model-name)")
+        if self._tokenizer is None:
+            with hub_errors(f"{self._what} tokenizer", self.name, "--clip-model-name"):
+                self._tokenizer = transformers.AutoTokenizer.from_pretrained(
+                    self.name, token=hf_token())
+        tokenizer = self._tokenizer
+        text_config = getattr(self.model.config, "text_config", None)
+        limit = getattr(text_config, "max_position_embeddings", None) or 77
+        max_length = min(int(tokenizer.model_max_length), int(limit))
+        # SigLIP was trained on text padded to its full length; CLIP pads to the batch
+        siglip = "siglip" in str(getattr(self.model.config, "model_type", ""))
+        chunks = []
+        with torch.inference_mode(), tqdm(total=len(texts), desc="embedding texts",
+                                          unit="text", disable=not progress) as bar:
+            for start in range(0, len(texts), self.batch_size):
+                batch = list(texts[start:start + self.batch_size])
+                encoded = tokenizer(batch, padding="max_length" if siglip else True,
+                                    truncation=True, max_length=max_length, return_tensors="pt")
+                encoded = {k: v.to(self.device) for k, v in encoded.items()}
+                out = self.model.get_text_features(**encoded)
+                # transformers 5.x returns an output object; 4.x returned the tensor itself
+                if not isinstance(out, torch.Tensor):
+                    out = (out.pooler_output if getattr(out, "pooler_output", None) is not None
+                           else out[0])
+                chunks.append(l2_normalise(out.float().cpu().numpy().reshape(len(batch), -1)))
+                bar.update(len(batch))
         if not chunks:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.concatenate(chunks)

@@ -102,9 +102,11 @@ class Models:
     def caption_embedder(self):
         from caption_embedder import CaptionEmbedder
         s = self.settings
-        key = (s.caption_embedding_model, str(self.device), s.batch_size)
+        key = (s.caption_embedding_model, str(self.device), s.batch_size,
+               s.caption_query_prompt, s.caption_document_prompt)
         return cached("caption_embedder", key, lambda: CaptionEmbedder(
-            s.caption_embedding_model, device=self.device, batch_size=s.batch_size))
+            s.caption_embedding_model, device=self.device, batch_size=s.batch_size,
+            query_prompt=s.caption_query_prompt, document_prompt=s.caption_document_prompt))
 
     @property
     def captioner(self):
@@ -156,17 +158,20 @@ def versions() -> dict[str, str]:
 # --- the memory's database ----------------------------------------------------------------
 
 def identity(settings: config.Settings, dataset: "Flickr8k"):
-    """What the database in DB_DIR must have been built with, for these settings."""
+    """What the database in DB_DIR must have been built with, for these settings
+    (loads the caption model: its prompts are part of it)."""
     from db_manager import DbIdentity
     name = settings.dataset_name
     local = Path(name).expanduser()
+    prompts = load_models(settings).caption_embedder.prompts
     return DbIdentity(clip_model=settings.clip_model_name,
                       caption_model=settings.caption_embedding_model,
                       # a local folder by its absolute path: a later command from
                       # another folder (search.py) finds it from the database alone
                       dataset=str(local.resolve()) if local.is_dir() else name,
                       split=dataset.fingerprint, random_seed=settings.random_seed,
-                      experiment_samples=settings.experiment_samples)
+                      experiment_samples=settings.experiment_samples,
+                      query_prompt=prompts.query, document_prompt=prompts.document)
 
 
 def initialize(settings: config.Settings) -> tuple["Flickr8k", "DbManager"]:
@@ -220,6 +225,7 @@ def for_database(settings: config.Settings, db: "DbManager") -> config.Settings:
         value = getattr(db.state, recorded, None)
         if value is not None and name not in settings.given and value != settings.values[name]:
             fill[name.lower()] = value
+    fill.update(_legacy_prompts(settings, db))
     if fill:
         log.info("using the database's settings: %s",
                  ", ".join(f"{k}={v!r}" for k, v in fill.items()))
@@ -227,6 +233,30 @@ def for_database(settings: config.Settings, db: "DbManager") -> config.Settings:
     db.check_models(clip_model=settings.clip_model_name,
                     caption_model=settings.caption_embedding_model)
     return settings
+
+
+def _legacy_prompts(settings: config.Settings, db: "DbManager") -> dict[str, str]:
+    """A database made before caption prompts were recorded embedded its captions
+    with none: new captions get none either (queries keep their query prompt, as
+    then). Recorded prompts are checked where the caption model is loaded
+    (identity, caption_embedder_for): "auto" means them unless the model changed."""
+    from caption_embedder import AUTO
+    if db.caption_prompts is not None or settings.caption_document_prompt == "":
+        return {}
+    if settings.caption_document_prompt != AUTO:
+        raise UserError(f"database {db.db_dir} was built before caption prompts were "
+                        f"recorded, with no document (caption) prompt, not "
+                        f"{settings.caption_document_prompt!r}: leave "
+                        "--caption-document-prompt out, or use another --db-dir")
+    return {"caption_document_prompt": ""}
+
+
+def caption_embedder_for(settings: config.Settings, db: "DbManager"):
+    """The caption embedder of `settings` (for_database's), checked to embed with the
+    prompts `db` recorded: a search embeds its query the way the database was built."""
+    embedder = load_models(settings).caption_embedder
+    db.check_caption_prompts(embedder.prompts.query, embedder.prompts.document)
+    return embedder
 
 
 def with_database_settings(settings: config.Settings) -> config.Settings:

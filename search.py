@@ -4,8 +4,11 @@
     python search.py --query photo.jpg --images-dir my_photos/     # any folder (cached, incremental)
     python search.py --query photo.jpg --backbone dinov2           # clip (default), siglip, resnet50, dinov2
     python search.py --text "a dog running through water"         # caption database, best caption per image
-    python search.py --text "a red car" --images-dir my_photos/    # a folder captioned with
-                                                                   #   python main.py --caption-folder my_photos/
+    python search.py --text "a red car" --images-dir my_photos/    # any folder: its captions
+                                                                   #   (main.py --caption-folder),
+                                                                   #   else CLIP's text tower
+    python search.py --text "a red car" --text-by both             # clip | captions | both (fused)
+    python search.py --text "밝은 빨간색 미니 원피스"               # any language the models know
 
 Prints a ranked table (or --json) and writes a figure: the query on the left,
 the results to its right, each titled with its score.
@@ -36,6 +39,8 @@ class Hit:
     caption: str | None = None          # text search: the caption that matched
     caption_source: str | None = None   # "human" or "generated"
     caption_model: str | None = None    # the VLM of a generated caption
+    found_by: str | None = None         # text search: "captions", "clip" or "captions+clip"
+    ranks: dict[str, int] | None = None  # text search: the hit's rank in each ranking
 
 
 @dataclass
@@ -48,6 +53,8 @@ class SearchResult:
     indexed: int               # how many images (or captions) were searched
     index_update: str = ""     # folder searches: what the incremental update did
     figure: str | None = None
+    by: str | None = None      # text search: the ranking(s) used (see TEXT_BY)
+    notes: list[str] = field(default_factory=list)  # warnings for the user (e.g. language)
     _load: Callable[[Hit], Any] | None = field(default=None, repr=False)
 
     def as_json(self) -> dict[str, Any]:
@@ -132,57 +139,151 @@ def _image_embedder(settings: config.Settings, backbone: str):
         what="image model", setting="--backbone"))
 
 
-def search_text(text: str, k: int = 5, *, images_dir: str | None = None,
-                settings: config.Settings | None = None, **overrides: Any) -> SearchResult:
-    """Images whose captions best match `text` (best caption per image), from the
-    caption database or a folder captioned with `main.py --caption-folder`; the
-    query is embedded with the caption model the database records."""
-    import numpy as np
+TEXT_BY = ("auto", "captions", "clip", "both")
+# Reciprocal-rank fusion (Cormack et al., 2009): an image scores sum(1 / (RRF_K + rank))
+# over the rankings; 60 is the paper's constant, which damps the top ranks' weight.
+RRF_K = 60
+# A query with words the caption model's tokenizer does not know is probably in a
+# language it was not trained on: say so instead of returning poor matches silently.
+# (all-MiniLM-L6-v2 knows no token of 15% of "밝은 빨간색 미니 원피스", and none of an
+# English query.)
+UNKNOWN_TOKENS_WARNING = 0.1
 
-    import pipeline
+
+def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str = "auto",
+                settings: config.Settings | None = None, **overrides: Any) -> SearchResult:
+    """Images that match the words `text`, from the pipeline's memory or any folder.
+
+    `by`: "captions" (the best caption per image, embedded with the caption model
+    and query prompt the database records: the memory, or a folder captioned with
+    `main.py --caption-folder`), "clip" (the CLIP/SigLIP text embedding of `text`
+    against the image vectors, no captions needed), "both" (reciprocal-rank fusion
+    of the two), or "auto": captions where the searched images have them, else clip.
+    Each hit says which ranking found it (`found_by`, `ranks`).
+    """
     from dataset_loader import open_image
     from db_manager import DbManager
     from folder_index import folder_db_dir
 
+    import pipeline
+
     _check_k(k)
     if not text.strip():
         raise UserError("--text is empty")
+    if by not in TEXT_BY:
+        raise UserError(f"--text-by must be one of {', '.join(TEXT_BY)}, got {by!r}")
     settings = config.settings_of(settings, overrides)
     if images_dir is not None:
+        from folder_index import scan_folder
         root = Path(images_dir).expanduser().resolve()
         if not root.is_dir():
             raise UserError(f"image folder not found: {images_dir}")
         db = DbManager.open(folder_db_dir(settings.db_dir, root))
-        if db.needs_seed or not db.captions:
-            raise UserError(f"{images_dir} has no captions yet: run "
-                            f"`python main.py --caption-folder {images_dir}` first")
-        settings = pipeline.for_database(settings, db)
-        source = f"captions of {root}"
+        captioned = not db.needs_seed and bool(db.captions)
+        if captioned:
+            settings = pipeline.for_database(settings, db)  # the models it was captioned with
+        source = f"{root}"
         path_of = lambda image_id: str(root / image_id)  # noqa: E731
         load = lambda hit: open_image(hit.path)  # noqa: E731
+
+        def image_rows():
+            from folder_index import index_path, update_index
+            files = scan_folder(images_dir)
+            embedder = _image_embedder(settings, "clip")
+            ids, vectors, update = update_index(
+                index_path(settings.db_dir, "folder", str(root), embedder.key), embedder, files,
+                lambda image_id: open_image(root / image_id))
+            return embedder, ids, vectors, str(update)
     else:
         db, dataset, settings = open_memory(settings)
-        source = f"caption database {Path(settings.db_dir).resolve()}"
+        captioned = bool(db.captions)
+        source = f"memory {Path(settings.db_dir).resolve()}"
         path_of = lambda image_id: memory_path(dataset, settings, image_id)  # noqa: E731
         load = lambda hit: memory_image(dataset, settings, hit.image_id)  # noqa: E731
-    embedder = pipeline.load_models(settings).caption_embedder  # the pipeline's, loaded once
-    query = embedder.embed_queries([text])[0]
+
+        def image_rows():
+            return _image_embedder(settings, "clip"), db.image_ids, db.image_vectors, ""
+    if by == "auto":
+        by = "captions" if captioned else "clip"
+    if by in ("captions", "both") and not captioned:
+        raise UserError(f"{images_dir} has no captions yet: run `python main.py "
+                        f"--caption-folder {images_dir}` first, or search with --text-by clip")
+    rankings: dict[str, list[tuple[str, float]]] = {}
+    models, notes, note = [], [], ""
+    best_caption: dict[str, dict[str, Any]] = {}
+    if by in ("captions", "both"):
+        embedder = pipeline.caption_embedder_for(settings, db)
+        rankings["captions"], best_caption = _caption_ranking(db, embedder.embed_queries(
+            [text])[0])
+        models.append(embedder.name)
+        unknown = embedder.unknown_fraction(text)
+        if unknown >= UNKNOWN_TOKENS_WARNING:
+            notes.append(f"{unknown:.0%} of the query's tokens are unknown to the caption "
+                         f"model {embedder.name}: it may not have been trained on this "
+                         "language; build the database with a multilingual one (e.g. "
+                         "BAAI/bge-m3, intfloat/multilingual-e5-base, google/embeddinggemma-300m)")
+    if by in ("clip", "both"):
+        embedder, ids, vectors, note = image_rows()
+        if not len(ids):
+            raise UserError(f"no images to search in {source}")
+        rankings["clip"] = _vector_ranking(ids, vectors, embedder.embed_texts([text])[0])
+        models.append(embedder.name)
+    for line in notes:
+        log.warning("%s", line)
+    fused = _fuse(rankings)
+    what = "captioned images" if by == "captions" else "images"
+    _check_k_fits(k, len(fused), what)
+    hits = []
+    for rank, (image_id, score, ranks) in enumerate(fused[:k], start=1):
+        entry = best_caption.get(image_id)
+        hits.append(Hit(rank, image_id, round(score, 6), path=path_of(image_id),
+                        caption=entry and entry["caption"],
+                        caption_source=entry and entry["source"],
+                        caption_model=entry and entry.get("model"),
+                        found_by="+".join(ranks), ranks=ranks))
+    kind = {"captions": "captions of", "clip": "images of", "both": "images and captions of"}
+    return SearchResult("text", text, f"{kind[by]} {source}", " + ".join(models), hits,
+                        len(fused), note, by=by, notes=notes, _load=load)
+
+
+def _caption_ranking(db, query) -> tuple[list[tuple[str, float]], dict[str, dict[str, Any]]]:
+    """Every captioned image by its best caption's score (best first, ties by row),
+    and that caption's entry per image."""
+    import numpy as np
     scores = np.asarray(db.caption_vectors @ query, dtype=np.float32)
-    images = len(set(c["image_id"] for c in db.captions))
-    _check_k_fits(k, images, "captioned images")
-    hits: list[Hit] = []
-    seen: set[str] = set()
-    for row in np.lexsort((np.arange(len(scores)), -scores)):  # best first, ties by row
+    ranking, best = [], {}
+    for row in np.lexsort((np.arange(len(scores)), -scores)):
         entry = db.captions[row]
-        if entry["image_id"] in seen:
-            continue
-        seen.add(entry["image_id"])
-        hits.append(Hit(len(hits) + 1, entry["image_id"], round(float(scores[row]), 6),
-                        path=path_of(entry["image_id"]), caption=entry["caption"],
-                        caption_source=entry["source"], caption_model=entry.get("model")))
-        if len(hits) == k:
-            break
-    return SearchResult("text", text, source, embedder.name, hits, images, _load=load)
+        if entry["image_id"] not in best:
+            best[entry["image_id"]] = entry
+            ranking.append((entry["image_id"], float(scores[row])))
+    return ranking, best
+
+
+def _vector_ranking(ids, vectors, query) -> list[tuple[str, float]]:
+    """Every image by the cosine of its vector with `query` (best first, ties by row)."""
+    import numpy as np
+    scores = np.asarray(vectors @ query, dtype=np.float32)
+    return [(ids[n], float(scores[n])) for n in np.lexsort((np.arange(len(scores)), -scores))]
+
+
+def _fuse(rankings: dict[str, list[tuple[str, float]]]) -> list[tuple[str, float, dict]]:
+    """[(image_id, score, {ranking: rank})] best first. One ranking: its own scores;
+    several: reciprocal-rank fusion over every image any of them holds (ties: the
+    best single rank, then the first ranking's order)."""
+    if len(rankings) == 1:
+        (name, ranking), = rankings.items()
+        return [(image_id, score, {name: rank})
+                for rank, (image_id, score) in enumerate(ranking, start=1)]
+    ranks: dict[str, dict[str, int]] = {}
+    for name, ranking in rankings.items():
+        for rank, (image_id, _) in enumerate(ranking, start=1):
+            ranks.setdefault(image_id, {})[name] = rank
+    order = {image_id: n for n, image_id in enumerate(ranks)}
+    fused = [(image_id, sum(1.0 / (RRF_K + r) for r in found.values()), found)
+             for image_id, found in ranks.items()]
+    fused.sort(key=lambda f: (-f[1], min(f[2].values()), order[f[0]]))
+    return fused
 
 
 def open_memory(settings: config.Settings):
@@ -236,13 +337,17 @@ def memory_image(dataset, settings: config.Settings, image_id: str):
 
 def format_table(result: SearchResult) -> str:
     """The ranked results as a text table."""
-    lines = [f"{result.mode} search for {result.query!r} in {result.source} "
+    by = f" by {result.by}" if result.by else ""
+    lines = [f"{result.mode} search{by} for {result.query!r} in {result.source} "
              f"({result.indexed} searched, {result.model})"]
     if result.index_update:
         lines.append(f"index: {result.index_update}")
-    lines.append(f"{'rank':>4}  {'score':>7}  image")
+    lines += [f"note: {note}" for note in result.notes]
+    found = result.by is not None
+    lines.append(f"{'rank':>4}  {'score':>7}  " + ("found by       " if found else "") + "image")
     for hit in result.hits:
-        lines.append(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.path or hit.image_id}")
+        where = f"{hit.found_by:<15}" if found else ""
+        lines.append(f"{hit.rank:>4}  {hit.score:7.4f}  {where}{hit.path or hit.image_id}")
         if hit.caption is not None:
             who = hit.caption_source + (f" by {hit.caption_model}" if hit.caption_model else "")
             lines.append(f"{'':>15}{who}: {hit.caption}")
@@ -259,6 +364,7 @@ def plot_results(result: SearchResult, path: str | Path, show: bool = False) -> 
     import matplotlib.pyplot as plt
     import textwrap
 
+    _use_fonts_for(result.query + "".join(h.caption or "" for h in result.hits))
     panels = len(result.hits) + 1
     fig, axes = plt.subplots(1, panels, figsize=(3 * panels, 3.6), squeeze=False)
     axes = axes[0]
@@ -276,7 +382,9 @@ def plot_results(result: SearchResult, path: str | Path, show: bool = False) -> 
         except UserError as exc:
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
             log.warning("%s", exc)
-        ax.set_title(f"#{hit.rank}  {hit.score:.3f}\n{Path(hit.image_id).name[:28]}", fontsize=9)
+        by = f" · {hit.found_by}" if hit.found_by and result.by == "both" else ""
+        ax.set_title(f"#{hit.rank}  {hit.score:.3f}{by}\n{Path(hit.image_id).name[:28]}",
+                     fontsize=9)
         if hit.caption:
             ax.set_xlabel("\n".join(textwrap.wrap(hit.caption, 32)[:3]), fontsize=8)
     for ax in axes:
@@ -292,6 +400,55 @@ def plot_results(result: SearchResult, path: str | Path, show: bool = False) -> 
     return path
 
 
+# Fonts tried, in order, for each character of a figure's text (matplotlib falls back
+# glyph by glyph): DejaVu Sans has no Hangul, kana or Han characters.
+FALLBACK_FONTS = ("DejaVu Sans", "Noto Sans CJK KR", "Noto Sans CJK JP", "Noto Sans CJK SC",
+                  "NanumGothic", "Malgun Gothic", "AppleGothic", "Apple SD Gothic Neo",
+                  "Yu Gothic", "MS Gothic", "Microsoft YaHei", "WenQuanYi Zen Hei",
+                  "Arial Unicode MS")
+
+
+def _use_fonts_for(text: str) -> None:
+    """Point matplotlib at fonts that draw `text`; one warning (instead of one per
+    glyph) naming what to install when none of them has every character."""
+    import logging as logging_
+    from matplotlib import font_manager, rcParams
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    families = [name for name in FALLBACK_FONTS if name in installed] or ["DejaVu Sans"]
+    rcParams["font.family"] = "sans-serif"
+    rcParams["font.sans-serif"] = families + [f for f in rcParams["font.sans-serif"]
+                                              if f not in families]
+    wide = {c for c in text if ord(c) > 0x2FF}
+    if not wide:
+        return
+    from matplotlib.ft2font import FT2Font
+    covered = set()
+    for name in families:
+        path = font_manager.findfont(font_manager.FontProperties(family=name),
+                                     fallback_to_default=False)
+        charmap = FT2Font(path).get_charmap()
+        covered |= {c for c in wide if ord(c) in charmap}
+    missing = wide - covered
+    if missing:
+        log.warning("no installed font draws %s in the figure (boxes instead): install one "
+                    "such as Noto Sans CJK (Debian/Ubuntu: apt install fonts-noto-cjk)",
+                    "".join(sorted(missing)[:8]))
+        # matplotlib would warn once per missing glyph
+        logging_.getLogger("matplotlib.font_manager").setLevel(logging_.ERROR)
+        import warnings
+        warnings.filterwarnings("ignore", message="Glyph .* missing from")
+
+
+def _print(text: str) -> None:
+    """Print to a terminal that may not encode every character of `text` (a Windows
+    console and a Korean query): those become escapes, never an error."""
+    try:
+        print(text)
+    except UnicodeEncodeError:
+        encoding = sys.stdout.encoding or "ascii"
+        print(text.encode(encoding, "backslashreplace").decode(encoding))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = config.make_parser("search.py", __doc__.split("\n\n")[0] + "\n\n" +
                                 __doc__.split("\n\n")[1] + "\n\nThe settings of config.py "
@@ -299,10 +456,16 @@ def main(argv: list[str] | None = None) -> int:
     what = parser.add_argument_group("search")
     query = what.add_mutually_exclusive_group()
     query.add_argument("--query", metavar="IMAGE", help="image file to search with")
-    query.add_argument("--text", metavar="TEXT", help="words to search captions with")
+    query.add_argument("--text", metavar="TEXT",
+                       help="words to search with, in any language the models know")
     what.add_argument("--topk", metavar="N", default="5", help="results to show (default 5)")
     what.add_argument("--images-dir", metavar="DIR",
                       help="search this folder (recursively) instead of the pipeline's memory")
+    what.add_argument("--text-by", choices=TEXT_BY, default="auto",
+                      help="text search: captions (caption embeddings), clip (CLIP's text "
+                           "tower against the image vectors, no captions needed), both "
+                           "(reciprocal-rank fusion), auto (default: captions where the "
+                           "searched images have them, else clip)")
     what.add_argument("--backbone", default="clip", metavar="NAME",
                       help="image search: clip (CLIP_MODEL_NAME), siglip, resnet50, dinov2, or a "
                            "hub id / local path (default clip)")
@@ -331,13 +494,16 @@ def main(argv: list[str] | None = None) -> int:
             result = search_images(args.query, k, images_dir=args.images_dir,
                                    backbone=args.backbone, index=args.index, settings=settings)
         else:
-            result = search_text(args.text, k, images_dir=args.images_dir, settings=settings)
+            result = search_text(args.text, k, images_dir=args.images_dir, by=args.text_by,
+                                 settings=settings)
         figure = args.plot or Path(settings.results_dir) / (
             f"search_{datetime.now():%Y%m%d_%H%M%S}.png")
         result.figure = str(plot_results(result, figure, show=args.show))
     except (UserError, OSError, KeyboardInterrupt) as exc:
         return cli_failure("search.py", exc)
-    print(json.dumps(result.as_json(), indent=2) if args.json else format_table(result))
+    # JSON keeps non-ASCII queries and captions readable (valid JSON either way)
+    _print(json.dumps(result.as_json(), indent=2, ensure_ascii=False) if args.json
+           else format_table(result))
     return 0
 
 

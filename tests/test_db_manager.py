@@ -290,6 +290,40 @@ def test_database_of_other_models_or_split_is_refused(tmp_path, field, value, fl
         DbManager.open(tmp_path, other)
 
 
+PROMPTED = DbIdentity(**{**IDENTITY.__dict__, "query_prompt": "query: ",
+                         "document_prompt": "passage: "})
+
+
+def test_caption_prompts_are_recorded_and_other_prompts_refused(tmp_path):
+    seeded(tmp_path, PROMPTED)
+    db = DbManager.open(tmp_path, PROMPTED)
+    assert db.caption_prompts == ("query: ", "passage: ")
+    header = json.loads((tmp_path / CAPTION_EMBEDDING_DB).read_text())
+    assert (header["query_prompt"], header["document_prompt"]) == ("query: ", "passage: ")
+    with pytest.raises(UserError, match="document \\(caption\\) prompt 'passage: ', not ''"):
+        DbManager.open(tmp_path, DbIdentity(**{**PROMPTED.__dict__, "document_prompt": ""}))
+    with pytest.raises(UserError, match="--caption-query-prompt 'query: '"):
+        db.check_caption_prompts("other: ", "passage: ")
+    assert not DbManager.open(tmp_path, IDENTITY).needs_seed    # no prompts given: not checked
+
+
+def test_caption_prompts_survive_a_copy_of_the_json_files_alone(tmp_path):
+    seeded(tmp_path / "a", PROMPTED)
+    (tmp_path / "b").mkdir()
+    for name in FILES:
+        shutil.copy(tmp_path / "a" / name, tmp_path / "b" / name)
+    assert DbManager.open(tmp_path / "b").caption_prompts == ("query: ", "passage: ")
+
+
+def test_a_database_made_before_prompts_were_recorded_had_no_document_prompt(tmp_path):
+    seeded(tmp_path)
+    db = DbManager.open(tmp_path, IDENTITY)
+    assert db.caption_prompts is None
+    db.check_caption_prompts("any query prompt: ", "")
+    with pytest.raises(UserError, match="document \\(caption\\) prompt '', not 'passage: '"):
+        DbManager.open(tmp_path, PROMPTED)
+
+
 def test_data_set_name_alone_may_change(tmp_path):
     seeded(tmp_path)
     moved = DbIdentity(**{**IDENTITY.__dict__, "dataset": "/elsewhere/flickr"})

@@ -172,6 +172,32 @@ def test_saved_non_clip_checkpoint_is_a_user_error(tiny_clip, tmp_path):
         ImageEmbedder(str(folder), device="cpu")
 
 
+# ------------------------------------------------------------------------------- embed_texts
+def test_embed_texts_gives_unit_rows_in_the_image_space(embedder):
+    texts = ["a dog", "a red car on the road", "밝은 빨간색 미니 원피스", "a dog"]
+    vectors = embedder.embed_texts(texts)
+    assert vectors.shape == (4, embedder.dim) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors[0], vectors[3], atol=1e-6)   # batch padding changes nothing
+    assert not np.allclose(vectors[0], vectors[1], atol=1e-3)
+    assert embedder.embed_texts([]).shape == (0, embedder.dim)
+
+
+def test_embed_texts_of_a_loaded_model_uses_its_processor_tokenizer(tiny_clip, embedder):
+    model = transformers.CLIPModel.from_pretrained(tiny_clip)
+    loaded = ImageEmbedder(model, transformers.CLIPProcessor.from_pretrained(tiny_clip))
+    np.testing.assert_allclose(loaded.embed_texts(["a dog"]), embedder.embed_texts(["a dog"]),
+                               atol=1e-5)
+
+
+def test_embed_texts_without_a_text_tower_is_one_line(tiny_resnet):
+    resnet = ImageEmbedder(tiny_resnet, what="image model", setting="--backbone")
+    assert not resnet.has_text_tower
+    with pytest.raises(UserError, match="has no text tower.*CLIP or SigLIP") as caught:
+        resnet.embed_texts(["a dog"])
+    assert "\n" not in str(caught.value)
+
+
 def test_l2_normalise_scales_rows_to_unit_length():
     got = l2_normalise(np.array([[3.0, 4.0], [0.0, -2.0]]))
     assert got.dtype == np.float32

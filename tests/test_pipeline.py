@@ -143,3 +143,112 @@ def test_a_database_fills_in_the_models_and_data_set_it_was_built_with(settings_
     assert pipeline.load_dataset(filled).fingerprint == db.state.split
     with pytest.raises(UserError, match="was built with CLIP model .*, not 'other/clip'"):
         pipeline.for_database(bare.replace(clip_model_name="other/clip"), db)
+
+
+# --- the caption model's prompts ----------------------------------------------------------
+
+def _cli(kwargs, *args):
+    return [f"--{k.replace('_', '-')}={v}" for k, v in kwargs.items()] + list(args)
+
+
+def test_captions_carry_the_document_prompt_and_queries_the_query_prompt(
+        settings_kwargs, prompt_minilm, minilm):
+    import search
+    from caption_embedder import CaptionEmbedder
+    from conftest import DOCUMENT_PROMPT, QUERY_PROMPT
+    kwargs = {**settings_kwargs, "caption_embedding_model": prompt_minilm}
+    _, db = main.initialize_system(**kwargs)
+    assert db.caption_prompts == (QUERY_PROMPT, DOCUMENT_PROMPT)        # recorded
+    plain = CaptionEmbedder(minilm)          # the same model without prompts: add them by hand
+    first = db.captions[0]["caption"]
+    np.testing.assert_allclose(db.caption_vectors[0],
+                               plain.embed_captions([DOCUMENT_PROMPT + first])[0], atol=1e-5)
+    hit = search.search_text("a dog in the snow", 1, **kwargs).hits[0]
+    query = plain.embed_captions([QUERY_PROMPT + "a dog in the snow"])[0]
+    row = next(n for n, c in enumerate(db.captions) if c["caption"] == hit.caption)
+    assert hit.score == pytest.approx(float(query @ db.caption_vectors[row]), abs=1e-5)
+    generated = main.run_experiment(experiment_index=0, **kwargs)   # the one caption step
+    stored = DbManager.open(kwargs["db_dir"]).caption_vectors[-1]
+    np.testing.assert_allclose(stored, plain.embed_captions(
+        [DOCUMENT_PROMPT + generated["generated_caption"]])[0], atol=1e-5)
+
+
+def test_a_database_built_with_other_prompts_is_refused(settings_kwargs, prompt_minilm, capsys):
+    import search
+    kwargs = {**settings_kwargs, "caption_embedding_model": prompt_minilm}
+    main.initialize_system(**kwargs)
+    with pytest.raises(UserError, match="built with the caption model's query prompt "
+                                        "'task: search result \\| query: ', not 'other: '"):
+        search.search_text("a dog", 1, caption_query_prompt="other: ", **kwargs)
+    with pytest.raises(UserError, match="document \\(caption\\) prompt 'title: none \\| text: ', "
+                                        "not ''"):
+        main.initialize_system(**{**kwargs, "caption_document_prompt": ""})
+    capsys.readouterr()
+    assert search.main(_cli(kwargs, "--text", "a dog", "--caption-query-prompt", "other: ")) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--caption-query-prompt 'task: search" in errors[0]
+    assert "Traceback" not in err
+
+
+def test_a_caption_model_whose_prompts_changed_is_refused(settings_kwargs, prompt_minilm,
+                                                          pipeline_env, tmp_path):
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    model = tmp_path / "model"
+    shutil.copytree(prompt_minilm, model)
+    kwargs = {**settings_kwargs, "caption_embedding_model": str(model)}
+    main.initialize_system(**kwargs)
+    config_file = model / "config_sentence_transformers.json"   # the model is updated
+    saved = json.loads(config_file.read_text())
+    saved["prompts"]["document"] = "passage: "
+    config_file.write_text(json.dumps(saved))
+    env = {**pipeline_env, "RECAP_CAPTION_EMBEDDING_MODEL": str(model)}
+    out = subprocess.run([sys.executable, "search.py", "--text", "a dog"], env=env,
+                         cwd=Path(pipeline.__file__).parent, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert ("was built with the caption model's document (caption) prompt 'title: none | "
+            "text: ', not 'passage: '") in out.stderr
+
+
+def test_a_database_made_before_prompts_were_recorded_keeps_working(settings_kwargs,
+                                                                    prompt_minilm, minilm):
+    import json
+    import shutil
+    from pathlib import Path
+
+    import search
+    from caption_embedder import CaptionEmbedder
+    from conftest import QUERY_PROMPT
+    from db_manager import CAPTION_EMBEDDING_DB, WORK
+    kwargs = {**settings_kwargs, "caption_embedding_model": prompt_minilm,
+              "caption_document_prompt": ""}
+    main.initialize_system(**kwargs)          # captions without a prompt, as before
+    db_dir = Path(kwargs["db_dir"])           # and the files as an older version wrote them
+    shutil.rmtree(db_dir / WORK)
+    header = json.loads((db_dir / CAPTION_EMBEDDING_DB).read_text())
+    del header["query_prompt"], header["document_prompt"]
+    (db_dir / CAPTION_EMBEDDING_DB).write_text(json.dumps(header))
+    del kwargs["caption_document_prompt"]
+    assert DbManager.open(db_dir).caption_prompts is None
+    filled = pipeline.with_database_settings(config.resolve(**kwargs))
+    assert filled.caption_document_prompt == ""                    # as they were embedded
+    plain = CaptionEmbedder(minilm)
+    hit = search.search_text("a dog in the snow", 1, **kwargs).hits[0]
+    db = DbManager.open(db_dir)
+    row = next(n for n, c in enumerate(db.captions) if c["caption"] == hit.caption)
+    query = plain.embed_captions([QUERY_PROMPT + "a dog in the snow"])[0]   # the model's, as then
+    assert hit.score == pytest.approx(float(query @ db.caption_vectors[row]), abs=1e-5)
+    # main.py, like with another model, says which prompt the database needs
+    with pytest.raises(UserError, match="document \\(caption\\) prompt '', not 'title: none.*"
+                                        "--caption-document-prompt ''"):
+        main.initialize_system(**kwargs)
+    assert main.main(_cli(kwargs, "--experiment-image-index", "1",
+                          "--caption-document-prompt", "")) == 0
+    db = DbManager.open(db_dir)
+    np.testing.assert_allclose(db.caption_vectors[-1], plain.embed_captions(
+        [db.captions[-1]["caption"]])[0], atol=1e-5)

@@ -1,6 +1,8 @@
 """search.py: image and text search over the memory and over folders, on tiny models."""
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,7 +140,9 @@ def test_caption_folder_makes_a_folder_searchable_by_words(photos, settings_kwar
     from folder_index import folder_db_dir
     db = DbManager.open(folder_db_dir(settings_kwargs["db_dir"], photos))
     caption = next(c for c in db.captions if c["image_id"] == "b/c/p3.jpg")["caption"]
-    hit = search.search_text(caption, 1, images_dir=str(photos), **settings_kwargs).hits[0]
+    result = search.search_text(caption, 1, images_dir=str(photos), **settings_kwargs)
+    hit = result.hits[0]
+    assert result.by == "captions" and hit.found_by == "captions"   # the default: it has some
     assert hit.image_id == "b/c/p3.jpg" and hit.caption_source == "generated"
     assert hit.path == str(photos / "b/c/p3.jpg")
     # the folder's captions never enter the experiment memory
@@ -162,7 +166,8 @@ def test_cli_table_figure_and_json(memory, settings_kwargs, tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["mode"] == "text" and data["query"] == "a dog" and len(data["hits"]) == 2
     assert set(data["hits"][0]) == {"rank", "image_id", "score", "path", "caption",
-                                    "caption_source", "caption_model"}
+                                    "caption_source", "caption_model", "found_by", "ranks"}
+    assert data["by"] == "captions" and data["hits"][0]["found_by"] == "captions"
     assert Path(data["figure"]).parent == Path(settings_kwargs["results_dir"])
 
 
@@ -174,7 +179,9 @@ def test_cli_table_figure_and_json(memory, settings_kwargs, tmp_path, capsys):
     (["--query", "{img}", "--topk", "abc"], 2, "--topk must be a positive integer, got 'abc'"),
     (["--query", "{img}", "--topk", "1000000"], 1, "--topk 1000000 is more than the 6 images"),
     (["--query", "{img}", "--images-dir", "{empty}"], 1, "no images in"),
-    (["--text", "x", "--images-dir", "{photos}"], 1, "has no captions yet"),
+    (["--text", "x", "--images-dir", "{photos}", "--text-by", "captions"], 1,
+     "has no captions yet: run `python main.py --caption-folder"),
+    (["--text", "x", "--text-by", "words"], 2, "argument --text-by: invalid choice: 'words'"),
     (["--text", "  "], 1, "--text is empty"),
     ([], 2, "give --query IMAGE or --text TEXT"),
     (["--query", "{img}", "--text", "x"], 2, "not allowed with argument"),
@@ -260,3 +267,84 @@ def test_captioning_a_folder_again_with_other_settings_is_refused(photos, settin
                             **{**settings_kwargs, "max_new_tokens": 12})
     with pytest.raises(UserError, match="was captioned with retrieval=False, not True"):
         main.caption_folder(str(photos), retrieval=True, **settings_kwargs)
+
+
+# --- text search with CLIP's text tower, and queries in other languages -------------------
+
+KOREAN = "밝은 빨간색 미니 원피스"   # "a bright red mini dress" (seed 003's queries)
+
+
+@pytest.fixture
+def clip_memory(settings_kwargs, fitted_clip):
+    """A memory built with the fitted tiny CLIP (no experiment run), and its settings."""
+    kwargs = {**settings_kwargs, "clip_model_name": fitted_clip}
+    dataset, _ = main.initialize_system(**kwargs)
+    return dataset, kwargs
+
+
+def test_clip_finds_a_photo_of_an_uncaptioned_folder_from_its_caption(tmp_path, fitted_clip,
+                                                                      settings_kwargs):
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    for i in range(16):
+        make_image(i).save(shots / f"{i:02d}.png")
+    kwargs = {**settings_kwargs, "clip_model_name": fitted_clip}
+    for i in (3, 11):
+        result = search.search_text(captions_for(i)[0], 2, images_dir=str(shots), **kwargs)
+        assert result.by == "clip" and result.model == fitted_clip and result.indexed == 16
+        top = result.hits[0]
+        assert top.image_id == f"{i:02d}.png" and top.path == str(shots / f"{i:02d}.png")
+        assert top.found_by == "clip" and top.ranks == {"clip": 1} and top.caption is None
+    with pytest.raises(UserError, match="has no captions yet.* or search with --text-by clip"):
+        search.search_text("a dog", 1, images_dir=str(shots), by="captions", **kwargs)
+
+
+def test_text_search_of_the_memory_by_captions_clip_or_both(clip_memory):
+    dataset, kwargs = clip_memory
+    sample = dataset.train[4]
+    text = captions_for([image_name(i) for i in range(16)].index(sample.image_id))[0]
+    clip = search.search_text(text, 3, by="clip", **kwargs)
+    assert clip.hits[0].image_id == sample.image_id and clip.hits[0].found_by == "clip"
+    captions = search.search_text(text, 3, **kwargs)        # the default: the memory has captions
+    assert captions.by == "captions" and captions.hits[0].image_id == sample.image_id
+    assert captions.hits[0].caption == text and captions.hits[0].score > 0.999
+    both = search.search_text(text, 4, by="both", **kwargs)
+    assert both.model == f"{kwargs['caption_embedding_model']} + {kwargs['clip_model_name']}"
+    top = both.hits[0]
+    assert top.image_id == sample.image_id and top.found_by == "captions+clip"
+    assert top.ranks == {"captions": 1, "clip": 1} and top.caption == text
+    for hit in both.hits:        # reciprocal-rank fusion of the two full rankings
+        assert hit.score == pytest.approx(sum(1 / (search.RRF_K + r) for r in hit.ranks.values()),
+                                          abs=1e-6)
+    assert [h.score for h in both.hits] == sorted((h.score for h in both.hits), reverse=True)
+    assert both.indexed == len(dataset.train)
+
+
+def test_a_korean_query_works_end_to_end(clip_memory, tmp_path, capsys, monkeypatch, recwarn):
+    dataset, kwargs = clip_memory
+    figure = tmp_path / "ko.png"
+    assert search.main(cli(kwargs, "--text", KOREAN, "--text-by", "both", "--json",
+                           "--plot", str(figure))) == 0
+    out = capsys.readouterr().out
+    assert KOREAN in out                                       # readable, not \\u escapes
+    data = json.loads(out)
+    assert data["query"] == KOREAN and len(data["hits"]) == 5 and data["by"] == "both"
+    # all-MiniLM-L6-v2 is English: the result says so
+    assert any("unknown to the caption model" in note for note in data["notes"])
+    assert figure.read_bytes().startswith(b"\x89PNG")
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]  # one log line, not one per glyph
+    assert search.main(cli(kwargs, "--text", KOREAN, "--plot", str(figure))) == 0
+    table = capsys.readouterr().out
+    assert f"text search by captions for {KOREAN!r}" in table and "note: " in table
+    # a terminal that cannot show Hangul gets escapes, not an error
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    assert search.main(cli(kwargs, "--text", KOREAN, "--plot", str(figure))) == 0
+    sys.stdout.flush()
+    assert "\\ubc1d\\uc740".encode() in raw.getvalue()
+    monkeypatch.undo()
+    import app
+    import config
+    page = app.search_text_tab(KOREAN, 3, config.resolve(**kwargs), by="clip")
+    assert page["by"] == "clip" and [row[5] for row in page["rows"]] == ["clip"] * 3
+    assert page["hits"][0][1].startswith("#1 · ") and "clip" in page["hits"][0][1]
