@@ -218,8 +218,8 @@ def test_a_stray_file_in_items_does_not_break_evaluate(settings_kwargs, capsys):
 
 
 # image-only / task-prompt families do not read the retrieved captions
-FAMILIES = {"smolvlm": True, "blip": False, "git": False, "blip-2": True, "florence-2": False,
-            "paligemma": False}
+FAMILIES = {"smolvlm": True, "blip": False, "git": False, "blip-2": True, "instructblip": True,
+            "florence-2": False, "paligemma": False}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -303,7 +303,8 @@ def test_settings_given_to_initialize_system_carry_to_run_experiment(settings_kw
 
 @pytest.mark.parametrize("family, model_prompt", [
     ("blip", ""), ("git", ""), ("blip-2", "Question: Captions of similar images: - "),
-    ("florence-2", "<CAPTION>"), ("paligemma", "caption en")])
+    ("instructblip", "Captions of similar images:\n- "), ("florence-2", "<CAPTION>"),
+    ("paligemma", "caption en")])
 def test_main_py_captions_with_every_captioner_family(pipeline_env, settings_kwargs,
                                                       tiny_captioner, family, model_prompt):
     env = {**pipeline_env, "RECAP_VLM_MODEL_NAME": tiny_captioner(family)}
@@ -313,10 +314,12 @@ def test_main_py_captions_with_every_captioner_family(pipeline_env, settings_kwa
     [result_file] = Path(settings_kwargs["results_dir"]).glob("experiment_2_*.json")
     r = json.loads(result_file.read_text())
     assert r["generated_caption"].strip()
-    assert r["context_used"] is (family == "blip-2")
+    assert r["context_used"] is (family in ("blip-2", "instructblip"))
     assert r["model_prompt"].startswith(model_prompt)
     if family == "blip-2":
         assert r["model_prompt"].endswith(" Answer:") and "\n" not in r["model_prompt"]
+    elif family == "instructblip":
+        assert r["model_prompt"] == r["prompt"]
     else:
         assert r["model_prompt"] == model_prompt
     assert r["similar_images"][0]["captions"][0] in r["prompt"]  # the prompt it would have had

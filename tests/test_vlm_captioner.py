@@ -256,11 +256,12 @@ def test_real_default_checkpoints_caption_and_embed():
 
 
 # ------------------------------------------------------------------ captioner families
-FAMILY_NAMES = ["smolvlm", "blip", "git", "blip-2", "florence-2", "paligemma"]
+FAMILY_NAMES = ["smolvlm", "blip", "git", "blip-2", "instructblip", "florence-2", "paligemma"]
 # family -> (the text the model is given for PROMPTS[1], whether it reads the prompt)
 MODEL_PROMPTS = {
     "blip-2": ("Question: Similar images were captioned: a dog runs on the grass. a cat sits. "
                "Caption this one. Answer:", True),
+    "instructblip": (PROMPTS[1], True),
     "florence-2": ("<CAPTION>", False),
     "paligemma": ("caption en", False),
     "blip": ("", False),

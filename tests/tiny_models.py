@@ -12,7 +12,7 @@ Builders provided for tests (no network access needed):
 * :func:`make_tiny_smolvlm` -- an ``Idefics3ForConditionalGeneration`` + ``Idefics3Processor``
   (SmolVLM v1 layout, captioner).
 * :func:`make_tiny_blip`, :func:`make_tiny_git`, :func:`make_tiny_blip2` (OPT),
-  :func:`make_tiny_florence2`, :func:`make_tiny_paligemma` -- captioners of the other
+  :func:`make_tiny_instructblip` (OPT), :func:`make_tiny_florence2`, :func:`make_tiny_paligemma` -- captioners of the other
   families (vlm_captioner.FAMILIES), each with its real processor class; their output layers
   choose only whole words of CAPTION_WORDS.
 
@@ -33,8 +33,8 @@ import torch  # noqa: E402
 
 __all__ = ["make_tiny_clip", "make_tiny_siglip", "make_tiny_resnet", "make_tiny_dinov2",
            "make_tiny_smolvlm", "make_tiny_blip", "make_tiny_git", "make_tiny_blip2",
-           "make_tiny_florence2", "make_tiny_paligemma", "CAPTIONER_BUILDERS",
-           "SMOLVLM_CHAT_TEMPLATE", "CAPTION_WORDS"]
+           "make_tiny_instructblip", "make_tiny_florence2", "make_tiny_paligemma",
+           "CAPTIONER_BUILDERS", "SMOLVLM_CHAT_TEMPLATE", "CAPTION_WORDS"]
 
 # The real chat template shipped with HuggingFaceTB/SmolVLM-Instruct (v1).
 # Renders: "<|im_start|>User:<image>PROMPT<end_of_utterance>\nAssistant:"
@@ -682,7 +682,45 @@ def make_tiny_paligemma(path: str | Path) -> Path:
     return _save(model, processor, path)
 
 
+def make_tiny_instructblip(path: str | Path) -> Path:
+    """A random ``InstructBlipForConditionalGeneration`` with an OPT decoder (the real ones
+    use Vicuna or Flan-T5) + ``InstructBlipProcessor``: the prompt is its instruction, read
+    by the Q-Former (BERT tokenizer) and the language model."""
+    from transformers import (BlipImageProcessorPil, GPT2Tokenizer, InstructBlipConfig,
+                              InstructBlipForConditionalGeneration, InstructBlipProcessor)
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _byte_bpe(["<pad>", "</s>", "<unk>"])
+    tok = GPT2Tokenizer(vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>",
+                        pad_token="<pad>", unk_token="<unk>")
+    qformer_tok = _make_bert_tokenizer()
+    queries = 4
+    processor = InstructBlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": CAPTIONER_IMAGE,
+                                                    "width": CAPTIONER_IMAGE}),
+        tokenizer=tok, qformer_tokenizer=qformer_tok, num_query_tokens=queries)
+    config = InstructBlipConfig(
+        vision_config=_vision(),
+        qformer_config=dict(vocab_size=len(qformer_tok), hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, encoder_hidden_size=32,
+                            cross_attention_frequency=1, pad_token_id=qformer_tok.pad_token_id),
+        text_config=dict(model_type="opt", vocab_size=len(tok), hidden_size=32, ffn_dim=64,
+                         num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+                         max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=False),
+        num_query_tokens=queries, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = InstructBlipForConditionalGeneration(config).eval()
+    _init_(model, seed=15, std=0.5)
+    _only_words(model.get_output_embeddings(), _word_ids(tok, _bytes_to_unicode()[ord(" ")]))
+    return _save(model, processor, path)
+
+
 # name -> builder, for tests that run every captioner family
 CAPTIONER_BUILDERS = {"smolvlm": make_tiny_smolvlm, "blip": make_tiny_blip, "git": make_tiny_git,
-                      "blip-2": make_tiny_blip2, "florence-2": make_tiny_florence2,
+                      "blip-2": make_tiny_blip2, "instructblip": make_tiny_instructblip,
+                      "florence-2": make_tiny_florence2,
                       "paligemma": make_tiny_paligemma}
