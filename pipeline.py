@@ -113,7 +113,8 @@ class Models:
         key = (s.vlm_model_name, str(self.device), str(self.dtype), s.max_new_tokens,
                s.num_beams, s.do_sample, s.temperature, s.vlm_image_longest_edge,
                s.vlm_image_splitting, s.vlm_attn_implementation, s.random_seed,
-               s.vlm_caption_prefix, s.vlm_device_map, s.vlm_max_memory)
+               s.vlm_caption_prefix, s.vlm_device_map, s.vlm_max_memory,
+               s.cache_dir if s.vlm_device_map else "")   # the offload folder's place
         return cached("captioner", key, lambda: VLMCaptioner(
             s.vlm_model_name, device=self.device, dtype=self.dtype,
             max_new_tokens=s.max_new_tokens, num_beams=s.num_beams, do_sample=s.do_sample,

@@ -273,7 +273,7 @@ def _max_memory(given: dict[int | str, int | str] | None, device: torch.device
         return dict(given)
     from accelerate.utils import get_max_memory
     free = get_max_memory()
-    keep = ["cpu"] if device.type != "cuda" else [device.index or 0, "cpu"]
+    keep = {"cuda": [device.index or 0, "cpu"], "mps": ["mps", "cpu"]}.get(device.type, ["cpu"])
     return {k: free[k] for k in keep if k in free}
 
 
