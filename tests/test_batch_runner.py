@@ -216,3 +216,33 @@ def test_a_stray_file_in_items_does_not_break_evaluate(settings_kwargs, capsys):
     args = [f"--{k.replace('_', '-')}={v}" for k, v in settings_kwargs.items()]
     assert main.main(args + ["--evaluate", str(run_dir)]) == 0
     assert "run notes: 2 finished, 0 failed" in capsys.readouterr().out
+
+
+# image-only / task-prompt families do not read the retrieved captions
+FAMILIES = {"smolvlm": True, "blip": False, "git": False, "blip-2": True, "instructblip": True,
+            "florence-2": False, "paligemma": False}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_captioner_family_runs_all_batched_like_single(settings_kwargs, tiny_captioner,
+                                                             family):
+    import config
+    import pipeline
+    kwargs = {**settings_kwargs, "vlm_model_name": tiny_captioner(family), "max_new_tokens": 5}
+    four = batch_runner.run_batch([0, 1, 2, 3], "b4", **{**kwargs, "batch_size": 4})
+    assert four["finished"] == 4
+    # greedy: each caption of the batch of 4 is the one its image gets alone
+    dataset = pipeline.load_dataset(config.resolve(env={}, **kwargs))
+    captioner = pipeline.loaded("captioner")
+    assert [captioner.caption(dataset.load_image(dataset.experiment_sample(i["experiment_index"])),
+                              i["prompt"]) for i in four["items"]] == [
+        i["generated_caption"] for i in four["items"]]
+    # the prompt built from the neighbours is recorded even where the model ignores it
+    assert all(i["similar_images"][0]["captions"][0] in i["prompt"] for i in four["items"])
+    assert {i["context_used"] for i in four["items"]} == {FAMILIES[family]}
+    assert four["context_used"] is FAMILIES[family]
+    run_dir = Path(settings_kwargs["results_dir"]) / "runs" / "b4"
+    rows = list(csv.DictReader((run_dir / "summary.csv").open()))
+    assert {r["context_used"] for r in rows} == {str(FAMILIES[family])}
+    shown = batch_runner.format_summary(four, run_dir)
+    assert ("context_used: false" in shown) is not FAMILIES[family]

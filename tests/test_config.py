@@ -183,3 +183,24 @@ def test_arbitrary_text_is_a_value_or_a_one_line_user_error(raw):
 def test_boolean_spellings(word, case):
     expected = word in ("1", "true", "yes", "on")
     assert config.resolve(env={"RECAP_DO_SAMPLE": case(word)}).do_sample is expected
+
+
+@pytest.mark.parametrize("text, limits", [
+    ("", {}), ("0=20GiB,cpu=60GiB", {0: "20GiB", "cpu": "60GiB"}),
+    (" 1 = 2.5gb , CPU=150000 ", {1: "2.5GB", "cpu": 150000}), ("cpu=512MiB", {"cpu": "512MiB"}),
+])
+def test_vlm_max_memory_format(text, limits):
+    assert config.parse_max_memory(text) == limits
+    assert config.resolve(env={}, vlm_device_map="auto", vlm_max_memory=text).vlm_max_memory == text
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"vlm_device_map": "auto", "vlm_max_memory": "gpu=1GiB"}, "'gpu=1GiB' is not DEVICE=SIZE"),
+    ({"vlm_device_map": "auto", "vlm_max_memory": "0=lots"}, "'0=lots' is not DEVICE=SIZE"),
+    ({"vlm_device_map": "auto", "vlm_max_memory": "0=1TB"}, "'0=1TB' is not DEVICE=SIZE"),
+    ({"vlm_max_memory": "cpu=1GiB"}, "--vlm-max-memory needs --vlm-device-map auto"),
+    ({"vlm_device_map": "balanced"}, "--vlm-device-map must be '' .* or auto"),
+])
+def test_bad_vlm_placement_settings_are_one_line(overrides, message):
+    with pytest.raises(UserError, match=message):
+        config.resolve(env={}, **overrides)

@@ -299,3 +299,50 @@ def test_settings_given_to_initialize_system_carry_to_run_experiment(settings_kw
     again = main.run_experiment(dataset_loader, db_manager, experiment_index=3)
     assert len(again.similar_images) == 5
     assert again.to_json()["generated_caption"] == again["generated_caption"]
+
+
+@pytest.mark.parametrize("family, model_prompt", [
+    ("blip", ""), ("git", ""), ("blip-2", "Question: Captions of similar images: - "),
+    ("instructblip", "Captions of similar images:\n- "), ("florence-2", "<CAPTION>"),
+    ("paligemma", "caption en")])
+def test_main_py_captions_with_every_captioner_family(pipeline_env, settings_kwargs,
+                                                      tiny_captioner, family, model_prompt):
+    env = {**pipeline_env, "RECAP_VLM_MODEL_NAME": tiny_captioner(family)}
+    done = run_cli(["--experiment-image-index", "2"], env)
+    assert done.returncode == 0, done.stderr
+    assert "generated:" in done.stdout
+    [result_file] = Path(settings_kwargs["results_dir"]).glob("experiment_2_*.json")
+    r = json.loads(result_file.read_text())
+    assert r["generated_caption"].strip()
+    assert r["context_used"] is (family in ("blip-2", "instructblip"))
+    assert r["model_prompt"].startswith(model_prompt)
+    if family == "blip-2":
+        assert r["model_prompt"].endswith(" Answer:") and "\n" not in r["model_prompt"]
+    elif family == "instructblip":
+        assert r["model_prompt"] == r["prompt"]
+    else:
+        assert r["model_prompt"] == model_prompt
+    assert r["similar_images"][0]["captions"][0] in r["prompt"]  # the prompt it would have had
+
+
+def test_main_py_with_a_checkpoint_of_no_family_is_one_line(pipeline_env, settings_kwargs,
+                                                            tiny_clip):
+    env = {**pipeline_env, "RECAP_VLM_MODEL_NAME": tiny_clip}
+    done = run_cli(["--experiment-image-index", "2"], env)
+    assert done.returncode == 1
+    line = error_line(done.stderr)
+    assert "no supported captioner family" in line and "florence-2" in line
+
+
+def test_main_py_offloads_the_vlm_under_a_memory_cap(pipeline_env, settings_kwargs, tiny_vlm):
+    weights = sum(f.stat().st_size for f in Path(tiny_vlm).glob("*.safetensors"))
+    env = {**pipeline_env, "RECAP_VLM_DEVICE_MAP": "auto",
+           "RECAP_VLM_MAX_MEMORY": f"cpu={weights // 2}"}
+    done = run_cli(["--experiment-image-index", "2", "--log-level", "INFO"], env)
+    assert done.returncode == 0, done.stderr
+    assert "placed over cpu, disk" in done.stderr
+    whole = run_cli(["--experiment-image-index", "2", "--db-dir",
+                     settings_kwargs["db_dir"] + "-whole"], pipeline_env)
+    assert whole.returncode == 0, whole.stderr
+    caption = [line for line in done.stdout.splitlines() if "generated:" in line]
+    assert caption == [line for line in whole.stdout.splitlines() if "generated:" in line]

@@ -253,3 +253,101 @@ def test_real_default_checkpoints_caption_and_embed():
     caption_vectors = CaptionEmbedder(REAL_MODELS["bge"], device="cpu").embed_captions([caption])
     assert caption_vectors.shape == (1, 768)
     np.testing.assert_allclose(np.linalg.norm(caption_vectors, axis=1), 1.0, atol=1e-4)
+
+
+# ------------------------------------------------------------------ captioner families
+FAMILY_NAMES = ["smolvlm", "blip", "git", "blip-2", "instructblip", "florence-2", "paligemma"]
+# family -> (the text the model is given for PROMPTS[1], whether it reads the prompt)
+MODEL_PROMPTS = {
+    "blip-2": ("Question: Similar images were captioned: a dog runs on the grass. a cat sits. "
+               "Caption this one. Answer:", True),
+    "instructblip": (PROMPTS[1], True),
+    "florence-2": ("<CAPTION>", False),
+    "paligemma": ("caption en", False),
+    "blip": ("", False),
+    "git": ("", False),
+}
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def family_captioner(request, tiny_captioner) -> VLMCaptioner:
+    return VLMCaptioner(tiny_captioner(request.param), device="cpu", max_new_tokens=6)
+
+
+def test_each_family_batched_greedy_captions_equal_single_ones(family_captioner, images):
+    batched = family_captioner.caption_batch(images, PROMPTS)
+    assert all(batched) and all("<" not in c and "\n" not in c for c in batched)
+    assert batched == [family_captioner.caption(im, p) for im, p in zip(images, PROMPTS)]
+    assert len(set(batched)) > 1   # the captions depend on the image
+
+
+def test_each_family_is_recognised_from_its_checkpoint(family_captioner, request):
+    name = request.node.callspec.params["family_captioner"]
+    family = family_captioner.family
+    assert family.name == ("chat" if name == "smolvlm" else name)
+    if name == "smolvlm":
+        assert family_captioner.uses_context
+        assert family_captioner.model_prompt(PROMPTS[1]) == family_captioner.chat_text(PROMPTS[1])
+    else:
+        text, reads = MODEL_PROMPTS[name]
+        assert family_captioner.model_prompt(PROMPTS[1]) == text
+        assert family_captioner.uses_context is reads
+
+
+def test_families_that_read_the_prompt_caption_by_it(family_captioner, images):
+    captions = family_captioner.caption_batch([images[0]] * 3, PROMPTS)
+    if family_captioner.uses_context:
+        assert len(set(captions)) > 1
+    else:  # the image alone (or a fixed task prompt): any prompt, one caption
+        assert len(set(captions)) == 1
+
+
+def test_blip2_question_is_one_line():
+    from vlm_captioner import FAMILIES
+    [blip2] = [f for f in FAMILIES if f.name == "blip-2"]
+    assert blip2.text("Captions of similar images:\n- a dog\nWrite one sentence.") == (
+        "Question: Captions of similar images: - a dog Write one sentence. Answer:")
+
+
+@pytest.mark.parametrize("name", ["blip", "git"])
+def test_caption_prefix_starts_an_image_only_caption(tiny_captioner, images, name):
+    captioner = VLMCaptioner(tiny_captioner(name), device="cpu", max_new_tokens=4,
+                             caption_prefix="a picture of")
+    captions = captioner.caption_batch(images, PROMPTS)
+    assert all(c.startswith("a picture of ") and len(c.split()) == 7 for c in captions)
+    assert captions == [captioner.caption(im, p) for im, p in zip(images, PROMPTS)]
+    assert captioner.model_prompt(PROMPTS[0]) == "a picture of"
+
+
+def test_caption_prefix_is_ignored_by_models_that_read_the_prompt(tiny_vlm, captioner, images):
+    prefixed = VLMCaptioner(tiny_vlm, device="cpu", max_new_tokens=8, caption_prefix="a picture of")
+    assert prefixed.caption(images[0], PROMPT) == captioner.caption(images[0], PROMPT)
+
+
+def test_a_checkpoint_of_no_family_is_one_line_naming_the_families(tiny_clip):
+    with pytest.raises(UserError) as caught:
+        VLMCaptioner(tiny_clip, device="cpu")
+    message = str(caught.value)
+    assert "\n" not in message and "model type 'clip'" in message
+    for family in ("chat models", "SmolVLM", "Qwen2-VL", "blip-2", "instructblip", "paligemma",
+                   "florence-2", "blip", "git"):
+        assert family in message
+
+
+# ---------------------------------------------------------------- VLM_DEVICE_MAP auto
+def test_device_map_auto_offloads_to_disk_under_a_memory_cap_and_captions_the_same(
+        tiny_vlm, captioner, images, tmp_path):
+    from pathlib import Path
+    weights = sum(f.stat().st_size for f in Path(tiny_vlm).glob("*.safetensors"))
+    capped = VLMCaptioner(tiny_vlm, device="cpu", max_new_tokens=8, device_map="auto",
+                          max_memory={"cpu": weights // 2}, offload_folder=tmp_path / "offload")
+    places = set(capped.placement.values())
+    assert places == {"cpu", "disk"}   # part on the device, the rest read from disk
+    assert captioner.placement is None  # the default: all of it on DEVICE
+    assert capped.caption_batch(images, PROMPTS) == captioner.caption_batch(images, PROMPTS)
+
+
+def test_a_memory_cap_that_leaves_nothing_on_a_device_is_a_user_error(tiny_vlm, tmp_path):
+    with pytest.raises(UserError, match="--vlm-max-memory cpu=1000 leaves no room"):
+        VLMCaptioner(tiny_vlm, device="cpu", device_map="auto", max_memory={"cpu": 1000},
+                     offload_folder=tmp_path / "offload")

@@ -13,6 +13,10 @@ Builders provided for tests (no network access needed):
   facebook/dinov2-small).
 * :func:`make_tiny_smolvlm` -- an ``Idefics3ForConditionalGeneration`` + ``Idefics3Processor``
   (SmolVLM v1 layout, captioner).
+* :func:`make_tiny_blip`, :func:`make_tiny_git`, :func:`make_tiny_blip2` (OPT),
+  :func:`make_tiny_instructblip` (OPT), :func:`make_tiny_florence2`, :func:`make_tiny_paligemma` -- captioners of the other
+  families (vlm_captioner.FAMILIES), each with its real processor class; their output layers
+  choose only whole words of CAPTION_WORDS.
 
 All save everything with ``save_pretrained`` so the folders load back through
 ``AutoModel`` / ``AutoModelForImageTextToText`` / ``AutoProcessor`` / ``AutoImageProcessor``.
@@ -30,7 +34,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 __all__ = ["make_tiny_clip", "fit_tiny_clip", "make_tiny_siglip", "make_tiny_resnet", "make_tiny_dinov2",
-           "make_tiny_smolvlm", "SMOLVLM_CHAT_TEMPLATE", "CAPTION_WORDS"]
+           "make_tiny_smolvlm", "make_tiny_blip", "make_tiny_git", "make_tiny_blip2",
+           "make_tiny_instructblip", "make_tiny_florence2", "make_tiny_paligemma",
+           "CAPTIONER_BUILDERS", "SMOLVLM_CHAT_TEMPLATE", "CAPTION_WORDS"]
 
 # The real chat template shipped with HuggingFaceTB/SmolVLM-Instruct (v1).
 # Renders: "<|im_start|>User:<image>PROMPT<end_of_utterance>\nAssistant:"
@@ -471,3 +477,292 @@ def make_tiny_smolvlm(path: str | Path, size: str = "tiny") -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Captioners of other families: BLIP, GIT, BLIP-2 (OPT), Florence-2, PaliGemma
+# --------------------------------------------------------------------------------------------
+
+CAPTIONER_IMAGE = 32   # their vision towers' input size (Florence-2: 64, its strides make 2x2)
+_PUNCTUATION = ".,:;!?'\"-()"
+
+
+def _make_bert_tokenizer():
+    """A WordPiece BertTokenizer (BLIP's and GIT's) over CAPTION_WORDS + single characters,
+    so that any prompt tokenizes without [UNK]."""
+    from transformers import BertTokenizer
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789" + _PUNCTUATION)
+    vocab: dict[str, int] = {}
+    for token in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(CAPTION_WORDS)),
+                  *chars, *("##" + c for c in chars if c.isalnum())]:
+        vocab.setdefault(token, len(vocab))
+    return BertTokenizer(vocab=vocab)
+
+
+def _byte_bpe(specials: list[str], space: str | None = None) -> tuple[dict[str, int], list]:
+    """vocab + merges of a byte-level BPE with whole-word tokens `space + word` for
+    CAPTION_WORDS (built without the trainer: identical on every run)."""
+    b2u = _bytes_to_unicode()
+    vocab = {s: n for n, s in enumerate(specials)}
+    for _, c in sorted(b2u.items()):
+        vocab.setdefault(c, len(vocab))
+    space = b2u[ord(" ")] if space is None else space
+    vocab.setdefault(space, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(CAPTION_WORDS)):
+        cur = space
+        for ch in word:
+            if (cur, ch) not in merges:
+                merges.append((cur, ch))
+            cur += ch
+            vocab.setdefault(cur, len(vocab))
+    return vocab, merges
+
+
+def _only_words(head: torch.nn.Module, allowed: set[int], bias: torch.Tensor | None = None) -> None:
+    """Let the output layer `head` choose only the `allowed` (whole-word) tokens, so that
+    greedy captions are readable words: every other row's bias (when given) goes to -1e4,
+    else its weights to 0 (the word rows' random logits are then the highest)."""
+    with torch.no_grad():
+        mask = torch.ones(head.weight.shape[0], dtype=torch.bool)
+        mask[sorted(allowed)] = False
+        if bias is not None:
+            bias[mask] = -1e4
+        else:
+            head.weight[mask] = 0.0
+
+
+def _word_ids(tokenizer, prefix: str = "") -> set[int]:
+    vocab = tokenizer.get_vocab()
+    return {vocab[prefix + w] for w in CAPTION_WORDS if prefix + w in vocab}
+
+
+def _vision(**extra) -> dict:
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                image_size=CAPTIONER_IMAGE, patch_size=8, initializer_range=0.5, **extra)
+
+
+def _save(model, processor, path: Path) -> Path:
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # default-config diffs warn about unused token ids
+    try:
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return path
+
+
+def make_tiny_blip(path: str | Path) -> Path:
+    """A random ``BlipForConditionalGeneration`` + ``BlipProcessor`` (like
+    Salesforce/blip-image-captioning-large): captions from the image alone."""
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = _make_bert_tokenizer()
+    config = BlipConfig(
+        vision_config=_vision(),
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+                         bos_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
+                         eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
+                         initializer_range=0.5),
+        projection_dim=16)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config).eval()
+    _init_(model, seed=10, std=0.5)
+    predictions = model.text_decoder.cls.predictions  # its decoder weight is the word embeddings
+    _only_words(predictions.decoder, _word_ids(tok), bias=predictions.bias)
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": CAPTIONER_IMAGE,
+                                                    "width": CAPTIONER_IMAGE}),
+        tokenizer=tok)
+    return _save(model, processor, path)
+
+
+def make_tiny_git(path: str | Path) -> Path:
+    """A random ``GitForCausalLM`` + ``GitProcessor`` (like microsoft/git-large-coco)."""
+    from transformers import CLIPImageProcessorPil, GitConfig, GitForCausalLM, GitProcessor
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = _make_bert_tokenizer()
+    config = GitConfig(vision_config=_vision(), vocab_size=len(tok), hidden_size=32,
+                       intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=128, bos_token_id=tok.cls_token_id,
+                       eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
+                       initializer_range=0.5)
+    torch.manual_seed(0)
+    model = GitForCausalLM(config).eval()
+    _init_(model, seed=11, std=0.5)
+    _only_words(model.output, _word_ids(tok))
+    processor = GitProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": CAPTIONER_IMAGE},
+            crop_size={"height": CAPTIONER_IMAGE, "width": CAPTIONER_IMAGE}),
+        tokenizer=tok)
+    return _save(model, processor, path)
+
+
+def make_tiny_blip2(path: str | Path) -> Path:
+    """A random ``Blip2ForConditionalGeneration`` with an OPT decoder + ``Blip2Processor``
+    (like Salesforce/blip2-opt-2.7b): prompted "Question: ... Answer:"."""
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
+                              BlipImageProcessorPil, GPT2Tokenizer)
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _byte_bpe(["<pad>", "</s>", "<unk>"])
+    tok = GPT2Tokenizer(vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>",
+                        pad_token="<pad>", unk_token="<unk>")
+    queries = 4
+    processor = Blip2Processor(  # adds the <image> token to the tokenizer
+        image_processor=BlipImageProcessorPil(size={"height": CAPTIONER_IMAGE,
+                                                    "width": CAPTIONER_IMAGE}),
+        tokenizer=tok, num_query_tokens=queries)
+    config = Blip2Config(
+        vision_config=_vision(),
+        qformer_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, encoder_hidden_size=32,
+                            cross_attention_frequency=1),
+        text_config=dict(model_type="opt", vocab_size=len(tok), hidden_size=32, ffn_dim=64,
+                         num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+                         max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=False),
+        num_query_tokens=queries, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(config).eval()
+    _init_(model, seed=12, std=0.5)
+    _only_words(model.get_output_embeddings(), _word_ids(tok, _bytes_to_unicode()[ord(" ")]))
+    return _save(model, processor, path)
+
+
+FLORENCE2_IMAGE = 64
+
+
+def make_tiny_florence2(path: str | Path) -> Path:
+    """A random ``Florence2ForConditionalGeneration`` (DaViT vision, BART text) +
+    ``Florence2Processor`` (like florence-community/Florence-2-base): task tokens."""
+    from transformers import (BartTokenizer, CLIPImageProcessorPil, Florence2Config,
+                              Florence2ForConditionalGeneration, Florence2Processor)
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _byte_bpe(["<s>", "<pad>", "</s>", "<unk>"])
+    tok = BartTokenizer(vocab=vocab, merges=merges, extra_special_tokens={"image_token": "<image>"})
+    # strides 4*2*2*2: a 64-px image is 2x2 visual tokens, plus their mean
+    image_tokens = (FLORENCE2_IMAGE // 32) ** 2 + 1
+    image_processor = CLIPImageProcessorPil(
+        size={"height": FLORENCE2_IMAGE, "width": FLORENCE2_IMAGE}, do_center_crop=False,
+        crop_size={"height": FLORENCE2_IMAGE, "width": FLORENCE2_IMAGE},
+        image_seq_length=image_tokens)
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tok)
+    config = Florence2Config(
+        vision_config=dict(depths=[1, 1, 1, 1], embed_dim=[16, 16, 32, 32], num_heads=[2, 2, 4, 4],
+                           num_groups=[2, 2, 4, 4], window_size=2, projection_dim=32,
+                           drop_path_rate=0.0, initializer_range=0.5),
+        text_config=dict(model_type="bart", vocab_size=len(tok), d_model=32, encoder_layers=1,
+                         decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                         encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, decoder_start_token_id=tok.eos_token_id,
+                         forced_eos_token_id=None, tie_word_embeddings=False),
+        image_token_id=tok.image_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(config).eval()
+    _init_(model, seed=13, std=0.5)
+    _only_words(model.get_output_embeddings(), _word_ids(tok, _bytes_to_unicode()[ord(" ")]))
+    return _save(model, processor, path)
+
+
+def make_tiny_paligemma(path: str | Path) -> Path:
+    """A random ``PaliGemmaForConditionalGeneration`` (SigLIP + Gemma) + ``PaliGemmaProcessor``
+    (like google/paligemma-3b-mix-224): the task prefix "caption en"."""
+    from transformers import (GemmaTokenizer, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
+                              PaliGemmaProcessor, SiglipImageProcessorPil)
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {s: n for n, s in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<image>"])}
+    for c in sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\n▁"
+                        + _PUNCTUATION)):
+        vocab.setdefault(c, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(CAPTION_WORDS)):  # sentencepiece-style "▁word" tokens
+        cur = "▁"
+        for ch in word:
+            if (cur, ch) not in merges:
+                merges.append((cur, ch))
+            cur += ch
+            vocab.setdefault(cur, len(vocab))
+    tok = GemmaTokenizer(vocab=vocab, merges=merges)
+    patches = (CAPTIONER_IMAGE // 8) ** 2
+    processor = PaliGemmaProcessor(  # adds Gemma's <loc>/<seg> tokens
+        image_processor=SiglipImageProcessorPil(
+            size={"height": CAPTIONER_IMAGE, "width": CAPTIONER_IMAGE},
+            image_seq_length=patches, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        tokenizer=tok)
+    tok = processor.tokenizer
+    config = PaliGemmaConfig(
+        vision_config=dict(model_type="siglip_vision_model", projection_dim=32, **_vision()),
+        text_config=dict(model_type="gemma", vocab_size=len(tok), hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False),
+        image_token_id=vocab["<image>"], projection_dim=32, hidden_size=32,
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    _init_(model, seed=14, std=0.5)
+    _only_words(model.get_output_embeddings(), _word_ids(tok, "▁"))
+    return _save(model, processor, path)
+
+
+def make_tiny_instructblip(path: str | Path) -> Path:
+    """A random ``InstructBlipForConditionalGeneration`` with an OPT decoder (the real ones
+    use Vicuna or Flan-T5) + ``InstructBlipProcessor``: the prompt is its instruction, read
+    by the Q-Former (BERT tokenizer) and the language model."""
+    from transformers import (BlipImageProcessorPil, GPT2Tokenizer, InstructBlipConfig,
+                              InstructBlipForConditionalGeneration, InstructBlipProcessor)
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _byte_bpe(["<pad>", "</s>", "<unk>"])
+    tok = GPT2Tokenizer(vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>",
+                        pad_token="<pad>", unk_token="<unk>")
+    qformer_tok = _make_bert_tokenizer()
+    queries = 4
+    processor = InstructBlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": CAPTIONER_IMAGE,
+                                                    "width": CAPTIONER_IMAGE}),
+        tokenizer=tok, qformer_tokenizer=qformer_tok, num_query_tokens=queries)
+    config = InstructBlipConfig(
+        vision_config=_vision(),
+        qformer_config=dict(vocab_size=len(qformer_tok), hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, encoder_hidden_size=32,
+                            cross_attention_frequency=1, pad_token_id=qformer_tok.pad_token_id),
+        text_config=dict(model_type="opt", vocab_size=len(tok), hidden_size=32, ffn_dim=64,
+                         num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+                         max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=False),
+        num_query_tokens=queries, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = InstructBlipForConditionalGeneration(config).eval()
+    _init_(model, seed=15, std=0.5)
+    _only_words(model.get_output_embeddings(), _word_ids(tok, _bytes_to_unicode()[ord(" ")]))
+    return _save(model, processor, path)
+
+
+# name -> builder, for tests that run every captioner family
+CAPTIONER_BUILDERS = {"smolvlm": make_tiny_smolvlm, "blip": make_tiny_blip, "git": make_tiny_git,
+                      "blip-2": make_tiny_blip2, "instructblip": make_tiny_instructblip,
+                      "florence-2": make_tiny_florence2,
+                      "paligemma": make_tiny_paligemma}
