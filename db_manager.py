@@ -158,6 +158,8 @@ class DbManager:
         """UserError if the database recorded other caption prompts than these. One
         made before they were recorded embedded its captions with no prompt (its query
         prompt was the model's, as now: not checked)."""
+        if self.needs_seed:  # nothing embedded yet: the seed records these
+            return
         recorded = self.caption_prompts or (None, "")
         for what, found, expected, option in (
                 ("document (caption) prompt", recorded[1], document, "--caption-document-prompt"),

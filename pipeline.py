@@ -162,13 +162,12 @@ def versions() -> dict[str, str]:
 
 # --- the memory's database ----------------------------------------------------------------
 
-def identity(settings: config.Settings, dataset: "Flickr8k"):
-    """What the database in DB_DIR must have been built with, for these settings
-    (loads the caption model: its prompts are part of it)."""
+def identity(settings: config.Settings, dataset: "Flickr8k", prompts=None):
+    """What the database in DB_DIR must have been built with, for these settings;
+    with the caption model's `prompts` (caption_embedder.TextPrompts) when given."""
     from db_manager import DbIdentity
     name = settings.dataset_name
     local = Path(name).expanduser()
-    prompts = load_models(settings).caption_embedder.prompts
     return DbIdentity(clip_model=settings.clip_model_name,
                       caption_model=settings.caption_embedding_model,
                       # a local folder by its absolute path: a later command from
@@ -176,7 +175,8 @@ def identity(settings: config.Settings, dataset: "Flickr8k"):
                       dataset=str(local.resolve()) if local.is_dir() else name,
                       split=dataset.fingerprint, random_seed=settings.random_seed,
                       experiment_samples=settings.experiment_samples,
-                      query_prompt=prompts.query, document_prompt=prompts.document)
+                      query_prompt=prompts and prompts.query,
+                      document_prompt=prompts and prompts.document)
 
 
 def initialize(settings: config.Settings) -> tuple["Flickr8k", "DbManager"]:
@@ -186,9 +186,13 @@ def initialize(settings: config.Settings) -> tuple["Flickr8k", "DbManager"]:
     from db_manager import DbManager
     dataset = load_dataset(settings)
     db_dir = Path(settings.db_dir).expanduser().resolve()
-    wanted = identity(settings, dataset)
+    wanted = identity(settings, dataset)  # models and split: checked before a model loads
     db = cached("db", (db_dir, wanted), lambda: DbManager.open(db_dir, wanted))
+    # the caption model's prompts need the model: checked next, recorded by a first run
+    prompts = load_models(settings).caption_embedder.prompts
+    db.check_caption_prompts(prompts.query, prompts.document)
     if db.needs_seed:
+        db.identity = identity(settings, dataset, prompts)
         seed_memory(load_models(settings), dataset, db)
     return dataset, db
 

@@ -228,7 +228,9 @@ def test_a_database_made_before_prompts_were_recorded_keeps_working(settings_kwa
     kwargs = {**settings_kwargs, "caption_embedding_model": prompt_minilm,
               "caption_document_prompt": ""}
     main.initialize_system(**kwargs)          # captions without a prompt, as before
-    db_dir = Path(kwargs["db_dir"])           # and the files as an older version wrote them
+    db_dir = Path(kwargs["db_dir"] + "-old")  # and the files as an older version wrote them
+    shutil.copytree(kwargs["db_dir"], db_dir)
+    kwargs["db_dir"] = str(db_dir)
     shutil.rmtree(db_dir / WORK)
     header = json.loads((db_dir / CAPTION_EMBEDDING_DB).read_text())
     del header["query_prompt"], header["document_prompt"]
