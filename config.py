@@ -53,12 +53,14 @@ CLIP_MODEL_NAME: Changes = "openai/clip-vit-base-patch32"
 VLM_MODEL_NAME: Changes = "HuggingFaceTB/SmolVLM-Instruct"
 # Sentence-transformers model for caption embeddings (text search).
 CAPTION_EMBEDDING_MODEL: Changes = "BAAI/bge-base-en-v1.5"
-# Text put before search queries and before captions when they are embedded:
-# "auto" = the model's own (its sentence-transformers prompts, e.g. EmbeddingGemma's;
-# else BGE's query instruction or E5's "query: " / "passage: " by name), "" = none,
-# anything else is used as it is. A database records the prompts it was built
-# with and refuses others (like another model).
+# Text put before search queries when they are embedded: "auto" = the model's own
+# (its sentence-transformers prompts, e.g. EmbeddingGemma's; else BGE's query
+# instruction or E5's "query: " by name), "" = none, anything else is used as it is.
+# A database records the prompts it was built with and refuses others (like
+# another model).
 CAPTION_QUERY_PROMPT: Changes = "auto"
+# Text put before captions when they are embedded: "auto" = the model's own (its
+# "document" prompt, E5's "passage: "), "" = none, anything else as it is.
 CAPTION_DOCUMENT_PROMPT: Changes = "auto"
 # Where the models run ("auto": CUDA, then MPS, then CPU; "cuda:1": the second GPU).
 # One of "auto", "cpu", "cuda", "cuda:N" or "mps".

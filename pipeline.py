@@ -188,12 +188,15 @@ def initialize(settings: config.Settings) -> tuple["Flickr8k", "DbManager"]:
     db_dir = Path(settings.db_dir).expanduser().resolve()
     wanted = identity(settings, dataset)  # models and split: checked before a model loads
     db = cached("db", (db_dir, wanted), lambda: DbManager.open(db_dir, wanted))
-    # the caption model's prompts need the model: checked next, recorded by a first run
-    prompts = load_models(settings).caption_embedder.prompts
+    # the caption model's prompts need the model: checked next, recorded by a first
+    # run (the image model first, as every command loads it: its errors come first)
+    models = load_models(settings)
+    models.image_embedder  # noqa: B018
+    prompts = models.caption_embedder.prompts
     db.check_caption_prompts(prompts.query, prompts.document)
     if db.needs_seed:
         db.identity = identity(settings, dataset, prompts)
-        seed_memory(load_models(settings), dataset, db)
+        seed_memory(models, dataset, db)
     return dataset, db
 
 
