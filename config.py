@@ -269,14 +269,21 @@ def check_same_results(recorded: Mapping[str, Any], wanted: Mapping[str, Any],
     differs from the one `what` ("run 'k3' was started") was made with (`recorded`,
     by lower-case name)."""
     for name, value in wanted.items():
-        if name in recorded and recorded[name] != value:
-            raise UserError(f"{what} with {name}={recorded[name]!r}, not {value!r}; "
-                            f"{advice}")
-        if name not in recorded and name.upper() in defaults() and \
-                value != defaults()[name.upper()]:
-            # recorded before this setting was compared: it had its default then
-            raise UserError(f"{what} with {name}={defaults()[name.upper()]!r}, not "
-                            f"{value!r}; {advice}")
+        if name in recorded:
+            was = recorded[name]
+        elif name in _BEFORE_IT_EXISTED:
+            was = _BEFORE_IT_EXISTED[name]
+        elif name.upper() in defaults():
+            was = defaults()[name.upper()]  # recorded before it was compared: its default
+        else:
+            continue
+        if was != value:
+            raise UserError(f"{what} with {name}={was!r}, not {value!r}; {advice}")
+
+
+# What a run recorded before a setting existed did, where not its default: no
+# near-duplicate guard (NEAR_DUPLICATE_THRESHOLD "auto" now guards batch runs).
+_BEFORE_IT_EXISTED = MappingProxyType({"near_duplicate_threshold": 0.0})
 
 
 def choices(name: str) -> tuple[str, ...]:

@@ -204,3 +204,16 @@ def test_vlm_max_memory_format(text, limits):
 def test_bad_vlm_placement_settings_are_one_line(overrides, message):
     with pytest.raises(UserError, match=message):
         config.resolve(env={}, **overrides)
+
+
+def test_a_run_recorded_before_a_setting_existed_compares_with_what_it_did():
+    from errors import UserError
+    old = {"top_k_similar": 5}           # a manifest from before DTYPE and the guard were recorded
+    config.check_same_results(old, {"top_k_similar": 5, "dtype": "auto",
+                                    "near_duplicate_threshold": 0.0}, "run 'r' was started", "")
+    with pytest.raises(UserError, match="run 'r' was started with near_duplicate_threshold=0.0, "
+                                        "not 0.95"):
+        config.check_same_results(old, {"near_duplicate_threshold": 0.95},
+                                  "run 'r' was started", "resume it with the same settings")
+    with pytest.raises(UserError, match="with dtype='auto', not 'bfloat16'"):
+        config.check_same_results(old, {"dtype": "bfloat16"}, "run 'r' was started", "")
