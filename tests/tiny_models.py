@@ -607,17 +607,39 @@ def make_tiny_git(path: str | Path) -> Path:
     return _save(model, processor, path)
 
 
+def _opt_tokenizer():
+    """A byte-level BPE tokenizer like OPT's (BLIP-2 / InstructBLIP's decoders)."""
+    from transformers import GPT2Tokenizer
+    vocab, merges = _byte_bpe(["<pad>", "</s>", "<unk>"])
+    return GPT2Tokenizer(vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>",
+                         pad_token="<pad>", unk_token="<unk>")
+
+
+def _opt_text_config(tok) -> dict:
+    """A tiny OPT decoder for `tok`, as BLIP-2 / InstructBLIP's text_config."""
+    return dict(model_type="opt", vocab_size=len(tok), hidden_size=32, ffn_dim=64,
+                num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+                max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                tie_word_embeddings=False)
+
+
+def _qformer_config(vocab_size: int, **extra) -> dict:
+    """A tiny Q-Former over the tiny vision tower (hidden size 32)."""
+    return dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, encoder_hidden_size=32,
+                cross_attention_frequency=1, **extra)
+
+
 def make_tiny_blip2(path: str | Path) -> Path:
     """A random ``Blip2ForConditionalGeneration`` with an OPT decoder + ``Blip2Processor``
     (like Salesforce/blip2-opt-2.7b): prompted "Question: ... Answer:"."""
     from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
-                              BlipImageProcessorPil, GPT2Tokenizer)
+                              BlipImageProcessorPil)
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _byte_bpe(["<pad>", "</s>", "<unk>"])
-    tok = GPT2Tokenizer(vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>",
-                        pad_token="<pad>", unk_token="<unk>")
+    tok = _opt_tokenizer()
     queries = 4
     processor = Blip2Processor(  # adds the <image> token to the tokenizer
         image_processor=BlipImageProcessorPil(size={"height": CAPTIONER_IMAGE,
@@ -625,14 +647,8 @@ def make_tiny_blip2(path: str | Path) -> Path:
         tokenizer=tok, num_query_tokens=queries)
     config = Blip2Config(
         vision_config=_vision(),
-        qformer_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                            num_hidden_layers=2, num_attention_heads=4, encoder_hidden_size=32,
-                            cross_attention_frequency=1),
-        text_config=dict(model_type="opt", vocab_size=len(tok), hidden_size=32, ffn_dim=64,
-                         num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
-                         max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         tie_word_embeddings=False),
+        qformer_config=_qformer_config(len(tok)),
+        text_config=_opt_text_config(tok),
         num_query_tokens=queries, image_token_id=tok.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -728,14 +744,12 @@ def make_tiny_instructblip(path: str | Path) -> Path:
     """A random ``InstructBlipForConditionalGeneration`` with an OPT decoder (the real ones
     use Vicuna or Flan-T5) + ``InstructBlipProcessor``: the prompt is its instruction, read
     by the Q-Former (BERT tokenizer) and the language model."""
-    from transformers import (BlipImageProcessorPil, GPT2Tokenizer, InstructBlipConfig,
+    from transformers import (BlipImageProcessorPil, InstructBlipConfig,
                               InstructBlipForConditionalGeneration, InstructBlipProcessor)
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _byte_bpe(["<pad>", "</s>", "<unk>"])
-    tok = GPT2Tokenizer(vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>",
-                        pad_token="<pad>", unk_token="<unk>")
+    tok = _opt_tokenizer()
     qformer_tok = _make_bert_tokenizer()
     queries = 4
     processor = InstructBlipProcessor(
@@ -744,14 +758,8 @@ def make_tiny_instructblip(path: str | Path) -> Path:
         tokenizer=tok, qformer_tokenizer=qformer_tok, num_query_tokens=queries)
     config = InstructBlipConfig(
         vision_config=_vision(),
-        qformer_config=dict(vocab_size=len(qformer_tok), hidden_size=32, intermediate_size=64,
-                            num_hidden_layers=2, num_attention_heads=4, encoder_hidden_size=32,
-                            cross_attention_frequency=1, pad_token_id=qformer_tok.pad_token_id),
-        text_config=dict(model_type="opt", vocab_size=len(tok), hidden_size=32, ffn_dim=64,
-                         num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
-                         max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         tie_word_embeddings=False),
+        qformer_config=_qformer_config(len(qformer_tok), pad_token_id=qformer_tok.pad_token_id),
+        text_config=_opt_text_config(tok),
         num_query_tokens=queries, image_token_id=tok.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=False)
     torch.manual_seed(0)
