@@ -554,7 +554,9 @@ def build_ui(settings: config.Settings | None = None):
         return (f"{len(r['hits'])} of {r['indexed']} images in {r['source']} "
                 f"(`{_model_label(r['model'])}`)"), r["query"], r["hits"], r["rows"]
 
-    def on_search_text(query, top, by, progress=gr.Progress()):
+    # track_tqdm: the first text search after a first run embeds the memory's
+    # captions (minutes on a CPU); its progress bar shows on the page
+    def on_search_text(query, top, by, progress=gr.Progress(track_tqdm=True)):
         try:
             r = search_text_tab(query, top, settings, progress_of(progress), by=by)
         except Exception as exc:  # noqa: BLE001

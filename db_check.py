@@ -15,8 +15,8 @@ import orjson
 import db_journal
 from atomic_files import write_bytes_atomic
 from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, FILES, FORMATS, IMAGE_DB, JOURNAL,
-                       NEW_WORK, PROMPT_FIELDS, REPAIR, STATE, VERSION, WORK, DbState, check_unique, headers,
-                       image_entry, map_vectors, new_rows, read_state)
+                       NEW_WORK, PROMPT_FIELDS, REPAIR, STATE, VERSION, WORK, DbState, as_ranges,
+                       check_unique, headers, image_entry, map_vectors, new_rows, read_state)
 from errors import UserError
 
 
@@ -66,13 +66,31 @@ def check_db(db_dir: str | os.PathLike) -> list[str]:
                                                 data[IMAGE_DB]["entries"]] or \
                 captions != data[CAPTION_DB]["entries"]:
             problems.append(f"working copy {work} lists other entries than the JSON files")
-        elif not (np.array_equal(image_vectors, parsed["image_vectors"]) and
-                  np.array_equal(caption_vectors, parsed["caption_vectors"])):
-            problems.append(f"working copy {work} holds other vectors than the JSON files")
+        elif state.unembedded != parsed["unembedded"]:
+            problems.append(f"working copy {work} lists other captions without vectors than "
+                            f"{CAPTION_EMBEDDING_DB}")
+        else:
+            has_vector = np.ones(state.captions, bool)
+            has_vector[state.missing_rows()] = False
+            if not (np.array_equal(image_vectors, parsed["image_vectors"]) and np.array_equal(
+                    caption_vectors[has_vector], parsed["caption_vectors"][has_vector])):
+                problems.append(f"working copy {work} holds other vectors than the JSON files")
         if (state.clip_model, state.caption_model) != (
                 data[IMAGE_DB]["model"], data[CAPTION_EMBEDDING_DB]["model"]):
             problems.append(f"{work / STATE} names other models than the JSON files")
     return problems
+
+
+def describe_db(db_dir: str | os.PathLike) -> str:
+    """One line on what the databases of `db_dir` hold, from their last commit."""
+    state = read_state(Path(db_dir) / WORK / STATE)
+    missing = state.captions - state.embedded
+    line = (f"{state.images} images, {state.captions} captions, {state.embedded} of them "
+            "with vectors")
+    if missing:
+        line += (f" ({missing} human captions get theirs at the first text search over "
+                 "captions, or now with `python main.py --embed-captions`)")
+    return line
 
 
 def repair_db(db_dir: str | os.PathLike) -> list[str]:
@@ -154,7 +172,7 @@ def import_json(db_dir: Path) -> DbState:
                     image_dim=int(parsed["image_vectors"].shape[1]),
                     caption_dim=int(parsed["caption_vectors"].shape[1]),
                     images=len(images["entries"]), captions=len(captions["entries"]),
-                    origin="import",
+                    origin="import", unembedded=parsed["unembedded"],
                     **{k: embeddings[k] for k in PROMPT_FIELDS if k in embeddings})
     return db_journal.create(db_dir, state, [e["image_id"] for e in images["entries"]],
                              [e["kind"] for e in images["entries"]], parsed["image_vectors"],
@@ -185,8 +203,10 @@ def read_json(path: Path, fmt: str) -> dict[str, Any]:
     return data
 
 
-def validate(db_dir: Path, data: dict[str, dict]) -> dict[str, np.ndarray]:
-    """Full check of parsed JSON files; returns their vectors."""
+def validate(db_dir: Path, data: dict[str, dict]) -> dict[str, Any]:
+    """Full check of parsed JSON files; returns their vectors ("image_vectors",
+    "caption_vectors": one row per caption, zeros for captions without one) and the
+    caption rows without a vector ("unembedded", as db_format.as_ranges)."""
     images, captions, embeddings = data[IMAGE_DB], data[CAPTION_DB], data[CAPTION_EMBEDDING_DB]
     _check_entries(db_dir / IMAGE_DB, images["entries"], {"image_id": str, "kind": str})
     _check_entries(db_dir / CAPTION_DB, captions["entries"],
@@ -200,9 +220,16 @@ def validate(db_dir: Path, data: dict[str, dict]) -> dict[str, np.ndarray]:
     caption_ids = [c["id"] for c in captions["entries"]]
     check_unique(db_dir / IMAGE_DB, image_ids)
     check_unique(db_dir / CAPTION_DB, caption_ids)
-    if caption_ids != [e["id"] for e in embeddings["entries"]]:
-        raise UserError(f"{db_dir}: {CAPTION_DB} and {CAPTION_EMBEDDING_DB} list different "
-                        "caption ids; restore both from the same backup")
+    # caption_embeddings.json: an entry per caption that has a vector, by id (older
+    # databases: every caption, in the same order)
+    embedded = [e["id"] for e in embeddings["entries"]]
+    check_unique(db_dir / CAPTION_EMBEDDING_DB, embedded)
+    row_of = {i: n for n, i in enumerate(caption_ids)}
+    unknown = next((i for i in embedded if i not in row_of), None)
+    if unknown is not None:
+        raise UserError(f"{db_dir / CAPTION_EMBEDDING_DB} holds the vector of caption "
+                        f"{unknown!r}, which {CAPTION_DB} does not list; restore both from the "
+                        "same backup")
     known = set(image_ids)
     orphan = next((c["image_id"] for c in captions["entries"] if c["image_id"] not in known), None)
     if orphan is not None:
@@ -210,8 +237,13 @@ def validate(db_dir: Path, data: dict[str, dict]) -> dict[str, np.ndarray]:
                         f"{IMAGE_DB} does not hold")
     if images.get("split") != captions.get("split"):
         raise UserError(f"{db_dir}: {IMAGE_DB} and {CAPTION_DB} were built from different splits")
+    found = _matrix(db_dir / CAPTION_EMBEDDING_DB, embeddings)
+    rows = np.array([row_of[i] for i in embedded], np.int64)
+    caption_vectors = np.zeros((len(caption_ids), found.shape[1]), np.float32)
+    caption_vectors[rows] = found
     return {"image_vectors": _matrix(db_dir / IMAGE_DB, images),
-            "caption_vectors": _matrix(db_dir / CAPTION_EMBEDDING_DB, embeddings)}
+            "caption_vectors": caption_vectors,
+            "unembedded": as_ranges(sorted(set(range(len(caption_ids))) - set(rows.tolist())))}
 
 
 def _check_entries(path: Path, entries: list, fields: dict[str, type]) -> None:
@@ -242,4 +274,4 @@ def _matrix(path: Path, data: dict[str, Any]) -> np.ndarray:
     return matrix
 
 
-__all__ = ["check_db", "repair_db", "backup_db", "import_json", "read_json", "validate"]
+__all__ = ["check_db", "describe_db", "repair_db", "backup_db", "import_json", "read_json", "validate"]

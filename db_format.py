@@ -6,10 +6,15 @@ working copy DB_DIR/.recap/ that commands read instead of parsing them:
   images.jsonl, captions.jsonl   the entries without vectors, one per line
   image_vectors.f32, caption_vectors.f32   the vectors, raw float32 rows (mapped)
   caption_slots.i64   per caption row, where its entry starts in captions.json,
-                      caption_embeddings.json and captions.jsonl (3 int64), so
-                      that a rerun rewrites one entry in place (db_journal.py)
+                      caption_embeddings.json (-1: no vector yet) and captions.jsonl
+                      (3 int64), so that a rerun rewrites one entry in place
+                      (db_journal.py)
   state.json          the last commit: a DbState
   journal.jsonl       the write in progress, if any
+
+Caption rows without a vector (human captions not embedded yet: DbState.unembedded)
+have a zero row in caption_vectors.f32 and no entry in caption_embeddings.json;
+an embedding write appends their entries there and fills their rows in place.
 
 A generated caption's entries are followed by spaces (valid JSON whitespace)
 so that a rerun's caption and vector usually fit where the old ones were.
@@ -102,6 +107,9 @@ class DbState:
     experiment_samples: int | None = None
     query_prompt: str | None = None         # the caption model's prompts, when recorded
     document_prompt: str | None = None
+    # Caption rows with no vector yet, as [start, end) ranges (human captions are
+    # embedded when something first needs them); () for every database before.
+    unembedded: tuple[tuple[int, int], ...] = ()
 
     def but(self, **changes: Any) -> "DbState":
         """A copy with `changes`."""
@@ -110,11 +118,31 @@ class DbState:
     def to_json(self) -> bytes:
         return dumps({**dataclasses.asdict(self), "bytes": dict(self.bytes)}, indent=True)
 
+    @property
+    def embedded(self) -> int:
+        """Caption rows that have a vector (entries in caption_embeddings.json)."""
+        return self.captions - sum(end - start for start, end in self.unembedded)
+
+    def missing_rows(self) -> list[int]:
+        """The caption rows without a vector, in order."""
+        return [row for start, end in self.unembedded for row in range(start, end)]
+
     def vector_bytes(self) -> dict[str, int]:
         """Committed sizes of the working copy's fixed-width files."""
         return {IMAGE_VECTORS: self.images * self.image_dim * 4,
                 CAPTION_VECTORS: self.captions * self.caption_dim * 4,
                 CAPTION_SLOTS: self.captions * 8 * len(SLOT_FILES)}
+
+
+def as_ranges(rows) -> tuple[tuple[int, int], ...]:
+    """Sorted row numbers as [start, end) ranges: [0, 1, 2, 5] -> ((0, 3), (5, 6))."""
+    ranges: list[list[int]] = []
+    for row in sorted(int(r) for r in rows):
+        if ranges and ranges[-1][1] == row:
+            ranges[-1][1] += 1
+        elif not ranges or ranges[-1][1] < row:
+            ranges.append([row, row + 1])
+    return tuple((start, end) for start, end in ranges)
 
 
 def generated_caption_id(image_id: str, vlm_model: str) -> str:
@@ -126,6 +154,10 @@ def read_state(path: Path) -> DbState:
         raw = orjson.loads(path.read_bytes())
         names = {f.name for f in dataclasses.fields(DbState)}
         state = DbState(**{k: v for k, v in raw.items() if k in names})
+        ranges = tuple((int(a), int(b)) for a, b in state.unembedded)
+        if any(not 0 <= a < b <= state.captions for a, b in ranges):
+            raise TypeError("unembedded")
+        state = state.but(unembedded=ranges)
         for key in ("seq", "epoch", "images", "captions", "image_dim", "caption_dim"):
             if not isinstance(getattr(state, key), int):
                 raise TypeError(key)
@@ -134,7 +166,7 @@ def read_state(path: Path) -> DbState:
                 raise TypeError(name)
     except FileNotFoundError:
         raise UserError(f"{path} is missing; {REPAIR}") from None
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{path} is damaged ({type(exc).__name__}: {exc}); {REPAIR}") from None
     return state
 
@@ -260,6 +292,6 @@ def path_of(db_dir: Path, name: str) -> Path:
     return db_dir / name if name in FILES or name.startswith(WORK) else db_dir / WORK / name
 
 
-__all__ = ["DbIdentity", "DbState", "FILES", "IMAGE_DB", "CAPTION_DB", "CAPTION_EMBEDDING_DB",
+__all__ = ["DbIdentity", "DbState", "as_ranges", "FILES", "IMAGE_DB", "CAPTION_DB", "CAPTION_EMBEDDING_DB",
            "generated_caption_id", "read_state", "headers", "new_rows", "map_vectors",
            "check_json_end"]

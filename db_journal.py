@@ -7,6 +7,8 @@ One write (`write`), under the lock DB_DIR/.recap.lock:
      "]}" with ",<entries>]}" and extend the working copy; a rerun's caption
      is written over the old one's bytes in the three caption files (it
      usually fits, see db_format.padded) and its vector over the old row;
+     captions getting their first vectors (`embed_record`) append entries to
+     caption_embeddings.json and fill their zero rows in place;
   3. commit: state.json is replaced atomically; the rename is the commit;
   4. the folder is fsynced and the journal emptied (`finish`).
 An error before 3 (disk full, Ctrl-C) puts every file back as committed
@@ -40,8 +42,8 @@ from atomic_files import (append, dumps, fsync_dir, move_into_place, truncate,
 from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, CAPTION_META, CAPTION_SLOTS,
                        CAPTION_TEXT, CAPTION_VECTORS, FILES, IMAGE_DB, IMAGE_META, IMAGE_TEXT,
                        IMAGE_VECTORS, JOURNAL, LOCK, NEW_WORK, REPAIR, SLOT_FILES, STATE, TAIL,
-                       WORK, DbState, caption_entry, caption_vector_entry, headers, image_entry,
-                       json_head, map_vectors, new_rows, read_state)
+                       WORK, DbState, as_ranges, caption_entry, caption_vector_entry, headers,
+                       image_entry, json_head, map_vectors, new_rows, read_jsonl, read_state)
 from errors import UserError
 
 log = logging.getLogger(__name__)
@@ -72,11 +74,22 @@ def locked(db_dir: Path) -> Iterator[None]:
 # An append: {"seq", "images": [entry], "image_vectors", "captions": [entry],
 # "caption_vectors"}. A rerun: {"seq", "replace": row, "caption", "caption_vector",
 # "spans": [[start, length]] per SLOT_FILES, or null when the files are rewritten whole}.
+# First vectors: {"seq", "embed": [[start, end]] caption rows, "captions": [{"id",
+# "image_id"}] and "caption_vectors", one per row}.
 
 def append_record(seq: int, images: list[dict], image_vectors: np.ndarray, captions: list[dict],
                   caption_vectors: np.ndarray) -> dict[str, Any]:
     return {"seq": seq, "images": images, "image_vectors": image_vectors,
             "captions": captions, "caption_vectors": caption_vectors}
+
+
+def embed_record(seq: int, rows: list[int], captions: list[dict[str, Any]],
+                 vectors: np.ndarray) -> dict[str, Any]:
+    """Vectors for caption rows that have none yet (`captions[i]` is row `rows[i]`'s
+    entry, `rows` sorted)."""
+    return {"seq": seq, "embed": as_ranges(rows),
+            "captions": [{"id": c["id"], "image_id": c["image_id"]} for c in captions],
+            "caption_vectors": vectors}
 
 
 def replace_record(db_dir: Path, state: DbState, row: int, caption: dict[str, Any],
@@ -126,6 +139,8 @@ def read_journal(path: Path) -> tuple[list[dict[str, Any]], bool]:
 
 def _upgrade(record: dict[str, Any]) -> dict[str, Any]:
     """A record journaled by the previous version (one experiment, or a rewrite)."""
+    if "embed" in record:
+        return record
     if record.get("replace") is None and "images" not in record:  # one experiment
         image = record["image"]
         return append_record(record["seq"], [image] if image else [],
@@ -173,6 +188,8 @@ def apply(db_dir: Path, state: DbState, record: dict[str, Any], captions: list[d
           undo: dict[str, bytes]) -> DbState:
     """Write `record` into the files; returns the state that commits it. Bytes it
     overwrites go to `undo` first."""
+    if "embed" in record:
+        return _embed(db_dir, state, record)
     if record.get("replace") is None:
         return _append(db_dir, state, record)
     work, row = db_dir / WORK, record["replace"]
@@ -212,7 +229,7 @@ def _append(db_dir: Path, state: DbState, record: dict[str, Any]) -> DbState:
         sizes[CAPTION_DB], text = append_json(db_dir / CAPTION_DB, sizes[CAPTION_DB],
                                               state.captions, entries)
         sizes[CAPTION_EMBEDDING_DB], embedded = append_json(
-            db_dir / CAPTION_EMBEDDING_DB, sizes[CAPTION_EMBEDDING_DB], state.captions,
+            db_dir / CAPTION_EMBEDDING_DB, sizes[CAPTION_EMBEDDING_DB], state.embedded,
             [caption_vector_entry(c, v) for c, v in zip(captions, vectors)])
         meta = f"{WORK}/{CAPTION_META}"
         lines = np.cumsum([sizes[meta]] + [len(e) + 1 for e in entries])
@@ -225,6 +242,31 @@ def _append(db_dir: Path, state: DbState, record: dict[str, Any]) -> DbState:
                  np.ascontiguousarray(slots).tobytes(), end=True)
     return state.but(seq=record["seq"], images=state.images + len(images),
                      captions=state.captions + len(captions), bytes=sizes)
+
+
+def _embed(db_dir: Path, state: DbState, record: dict[str, Any]) -> DbState:
+    """First vectors of caption rows: their entries appended to caption_embeddings.json,
+    their zero rows and slots filled in place (rows of unembedded captions, which no
+    reader uses before the commit, so an undone write need not restore them)."""
+    work, sizes = db_dir / WORK, dict(state.bytes)
+    captions = record["captions"]
+    vectors = np.asarray(record["caption_vectors"], np.float32).reshape(len(captions), -1)
+    sizes[CAPTION_EMBEDDING_DB], starts = append_json(
+        db_dir / CAPTION_EMBEDDING_DB, sizes[CAPTION_EMBEDDING_DB], state.embedded,
+        [caption_vector_entry(c, v) for c, v in zip(captions, vectors)])
+    width, done = 8 * len(SLOT_FILES), 0
+    for start, end in record["embed"]:
+        count = end - start
+        write_at(work / CAPTION_VECTORS, start * state.caption_dim * 4,
+                 vectors[done:done + count].tobytes())
+        slots = np.frombuffer(_read(work / CAPTION_SLOTS, start * width, count * width),
+                              np.int64).reshape(count, len(SLOT_FILES)).copy()
+        slots[:, SLOT_FILES.index(CAPTION_EMBEDDING_DB)] = starts[done:done + count]
+        write_at(work / CAPTION_SLOTS, start * width, slots.tobytes())
+        done += count
+    filled = {row for start, end in record["embed"] for row in range(start, end)}
+    return state.but(seq=record["seq"], bytes=sizes,
+                     unembedded=as_ranges(set(state.missing_rows()) - filled))
 
 
 def _rollback(db_dir: Path, state: DbState, record: dict[str, Any],
@@ -273,7 +315,10 @@ def recover(db_dir: Path) -> list[str]:
     write_bytes_atomic(db_dir / WORK / STATE, apply(db_dir, state, pending, captions, {}).to_json(),
                        sync_folder=False)
     finish(db_dir)
-    if pending.get("replace") is not None:
+    if "embed" in pending:
+        notes.append(f"completed the interrupted saving of {len(pending['captions'])} caption "
+                     "vectors")
+    elif pending.get("replace") is not None:
         caption = pending["caption"]
         notes.append(f"completed the interrupted save of experiment "
                      f"{caption.get('experiment_index')} ({caption['image_id']}): its entries "
@@ -361,12 +406,17 @@ def write_caption_files_of(json_dir: Path, work: Path, state: DbState,
     head = headers(state)
     entries = [caption_entry(c) for c in captions]
     text_size, text = write_json_file(json_dir / CAPTION_DB, head[CAPTION_DB], entries)
+    has_vector = np.ones(len(captions), bool)
+    has_vector[state.missing_rows()] = False
     embedded_size, embedded = write_json_file(
         json_dir / CAPTION_EMBEDDING_DB, head[CAPTION_EMBEDDING_DB],
-        (caption_vector_entry(c, v) for c, v in zip(captions, vectors)))
+        (caption_vector_entry(c, v) for c, v, keep in zip(captions, vectors, has_vector)
+         if keep))
+    column = np.full(len(captions), -1, np.int64)
+    column[has_vector] = embedded
     lines = np.cumsum([0] + [len(e) + 1 for e in entries])[:-1]
     meta_size = write_bytes_atomic(work / CAPTION_META, b"".join(e + b"\n" for e in entries))
-    slots = np.array([text, embedded, lines], np.int64).reshape(3, -1).T
+    slots = np.array([text, column, lines], np.int64).reshape(3, -1).T
     write_bytes_atomic(work / CAPTION_SLOTS, np.ascontiguousarray(slots).tobytes())
     return {CAPTION_DB: text_size, CAPTION_EMBEDDING_DB: embedded_size,
             f"{WORK}/{CAPTION_META}": meta_size}
@@ -426,8 +476,18 @@ def build_slots(db_dir: Path, state: DbState, force: bool = False) -> None:
     path = db_dir / WORK / CAPTION_SLOTS
     if not force and path.exists() and path.stat().st_size == state.vector_bytes()[CAPTION_SLOTS]:
         return
-    columns = [_line_starts(db_dir / name, state.captions, name in FILES) for name in SLOT_FILES]
-    slots = np.array(columns, np.int64).reshape(len(SLOT_FILES), -1).T
+    columns = {name: _line_starts(db_dir / name, count, name in FILES) for name, count in (
+        (CAPTION_DB, state.captions), (CAPTION_EMBEDDING_DB, state.embedded),
+        (f"{WORK}/{CAPTION_META}", state.captions))}
+    # caption_embeddings.json lists captions by id, not always in captions.json's
+    # order (human captions may get their vectors after generated ones): match by id.
+    where = dict(zip(_entry_ids(db_dir / CAPTION_EMBEDDING_DB, columns[CAPTION_EMBEDDING_DB]),
+                     columns[CAPTION_EMBEDDING_DB]))
+    ids = [c["id"] for c in read_jsonl(db_dir / WORK / CAPTION_META, 0,
+                                       state.bytes[f"{WORK}/{CAPTION_META}"])]
+    columns[CAPTION_EMBEDDING_DB] = [where.get(i, -1) for i in ids]
+    slots = np.array([columns[name] for name in SLOT_FILES], np.int64).reshape(
+        len(SLOT_FILES), -1).T
     write_bytes_atomic(path, np.ascontiguousarray(slots).tobytes())
 
 
@@ -447,19 +507,51 @@ def _line_starts(path: Path, count: int, json_file: bool) -> list[int]:
     return starts
 
 
+def _entry_ids(path: Path, starts: list[int]) -> list[str]:
+    """The "id" of the caption_embeddings.json entries starting at `starts`, read from
+    each entry's first bytes ({"id":...,"image_id":...,"embedding":[...]})."""
+    ids = []
+    with open(path, "rb") as f:
+        for start in starts:
+            f.seek(start)
+            head = f.read(4096)
+            cut = head.find(b',"embedding"')
+            entry = orjson.loads(head[:cut] + b"}" if cut > 0 else _line(path, start))
+            ids.append(entry["id"])
+    return ids
+
+
+def _line(path: Path, start: int, limit: int | None = None) -> bytes:
+    """The bytes from `start` to the end of its line (not past `limit`)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        line = bytearray()
+        while limit is None or start + len(line) < limit:
+            chunk = f.read(1 << 16)
+            if not chunk:
+                break
+            end = chunk.find(b"\n")
+            line += chunk if end < 0 else chunk[:end]
+            if end >= 0:
+                break
+    return bytes(line if limit is None else line[:limit - start])
+
+
 def _spans(db_dir: Path, state: DbState, row: int) -> list[tuple[int, int]]:
-    """(start, length) of caption row `row`'s entry in each of SLOT_FILES."""
+    """(start, length) of caption row `row`'s entry in each of SLOT_FILES: from where
+    the slot table says it starts to its line's end (one entry per line; a JSON
+    file's entries but the last end with a comma)."""
     width = 8 * len(SLOT_FILES)
-    blob = _read(db_dir / WORK / CAPTION_SLOTS, row * width, 2 * width)
-    slots = np.frombuffer(blob, np.int64).reshape(-1, len(SLOT_FILES))
-    if len(slots) != min(2, state.captions - row):
+    blob = _read(db_dir / WORK / CAPTION_SLOTS, row * width, width)
+    if row >= state.captions or len(blob) != width:
         raise ValueError("slot table shorter than the captions")
     spans = []
-    for k, name in enumerate(SLOT_FILES):
-        json_file = name in FILES
-        end = (int(slots[1, k]) - (2 if json_file else 1) if len(slots) == 2 else
-               state.bytes[name] - (len(TAIL) if json_file else 1))
-        spans.append((int(slots[0, k]), end - int(slots[0, k])))
+    for name, start in zip(SLOT_FILES, np.frombuffer(blob, np.int64).tolist()):
+        if start < 0:
+            raise ValueError(f"caption row {row} has no entry in {name}")
+        line = _line(db_dir / name, start, state.bytes[name])
+        length = len(line) - (1 if name in FILES and line.endswith(b",") else 0)
+        spans.append((start, length))
     return spans
 
 
@@ -488,6 +580,6 @@ def _read(path: Path, offset: int, size: int) -> bytes:
         return f.read(size)
 
 
-__all__ = ["locked", "append_record", "replace_record", "write", "finish", "recover",
+__all__ = ["locked", "append_record", "embed_record", "replace_record", "write", "finish", "recover",
            "cut_to_state", "create", "clean_interrupted_create", "write_json_file",
            "write_caption_files", "build_slots"]

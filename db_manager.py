@@ -14,7 +14,12 @@ captions.json
                   "experiment_index", "timestamp"}]}
 caption_embeddings.json
     {"format": "recap-caption-embeddings", "version": 1, "model": embedder name, "dim": D,
-     "entries": [{"id" (same order as captions.json), "image_id", "embedding": [D floats]}]}
+     "entries": [{"id" (a captions.json id), "image_id", "embedding": [D floats]}]}
+    One entry per caption that has a vector, matched by id: generated captions get
+    theirs when they are saved; the training pool's human captions get theirs the
+    first time something needs them (text search over captions, `python main.py
+    --embed-captions`), appended then. Databases built before that have an entry for
+    every caption, in captions.json's order.
 
 Keys: one image embedding per image id (the CLIP model is fixed per database);
 one generated caption per (image id, VLM model), id "IMAGE#gen:MODEL", so
@@ -45,7 +50,7 @@ import numpy as np
 
 import db_journal
 from atomic_files import write_json_atomic, write_text_atomic  # noqa: F401  (older imports)
-from db_check import backup_db, check_db, import_json, repair_db
+from db_check import backup_db, check_db, describe_db, import_json, repair_db
 from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, CAPTION_VECTORS, FILES, IMAGE_DB,
                        IMAGE_VECTORS, JOURNAL, NEW_WORK, STATE, WORK, DbIdentity, DbState,
                        as_vectors, check_dim, check_json_end, check_unique, generated_caption_id,
@@ -75,6 +80,7 @@ class DbManager:
         self.image_kinds: list[str] = []
         self.captions: list[dict[str, Any]] = []
         self.image_vectors = np.zeros((0, 0), dtype=np.float32)
+        # One row per caption; zeros for a caption without a vector (missing_caption_rows)
         self.caption_vectors = np.zeros((0, 0), dtype=np.float32)
         self.needs_seed = True
         self.repaired: list[str] = []
@@ -171,6 +177,11 @@ class DbManager:
 
     # --- reading -----------------------------------------------------------------
 
+    @property
+    def missing_caption_rows(self) -> list[int]:
+        """Caption rows (indices into `captions`) without a vector yet."""
+        return self.state.missing_rows() if self.state else []
+
     def has_caption(self, caption_id: str) -> bool:
         """Whether a caption with this id (e.g. generated_caption_id(...)) is stored."""
         return caption_id in self._caption_pos
@@ -239,14 +250,23 @@ class DbManager:
     # --- writing ------------------------------------------------------------------
 
     def seed(self, image_ids: Sequence[str], image_vectors: np.ndarray,
-             captions: Sequence[dict[str, Any]], caption_vectors: np.ndarray) -> None:
+             captions: Sequence[dict[str, Any]], caption_vectors: np.ndarray | None = None,
+             caption_dim: int | None = None) -> None:
         """Create the databases from the training pool (first run only).
 
+        `caption_vectors=None`: the captions get no vectors now (`caption_dim`, the
+        caption model's, is recorded); add_caption_vectors gives them theirs later.
         If another process created them meanwhile, theirs are kept and loaded.
         """
         if not self.needs_seed:
             raise RuntimeError("database already exists")
         image_vectors = as_vectors(image_vectors, len(image_ids))
+        unembedded = ()
+        if caption_vectors is None:
+            if not caption_dim:
+                raise ValueError("seed without caption vectors needs caption_dim")
+            caption_vectors = np.zeros((len(captions), caption_dim), np.float32)
+            unembedded = ((0, len(captions)),) if captions else ()
         caption_vectors = as_vectors(caption_vectors, len(captions))
         check_unique(self.db_dir / IMAGE_DB, list(image_ids))
         check_unique(self.db_dir / CAPTION_DB, [c["id"] for c in captions])
@@ -261,7 +281,8 @@ class DbManager:
                             dataset=ident.dataset, split=ident.split,
                             image_dim=int(image_vectors.shape[1]),
                             caption_dim=int(caption_vectors.shape[1]), images=len(image_ids),
-                            captions=len(captions), random_seed=ident.random_seed,
+                            captions=len(captions), unembedded=unembedded,
+                            random_seed=ident.random_seed,
                             experiment_samples=ident.experiment_samples,
                             **({"query_prompt": ident.query_prompt,
                                 "document_prompt": ident.document_prompt}
@@ -356,6 +377,28 @@ class DbManager:
                 np.zeros((0, state.caption_dim), np.float32)))
         return len(new_images), len(new_captions)
 
+    def add_caption_vectors(self, rows: Sequence[int], vectors: np.ndarray) -> int:
+        """Give caption rows that have no vector yet theirs (`vectors[i]` is row
+        `rows[i]`'s), in ONE journaled write with add_experiment's guarantees. Rows
+        another process filled meanwhile are left as they are. Returns how many
+        rows got a vector."""
+        if self.needs_seed:
+            raise RuntimeError("seed the database first")
+        vectors = as_vectors(vectors, len(rows)) if len(rows) else None
+        with db_journal.locked(self.db_dir):
+            self._recover()
+            self._refresh()
+            state = self.state
+            missing = set(state.missing_rows())
+            todo = sorted({int(r): n for n, r in enumerate(rows) if int(r) in missing}.items())
+            if not todo:
+                return 0
+            check_dim(vectors[0], state.caption_dim, CAPTION_EMBEDDING_DB)
+            self._write(db_journal.embed_record(
+                state.seq + 1, [r for r, _ in todo], [self.captions[r] for r, _ in todo],
+                vectors[[n for _, n in todo]]))
+        return len(todo)
+
     def _write(self, record: dict[str, Any]) -> None:
         """One journaled write (under the lock), then the in-memory copy follows it."""
         db_journal.build_slots(self.db_dir, self.state)
@@ -375,5 +418,6 @@ class DbManager:
 
 
 __all__ = ["DbManager", "DbIdentity", "DbState", "FILES", "IMAGE_DB", "CAPTION_DB",
-           "CAPTION_EMBEDDING_DB", "JOURNAL", "generated_caption_id", "check_db", "repair_db",
+           "CAPTION_EMBEDDING_DB", "JOURNAL", "generated_caption_id", "check_db", "describe_db",
+           "repair_db",
            "backup_db"]

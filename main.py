@@ -18,6 +18,7 @@ Heavy modules (torch, transformers) are imported inside the functions so that
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -125,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
                          help="with --caption-folder: plain prompt, no neighbours' captions")
     actions.add_argument("--check-db", action="store_true",
                          help="validate the databases in DB_DIR and print a report")
+    actions.add_argument("--embed-captions", action="store_true",
+                         help="give every caption of the memory its vector now (built on the "
+                              "first text search otherwise): for a machine that will serve "
+                              "searches")
     actions.add_argument("--repair-db", action="store_true",
                          help="back up DB_DIR, then fix what can be fixed and report the rest")
     actions.add_argument("--near-duplicates", action="store_true",
@@ -146,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             return _maintain_db(Path(settings.db_dir), repair=args.repair_db)
         if args.import_parquet:
             return _import_parquet(args.import_parquet, settings)
+        if args.embed_captions:
+            return _embed_captions(settings)
         if args.near_duplicates:
             import near_duplicates
             print(near_duplicates.find(settings, args.threshold).table())
@@ -192,6 +199,18 @@ def _batch(args, settings: config.Settings) -> int:
     return batch_runner.exit_code(summary)
 
 
+def _embed_captions(settings: config.Settings) -> int:
+    """--embed-captions: the memory (built first if DB_DIR has none) with a vector for
+    every caption, so that the first text search need not make them."""
+    import pipeline
+    start = time.perf_counter()
+    _, db = pipeline.initialize(settings)
+    done = pipeline.embed_missing_captions(pipeline.caption_embedder_for(settings, db), db)
+    print(f"{db.db_dir}: every one of its {len(db.captions)} captions has a vector ("
+          f"{done} embedded now, {time.perf_counter() - start:.0f} s); text search is ready")
+    return 0
+
+
 def _import_parquet(out_dir: str, settings: config.Settings) -> int:
     """--import-parquet: the shards of a scale/ job into the databases (db_manager writes)."""
     import pipeline
@@ -208,7 +227,7 @@ def _import_parquet(out_dir: str, settings: config.Settings) -> int:
 
 def _maintain_db(db_dir: Path, repair: bool) -> int:
     """--check-db / --repair-db: a report on stdout; exit 1 if problems remain."""
-    from db_manager import check_db, repair_db
+    from db_manager import check_db, describe_db, repair_db
     if repair:
         for line in repair_db(db_dir):
             print(line)
@@ -216,6 +235,8 @@ def _maintain_db(db_dir: Path, repair: bool) -> int:
     if not db_dir.exists():
         raise UserError(f"no database in {db_dir}")
     problems = check_db(db_dir)
+    with contextlib.suppress(UserError):
+        print(f"{db_dir}: {describe_db(db_dir)}")
     for line in problems:
         print(f"problem: {line}")
     print(f"{db_dir}: " + (f"{len(problems)} problem(s); fix with --repair-db" if problems

@@ -197,11 +197,15 @@ def initialize(settings: config.Settings) -> tuple["Flickr8k", "DbManager"]:
     if db.needs_seed:
         db.identity = identity(settings, dataset, prompts)
         seed_memory(models, dataset, db)
+    if settings.neighbour_selection == "dedup":  # it compares the neighbours' captions too
+        embed_missing_captions(models.caption_embedder, db)
     return dataset, db
 
 
 def seed_memory(models: Models, dataset: "Flickr8k", db: "DbManager") -> None:
-    """First run: the training pool's image embeddings, captions and caption embeddings."""
+    """First run: the training pool's image embeddings and captions. Not their
+    captions' vectors: captioning reads image vectors alone, so those are made when
+    something first needs them (embed_missing_captions)."""
     from image_embedder import embed_pool
     settings = models.settings
     log.info("building the memory from %d training images (first run in %s)",
@@ -213,11 +217,61 @@ def seed_memory(models: Models, dataset: "Flickr8k", db: "DbManager") -> None:
     captions = [{"id": f"{image_id}#{n}", "image_id": image_id, "caption": text,
                  "source": "human"}
                 for image_id in ids for n, text in enumerate(dataset.get(image_id).captions)]
-    log.info("embedding %d training captions with %s", len(captions),
-             settings.caption_embedding_model)
-    caption_vectors = models.caption_embedder.embed_captions(
-        [c["caption"] for c in captions], progress=True)
-    db.seed(ids, image_vectors, captions, caption_vectors)
+    db.seed(ids, image_vectors, captions, caption_dim=models.caption_embedder.dim)
+    log.info("stored %d human captions; their vectors are made when first needed (text "
+             "search over captions, or `python main.py --embed-captions` ahead of time)",
+             len(captions))
+
+
+# Captions per journaled write when the memory's captions get their vectors: a killed
+# run loses at most this much work (~40 s with BGE-base on 2 CPU cores).
+EMBED_CHUNK = 2048
+# Captions embedded first to time the rest.
+_PROBE = 64
+
+
+def embed_missing_captions(embedder, db: "DbManager", chunk: int | None = None) -> int:
+    """Give the memory's captions that have no vector yet (after a first run: the
+    training pool's human captions) theirs, once, with `embedder` (the caption model
+    the database was built with: caption_embedder_for). Saved in journaled chunks, so
+    a killed run keeps what it saved and the next call does the rest. Returns how many
+    captions got a vector (0: none was missing)."""
+    import os
+
+    import numpy as np
+    from tqdm import tqdm
+    rows = db.missing_caption_rows
+    if not rows:
+        return 0
+    if not os.access(db.db_dir, os.W_OK):
+        raise UserError(f"{len(rows)} captions of the memory in {db.db_dir} have no vectors "
+                        "yet and the folder is not writable: run `python main.py "
+                        "--embed-captions` once where it is")
+    texts = [db.captions[row]["caption"] for row in rows]
+    step = chunk or EMBED_CHUNK
+    start = time.perf_counter()
+    probe = embedder.embed_captions(texts[:min(_PROBE, step)])
+    rate = len(probe) / max(time.perf_counter() - start, 1e-9)
+    log.info("%d captions of the memory have no vectors yet (the training pool's human "
+             "captions): embedding them once with %s, about %s at %.0f captions/s",
+             len(rows), getattr(embedder, "name", "the caption model"),
+             _duration(len(rows) / rate), rate)
+    saved = 0
+    with tqdm(total=len(rows), initial=len(probe), unit="caption",
+              desc="embedding captions") as bar:
+        for begin in range(0, len(rows), step):
+            end = min(begin + step, len(rows))
+            fresh = embedder.embed_captions(texts[max(begin, len(probe)):end])
+            vectors = np.concatenate([probe, fresh]) if begin == 0 else fresh
+            saved += db.add_caption_vectors(rows[begin:end], vectors)
+            bar.update(len(fresh))
+    log.info("embedded %d captions in %.1f s (%.0f captions/s); saved in %s", len(rows),
+             time.perf_counter() - start, len(rows) / (time.perf_counter() - start), db.db_dir)
+    return saved
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 # What a database records, and the settings that name it.
@@ -512,20 +566,22 @@ def caption_vector_lookup(db: "DbManager") -> Callable[[str], "np.ndarray | None
     """image id -> the unit mean of its caption vectors (human ones where it has
     any, as captions_of), computed on first use."""
     by_image: dict[str, Any] | None = None
+    missing: set[int] = set()          # caption rows without a vector, read with by_image
     cache: dict[str, Any] = {}
 
     def lookup(image_id: str):
-        nonlocal by_image
+        nonlocal by_image, missing
         from neighbour_selection import mean_caption_vector
         if image_id in cache:
             return cache[image_id]
         if by_image is None:
-            by_image = {}
+            by_image, missing = {}, set(db.missing_caption_rows)
             for n, entry in enumerate(db.captions):
                 by_image.setdefault(entry["image_id"], []).append((entry["source"], n))
         rows = by_image.get(image_id, [])
         human = [n for source, n in rows if source == "human"]
         rows = human or [n for _, n in rows]
+        rows = [n for n in rows if n not in missing]  # no vector yet: unknown
         vectors = db.caption_vectors
         if not rows or vectors.ndim != 2 or max(rows) >= len(vectors):
             cache[image_id] = None

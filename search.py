@@ -213,6 +213,7 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
     best_caption: dict[str, dict[str, Any]] = {}
     if by in ("captions", "both"):
         embedder = pipeline.caption_embedder_for(settings, db)
+        pipeline.embed_missing_captions(embedder, db)  # a first search after a first run
         rankings["captions"], best_caption = _caption_ranking(db, embedder.embed_queries(
             [text])[0])
         models.append(embedder.name)

@@ -372,6 +372,8 @@ class _Shared:
         self.seconds: dict[str, float] = {}
         self.dataset, self.db = pipeline.initialize(settings)
         self.models = pipeline.load_models(settings).load_all()
+        # the "dedup" variant compares the neighbours' caption vectors too
+        pipeline.embed_missing_captions(self.models.caption_embedder, self.db)
         self.image_embedder = self.models.image_embedder
         self.caption_embedder = self.models.caption_embedder
         self.captioner = self.models.captioner

@@ -4,7 +4,8 @@
 
 KIND is append (a new experiment), replace (a rerun of a stored experiment
 whose caption fits the old one's room), rewrite (a rerun with a much longer
-caption), batch (add_images of 4 images with captions) or seed (creating the
+caption), batch (add_images of 4 images with captions), embed (first vectors for
+4 of the human captions of a database seeded without them) or seed (creating the
 database); all by default.
 For each kind and primitive (write, fsync, replace, truncate: os.write /
 os.fsync / os.replace / os.ftruncate, and a file object's write / truncate)
@@ -34,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-KINDS = ("append", "replace", "rewrite", "batch", "seed")
+KINDS = ("append", "replace", "rewrite", "batch", "embed", "seed")
 IDENTITY = ("clip", "bge", "flickr", "abc")
 PRIMITIVES = ("write", "fsync", "replace", "truncate")
 OS_CALLS = {"write": "write", "fsync": "fsync", "replace": "replace", "truncate": "ftruncate"}
@@ -45,18 +46,19 @@ def unit(rows: int, dim: int, seed: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def seed(db) -> None:
-    """3 training images with 2 human captions each."""
+def seed(db, lazy: bool = False) -> None:
+    """3 training images with 2 human captions each (`lazy`: without their vectors)."""
     db.seed([f"im{i}.jpg" for i in range(3)], unit(3, 4, 0),
             [{"id": f"im{i}.jpg#{n}", "image_id": f"im{i}.jpg", "caption": f"caption {i} {n}",
-              "source": "human"} for i in range(3) for n in range(2)], unit(6, 5, 1))
+              "source": "human"} for i in range(3) for n in range(2)],
+            None if lazy else unit(6, 5, 1), caption_dim=5)
 
 
-def build(db_dir: Path) -> None:
+def build(db_dir: Path, lazy: bool = False) -> None:
     """The seed and one experiment (a generated caption)."""
     from db_manager import DbIdentity, DbManager
     db = DbManager.open(db_dir, DbIdentity(*IDENTITY))
-    seed(db)
+    seed(db, lazy)
     db.add_experiment("exp.jpg", unit(1, 4, 2)[0], "a dog on the grass", unit(1, 5, 3)[0],
                       vlm_model="vlm", experiment_index=0, timestamp="2026-12-01T00:00:00")
 
@@ -68,6 +70,7 @@ def batch():
     return ids, unit(4, 4, 20), captions, unit(4, 5, 21)
 
 
+EMBEDDED = [1, 2, 3, 4]   # caption rows of the lazy base that get vectors
 REPLACEMENT = {"replace": "a cat on the sofa", "rewrite": "a much longer caption " * 30}
 
 
@@ -80,6 +83,8 @@ def write(db, kind: str) -> None:
                           vlm_model="vlm", experiment_index=0, timestamp="2026-12-01T00:00:02")
     elif kind == "batch":
         db.add_images(*batch())
+    elif kind == "embed":
+        db.add_caption_vectors(EMBEDDED, unit(len(EMBEDDED), 5, 7))
     else:
         seed(db)
 
@@ -155,8 +160,9 @@ class Faults:
 
 def trials(kinds: list[str], work: Path) -> list[dict]:
     from db_manager import DbIdentity, DbManager
-    base = work / "base"
+    base, lazy = work / "base", work / "lazy-base"
     build(base)
+    build(lazy, lazy=True)
     done = []
     for kind in kinds:
         for primitive in PRIMITIVES:
@@ -167,7 +173,7 @@ def trials(kinds: list[str], work: Path) -> list[dict]:
                 if kind == "seed":
                     copy.mkdir()
                 else:
-                    shutil.copytree(base, copy)
+                    shutil.copytree(lazy if kind == "embed" else base, copy)
                 db = DbManager.open(copy, DbIdentity(*IDENTITY))
                 error = None
                 with Faults(primitive, n) as faults:
@@ -207,6 +213,14 @@ def verify(trial: dict) -> str | None:
         if not np.array_equal(db.caption_vectors[row], vector):
             return "the caption and its vector are from different writes"
         parts = [new]
+    elif kind == "embed":
+        missing = set(db.missing_caption_rows)
+        parts = [row not in missing for row in EMBEDDED]
+        if sorted(missing - set(EMBEDDED)) != [0, 5]:
+            return "other captions got or lost vectors"
+        if all(parts) and not np.array_equal(db.caption_vectors[EMBEDDED],
+                                             unit(len(EMBEDDED), 5, 7)):
+            return "the captions hold other vectors than the write's"
     else:
         ids, _, captions, _ = batch()
         parts = [i in db.image_ids for i in ids] + [c["id"] in rows for c in captions]

@@ -268,13 +268,20 @@ def test_malformed_image_database_is_found_by_check_and_refused_on_import(tmp_pa
         DbManager.open(tmp_path, IDENTITY)
 
 
-def test_captions_and_their_embeddings_must_align(tmp_path):
-    seeded(tmp_path)
+def test_caption_embeddings_are_matched_to_captions_by_id(tmp_path):
+    db = seeded(tmp_path)
+    vectors = np.array(db.caption_vectors)
     shutil.rmtree(tmp_path / WORK)
     data = json.loads((tmp_path / CAPTION_EMBEDDING_DB).read_text())
-    data["entries"].reverse()
+    data["entries"].reverse()                          # another order: the same vectors
     (tmp_path / CAPTION_EMBEDDING_DB).write_text(json.dumps(data))
-    with pytest.raises(UserError, match="different caption ids"):
+    assert np.array_equal(DbManager.open(tmp_path, IDENTITY).caption_vectors, vectors)
+    assert check_db(tmp_path) == []
+
+    shutil.rmtree(tmp_path / WORK)
+    data["entries"][0]["id"] = "not-a-caption#0"
+    (tmp_path / CAPTION_EMBEDDING_DB).write_text(json.dumps(data))
+    with pytest.raises(UserError, match="not-a-caption#0.*does not list"):
         DbManager.open(tmp_path, IDENTITY)
 
 
@@ -674,3 +681,81 @@ def test_crash_during_add_images_gives_every_row_or_none(tmp_path, point, saved,
     assert counts == ([9, 12, 12] if saved else [3, 6, 6])
     if point not in ("truncate-journal", "journal"):
         assert "completed an interrupted batch of 6 images and 6 captions" in caplog.text
+
+
+# --- captions without vectors (a first run embeds none of the human captions) -------------
+
+def lazily_seeded(db_dir, n_images=3):
+    db = DbManager.open(db_dir, IDENTITY)
+    db.seed([f"im{i}.jpg" for i in range(n_images)], unit(n_images, 4), human_captions(n_images),
+            caption_dim=5)
+    return db
+
+
+def test_a_memory_seeded_without_caption_vectors_says_which_captions_have_them(tmp_path):
+    db = lazily_seeded(tmp_path)
+    assert db.missing_caption_rows == list(range(6)) and check_db(tmp_path) == []
+    add(db)                                      # a generated caption comes with its vector
+    data = load_all(tmp_path)                    # plain json.load, as a user reads them
+    assert len(data[CAPTION_DB]["entries"]) == 7
+    assert [e["id"] for e in data[CAPTION_EMBEDDING_DB]["entries"]] == ["exp.jpg#gen:vlm-a"]
+    assert db_manager.describe_db(tmp_path).startswith("4 images, 7 captions, 1 of them with "
+                                                       "vectors (6 human captions")
+
+    assert db.add_caption_vectors([4, 1, 2], unit(3, 5, seed=8)) == 3
+    again = DbManager.open(tmp_path, IDENTITY)
+    assert again.missing_caption_rows == [0, 3, 5] and check_db(tmp_path) == []
+    assert np.array_equal(again.caption_vectors[[4, 1, 2]], unit(3, 5, seed=8))
+    ids = [e["id"] for e in load_all(tmp_path)[CAPTION_EMBEDDING_DB]["entries"]]
+    assert ids == ["exp.jpg#gen:vlm-a", "im0.jpg#1", "im1.jpg#0", "im2.jpg#0"]
+    assert again.add_caption_vectors([1, 0, 3, 5], unit(4, 5, seed=9)) == 3  # 1 had one
+    assert again.missing_caption_rows == [] and check_db(tmp_path) == []
+    assert "6 human captions" not in db_manager.describe_db(tmp_path)
+
+
+def test_missing_caption_vectors_survive_a_copy_of_the_json_files_alone(tmp_path):
+    db = lazily_seeded(tmp_path)
+    add(db)
+    db.add_caption_vectors([2, 3], unit(2, 5, seed=8))
+    vectors = np.array(db.caption_vectors)
+    shutil.rmtree(tmp_path / WORK)                 # the JSON files are the whole truth
+    copy = DbManager.open(tmp_path, IDENTITY)
+    assert copy.missing_caption_rows == [0, 1, 4, 5] and check_db(tmp_path) == []
+    assert np.array_equal(copy.caption_vectors[[2, 3, 6]], vectors[[2, 3, 6]])
+    add(copy, caption="a rerun with a much longer caption " * 20)  # rewrites the caption files
+    copy.add_caption_vectors([0, 1, 4, 5], unit(4, 5, seed=9))
+    assert check_db(tmp_path) == [] and DbManager.open(tmp_path).missing_caption_rows == []
+
+
+def test_a_rerun_in_a_memory_whose_captions_got_vectors_late_stays_in_place(tmp_path):
+    db = lazily_seeded(tmp_path)
+    add(db)
+    db.add_caption_vectors(list(range(6)), unit(6, 5, seed=8))   # entries after the generated one
+    (tmp_path / WORK / "caption_slots.i64").unlink()               # rebuilt, matched by id
+    add(db, caption="another caption", seed=3)
+    assert check_db(tmp_path) == []
+    assert DbManager.open(tmp_path).captions[6]["caption"] == "another caption"
+
+
+EMBED_WRITER = """
+import sys
+import db_manager, db_writer, test_db_manager
+db_writer.crash_at(sys.argv[2])
+db = db_manager.DbManager.open(sys.argv[1])
+db.add_caption_vectors([0, 1, 2, 3], test_db_manager.unit(4, 5, seed=8))
+print("ack", flush=True)
+"""
+
+
+@pytest.mark.parametrize("point, saved", [
+    ("journal", False), ("json:1", True), ("state", True), ("truncate-journal", True),
+])
+def test_a_crash_while_saving_caption_vectors_gives_all_of_them_or_none(tmp_path, point, saved):
+    lazily_seeded(tmp_path)
+    out = subprocess.run([sys.executable, "-c", EMBED_WRITER, str(tmp_path), point],
+                         cwd=WRITER.parent, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 9 and "ack" not in out.stdout, out.stderr
+    db = DbManager.open(tmp_path, IDENTITY)
+    assert db.missing_caption_rows == ([4, 5] if saved else list(range(6)))
+    assert check_db(tmp_path) == []
+    assert len(load_all(tmp_path)[CAPTION_EMBEDDING_DB]["entries"]) == (4 if saved else 0)

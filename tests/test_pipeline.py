@@ -160,10 +160,11 @@ def test_captions_carry_the_document_prompt_and_queries_the_query_prompt(
     _, db = main.initialize_system(**kwargs)
     assert db.caption_prompts == (QUERY_PROMPT, DOCUMENT_PROMPT)        # recorded
     plain = CaptionEmbedder(minilm)          # the same model without prompts: add them by hand
+    hit = search.search_text("a dog in the snow", 1, **kwargs).hits[0]  # embeds the captions
+    db = DbManager.open(kwargs["db_dir"])
     first = db.captions[0]["caption"]
     np.testing.assert_allclose(db.caption_vectors[0],
                                plain.embed_captions([DOCUMENT_PROMPT + first])[0], atol=1e-5)
-    hit = search.search_text("a dog in the snow", 1, **kwargs).hits[0]
     query = plain.embed_captions([QUERY_PROMPT + "a dog in the snow"])[0]
     row = next(n for n, c in enumerate(db.captions) if c["caption"] == hit.caption)
     assert hit.score == pytest.approx(float(query @ db.caption_vectors[row]), abs=1e-5)

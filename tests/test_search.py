@@ -5,10 +5,12 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import main
 import search
+from db_manager import FILES, DbManager, check_db
 from errors import UserError
 from fake_flickr import captions_for, image_name, make_image
 
@@ -348,3 +350,120 @@ def test_a_korean_query_works_end_to_end(clip_memory, tmp_path, capsys, monkeypa
     page = app.search_text_tab(KOREAN, 3, config.resolve(**kwargs), by="clip")
     assert page["by"] == "clip" and [row[5] for row in page["rows"]] == ["clip"] * 3
     assert page["hits"][0][1].startswith("#1 · ") and "clip" in page["hits"][0][1]
+
+
+# --- the memory's human captions get their vectors at the first text search ---------------
+
+def counting_caption_embeddings(monkeypatch) -> list[str]:
+    """The texts CaptionEmbedder.embed_captions is asked for from now on."""
+    import caption_embedder
+    embedded: list[str] = []
+    real = caption_embedder.CaptionEmbedder.embed_captions
+
+    def counting(self, captions, progress=False):
+        embedded.extend(captions)
+        return real(self, captions, progress)
+    monkeypatch.setattr(caption_embedder.CaptionEmbedder, "embed_captions", counting)
+    return embedded
+
+
+def built_the_old_way(db, db_dir, settings_kwargs):
+    """A copy of memory `db` made as before lazy caption vectors: every human caption
+    embedded by the seed, then the same experiments."""
+    import config
+    import pipeline
+    from db_manager import DbIdentity, DbManager
+    s = db.state
+    old = DbManager.open(db_dir, DbIdentity(s.clip_model, s.caption_model, s.dataset, s.split,
+                                            s.random_seed, s.experiment_samples,
+                                            s.query_prompt, s.document_prompt))
+    embedder = pipeline.load_models(config.resolve(**settings_kwargs)).caption_embedder
+    train = [n for n, kind in enumerate(db.image_kinds) if kind == "train"]
+    human = [c for c in db.captions if c["source"] == "human"]
+    old.seed([db.image_ids[n] for n in train], db.image_vectors[train], human,
+             embedder.embed_captions([c["caption"] for c in human]))
+    for row, c in enumerate(db.captions):
+        if c["source"] == "generated":
+            old.add_experiment(c["image_id"], db.image_vectors[db.image_ids.index(c["image_id"])],
+                               c["caption"], db.caption_vectors[row], c["model"],
+                               c["experiment_index"], c["timestamp"])
+    return old
+
+
+def hits_of(result):
+    return [(h.image_id, h.caption, round(h.score, 4)) for h in result.hits]
+
+
+def test_the_first_text_search_embeds_the_human_captions_once(settings_kwargs, monkeypatch,
+                                                              caplog, tmp_path):
+    embedded = counting_caption_embeddings(monkeypatch)
+    dataset, db = main.initialize_system(**settings_kwargs)
+    main.run_experiment(experiment_index=0, **settings_kwargs)
+    humans = 5 * len(dataset.train)
+    assert len(embedded) == 1                          # the generated caption alone
+    assert len(db.missing_caption_rows) == humans
+
+    caplog.set_level("INFO")
+    first = search.search_text("a dog runs", 5, by="captions", **settings_kwargs)
+    assert len(embedded) == 1 + humans and f"{humans} captions of the memory have no " \
+        "vectors yet" in caplog.text and "about" in caplog.text
+    again = search.search_text("a dog runs", 5, by="captions", **settings_kwargs)
+    assert len(embedded) == 1 + humans and hits_of(again) == hits_of(first)
+
+    old = built_the_old_way(db, tmp_path / "old", settings_kwargs)
+    assert np.allclose(old.caption_vectors, DbManager.open(db.db_dir).caption_vectors, atol=1e-5)
+    before = {f: (old.db_dir / f).read_bytes() for f in FILES}
+    count = len(embedded)
+    same = search.search_text("a dog runs", 5, by="captions",
+                              **{**settings_kwargs, "db_dir": str(old.db_dir)})
+    assert hits_of(same) == hits_of(first)
+    # a database built with every caption embedded is used as it is
+    assert len(embedded) == count and before == {f: (old.db_dir / f).read_bytes() for f in FILES}
+    assert check_db(db.db_dir) == [] and check_db(old.db_dir) == []
+
+
+KILLED_SEARCH = """
+import time
+import caption_embedder, pipeline, search
+pipeline.EMBED_CHUNK = 8
+real = caption_embedder.CaptionEmbedder.embed_captions
+
+def slow(self, captions, progress=False):
+    time.sleep(0.5)
+    return real(self, captions, progress)
+caption_embedder.CaptionEmbedder.embed_captions = slow
+search.main(["--text", "a dog", "--text-by", "captions"])
+"""
+
+
+def test_a_search_killed_while_embedding_keeps_what_it_saved_and_the_next_finishes(
+        settings_kwargs, pipeline_env, monkeypatch):
+    import signal
+    import subprocess
+    import time
+
+    import db_format
+    dataset, db = main.initialize_system(**settings_kwargs)
+    main.run_experiment(experiment_index=0, **settings_kwargs)
+    state = db.db_dir / db_format.WORK / db_format.STATE
+    child = subprocess.Popen([sys.executable, "-c", KILLED_SEARCH], env=pipeline_env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while db_format.read_state(state).embedded < 1 + 8 and child.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.communicate()
+    left = DbManager.open(db.db_dir).missing_caption_rows
+    assert 0 < len(left) < 5 * len(dataset.train)        # killed part-way, the chunks kept
+
+    embedded = counting_caption_embeddings(monkeypatch)
+    result = search.search_text("a dog", 5, by="captions", **settings_kwargs)
+    assert len(embedded) == len(left) and result.hits       # only what was missing
+    finished = DbManager.open(db.db_dir)
+    assert finished.missing_caption_rows == [] and check_db(db.db_dir) == []
+    human = [n for n, c in enumerate(finished.captions) if c["source"] == "human"]
+    import pipeline
+    fresh = pipeline.load_models(db.settings).caption_embedder.embed_captions(
+        [finished.captions[n]["caption"] for n in human])
+    assert np.allclose(finished.caption_vectors[human], fresh, atol=1e-5)
