@@ -372,8 +372,6 @@ class _Shared:
         self.seconds: dict[str, float] = {}
         self.dataset, self.db = pipeline.initialize(settings)
         self.models = pipeline.load_models(settings).load_all()
-        # the "dedup" variant compares the neighbours' caption vectors too
-        pipeline.embed_missing_captions(self.models.caption_embedder, self.db)
         self.image_embedder = self.models.image_embedder
         self.caption_embedder = self.models.caption_embedder
         self.captioner = self.models.captioner
@@ -652,6 +650,8 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
 
     overall = time.perf_counter()
     shared = _Shared(settings, indices, progress)
+    if any(plan.selection == "dedup" for plan in plans):  # it compares caption vectors too
+        pipeline.embed_missing_captions(shared.caption_embedder, shared.db)
     report = _new_report(settings, shared, names, indices)
     files = {"md": out / MD_NAME, "json": out / JSON_NAME, "png": out / PNG_NAME}
     done: dict[tuple, dict[str, Any]] = {}
