@@ -252,10 +252,9 @@ def embed_missing_captions(embedder, db: "DbManager", chunk: int | None = None) 
     start = time.perf_counter()
     probe = embedder.embed_captions(texts[:min(_PROBE, step)])
     rate = len(probe) / max(time.perf_counter() - start, 1e-9)
-    log.info("%d captions of the memory have no vectors yet (the training pool's human "
-             "captions): embedding them once with %s, about %s at %.0f captions/s",
-             len(rows), getattr(embedder, "name", "the caption model"),
-             _duration(len(rows) / rate), rate)
+    log.info("embedding %d captions of the memory once (the training pool's human captions "
+             "have no vectors yet) with %s: about %s at %.0f captions/s", len(rows),
+             getattr(embedder, "name", "the caption model"), _duration(len(rows) / rate), rate)
     saved = 0
     with tqdm(total=len(rows), initial=len(probe), unit="caption",
               desc="embedding captions") as bar:

@@ -68,6 +68,14 @@ def memory(prepared, settings_kwargs):
     return dataset
 
 
+def served_memory(settings: config.Settings) -> None:
+    """The memory's captions given their vectors ahead, as README says to before serving
+    searches (`python main.py --embed-captions`): the page's searches then save nothing."""
+    import pipeline
+    _, db = pipeline.initialize(settings)
+    pipeline.embed_missing_captions(pipeline.caption_embedder_for(settings, db), db)
+
+
 def add_demo_run(prepared: Path, settings: config.Settings) -> Path:
     run = Path(settings.results_dir) / "runs" / "demo"
     shutil.copytree(prepared / "results" / "runs" / "demo", run)
@@ -376,6 +384,7 @@ def test_browser_end_to_end(prepared, memory, settings, pipeline_env, photo, tmp
     add_demo_run(prepared, settings)                           # a run to browse
     expected = app.caption_tab(str(photo), settings=settings)  # what the page must show
     k = settings.top_k_similar
+    served_memory(settings)
     before = snapshot(settings.db_dir)
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -508,6 +517,7 @@ def _visit(url: str, photo: Path, downloads: Path, k: int) -> list[str]:
 def test_many_visitors_at_once_each_get_a_whole_answer(memory, settings, pipeline_env, photo,
                                                        tmp_path):
     from concurrent.futures import ThreadPoolExecutor, wait
+    served_memory(settings)
     before = snapshot(settings.db_dir)
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"

@@ -89,6 +89,27 @@ def test_main_py_end_to_end(pipeline_env, settings_kwargs):
     assert len(r2["similar_images"]) == 3 and r2["config"]["top_k_similar"] == 3
 
 
+def test_the_first_run_leaves_the_human_captions_vectors_to_embed_captions(pipeline_env,
+                                                                           settings_kwargs):
+    db_dir, humans = Path(settings_kwargs["db_dir"]), TRAIN_IMAGES * CAPTIONS_PER_IMAGE
+    assert run_cli(["--experiment-image-index", "1"], pipeline_env).returncode == 0
+    check = run_cli(["--check-db"], pipeline_env)
+    assert check.returncode == 0 and f"{humans + 1} captions, 1 of them with vectors " \
+        f"({humans} human captions get theirs at the first text search" in check.stdout
+
+    done = run_cli(["--embed-captions"], pipeline_env)
+    assert done.returncode == 0, done.stderr
+    assert f"every one of its {humans + 1} captions has a vector ({humans} embedded now" \
+        in done.stdout and "text search is ready" in done.stdout
+    captions = json.loads((db_dir / CAPTION_DB).read_text())["entries"]
+    embedded = json.loads((db_dir / CAPTION_EMBEDDING_DB).read_text())["entries"]
+    assert sorted(e["id"] for e in embedded) == sorted(c["id"] for c in captions)
+    assert "(0 embedded now" in run_cli(["--embed-captions"], pipeline_env).stdout
+    check = run_cli(["--check-db"], pipeline_env)
+    assert f"{humans + 1} of them with vectors\n" in check.stdout and "all checks passed" in \
+        check.stdout
+
+
 def test_python_api_both_forms_reuse_models(settings_kwargs):
     dataset_loader, db_manager = main.initialize_system(**settings_kwargs)
     r = main.run_experiment(dataset_loader, db_manager, experiment_index=0, **settings_kwargs)

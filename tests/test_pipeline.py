@@ -255,3 +255,12 @@ def test_a_database_made_before_prompts_were_recorded_keeps_working(settings_kwa
     db = DbManager.open(db_dir)
     np.testing.assert_allclose(db.caption_vectors[-1], plain.embed_captions(
         [db.captions[-1]["caption"]])[0], atol=1e-5)
+
+
+def test_dedup_selection_gives_the_memorys_captions_their_vectors_first(settings_kwargs):
+    _, lazy = main.initialize_system(**settings_kwargs)
+    assert lazy.missing_caption_rows                      # a first run embeds none of them
+    _, db = main.initialize_system(**{**settings_kwargs, "neighbour_selection": "dedup"})
+    assert db.missing_caption_rows == []                  # "dedup" compares them
+    lookup = pipeline.caption_vector_lookup(db)
+    assert lookup(db.captions[0]["image_id"]) is not None
