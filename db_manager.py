@@ -419,5 +419,4 @@ class DbManager:
 
 __all__ = ["DbManager", "DbIdentity", "DbState", "FILES", "IMAGE_DB", "CAPTION_DB",
            "CAPTION_EMBEDDING_DB", "JOURNAL", "generated_caption_id", "check_db", "describe_db",
-           "repair_db",
-           "backup_db"]
+           "repair_db", "backup_db"]
