@@ -71,7 +71,6 @@ def memory(prepared, settings_kwargs):
 def served_memory(settings: config.Settings) -> None:
     """The memory's captions given their vectors ahead, as README says to before serving
     searches (`python main.py --embed-captions`): the page's searches then save nothing."""
-    import pipeline
     _, db = pipeline.initialize(settings)
     pipeline.embed_missing_captions(pipeline.caption_embedder_for(settings, db), db)
 
@@ -337,6 +336,33 @@ def test_import_and_help_load_no_heavy_module():
         "app.py: error: --port must be a whole number, got 'http'")
 
 
+def _start_server(pipeline_env: dict, log: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """`python app.py ARGS` on a free port, its output in `log`; returns it and its
+    address once the page answers (stopped again if it never does)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {**pipeline_env, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "app.py", *args, "--port", str(port)],
+                                  cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_until_up(url, server, log, seconds=90)
+    except BaseException:
+        _stop_server(server, timeout=15)
+        raise
+    return server, url
+
+
+def _stop_server(server: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, as systemd or docker would; killed if it is not gone within `timeout` s."""
+    server.terminate()
+    try:
+        server.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -386,17 +412,11 @@ def test_browser_end_to_end(prepared, memory, settings, pipeline_env, photo, tmp
     k = settings.top_k_similar
     served_memory(settings)
     before = snapshot(settings.db_dir)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    log = tmp_path / "app.log"
-    env = {**pipeline_env, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT,
-                                  env=env, stdout=out, stderr=subprocess.STDOUT)
+    log = tmp_path / "app.log"
+    server, url = _start_server(pipeline_env, log)
     try:
-        _wait_until_up(url, server, log, seconds=90)
         with sync_playwright() as playwright:
             browser = _launch_chromium(playwright)
             page = browser.new_page(viewport={"width": 1360, "height": 900})
@@ -461,12 +481,7 @@ def test_browser_end_to_end(prepared, memory, settings, pipeline_env, photo, tmp
             finally:
                 browser.close()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        _stop_server(server, timeout=15)
     assert snapshot(settings.db_dir) == before     # nothing saved without the checkbox
     for name in DOC_SHOTS:
         assert (shots / f"{name}.png").read_bytes().startswith(b"\x89PNG")
@@ -519,16 +534,9 @@ def test_many_visitors_at_once_each_get_a_whole_answer(memory, settings, pipelin
     from concurrent.futures import ThreadPoolExecutor, wait
     served_memory(settings)
     before = snapshot(settings.db_dir)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
     log = tmp_path / "app.log"
-    env = {**pipeline_env, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1",
-                                   "--port", str(port)], cwd=ROOT, env=env, stdout=out,
-                                  stderr=subprocess.STDOUT)
+    server, url = _start_server(pipeline_env, log, "--host", "127.0.0.1")
     try:
-        _wait_until_up(url, server, log, seconds=90)
         pool = ThreadPoolExecutor(VISITORS)
         visits = [pool.submit(_visit, url, photo, tmp_path / f"visitor-{n}", 8)
                   for n in range(VISITORS)]
@@ -537,12 +545,7 @@ def test_many_visitors_at_once_each_get_a_whole_answer(memory, settings, pipelin
         assert not late, f"{len(late)} of {VISITORS} visitors unfinished after {VISIT_SECONDS} s"
         problems = [p for visit in visits for p in visit.result()]
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        _stop_server(server, timeout=30)
     text = log.read_text(errors="replace")
     assert server.returncode == 0, text[-3000:]    # stopped cleanly: its picture cache removed
     assert problems == [], f"{len(problems)} of {3 * VISITORS} requests failed: {problems[:5]}"

@@ -405,28 +405,28 @@ def test_numbered_caption_columns_with_image_bytes_use_stable_hash_ids():
     assert_same_picture(d.load_image(samples[1]), 1)
 
 
+def assert_three_fixture_samples(table, name: str) -> None:
+    """The table's samples are fixture images 0-2, with their captions and pictures."""
+    samples, rows = samples_from_table(table, name)
+    assert [(s.image_id, s.captions) for s in samples] == [
+        (image_name(i), tuple(captions_for(i))) for i in range(3)]
+    d = Flickr8k(name, samples, 1, 42, hub_rows=rows)
+    for i, sample in enumerate(samples):
+        assert_same_picture(d.load_image(sample), i)
+
+
 def test_caption_list_column_with_file_name_column():
     table = hub_table({"image_filename": [image_name(i) for i in range(3)],
                        "captions": [captions_for(i) for i in range(3)]},
                       [jpeg_bytes(make_image(i)) for i in range(3)])
-    samples, rows = samples_from_table(table, "tsystems-like")
-    assert [(s.image_id, s.captions) for s in samples] == [
-        (image_name(i), tuple(captions_for(i))) for i in range(3)]
-    d = Flickr8k("tsystems-like", samples, 1, 42, hub_rows=rows)
-    for i, sample in enumerate(samples):
-        assert_same_picture(d.load_image(sample), i)
+    assert_three_fixture_samples(table, "tsystems-like")
 
 
 def test_hub_ids_with_surrounding_whitespace_keep_their_images_and_captions():
     names = [f" {image_name(i)} " if i != 1 else f"{image_name(i)}\t" for i in range(3)]
     table = hub_table({"image_filename": names, "captions": [captions_for(i) for i in range(3)]},
                       [jpeg_bytes(make_image(i)) for i in range(3)])
-    samples, rows = samples_from_table(table, "padded-ids")
-    assert [(s.image_id, s.captions) for s in samples] == [
-        (image_name(i), tuple(captions_for(i))) for i in range(3)]
-    d = Flickr8k("padded-ids", samples, 1, 42, hub_rows=rows)
-    for i, sample in enumerate(samples):
-        assert_same_picture(d.load_image(sample), i)
+    assert_three_fixture_samples(table, "padded-ids")
 
 
 @pytest.mark.parametrize("column", ["text", "caption"])
