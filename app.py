@@ -234,7 +234,7 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
     index: int | None = None
     if isinstance(image_or_index, numbers.Number) and not isinstance(image_or_index, bool):
         index = _whole_number(image_or_index, "experiment image index", 0,
-                              settings.experiment_samples - 1)
+                              pipeline.experiment_count(settings) - 1)
     else:
         upload = read_upload(image_or_index)
     start = time.perf_counter()
@@ -514,7 +514,8 @@ def build_ui(settings: config.Settings | None = None):
 
     settings = _resolve(settings)
     k = settings.top_k_similar
-    last_index = settings.experiment_samples - 1
+    import pipeline
+    last_index = pipeline.experiment_count(settings) - 1
 
     def progress_of(progress) -> Progress:
         return lambda fraction, text: progress(fraction, desc=text)

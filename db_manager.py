@@ -149,7 +149,8 @@ class DbManager:
         if self.state.split != want.split:
             raise UserError(f"database {self.db_dir} was built with split {self.state.split!r}, "
                             f"not {want.split!r}: use another --db-dir for these settings, or "
-                            "set --dataset-name / --random-seed / --experiment-samples back")
+                            "set --dataset-name / --split / --memory-dataset / --random-seed / "
+                            "--experiment-samples back")
         if want.query_prompt is not None and want.document_prompt is not None:
             self.check_caption_prompts(want.query_prompt, want.document_prompt)
 
@@ -284,6 +285,7 @@ class DbManager:
                             captions=len(captions), unembedded=unembedded,
                             random_seed=ident.random_seed,
                             experiment_samples=ident.experiment_samples,
+                            split_name=ident.split_name, memory_dataset=ident.memory_dataset,
                             **({"query_prompt": ident.query_prompt,
                                 "document_prompt": ident.document_prompt}
                                if ident.query_prompt is not None

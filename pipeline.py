@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-    from dataset_loader import Flickr8k
+    from dataset_loader import Collection
     from db_manager import DbManager
 
 log = logging.getLogger("pipeline")
@@ -142,11 +142,23 @@ def load_models(settings: config.Settings) -> Models:
     return Models(settings)
 
 
-def load_dataset(settings: config.Settings) -> "Flickr8k":
-    """DATASET_NAME split by EXPERIMENT_SAMPLES and RANDOM_SEED, once per process."""
+def load_dataset(settings: config.Settings) -> "Collection":
+    """DATASET_NAME split by SPLIT (EXPERIMENT_SAMPLES, RANDOM_SEED), the memory from
+    MEMORY_DATASET, once per process."""
     from dataset_loader import load_and_split_dataset
-    key = (settings.dataset_name, settings.experiment_samples, settings.random_seed)
-    return cached("dataset", key, lambda: load_and_split_dataset(*key))
+    key = (settings.dataset_name, settings.experiment_samples, settings.random_seed,
+           settings.split, settings.memory_dataset)
+    return cached("dataset", key, lambda: load_and_split_dataset(
+        *key[:3], split=settings.split, memory_dataset=settings.memory_dataset))
+
+
+def experiment_count(settings: config.Settings) -> int:
+    """How many experiment images the settings' split has (--all runs them all):
+    EXPERIMENT_SAMPLES for the seeded split, without loading anything; else the
+    collection's (loaded once per process)."""
+    if settings.split == "seeded":
+        return settings.experiment_samples
+    return len(load_dataset(settings).experiment)
 
 
 def versions() -> dict[str, str]:
@@ -162,24 +174,26 @@ def versions() -> dict[str, str]:
 
 # --- the memory's database ----------------------------------------------------------------
 
-def identity(settings: config.Settings, dataset: "Flickr8k", prompts=None):
+def identity(settings: config.Settings, dataset: "Collection", prompts=None):
     """What the database in DB_DIR must have been built with, for these settings;
     with the caption model's `prompts` (caption_embedder.TextPrompts) when given."""
+    from dataset_loader import collection_label
     from db_manager import DbIdentity
-    name = settings.dataset_name
-    local = Path(name).expanduser()
     return DbIdentity(clip_model=settings.clip_model_name,
                       caption_model=settings.caption_embedding_model,
                       # a local folder by its absolute path: a later command from
                       # another folder (search.py) finds it from the database alone
-                      dataset=str(local.resolve()) if local.is_dir() else name,
+                      dataset=collection_label(settings.dataset_name),
                       split=dataset.fingerprint, random_seed=settings.random_seed,
                       experiment_samples=settings.experiment_samples,
+                      split_name=settings.split,
+                      memory_dataset=settings.memory_dataset and collection_label(
+                          settings.memory_dataset),
                       query_prompt=prompts and prompts.query,
                       document_prompt=prompts and prompts.document)
 
 
-def initialize(settings: config.Settings) -> tuple["Flickr8k", "DbManager"]:
+def initialize(settings: config.Settings) -> tuple["Collection", "DbManager"]:
     """The data set and the database manager for `settings` (one per DB_DIR and
     models in a process, reused); on a first run the memory is built from the
     training pool."""
@@ -202,7 +216,7 @@ def initialize(settings: config.Settings) -> tuple["Flickr8k", "DbManager"]:
     return dataset, db
 
 
-def seed_memory(models: Models, dataset: "Flickr8k", db: "DbManager") -> None:
+def seed_memory(models: Models, dataset: "Collection", db: "DbManager") -> None:
     """First run: the training pool's image embeddings and captions. Not their
     captions' vectors: captioning reads image vectors alone, so those are made when
     something first needs them (embed_missing_captions)."""
@@ -276,7 +290,8 @@ def _duration(seconds: float) -> str:
 # What a database records, and the settings that name it.
 _RECORDED = (("clip_model", "CLIP_MODEL_NAME"), ("caption_model", "CAPTION_EMBEDDING_MODEL"),
              ("dataset", "DATASET_NAME"), ("random_seed", "RANDOM_SEED"),
-             ("experiment_samples", "EXPERIMENT_SAMPLES"))
+             ("experiment_samples", "EXPERIMENT_SAMPLES"), ("split_name", "SPLIT"),
+             ("memory_dataset", "MEMORY_DATASET"))
 
 
 def for_database(settings: config.Settings, db: "DbManager") -> config.Settings:

@@ -637,13 +637,13 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
 
     settings = config.settings_of(settings, overrides)
     names = select_variants(variants)
+    count = pipeline.experiment_count(settings)
     if indices is None:
-        indices = default_indices(settings.experiment_samples)
+        indices = default_indices(count)
     if not indices:
         raise UserError("no experiment images chosen")
     # checked like --indices; index order (the growing memory depends on it)
-    indices = sorted(parse_indices(",".join(str(int(i)) for i in indices),
-                                   settings.experiment_samples))
+    indices = sorted(parse_indices(",".join(str(int(i)) for i in indices), count))
     out = Path(settings.results_dir if out_dir is None else out_dir).expanduser()
     check_writable(out)
     plans = [resolve_plan(VARIANTS[n], settings) for n in names]
@@ -981,9 +981,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.all and args.indices:
             raise UserError("give --all or --indices, not both")
         from batch_runner import parse_indices
-        indices = (list(range(settings.experiment_samples)) if args.all else
-                   parse_indices(args.indices, settings.experiment_samples) if args.indices
-                   else default_indices(settings.experiment_samples))
+        count = pipeline.experiment_count(settings)
+        indices = (list(range(count)) if args.all else
+                   parse_indices(args.indices, count) if args.indices
+                   else default_indices(count))
     except UserError as exc:
         return cli_failure("ablation", exc, code=2)
     config.configure_logging(settings)
