@@ -745,3 +745,131 @@ def test_split_is_a_partition_that_ignores_order(ids, seed, data):
     assert len(a.experiment) == n
     assert {s.image_id for s in a.experiment} | {s.image_id for s in a.train} == ids
     assert not {s.image_id for s in a.experiment} & {s.image_id for s in a.train}
+
+
+# --- standard splits and a memory from another collection ----------------------------------
+
+def karpathy_coco(tmp_path: Path, splits=("train", "test", "restval", "val", "test", "train",
+                                         "val", "restval", "train", "test")) -> Path:
+    from fake_flickr import make_karpathy
+    return make_karpathy(tmp_path / "coco", splits)
+
+
+def test_karpathy_split_is_test_for_experiments_and_train_restval_for_the_memory(tmp_path):
+    root = karpathy_coco(tmp_path)
+    d = load_and_split_dataset(str(root), 400, 42, split="karpathy")   # EXPERIMENT_SAMPLES unused
+    files = {s.image_id: s.split for s in load_local(root)}
+    assert [files[i] for i in ids(d.experiment)] == ["test"] * 3
+    assert ids(d.experiment) == [i for i in files if files[i] == "test"]          # file order
+    assert sorted(files[i] for i in ids(d.train)) == ["restval"] * 2 + ["train"] * 3
+    assert not {files[i] for i in ids(d.experiment + d.train)} & {"val"}           # in neither
+    assert d.experiment_sample(2) is d.experiment[2]
+    with pytest.raises(UserError, match="choose 0 to 2"):
+        d.experiment_sample(3)
+
+
+def test_a_named_split_is_its_images_in_file_order(tmp_path):
+    d = load_and_split_dataset(str(karpathy_coco(tmp_path)), 4, 42, split="val")
+    assert [s.split for s in d.experiment] == ["val", "val"]
+    assert {s.split for s in d.train} == {"train", "restval"}
+
+
+def test_original_flickr8k_split_lists_make_the_karpathy_split(tmp_path):
+    root = fresh(tmp_path, "original", 6)
+    lists = {"trainImages": [0, 1, 2], "devImages": [3], "testImages": [4, 5]}
+    for name, images in lists.items():
+        (root / "Flickr8k_text" / f"Flickr_8k.{name}.txt").write_text(
+            "".join(image_name(i) + "\n" for i in images))
+    d = load_and_split_dataset(str(root), 1, 42, split="karpathy")
+    assert ids(d.experiment) == [image_name(4), image_name(5)]
+    assert set(ids(d.train)) == {image_name(i) for i in (0, 1, 2)}
+
+
+def test_hub_splits_are_kept_for_the_karpathy_split(monkeypatch):
+    import datasets
+    parts = {}
+    for k, split in enumerate(("train", "validation", "test")):
+        images = range(4 * k, 4 * k + 4)
+        parts[split] = hub_table({f"caption_{n}": [captions_for(i)[n] for i in images]
+                                  for n in range(5)}, [jpeg_bytes(make_image(i)) for i in images])
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, **kw: datasets.DatasetDict(parts))
+    d = load_and_split_dataset("owner/name", 3, 42, split="karpathy")
+    assert [s.captions for s in d.experiment] == [tuple(captions_for(i)) for i in range(8, 12)]
+    assert {s.split for s in d.train} == {"train"} and len(d.train) == 4
+    assert_same_picture(d.load_image(d.experiment[1]), 9)
+
+
+@pytest.mark.parametrize("split, message", [
+    ("karpathy", "has no 'test' images; the splits it ships: none (use --split seeded or all)"),
+    ("all", "--split all makes every image of"),
+    ("validation", "has no 'validation' images"),
+])
+def test_a_split_the_collection_cannot_give_is_one_line_naming_it(layout_dirs, split, message):
+    with pytest.raises(UserError) as excinfo:
+        load_and_split_dataset(str(layout_dirs["kaggle"]), 4, 42, split=split)
+    assert message in user_error(excinfo)
+
+
+def test_a_named_split_lists_the_splits_the_collection_ships(tmp_path):
+    with pytest.raises(UserError) as excinfo:
+        load_and_split_dataset(str(karpathy_coco(tmp_path)), 4, 42, split="testing")
+    assert "the splits it ships: restval, test, train, val" in user_error(excinfo)
+
+
+def test_split_all_with_a_memory_from_another_collection(tmp_path):
+    from fake_flickr import make_coco_captions
+    nocaps = make_coco_captions(tmp_path / "nocaps", 6)
+    coco = karpathy_coco(tmp_path)
+    d = load_and_split_dataset(str(nocaps), 4, 42, split="all", memory_dataset=str(coco))
+    assert ids(d.experiment) == ids(load_local(nocaps))           # every image, in file order
+    coco_train = [s for s in load_local(coco) if s.split in ("train", "restval")]
+    assert ids(d.train) == ["coco:" + s.image_id for s in coco_train]   # prefixed, distinct
+    assert not set(ids(d.train)) & set(ids(d.experiment))
+    assert d.get(d.train[0].image_id).captions == coco_train[0].captions
+    assert Path(d.get(d.train[0].image_id).source) == Path(coco_train[0].source)
+    assert_same_picture(d.load_image(d.train[0]), 0)
+    assert d.domains == ["in-domain", "near-domain", "out-domain"]
+
+
+def test_memory_ids_stay_distinct_when_two_collections_share_file_names(tmp_path):
+    a = make_flickr(tmp_path / "a", "kaggle", 6)
+    b = make_flickr(tmp_path / "b", "kaggle", 6)           # the same file names
+    d = load_and_split_dataset(str(a), 6, 42, memory_dataset=str(b))
+    assert set(ids(d.experiment)) == expected_ids(6)
+    assert set(ids(d.train)) == {"b:" + i for i in expected_ids(6)}
+    assert d.get(image_name(0)).source.startswith(str(a.resolve()))
+    assert d.get("b:" + image_name(0)).source.startswith(str(b.resolve()))
+
+
+def test_memory_from_a_hub_table_opens_its_own_rows(monkeypatch, tmp_path):
+    import datasets
+    tables = {name: hub_table({"caption": [f"{name} {i}" for i in images]},
+                              [jpeg_bytes(make_image(i)) for i in images])
+              for name, images in (("org/photos", range(0, 4)), ("org/memory", range(10, 13)))}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, **kw: tables[name])
+    d = load_and_split_dataset("org/photos", 4, 42, memory_dataset="org/memory")
+    assert len(d.experiment) == 4 and all(i.startswith("org--memory:") for i in ids(d.train))
+    memory = next(s for s in d.train if s.captions == ("org/memory 11",))
+    assert_same_picture(d.load_image(memory), 11)          # row 1 of the memory's table
+    photo = next(s for s in d.experiment if s.captions == ("org/photos 1",))
+    assert_same_picture(d.load_image(photo), 1)           # row 1 of the collection's
+
+
+def test_the_same_collection_as_memory_dataset_is_no_other_memory(layout_dirs):
+    kaggle = str(layout_dirs["kaggle"])
+    same = load_and_split_dataset(kaggle, 4, 42, memory_dataset=kaggle + "/")
+    plain = load_and_split_dataset(kaggle, 4, 42)
+    assert ids(same.train) == ids(plain.train) and same.fingerprint == plain.fingerprint
+
+
+def test_fingerprint_names_the_split_and_the_memory(tmp_path):
+    root = str(karpathy_coco(tmp_path))
+    seeded = load_and_split_dataset(root, 3, 42)
+    karpathy = load_and_split_dataset(root, 3, 42, split="karpathy")
+    test = load_and_split_dataset(root, 3, 42, split="test")           # the same images
+    other_seed = load_and_split_dataset(root, 3, 7, split="karpathy")
+    assert len({seeded.fingerprint, karpathy.fingerprint, test.fingerprint}) == 3
+    assert other_seed.fingerprint == karpathy.fingerprint   # the seed draws nothing here
+    flickr = str(make_flickr(tmp_path / "flickr", "kaggle", 6))
+    assert load_and_split_dataset(root, 3, 42, split="karpathy",
+                                  memory_dataset=flickr).fingerprint != karpathy.fingerprint
