@@ -41,8 +41,10 @@ that a database's models are the ones the settings ask for (`check_models`).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,7 +56,7 @@ from db_check import backup_db, check_db, describe_db, import_json, repair_db
 from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, CAPTION_VECTORS, FILES, IMAGE_DB,
                        IMAGE_VECTORS, JOURNAL, NEW_WORK, STATE, WORK, DbIdentity, DbState,
                        as_vectors, check_dim, check_json_end, check_unique, generated_caption_id,
-                       map_vectors, new_rows, read_state)
+                       map_vectors, new_rows, read_caption_rows, read_state)
 from errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,8 @@ class DbManager:
         self.state: DbState | None = None
         self.image_ids: list[str] = []
         self.image_kinds: list[str] = []
-        self.captions: list[dict[str, Any]] = []
+        # The caption entries, read on first use (see `captions`); None: not read yet
+        self._captions: list[dict[str, Any]] | None = []
         self.image_vectors = np.zeros((0, 0), dtype=np.float32)
         # One row per caption; zeros for a caption without a vector (missing_caption_rows)
         self.caption_vectors = np.zeros((0, 0), dtype=np.float32)
@@ -103,7 +106,7 @@ class DbManager:
         if not db.needs_seed:
             db._check_identity()
             log.info("database %s: %d images, %d captions", db.db_dir, len(db.image_ids),
-                     len(db.captions))
+                     db.state.captions)
         return db
 
     def _open_locked(self) -> None:
@@ -183,15 +186,40 @@ class DbManager:
         """Caption rows (indices into `captions`) without a vector yet."""
         return self.state.missing_rows() if self.state else []
 
+    @property
+    def captions(self) -> list[dict[str, Any]]:
+        """Every caption entry ({"id", "image_id", "caption", "source", ...}), in row
+        order. Read from the working copy on first use: opening a COCO-sized memory
+        (566,747 captions, ~2 s to parse) need not wait for them, and an image search
+        never reads them."""
+        if self._captions is None:
+            self._captions, self._caption_pos = [], {}
+            self._add_captions(read_caption_rows(self.db_dir, None, self.state), 0)
+        return self._captions
+
+    def _add_captions(self, entries: list[dict[str, Any]], first: int) -> None:
+        """Index caption rows first, first + 1, ... (by id, and by image once built)."""
+        self._captions += entries
+        # dict.update builds the index in C: a COCO memory has 566,747 captions
+        self._caption_pos.update(zip(map(itemgetter("id"), entries), itertools.count(first)))
+        if self._by_image is not None:
+            for entry in entries:
+                self._by_image.setdefault(entry["image_id"], []).append(entry)
+
+    def _caption_index(self) -> dict[str, int]:
+        """Caption id -> row (reading the captions first if they are not yet)."""
+        self.captions  # noqa: B018
+        return self._caption_pos
+
     def has_caption(self, caption_id: str) -> bool:
         """Whether a caption with this id (e.g. generated_caption_id(...)) is stored."""
-        return caption_id in self._caption_pos
+        return caption_id in self._caption_index()
 
     def captions_of(self, image_id: str) -> list[str]:
         """Human captions of an image; its generated captions if it has none."""
         if self._by_image is None:
-            self._by_image = {}
-            for entry in self.captions:
+            captions, self._by_image = self.captions, {}  # read them first (they index it)
+            for entry in captions:
                 self._by_image.setdefault(entry["image_id"], []).append(entry)
         entries = self._by_image.get(image_id, [])
         human = [c["caption"] for c in entries if c["source"] == "human"]
@@ -202,7 +230,7 @@ class DbManager:
         state = state or read_state(self.work / STATE)
         for name in FILES:
             check_json_end(self.db_dir / name, state.bytes[name])
-        self.image_ids, self.image_kinds, self.captions = [], [], []
+        self.image_ids, self.image_kinds, self._captions = [], [], None
         self.state = None
         self._adopt(state)
         self.needs_seed = False
@@ -210,24 +238,22 @@ class DbManager:
     def _adopt(self, state: DbState) -> None:
         """Extend the in-memory copy with the rows committed after self.state."""
         old = self.state
-        images, captions = new_rows(self.db_dir, old, state)
+        # captions not read yet (a full load): left to the first use of `captions`
+        read = self._captions is not None
+        images, captions = new_rows(self.db_dir, old, state, captions=read)
         self.state = state
         self.image_ids += [e["image_id"] for e in images]
         self.image_kinds += [e["kind"] for e in images]
-        self.captions += captions
         self.image_vectors = map_vectors(self.work / IMAGE_VECTORS, state.images, state.image_dim)
         self.caption_vectors = map_vectors(self.work / CAPTION_VECTORS, state.captions,
                                            state.caption_dim)
         if old is None:  # a full load
             self._image_pos, self._caption_pos, self._by_image = {}, {}, None
         # Index only the new rows, so an append costs the same at 1k or 100k entries.
-        for n in range(old.images if old else 0, len(self.image_ids)):
-            self._image_pos[self.image_ids[n]] = n
-        for n in range(old.captions if old else 0, len(self.captions)):
-            entry = self.captions[n]
-            self._caption_pos[entry["id"]] = n
-            if self._by_image is not None:
-                self._by_image.setdefault(entry["image_id"], []).append(entry)
+        self._image_pos.update(zip(map(itemgetter("image_id"), images),
+                                   itertools.count(old.images if old else 0)))
+        if read:
+            self._add_captions(captions, old.captions if old else 0)
 
     def _refresh(self) -> None:
         """Merge what other processes committed since we loaded (call under the lock)."""
@@ -294,7 +320,7 @@ class DbManager:
                               image_vectors, [dict(c) for c in captions], caption_vectors)
             self._load()
         log.info("created database %s: %d images, %d captions", self.db_dir,
-                 len(self.image_ids), len(self.captions))
+                 len(self.image_ids), self.state.captions)
 
     def add_experiment(self, image_id: str, image_vector: np.ndarray, caption: str,
                        caption_vector: np.ndarray, vlm_model: str, experiment_index: int,
@@ -314,7 +340,7 @@ class DbManager:
             state = self.state
             check_dim(image_vector, state.image_dim, IMAGE_DB)
             check_dim(caption_vector, state.caption_dim, CAPTION_EMBEDDING_DB)
-            row = self._caption_pos.get(entry["id"])
+            row = self._caption_index().get(entry["id"])
             if row is not None:
                 self._write(db_journal.replace_record(self.db_dir, state, row, entry,
                                                       caption_vector))
@@ -356,7 +382,8 @@ class DbManager:
             self._refresh()  # what other processes added counts as already stored
             state = self.state
             new_images = [n for n, i in enumerate(image_ids) if i not in self._image_pos]
-            new_captions = [n for n, c in enumerate(captions) if c["id"] not in self._caption_pos]
+            known = self._caption_index()
+            new_captions = [n for n, c in enumerate(captions) if c["id"] not in known]
             if image_vectors is not None:
                 check_dim(image_vectors[0], state.image_dim, IMAGE_DB)
             if caption_vectors is not None:
