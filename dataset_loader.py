@@ -95,9 +95,10 @@ class Collection:
         the value it had before other splits existed."""
         if self.split == "seeded" and not self.memory_name:
             h = hashlib.sha256(f"{self.seed}|".encode())
-        else:
+        else:  # the memory by its ids' prefix: "coco/" and /data/coco are one collection
             seed = self.seed if self.split == "seeded" else ""
-            h = hashlib.sha256(f"{self.split}|{seed}|{self.memory_name}|".encode())
+            memory = memory_prefix(self.memory_name) if self.memory_name else ""
+            h = hashlib.sha256(f"{self.split}|{seed}|{memory}|".encode())
         for group in (self.experiment, self.train):
             h.update("\n".join(s.image_id for s in group).encode() + b"\x00")
         return h.hexdigest()[:16]

@@ -73,14 +73,16 @@ class DbIdentity:
     # alone (pipeline.for_database); None for databases made before they were recorded.
     random_seed: int | None = None
     experiment_samples: int | None = None
-    split_name: str | None = None           # SPLIT, MEMORY_DATASET (a local one by its path)
-    memory_dataset: str | None = None
     # The caption model's prompts (caption_embedder.TextPrompts, resolved): recorded by
     # a new database and checked like the models; None: not checked. Databases made
     # before they were recorded have captions without a document prompt
     # (pipeline.for_database fills CAPTION_DOCUMENT_PROMPT "" for them).
     query_prompt: str | None = None
     document_prompt: str | None = None
+    # SPLIT and MEMORY_DATASET (a local one by its absolute path), recorded like the seed
+    # (last, so that positional DbIdentity(...) calls keep their meaning)
+    split_name: str | None = None
+    memory_dataset: str | None = None
 
 
 # Caption prompts, in state.json and the caption_embeddings.json header (when recorded).
@@ -107,13 +109,13 @@ class DbState:
     version: int = VERSION
     random_seed: int | None = None          # the split's settings, when recorded
     experiment_samples: int | None = None
-    split_name: str | None = None           # SPLIT and MEMORY_DATASET, when recorded
-    memory_dataset: str | None = None
     query_prompt: str | None = None         # the caption model's prompts, when recorded
     document_prompt: str | None = None
     # Caption rows with no vector yet, as [start, end) ranges (human captions are
     # embedded when something first needs them); () for every database before.
     unembedded: tuple[tuple[int, int], ...] = ()
+    split_name: str | None = None           # SPLIT and MEMORY_DATASET, when recorded
+    memory_dataset: str | None = None
 
     def but(self, **changes: Any) -> "DbState":
         """A copy with `changes`."""

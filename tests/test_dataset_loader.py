@@ -862,7 +862,7 @@ def test_the_same_collection_as_memory_dataset_is_no_other_memory(layout_dirs):
     assert ids(same.train) == ids(plain.train) and same.fingerprint == plain.fingerprint
 
 
-def test_fingerprint_names_the_split_and_the_memory(tmp_path):
+def test_fingerprint_names_the_split_and_the_memory(tmp_path, monkeypatch):
     root = str(karpathy_coco(tmp_path))
     seeded = load_and_split_dataset(root, 3, 42)
     karpathy = load_and_split_dataset(root, 3, 42, split="karpathy")
@@ -870,6 +870,10 @@ def test_fingerprint_names_the_split_and_the_memory(tmp_path):
     other_seed = load_and_split_dataset(root, 3, 7, split="karpathy")
     assert len({seeded.fingerprint, karpathy.fingerprint, test.fingerprint}) == 3
     assert other_seed.fingerprint == karpathy.fingerprint   # the seed draws nothing here
-    flickr = str(make_flickr(tmp_path / "flickr", "kaggle", 6))
+    flickr = make_flickr(tmp_path / "flickr", "kaggle", 6)
+    with_memory = load_and_split_dataset(root, 3, 42, split="karpathy", memory_dataset=str(flickr))
+    assert with_memory.fingerprint != karpathy.fingerprint
+    # the memory named another way (relative, trailing slash) is the same split
+    monkeypatch.chdir(tmp_path)
     assert load_and_split_dataset(root, 3, 42, split="karpathy",
-                                  memory_dataset=flickr).fingerprint != karpathy.fingerprint
+                                  memory_dataset="flickr/").fingerprint == with_memory.fingerprint
