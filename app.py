@@ -84,9 +84,10 @@ def _step(progress: Progress | None, fraction: float, text: str) -> None:
 def _system(settings: config.Settings):
     """(dataset, db) from the pipeline's cache: the first call loads the data set and
     the models and opens (on a first run, builds) the memory. Call under MODEL_LOCK."""
-    import pipeline
-    dataset, db = pipeline.initialize(settings)
-    pipeline.load_models(settings).load_all()
+    from memory import initialize
+    from models import load_models
+    dataset, db = initialize(settings)
+    load_models(settings).load_all()
     return dataset, db
 
 
@@ -228,6 +229,8 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
     """
     import experiment
     import pipeline
+    from memory import Memory
+    from models import load_models
 
     settings = _resolve(settings)
     upload: Upload | None = None
@@ -242,7 +245,7 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
     with MODEL_LOCK:
         _step(progress, 0.05, "loading models and memory")
         dataset, db = _system(settings)
-        models = pipeline.load_models(settings).load_all()
+        models = load_models(settings).load_all()
         timings = {"load": round(time.perf_counter() - start, 4)}
         if upload is None:
             sample = dataset.experiment_sample(index)
@@ -253,7 +256,7 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
         growing = experiment.memory_policy(settings, batch=False) == "growing"
         _step(progress, 0.15, f"captioning with {Path(models.captioner.name).name}")
         batch = pipeline.caption_batch(models, [(image_id, image)],
-                                       pipeline.Memory.from_db(db, growing),
+                                       Memory.from_db(db, growing),
                                        embed_captions=bool(save_to_memory))
         [record] = batch.items
         if isinstance(record, pipeline.Failure):
@@ -448,10 +451,10 @@ def runs_tab(run_dir: str | os.PathLike | None, settings: config.Settings | None
     shown = items[(page - 1) * per_page:page * per_page]
     dataset = None
     if shown:
-        import pipeline
+        from models import load_dataset
         try:
             with MODEL_LOCK:
-                dataset = pipeline.load_dataset(settings)
+                dataset = load_dataset(settings)
         except UserError as exc:  # the pictures are optional; the captions are not
             log.warning("cannot load the data set for the run's pictures: %s", exc)
     gallery = []
@@ -797,9 +800,9 @@ def main(argv: list[str] | None = None) -> int:
         return cli_failure("app.py", exc, code=2)
     config.configure_logging(settings)
     try:
-        import pipeline
+        from memory import with_database_settings
         # the models and data set DB_DIR was built with, where none are given
-        serve(pipeline.with_database_settings(settings), args.host, port,
+        serve(with_database_settings(settings), args.host, port,
               preload=not args.lazy, queue_size=queue_size)
     except (UserError, OSError, KeyboardInterrupt) as exc:  # e.g. the port is taken
         return cli_failure("app.py", exc)

@@ -72,6 +72,7 @@ def run_batch(indices: list[int], run_name: str | None = None,
 
     import experiment
     import pipeline
+    from memory import Memory, initialize
 
     settings = config.settings_of(settings, overrides)
     policy = experiment.memory_policy(settings, batch=True)
@@ -82,8 +83,8 @@ def run_batch(indices: list[int], run_name: str | None = None,
     log.info("run %s: %d of %d experiments to do (%d finished before)", run_dir, len(todo),
              len(indices), len(indices) - len(todo))
     if todo:
-        dataset, db = pipeline.initialize(settings)
-        memory = pipeline.Memory.from_db(db, growing=policy == "growing")
+        dataset, db = initialize(settings)
+        memory = Memory.from_db(db, growing=policy == "growing")
         bar = tqdm(total=len(todo), desc="captioning", unit="caption", smoothing=0.1)
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start:start + settings.batch_size]
@@ -105,7 +106,7 @@ def run_batch(indices: list[int], run_name: str | None = None,
 def _start(run_dir: Path, settings: config.Settings, indices: list[int],
            policy: str) -> dict[str, Any]:
     """Create the run directory, or check that a resumed run used the same settings."""
-    import pipeline
+    from models import versions
     wanted = {**settings.results(), "memory": policy,
               "near_duplicate_threshold": config.near_duplicate_threshold(settings, batch=True)}
     path = run_dir / "manifest.json"
@@ -119,7 +120,7 @@ def _start(run_dir: Path, settings: config.Settings, indices: list[int],
         manifest["resumed"] = manifest.get("resumed", []) + [_now()]
     else:
         manifest = {"run": run_dir.name, "settings": wanted, "config": settings.to_json(),
-                    "versions": pipeline.versions(), "indices": sorted(indices),
+                    "versions": versions(), "indices": sorted(indices),
                     "started": _now(), "finished": None}
     _write_json(path, manifest)
     return manifest
@@ -166,7 +167,7 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
               **overrides: Any) -> dict[str, Any]:
     """summary.json + summary.csv of a run directory, with caption metrics."""
     import metrics
-    import pipeline
+    from models import load_models
 
     run_dir = Path(run_dir)
     if not (run_dir / "manifest.json").exists():
@@ -177,7 +178,7 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
     embedder = None
     if ok:
         settings = config.settings_of(settings, overrides)
-        embedder = pipeline.load_models(settings.replace(
+        embedder = load_models(settings.replace(
             caption_embedding_model=manifest["settings"]["caption_embedding_model"])
         ).caption_embedder
     scores = metrics.evaluate_captions(

@@ -13,7 +13,7 @@ search words are queries; they go through sentence-transformers'
     embedder.embed_captions(["a dog runs"]), embedder.embed_queries(["dog"])
 
 The database records the prompts its captions were embedded with
-(pipeline.identity), and searches embed their queries the same way.
+(memory.identity), and searches embed their queries the same way.
 """
 
 from __future__ import annotations

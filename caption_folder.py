@@ -22,6 +22,8 @@ from typing import Any
 
 import config
 import pipeline
+from memory import Memory, initialize
+from models import load_models
 
 log = logging.getLogger("caption_folder")
 
@@ -46,13 +48,13 @@ def caption_folder(folder: str, settings: config.Settings, retrieval: bool = Tru
 
     files = scan_folder(folder)  # before any model loads: a bad folder fails at once
     root = Path(folder).expanduser().resolve()
-    models = pipeline.load_models(settings)
+    models = load_models(settings)
     if retrieval:
-        _, memory_db = pipeline.initialize(settings)
-        memory = pipeline.Memory.from_db(memory_db, growing=settings.memory == "growing"
+        _, memory_db = initialize(settings)
+        memory = Memory.from_db(memory_db, growing=settings.memory == "growing"
                                          ).read_only()
     else:
-        memory = pipeline.Memory.empty()
+        memory = Memory.empty()
     prompts = models.caption_embedder.prompts  # recorded, so searches embed queries alike
     db = DbManager.open(folder_db_dir(settings.db_dir, root), DbIdentity(
         clip_model=settings.clip_model_name, caption_model=settings.caption_embedding_model,

@@ -208,7 +208,7 @@ class Settings:
 
     `given` names the settings that were set by an environment variable, a flag
     or a keyword rather than left at their default: a database that records
-    its models and data set fills in the ones not given (pipeline.for_database).
+    its models and data set fills in the ones not given (memory.for_database).
     """
 
     values: Mapping[str, Any]

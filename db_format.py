@@ -70,13 +70,13 @@ class DbIdentity:
     dataset: str
     split: str
     # Recorded so that search and import can reopen the data set from the database
-    # alone (pipeline.for_database); None for databases made before they were recorded.
+    # alone (memory.for_database); None for databases made before they were recorded.
     random_seed: int | None = None
     experiment_samples: int | None = None
     # The caption model's prompts (caption_embedder.TextPrompts, resolved): recorded by
     # a new database and checked like the models; None: not checked. Databases made
     # before they were recorded have captions without a document prompt
-    # (pipeline.for_database fills CAPTION_DOCUMENT_PROMPT "" for them).
+    # (memory.for_database fills CAPTION_DOCUMENT_PROMPT "" for them).
     query_prompt: str | None = None
     document_prompt: str | None = None
 

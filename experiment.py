@@ -2,7 +2,7 @@
 file and in the memory.
 
     settings = config.resolve()
-    dataset, db = pipeline.initialize(settings)
+    dataset, db = memory.initialize(settings)
     [result] = experiment.run_experiments(dataset, db, [42], settings)
     result.generated_caption, result.to_json()
 
@@ -38,6 +38,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import config
 import pipeline
+from memory import Memory
+from models import load_models, versions
+from retrieval import Neighbour, Selection
 from errors import UserError
 
 if TYPE_CHECKING:
@@ -53,7 +56,7 @@ class ExperimentResult:
     image_id: str
     generated_caption: str
     original_captions: tuple[str, ...]
-    similar_images: tuple[pipeline.Neighbour, ...]
+    similar_images: tuple[Neighbour, ...]
     prompt: str
     config: Mapping[str, Any]
     versions: Mapping[str, str]
@@ -98,7 +101,7 @@ def memory_policy(settings: config.Settings, batch: bool) -> str:
 
 
 def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int],
-                    settings: config.Settings, memory: pipeline.Memory | None = None,
+                    settings: config.Settings, memory: Memory | None = None,
                     load_seconds: float = 0.0, batch: bool = False
                     ) -> list[ExperimentResult | pipeline.Failure]:
     """Caption the experiment images `indices` as one batch (pipeline.caption_batch),
@@ -114,12 +117,12 @@ def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int]
     db.check_models(clip_model=settings.clip_model_name,
                     caption_model=settings.caption_embedding_model)
     clock = time.perf_counter()
-    models = pipeline.load_models(settings).load_all()
+    models = load_models(settings).load_all()
     if memory is None:
-        memory = pipeline.Memory.from_db(db, memory_policy(settings, batch=False) == "growing")
+        memory = Memory.from_db(db, memory_policy(settings, batch=False) == "growing")
     load = round(load_seconds + time.perf_counter() - clock, 4)
     samples = [dataset.experiment_sample(i) for i in indices]
-    selection = pipeline.Selection.of(settings, batch)
+    selection = Selection.of(settings, batch)
     captioned = pipeline.caption_batch(
         models, [(s.image_id, lambda s=s: dataset.load_image(s)) for s in samples], memory,
         selection=selection)
@@ -131,7 +134,7 @@ def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int]
                          "memory": "growing" if memory.growing else "frozen",
                          "near_duplicate_threshold": selection.near_duplicate_threshold,
                          **models.describe()},
-              "versions": pipeline.versions()}
+              "versions": versions()}
     results: list[ExperimentResult | pipeline.Failure] = []
     for index, sample, record in zip(indices, samples, captioned.items):
         if isinstance(record, pipeline.Failure):

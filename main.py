@@ -47,9 +47,10 @@ def initialize_system(**overrides: Any):
 
 
 def _initialize(settings: config.Settings):
-    import pipeline
-    dataset, db = pipeline.initialize(settings)
-    pipeline.load_models(settings).load_all()
+    from memory import initialize
+    from models import load_models
+    dataset, db = initialize(settings)
+    load_models(settings).load_all()
     return dataset, db
 
 
@@ -202,10 +203,10 @@ def _batch(args, settings: config.Settings) -> int:
 def _embed_captions(settings: config.Settings) -> int:
     """--embed-captions: the memory (built first if DB_DIR has none) with a vector for
     every caption, so that the first text search need not make them."""
-    import pipeline
+    from memory import caption_embedder_for, embed_missing_captions, initialize
     start = time.perf_counter()
-    _, db = pipeline.initialize(settings)
-    done = pipeline.embed_missing_captions(pipeline.caption_embedder_for(settings, db), db)
+    _, db = initialize(settings)
+    done = embed_missing_captions(caption_embedder_for(settings, db), db)
     print(f"{db.db_dir}: every one of its {len(db.captions)} captions has a vector ("
           f"{done} embedded now, {time.perf_counter() - start:.0f} s); text search is ready")
     return 0
@@ -213,9 +214,9 @@ def _embed_captions(settings: config.Settings) -> int:
 
 def _import_parquet(out_dir: str, settings: config.Settings) -> int:
     """--import-parquet: the shards of a scale/ job into the databases (db_manager writes)."""
-    import pipeline
+    from memory import with_database_settings
     from scale.shards import import_parquet
-    settings = pipeline.with_database_settings(settings)
+    settings = with_database_settings(settings)
     s = import_parquet(out_dir, settings.db_dir, settings.clip_model_name,
                        settings.caption_embedding_model)
     print(f"imported {s['images_added']} images and {s['captions_added']} captions from "

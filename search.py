@@ -127,14 +127,14 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
 
 def _image_embedder(settings: config.Settings, backbone: str):
     """The pipeline's CLIP embedder, or another backbone's (loaded once per process)."""
-    import pipeline
+    from models import cached, device_of, load_models
     from image_embedder import ImageEmbedder, backbone_model_name
     model_name = backbone_model_name(backbone, settings.clip_model_name)
     if model_name == settings.clip_model_name:
-        return pipeline.load_models(settings).image_embedder
-    device, dtype = pipeline.device_of(settings)
+        return load_models(settings).image_embedder
+    device, dtype = device_of(settings)
     key = (model_name, str(device), str(dtype), settings.batch_size)
-    return pipeline.cached("search_embedder", key, lambda: ImageEmbedder(
+    return cached("search_embedder", key, lambda: ImageEmbedder(
         model_name, device=device, dtype=dtype, batch_size=settings.batch_size,
         what="image model", setting="--backbone"))
 
@@ -165,7 +165,7 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
     from db_manager import DbManager
     from folder_index import folder_db_dir
 
-    import pipeline
+    from memory import caption_embedder_for, embed_missing_captions, for_database
 
     _check_k(k)
     if not text.strip():
@@ -181,7 +181,7 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
         db = DbManager.open(folder_db_dir(settings.db_dir, root))
         captioned = not db.needs_seed and bool(db.captions)
         if captioned:
-            settings = pipeline.for_database(settings, db)  # the models it was captioned with
+            settings = for_database(settings, db)  # the models it was captioned with
         source = f"{root}"
         path_of = lambda image_id: str(root / image_id)  # noqa: E731
         load = lambda hit: open_image(hit.path)  # noqa: E731
@@ -212,8 +212,8 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
     models, notes, note = [], [], ""
     best_caption: dict[str, dict[str, Any]] = {}
     if by in ("captions", "both"):
-        embedder = pipeline.caption_embedder_for(settings, db)
-        pipeline.embed_missing_captions(embedder, db)  # a first search after a first run
+        embedder = caption_embedder_for(settings, db)
+        embed_missing_captions(embedder, db)  # a first search after a first run
         rankings["captions"], best_caption = _caption_ranking(db, embedder.embed_queries(
             [text])[0])
         models.append(embedder.name)
@@ -290,14 +290,15 @@ def _fuse(rankings: dict[str, list[tuple[str, float]]]) -> list[tuple[str, float
 def open_memory(settings: config.Settings):
     """(db, dataset, settings) of the pipeline's memory in DB_DIR: the settings with
     the database's models and data set filled in where none were given."""
-    import pipeline
+    from memory import for_database
+    from models import load_dataset
     from db_manager import DbManager
     db = DbManager.open(settings.db_dir)
     if db.needs_seed:
         raise UserError(f"no database in {settings.db_dir}: run `python main.py` first, "
                         "or search a folder with --images-dir")
-    settings = pipeline.for_database(settings, db)
-    dataset = pipeline.load_dataset(settings)  # loaded once per process
+    settings = for_database(settings, db)
+    dataset = load_dataset(settings)  # loaded once per process
     if dataset.fingerprint != db.state.split:
         raise UserError(f"the database in {settings.db_dir} was built from another data set or "
                         "split; use the same --dataset-name, --random-seed and "

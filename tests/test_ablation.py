@@ -18,7 +18,8 @@ from db_manager import DbManager
 import metrics
 from bench import ablation
 from errors import UserError
-import pipeline
+from memory import Memory
+from models import load_models
 from neighbour_selection import distinct_words
 from prompt_generator import select_captions
 
@@ -171,8 +172,8 @@ def test_grid_runs_every_variant_on_the_same_images(settings_kwargs, tmp_path, n
             assert n["image_id"] != item["image_id"] and n["image_id"] in train
             assert n["caption"] in dataset.get(n["image_id"]).captions
     # sample-k: k of the top 2k, in similarity order
-    memory = pipeline.Memory.from_db(db, growing=False)
-    embedder = pipeline.load_models(config.resolve(**settings_kwargs)).image_embedder
+    memory = Memory.from_db(db, growing=False)
+    embedder = load_models(config.resolve(**settings_kwargs)).image_embedder
     for item in rows["sample-k"]["items"]:
         vector = embedder.embed([dataset.load_image(dataset.get(item["image_id"]))])[0]
         top_ten = [h.image_id for h in memory.search(vector, 10, exclude=(item["image_id"],))]

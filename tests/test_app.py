@@ -26,7 +26,8 @@ import app
 import batch_runner
 import config
 import main
-import pipeline
+from memory import caption_embedder_for, embed_missing_captions, initialize
+from models import load_models
 import thumbnails
 from db_manager import DbManager, generated_caption_id
 from errors import UserError
@@ -71,8 +72,8 @@ def memory(prepared, settings_kwargs):
 def served_memory(settings: config.Settings) -> None:
     """The memory's captions given their vectors ahead, as README says to before serving
     searches (`python main.py --embed-captions`): the page's searches then save nothing."""
-    _, db = pipeline.initialize(settings)
-    pipeline.embed_missing_captions(pipeline.caption_embedder_for(settings, db), db)
+    _, db = initialize(settings)
+    embed_missing_captions(caption_embedder_for(settings, db), db)
 
 
 def add_demo_run(prepared: Path, settings: config.Settings) -> Path:
@@ -219,7 +220,7 @@ def test_an_unexpected_error_shows_no_traceback(caplog):
 
 def test_concurrent_requests_each_get_their_own_result(memory, settings, photo, monkeypatch):
     alone = [app.caption_tab(0, settings=settings), app.caption_tab(str(photo), settings=settings)]
-    captioner = pipeline.load_models(settings).captioner
+    captioner = load_models(settings).captioner
     running, most = [0], [0]
     real = type(captioner).caption_batch
 

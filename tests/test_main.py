@@ -10,7 +10,7 @@ import pytest
 
 import experiment
 import main
-import pipeline
+from models import Models, load_models, loaded
 from db_manager import CAPTION_DB, CAPTION_EMBEDDING_DB, FILES, IMAGE_DB
 from fake_flickr import make_flickr
 
@@ -114,13 +114,13 @@ def test_python_api_both_forms_reuse_models(settings_kwargs):
     dataset_loader, db_manager = main.initialize_system(**settings_kwargs)
     r = main.run_experiment(dataset_loader, db_manager, experiment_index=0, **settings_kwargs)
     assert r["generated_caption"] and r["image_id"] == dataset_loader.experiment[0].image_id
-    captioner, embedder = pipeline.loaded("captioner"), pipeline.loaded("image_embedder")
+    captioner, embedder = loaded("captioner"), loaded("image_embedder")
 
     r2 = main.run_experiment(experiment_index=3, top_k_similar=2, **settings_kwargs)
     assert len(r2["similar_images"]) == 2
-    assert pipeline.loaded("captioner") is captioner
-    assert pipeline.loaded("image_embedder") is embedder
-    assert pipeline.loaded("db") is db_manager                          # not re-read from disk
+    assert loaded("captioner") is captioner
+    assert loaded("image_embedder") is embedder
+    assert loaded("db") is db_manager                          # not re-read from disk
     assert r2["image_id"] in db_manager.image_ids                       # memory grew in place
     assert db_counts(settings_kwargs["db_dir"]) == (
         TRAIN_IMAGES + 2, TRAIN_IMAGES * CAPTIONS_PER_IMAGE + 2, 2)
@@ -151,7 +151,7 @@ def test_bfloat16_on_the_cpu_runs_the_pipeline_and_is_recorded(settings_kwargs):
     import torch
     kw = {**settings_kwargs, "dtype": "bfloat16"}
     dataset, db = main.initialize_system(**kw)
-    assert pipeline.load_models(main.config.resolve(**kw)).image_embedder.model.dtype == \
+    assert load_models(main.config.resolve(**kw)).image_embedder.model.dtype == \
         torch.bfloat16
     r = main.run_experiment(dataset, db, experiment_index=0, **kw)
     assert r["generated_caption"] and r["config"]["resolved_dtype"] == "bfloat16"
@@ -272,7 +272,7 @@ def test_unwritable_results_dir_fails_before_any_work(seeded_db, settings_kwargs
     def denied(*args, **kwargs):   # what a read-only folder answers (root would write anyway)
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(experiment.tempfile, "TemporaryFile", denied)
-    monkeypatch.setattr(pipeline.Models, "captioner",
+    monkeypatch.setattr(Models, "captioner",
                         property(lambda s: pytest.fail("models used before the check")))
     assert main.main(cli_args(settings_kwargs)) == 1
     assert "cannot write to" in error_line(capsys.readouterr().err)

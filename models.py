@@ -1,0 +1,139 @@
+"""The models of a process: each loaded on first use and kept, so a long session
+(the web page, a notebook, a batch run) loads a model once.
+
+    from models import load_models
+    models = load_models(settings)     # nothing loaded yet
+    models.image_embedder.embed(images)  # CLIP loads now, once per process
+
+Asking for another model (another checkpoint, another precision) replaces the one
+held, so a session that compares VLMs does not keep them all in memory.
+Importing this module loads nothing; torch comes with the first model.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import config
+
+if TYPE_CHECKING:
+    from dataset_loader import Flickr8k
+
+
+# One object of each kind, reused by later calls in the same process. Asking for
+# another (another model, another precision) replaces the previous one, so a
+# long session that compares VLMs does not keep them all in memory.
+_loaded: dict[str, tuple[Any, Any]] = {}
+
+
+def cached(kind: str, key: Any, load: Callable[[], Any]) -> Any:
+    """The object cached for `kind` if it was made with `key`, else `load()` (kept)."""
+    held = _loaded.get(kind)
+    if held is not None and held[0] == key:
+        return held[1]
+    _loaded.pop(kind, None)  # free the old one before loading its replacement
+    value = load()
+    _loaded[kind] = (key, value)
+    return value
+
+
+def loaded(kind: str) -> Any:
+    """The object of `kind` this process holds (None if none): for tests and tools."""
+    held = _loaded.get(kind)
+    return None if held is None else held[1]
+
+
+def device_of(settings: config.Settings):
+    """(torch.device, torch.dtype) for DEVICE and DTYPE, resolved once per process."""
+    from device import resolve_device
+    key = (settings.device, settings.dtype)
+    return cached("device", key, lambda: resolve_device(*key))
+
+
+def dtype_name(dtype: Any) -> str:
+    """torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).replace("torch.", "")
+
+
+class Models:
+    """The models `settings` name, each loaded on first use and kept for the process.
+
+    Carries its settings: the caption step reads k, the prompt templates and the
+    generation settings from `models.settings`.
+    """
+
+    def __init__(self, settings: config.Settings):
+        self.settings = settings
+        self.device, self.dtype = device_of(settings)
+
+    @property
+    def image_embedder(self):
+        from image_embedder import ImageEmbedder
+        s = self.settings
+        key = (s.clip_model_name, str(self.device), str(self.dtype), s.batch_size)
+        return cached("image_embedder", key, lambda: ImageEmbedder(
+            s.clip_model_name, device=self.device, dtype=self.dtype, batch_size=s.batch_size))
+
+    @property
+    def caption_embedder(self):
+        from caption_embedder import CaptionEmbedder
+        s = self.settings
+        key = (s.caption_embedding_model, str(self.device), s.batch_size,
+               s.caption_query_prompt, s.caption_document_prompt)
+        return cached("caption_embedder", key, lambda: CaptionEmbedder(
+            s.caption_embedding_model, device=self.device, batch_size=s.batch_size,
+            query_prompt=s.caption_query_prompt, document_prompt=s.caption_document_prompt))
+
+    @property
+    def captioner(self):
+        from vlm_captioner import VLMCaptioner
+        s = self.settings
+        key = (s.vlm_model_name, str(self.device), str(self.dtype), s.max_new_tokens,
+               s.num_beams, s.do_sample, s.temperature, s.vlm_image_longest_edge,
+               s.vlm_image_splitting, s.vlm_attn_implementation, s.random_seed,
+               s.vlm_caption_prefix, s.vlm_device_map, s.vlm_max_memory,
+               s.cache_dir if s.vlm_device_map else "")   # the offload folder's place
+        return cached("captioner", key, lambda: VLMCaptioner(
+            s.vlm_model_name, device=self.device, dtype=self.dtype,
+            max_new_tokens=s.max_new_tokens, num_beams=s.num_beams, do_sample=s.do_sample,
+            temperature=s.temperature, image_longest_edge=s.vlm_image_longest_edge,
+            image_splitting=s.vlm_image_splitting,
+            attn_implementation=s.vlm_attn_implementation, seed=s.random_seed,
+            caption_prefix=s.vlm_caption_prefix, device_map=s.vlm_device_map,
+            max_memory=config.parse_max_memory(s.vlm_max_memory),
+            offload_folder=Path(s.cache_dir).expanduser() / "offload"))
+
+    def load_all(self) -> "Models":
+        """Load every model now (a command's start, a web server's warm-up)."""
+        self.image_embedder, self.caption_embedder, self.captioner  # noqa: B018
+        return self
+
+    def describe(self) -> dict[str, str]:
+        """The resolved device and dtype, for result files."""
+        return {"resolved_device": str(self.device), "resolved_dtype": dtype_name(self.dtype)}
+
+
+def load_models(settings: config.Settings) -> Models:
+    """The models of `settings` (each loaded on first use, once per process)."""
+    return Models(settings)
+
+
+def load_dataset(settings: config.Settings) -> "Flickr8k":
+    """DATASET_NAME split by EXPERIMENT_SAMPLES and RANDOM_SEED, once per process."""
+    from dataset_loader import load_and_split_dataset
+    key = (settings.dataset_name, settings.experiment_samples, settings.random_seed)
+    return cached("dataset", key, lambda: load_and_split_dataset(*key))
+
+
+def versions() -> dict[str, str]:
+    """Python's and the main packages' versions, for result files and manifests."""
+    found = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "sentence-transformers", "numpy", "datasets"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
