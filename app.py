@@ -36,7 +36,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -73,7 +72,7 @@ Progress = Callable[[float, str], None]
 # --- shared helpers ----------------------------------------------------------------
 
 def _resolve(settings: config.Settings | None) -> config.Settings:
-    return config.resolve() if settings is None else settings
+    return config.resolve("experiment") if settings is None else settings
 
 
 def _step(progress: Progress | None, fraction: float, text: str) -> None:
@@ -227,9 +226,8 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
     experiment_index -1, their image kept in DB_DIR/uploads/); without it nothing
     is written. A bad upload or index raises UserError before anything loads.
     """
-    import experiment
     import pipeline
-    from memory import Memory
+    from memory import Memory, save_caption
     from models import load_models
 
     settings = _resolve(settings)
@@ -253,7 +251,7 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
             image = dataset.load_image(sample)
         else:
             image_id, references, image = upload.image_id, [], upload.image
-        growing = experiment.memory_policy(settings, batch=False) == "growing"
+        growing = settings.memory == "growing"
         _step(progress, 0.15, f"captioning with {Path(models.captioner.name).name}")
         batch = pipeline.caption_batch(models, [(image_id, image)],
                                        Memory.from_db(db, growing),
@@ -267,11 +265,7 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
             clock = time.perf_counter()
             if upload is not None:
                 _keep_upload(settings, upload)
-            db.add_experiment(image_id, record.vector, record.caption, record.caption_vector,
-                              vlm_model=models.captioner.name,
-                              experiment_index=-1 if index is None else index,
-                              timestamp=datetime.now(timezone.utc).astimezone().isoformat(
-                                  timespec="seconds"))
+            save_caption(db, record, models.captioner.name, experiment_index=index)
             timings["save_to_db"] = round(time.perf_counter() - clock, 4)
         _step(progress, 0.95, "loading the neighbours' pictures")
         gallery = [(_image_of(n.image_id, settings, dataset),
@@ -800,9 +794,7 @@ def main(argv: list[str] | None = None) -> int:
         return cli_failure("app.py", exc, code=2)
     config.configure_logging(settings)
     try:
-        from memory import with_database_settings
-        # the models and data set DB_DIR was built with, where none are given
-        serve(with_database_settings(settings), args.host, port,
+        serve(settings, args.host, port,
               preload=not args.lazy, queue_size=queue_size)
     except (UserError, OSError, KeyboardInterrupt) as exc:  # e.g. the port is taken
         return cli_failure("app.py", exc)

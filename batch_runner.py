@@ -74,8 +74,8 @@ def run_batch(indices: list[int], run_name: str | None = None,
     import pipeline
     from memory import Memory, initialize
 
-    settings = config.settings_of(settings, overrides)
-    policy = experiment.memory_policy(settings, batch=True)
+    settings = config.settings_of(settings, overrides, "batch")
+    policy = settings.memory
     run_dir = Path(settings.results_dir) / "runs" / (run_name or default_run_name(settings))
     manifest = _start(run_dir, settings, indices, policy)
     done = finished_items(run_dir)
@@ -88,8 +88,7 @@ def run_batch(indices: list[int], run_name: str | None = None,
         bar = tqdm(total=len(todo), desc="captioning", unit="caption", smoothing=0.1)
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start:start + settings.batch_size]
-            for record in experiment.run_experiments(dataset, db, batch, settings, memory,
-                                                     batch=True):
+            for record in experiment.run_experiments(dataset, db, batch, settings, memory):
                 item = record.to_json()
                 item["status"] = "failed" if isinstance(record, pipeline.Failure) else "ok"
                 _write_item(run_dir, item)
@@ -108,7 +107,7 @@ def _start(run_dir: Path, settings: config.Settings, indices: list[int],
     """Create the run directory, or check that a resumed run used the same settings."""
     from models import versions
     wanted = {**settings.results(), "memory": policy,
-              "near_duplicate_threshold": config.near_duplicate_threshold(settings, batch=True)}
+              "near_duplicate_threshold": settings.near_duplicate_threshold}
     path = run_dir / "manifest.json"
     if path.exists():
         manifest = _read_manifest(path)
@@ -213,8 +212,8 @@ def _near_duplicates(manifest: dict[str, Any], ok: list[dict[str, Any]],
     from db_manager import DbManager
     import near_duplicates
     recorded = manifest["settings"].get("near_duplicate_threshold", 0.0)
-    threshold = (config.near_duplicate_threshold(recorded, batch=True)
-                 or config.near_duplicate_threshold("auto", batch=True))
+    guard = config.finish_value("NEAR_DUPLICATE_THRESHOLD", recorded, "batch")
+    threshold = guard or config.AUTO_BATCH_THRESHOLD
     db_dir = Path(settings.db_dir)
     if not ok or not db_dir.is_dir():
         return None
@@ -222,7 +221,7 @@ def _near_duplicates(manifest: dict[str, Any], ok: list[dict[str, Any]],
     if db.needs_seed:
         return None
     counted = near_duplicates.count_in_db(db, [i["image_id"] for i in ok], threshold)
-    return {**counted, "guarded": bool(config.near_duplicate_threshold(recorded, batch=True))}
+    return {**counted, "guarded": bool(guard)}
 
 
 CSV_COLUMNS = ("experiment_index", "image_id", "status", "error", "generated_caption",

@@ -24,12 +24,13 @@ if TYPE_CHECKING:
 
     from dataset_loader import Flickr8k
     from db_manager import DbManager
+    from pipeline import Captioned
 
 log = logging.getLogger("memory")
 
-def identity(settings: config.Settings, dataset: "Flickr8k", prompts=None):
-    """What the database in DB_DIR must have been built with, for these settings;
-    with the caption model's `prompts` (caption_embedder.TextPrompts) when given."""
+def identity(settings: config.Settings, dataset: "Flickr8k"):
+    """What the database in DB_DIR must have been built with, for these settings:
+    models, split and the caption model's prompts (finished by config.resolve)."""
     from db_manager import DbIdentity
     name = settings.dataset_name
     local = Path(name).expanduser()
@@ -40,30 +41,24 @@ def identity(settings: config.Settings, dataset: "Flickr8k", prompts=None):
                       dataset=str(local.resolve()) if local.is_dir() else name,
                       split=dataset.fingerprint, random_seed=settings.random_seed,
                       experiment_samples=settings.experiment_samples,
-                      query_prompt=prompts and prompts.query,
-                      document_prompt=prompts and prompts.document)
+                      query_prompt=settings.caption_query_prompt,
+                      document_prompt=settings.caption_document_prompt)
 
 
 def initialize(settings: config.Settings) -> tuple["Flickr8k", "DbManager"]:
     """The data set and the database manager for `settings` (one per DB_DIR and
     models in a process, reused); on a first run the memory is built from the
-    training pool."""
+    training pool. The database is checked against the settings' models, split and
+    caption prompts before any model loads."""
     from db_manager import DbManager
     dataset = load_dataset(settings)
     db_dir = Path(settings.db_dir).expanduser().resolve()
-    wanted = identity(settings, dataset)  # models and split: checked before a model loads
+    wanted = identity(settings, dataset)
     db = cached("db", (db_dir, wanted), lambda: DbManager.open(db_dir, wanted))
-    # the caption model's prompts need the model: checked next, recorded by a first
-    # run (the image model first, as every command loads it: its errors come first)
-    models = load_models(settings)
-    models.image_embedder  # noqa: B018
-    prompts = models.caption_embedder.prompts
-    db.check_caption_prompts(prompts.query, prompts.document)
     if db.needs_seed:
-        db.identity = identity(settings, dataset, prompts)
-        seed_memory(models, dataset, db)
+        seed_memory(load_models(settings), dataset, db)
     if settings.neighbour_selection == "dedup":  # it compares the neighbours' captions too
-        embed_missing_captions(models.caption_embedder, db)
+        embed_missing_captions(load_models(settings).caption_embedder, db)
     return dataset, db
 
 
@@ -138,67 +133,26 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-# What a database records, and the settings that name it.
-_RECORDED = (("clip_model", "CLIP_MODEL_NAME"), ("caption_model", "CAPTION_EMBEDDING_MODEL"),
-             ("dataset", "DATASET_NAME"), ("random_seed", "RANDOM_SEED"),
-             ("experiment_samples", "EXPERIMENT_SAMPLES"))
-
-
-def for_database(settings: config.Settings, db: "DbManager") -> config.Settings:
-    """`settings` with the models and data set the database in `db` was built with
-    filling the ones not given; a model given that differs is one line naming both
-    (db.check_models, the one check main, search, import and scale/ share)."""
-    if db.needs_seed:
-        return settings
-    fill = {}
-    for recorded, name in _RECORDED:
-        value = getattr(db.state, recorded, None)
-        if value is not None and name not in settings.given and value != settings.values[name]:
-            fill[name.lower()] = value
-    fill.update(_legacy_prompts(settings, db))
-    if fill:
-        log.info("using the database's settings: %s",
-                 ", ".join(f"{k}={v!r}" for k, v in fill.items()))
-    settings = settings.replace(**fill)
-    db.check_models(clip_model=settings.clip_model_name,
-                    caption_model=settings.caption_embedding_model)
-    return settings
-
-
-def _legacy_prompts(settings: config.Settings, db: "DbManager") -> dict[str, str]:
-    """A database made before caption prompts were recorded embedded its captions
-    with none: new captions get none either (queries keep their query prompt, as
-    then). Recorded prompts are checked where the caption model is loaded
-    (identity, caption_embedder_for): "auto" means them unless the model changed."""
-    from caption_embedder import AUTO
-    if db.caption_prompts is not None or settings.caption_document_prompt == "":
-        return {}
-    if settings.caption_document_prompt != AUTO:
-        raise UserError(f"database {db.db_dir} was built before caption prompts were "
-                        f"recorded, with no document (caption) prompt, not "
-                        f"{settings.caption_document_prompt!r}: leave "
-                        "--caption-document-prompt out, or use another --db-dir")
-    return {"caption_document_prompt": ""}
-
-
 def caption_embedder_for(settings: config.Settings, db: "DbManager"):
-    """The caption embedder of `settings` (for_database's), checked to embed with the
-    prompts `db` recorded: a search embeds its query the way the database was built."""
+    """The caption embedder of `settings`, checked to embed with the prompts `db`
+    recorded: a search embeds its query the way the database was built."""
     embedder = load_models(settings).caption_embedder
     db.check_caption_prompts(embedder.prompts.query, embedder.prompts.document)
     return embedder
 
 
-def with_database_settings(settings: config.Settings) -> config.Settings:
-    """`for_database` over the database in DB_DIR; the settings as they are if none
-    is there yet."""
-    from db_manager import DbManager
-    if not Path(settings.db_dir).expanduser().is_dir():
-        return settings
-    return for_database(settings, DbManager.open(settings.db_dir))
+def save_caption(db: "DbManager", record: "Captioned", vlm_model: str,
+                 experiment_index: int | None = None) -> str:
+    """Save a captioned image (pipeline.Captioned: its CLIP vector, caption and caption
+    vector) to `db`, the one way every entry point does (an experiment, a captioned
+    folder, the web page); `experiment_index` for the data set's experiment images
+    only. Returns the timestamp it was saved with (ISO 8601, local time zone)."""
+    from datetime import datetime, timezone
+    stamp = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+    db.add_experiment(record.image_id, record.vector, record.caption, record.caption_vector,
+                      vlm_model=vlm_model, experiment_index=experiment_index, timestamp=stamp)
+    return stamp
 
-
-# --- the memory -----------------------------------------------------------------------------
 
 class Memory:
     """The rows retrieval reads: ids, (N, D) float32 unit vectors, kinds and captions.

@@ -47,10 +47,10 @@ def loaded(kind: str) -> Any:
 
 
 def device_of(settings: config.Settings):
-    """(torch.device, torch.dtype) for DEVICE and DTYPE, resolved once per process."""
-    from device import resolve_device
-    key = (settings.device, settings.dtype)
-    return cached("device", key, lambda: resolve_device(*key))
+    """(torch.device, torch.dtype) of the settings' DEVICE and DTYPE (finished by
+    config.resolve: "cuda", "bfloat16", ...)."""
+    import torch
+    return torch.device(settings.device), getattr(torch, settings.dtype)
 
 
 def dtype_name(dtype: Any) -> str:

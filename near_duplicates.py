@@ -109,10 +109,9 @@ def find(settings: config.Settings | None = None, threshold: float | None = None
     from memory import initialize
     from models import load_models
     from image_embedder import embed_pool
-    settings = config.settings_of(settings, overrides)
+    settings = config.settings_of(settings, overrides, "batch")
     if threshold is None:
-        threshold = (config.near_duplicate_threshold(settings, batch=True)
-                     or config.near_duplicate_threshold("auto", batch=True))
+        threshold = settings.near_duplicate_threshold or config.AUTO_BATCH_THRESHOLD
     threshold = check_threshold(threshold)
     dataset, db = initialize(settings)
     models = load_models(settings)

@@ -139,7 +139,7 @@ def caption_batch(models: Models, items: Sequence[tuple[str, Any]], memory: Memo
     `retrieve` finds each image's context (default: `nearest` with `selection`,
     which defaults to the settings' for one experiment: TOP_K_SIMILAR neighbours by
     NEIGHBOUR_SELECTION, never the image itself; batch evaluation runs pass
-    `Selection.of(settings, batch=True)`). With a growing memory each captioned image joins
+    `Selection.of(settings)` of settings resolved for "batch"). With a growing memory each captioned image joins
     it, and an image is generated only after every earlier image it retrieves,
     so a batch gives exactly the neighbours one image at a time would.
     `vectors` (one per item) skips the image embedding (computed elsewhere);

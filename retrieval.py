@@ -74,11 +74,11 @@ class Selection:
     seed: int = 42
 
     @classmethod
-    def of(cls, settings: config.Settings, batch: bool = False) -> "Selection":
-        """The settings' selection; `batch`: a batch evaluation run (NEAR_DUPLICATE_THRESHOLD
-        "auto" guards there)."""
+    def of(cls, settings: config.Settings) -> "Selection":
+        """The settings' selection (their near-duplicate guard is their context's:
+        config.resolve)."""
         return cls(settings.top_k_similar, settings.neighbour_selection, settings.mmr_lambda,
-                   settings.dedup_threshold, config.near_duplicate_threshold(settings, batch),
+                   settings.dedup_threshold, settings.near_duplicate_threshold,
                    settings.random_seed)
 
     @property

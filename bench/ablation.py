@@ -295,12 +295,10 @@ def resolve_plan(variant: Variant, settings: config.Settings) -> Plan:
         return Plan(variant.name, "caption", k * (cpn if cpn != ALL else 5), None, "frozen")
     # "auto" guards only the near-dup-guard row here, so it shows what the guard does;
     # a threshold given guards every image -> image row.
-    value = settings.near_duplicate_threshold
-    guard = config.near_duplicate_threshold(value, batch=True)
+    given = "NEAR_DUPLICATE_THRESHOLD" in settings.given
+    guard = settings.near_duplicate_threshold if given else 0.0
     if variant.guard:
-        guard = guard or config.near_duplicate_threshold("auto", batch=True)
-    elif value == "auto":
-        guard = 0.0
+        guard = guard or config.AUTO_BATCH_THRESHOLD
     return Plan(variant.name, context, k, cpn, memory,
                 variant.selection or settings.neighbour_selection, guard)
 
@@ -638,7 +636,7 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
     """
     from batch_runner import parse_indices
 
-    settings = config.settings_of(settings, overrides)
+    settings = config.settings_of(settings, overrides, "batch")
     names = select_variants(variants)
     if indices is None:
         indices = default_indices(settings.experiment_samples)
@@ -975,7 +973,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--list-variants", action="store_true",
                        help="print the variants and their definitions, then exit")
     try:
-        args, settings = config.parse_cli(parser, argv)
+        args, settings = config.parse_cli(parser, argv, "batch")
         if args.list_variants:
             print(_list_variants())
             return 0

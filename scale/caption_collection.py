@@ -348,20 +348,20 @@ class TextStage:
 def load_memory(settings: config.Settings, retrieval: bool) -> tuple[dict[str, Any], dict]:
     """The memory rows retrieval may use (ids, vectors, each one's captions), and a
     description of it for the manifest. Without retrieval: empty, no database.
-    `settings` are for_database's: the database's models where none were given."""
+    `settings` resolved where the database is use its models where none were given."""
     import numpy as np
     if not retrieval:
         return {"ids": [], "vectors": np.zeros((0, 0), np.float32), "captions": []}, {
             "policy": "none", "db_dir": None, "rows": 0, "digest": None}
-    from memory import Memory, for_database
+    from memory import Memory
     from db_manager import DbManager
     db = DbManager.open(settings.db_dir)
     if db.needs_seed:
         raise UserError(f"no memory to retrieve from in {settings.db_dir}: build it with "
                         "`python main.py` (same settings) first, or caption without "
                         "retrieval (--no-retrieval)")
-    for_database(settings, db)  # the models must be the database's
-    policy = "growing" if settings.memory == "growing" else "frozen"
+    db.check_models(settings.clip_model_name, settings.caption_embedding_model)
+    policy = settings.memory
     memory = Memory.from_db(db, growing=policy == "growing")
     ids, vectors = memory.ids, np.ascontiguousarray(memory.vectors, dtype=np.float32)
     captions = [memory.captions_of(image_id) for image_id in ids]
@@ -434,10 +434,7 @@ def caption_collection(images: str, out_dir: str | os.PathLike, *, retrieval: bo
     """
     from scale import shards
 
-    settings = config.settings_of(settings, overrides)
-    if retrieval:
-        from memory import with_database_settings
-        settings = with_database_settings(settings)
+    settings = config.settings_of(settings, overrides, "collection")
     if shard_size < 1 or (block_size is not None and block_size < 1):
         raise UserError("--shard-size and --block-size must be at least 1")
     if retries < 0:
@@ -586,7 +583,7 @@ def parse_args(argv: list[str] | None = None):
         default = "BATCH_SIZE" if stage == "caption" else "4 x BATCH_SIZE"
         ray_group.add_argument(f"--{stage}-batch-size", type=int, metavar="N",
                                help=f"images per {what} call (default {default})")
-    args, settings = config.parse_cli(parser, argv)
+    args, settings = config.parse_cli(parser, argv, "collection")
     if not args.images or not args.out:
         raise UserError("give --images SPEC and --out OUT_DIR")
     return args, settings

@@ -129,9 +129,8 @@ def test_a_batch_run_guards_records_the_threshold_and_counts_the_leaks(scene_set
 
 
 def test_one_experiment_is_unguarded_under_auto_and_says_so(scene_settings):
-    settings = config.resolve(**scene_settings)
-    assert config.near_duplicate_threshold(settings, batch=False) == 0.0
-    assert config.near_duplicate_threshold(settings, batch=True) == 0.95
+    assert config.resolve("experiment", **scene_settings).near_duplicate_threshold == 0.0
+    assert config.resolve("batch", **scene_settings).near_duplicate_threshold == 0.95
     result = main.run_experiment(experiment_index=0, **scene_settings)
     assert result.config["near_duplicate_threshold"] == 0.0
     assert result.config["neighbour_selection"] == "top"

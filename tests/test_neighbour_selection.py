@@ -122,13 +122,13 @@ def test_a_memory_smaller_than_k_gives_what_it_has():
 
 def test_selection_of_the_settings():
     settings = config.resolve(neighbour_selection="mmr", top_k_similar=4)
-    one, batch = Selection.of(settings), Selection.of(settings, batch=True)
+    one, batch = Selection.of(settings), Selection.of(settings.in_context("batch"))
     assert (one.method, one.k, one.mmr_lambda) == ("mmr", 4, settings.mmr_lambda)
     assert one.near_duplicate_threshold == 0.0 and batch.near_duplicate_threshold == 0.95
     fixed = config.resolve(near_duplicate_threshold=0.9)
     assert Selection.of(fixed).near_duplicate_threshold == 0.9
     assert config.resolve(env={"RECAP_NEAR_DUPLICATE_THRESHOLD": "0"}).near_duplicate_threshold \
-        == "0"
+        == 0.0
 
 
 @pytest.mark.parametrize("overrides, message", [

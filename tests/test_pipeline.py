@@ -1,6 +1,7 @@
 """pipeline.py: the one caption step, the memory view, the models of a process, and the
 settings a database records."""
 
+import logging
 import pickle
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import config
 import main
 import pipeline
-from memory import Memory, caption_vector_lookup, for_database, with_database_settings
+from memory import Memory, caption_vector_lookup
 from models import load_dataset, load_models
 from retrieval import nearest
 from db_manager import DbManager
@@ -135,17 +136,18 @@ def test_the_result_changing_settings_include_precision_kernel_and_memory():
     assert not {"DEVICE", "BATCH_SIZE", "DB_DIR", "LOG_LEVEL"} & set(names)
 
 
-def test_a_database_fills_in_the_models_and_data_set_it_was_built_with(settings_kwargs):
+def test_a_database_fills_in_the_models_and_data_set_it_was_built_with(settings_kwargs, caplog):
     main.initialize_system(**settings_kwargs)
     db = DbManager.open(settings_kwargs["db_dir"])
-    bare = config.resolve(db_dir=settings_kwargs["db_dir"])
-    filled = for_database(bare, db)
+    with caplog.at_level(logging.INFO, logger="config"):
+        filled = config.resolve("search", db_dir=settings_kwargs["db_dir"])
     assert filled.clip_model_name == settings_kwargs["clip_model_name"]
     assert filled.caption_embedding_model == settings_kwargs["caption_embedding_model"]
     assert filled.experiment_samples == settings_kwargs["experiment_samples"]
     assert load_dataset(filled).fingerprint == db.state.split
+    assert "using the database's settings: clip_model_name=" in caplog.text
     with pytest.raises(UserError, match="was built with CLIP model .*, not 'other/clip'"):
-        for_database(bare.replace(clip_model_name="other/clip"), db)
+        config.resolve(db_dir=settings_kwargs["db_dir"], clip_model_name="other/clip")
 
 
 # --- the caption model's prompts ----------------------------------------------------------
@@ -195,8 +197,8 @@ def test_a_database_built_with_other_prompts_is_refused(settings_kwargs, prompt_
     assert "Traceback" not in err
 
 
-def test_a_caption_model_whose_prompts_changed_is_refused(settings_kwargs, prompt_minilm,
-                                                          pipeline_env, tmp_path):
+def test_a_caption_model_whose_prompts_changed_embeds_as_the_database_did(
+        settings_kwargs, prompt_minilm, pipeline_env, tmp_path):
     import json
     import shutil
     import subprocess
@@ -211,9 +213,16 @@ def test_a_caption_model_whose_prompts_changed_is_refused(settings_kwargs, promp
     saved["prompts"]["document"] = "passage: "
     config_file.write_text(json.dumps(saved))
     env = {**pipeline_env, "RECAP_CAPTION_EMBEDDING_MODEL": str(model)}
-    out = subprocess.run([sys.executable, "search.py", "--text", "a dog"], env=env,
-                         cwd=Path(pipeline.__file__).parent, capture_output=True, text=True,
-                         timeout=300)
+
+    def search(*more):
+        return subprocess.run([sys.executable, "search.py", "--text", "a dog", *more], env=env,
+                              cwd=Path(pipeline.__file__).parent, capture_output=True,
+                              text=True, timeout=300)
+    out = search()                      # "auto": the prompts the database recorded
+    assert out.returncode == 0, out.stderr
+    assert "using the database's settings: " in out.stderr and \
+        "caption_document_prompt='title: none | text: '" in out.stderr
+    out = search("--caption-document-prompt", "passage: ")     # named: refused, one line
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert ("was built with the caption model's document (caption) prompt 'title: none | "
             "text: ', not 'passage: '") in out.stderr
@@ -241,7 +250,7 @@ def test_a_database_made_before_prompts_were_recorded_keeps_working(settings_kwa
     (db_dir / CAPTION_EMBEDDING_DB).write_text(json.dumps(header))
     del kwargs["caption_document_prompt"]
     assert DbManager.open(db_dir).caption_prompts is None
-    filled = with_database_settings(config.resolve(**kwargs))
+    filled = config.resolve("search", **kwargs)
     assert filled.caption_document_prompt == ""                    # as they were embedded
     plain = CaptionEmbedder(minilm)
     hit = search.search_text("a dog in the snow", 1, **kwargs).hits[0]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import config
 import main
 import search
 from db_manager import FILES, DbManager, check_db
@@ -464,6 +465,6 @@ def test_a_search_killed_while_embedding_keeps_what_it_saved_and_the_next_finish
     assert finished.missing_caption_rows == [] and check_db(db.db_dir) == []
     human = [n for n, c in enumerate(finished.captions) if c["source"] == "human"]
     from models import load_models
-    fresh = load_models(db.settings).caption_embedder.embed_captions(
+    fresh = load_models(config.resolve(**settings_kwargs)).caption_embedder.embed_captions(
         [finished.captions[n]["caption"] for n in human])
     assert np.allclose(finished.caption_vectors[human], fresh, atol=1e-5)
