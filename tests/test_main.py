@@ -323,6 +323,42 @@ def test_settings_given_to_initialize_system_carry_to_run_experiment(settings_kw
     assert again.to_json()["generated_caption"] == again["generated_caption"]
 
 
+def test_the_result_is_the_seeds_dict(settings_kwargs):
+    r = main.run_experiment(experiment_index=1, **settings_kwargs)
+    on_disk = json.loads(Path(r["result_path"]).read_text())
+    assert dict(r) == on_disk and json.loads(json.dumps(dict(r))) == on_disk
+    assert set(r.keys()) == set(on_disk) and list(r) == list(on_disk) and len(r) == len(on_disk)
+    assert r.get("generated_caption") == r.generated_caption == on_disk["generated_caption"]
+    assert r.get("no such key") is None and dict(r.items())["prompt"] == r.prompt
+
+
+def test_in_a_folder_with_a_database_every_command_needs_no_model_flags(
+        pipeline_env, settings_kwargs, tmp_path):
+    first = run_cli(["--experiment-image-index", "1"], pipeline_env)
+    assert first.returncode == 0, first.stderr
+    # only where things go: the data set and every model come from the database
+    bare = {k: v for k, v in pipeline_env.items() if not k.startswith("RECAP_")}
+    bare.update({"RECAP_DB_DIR": settings_kwargs["db_dir"],
+                 "RECAP_RESULTS_DIR": settings_kwargs["results_dir"],
+                 "RECAP_CACHE_DIR": settings_kwargs["cache_dir"], "RECAP_MAX_NEW_TOKENS": "8"})
+    again = run_cli(["--experiment-image-index", "2"], bare)
+    assert again.returncode == 0, again.stderr
+    assert "using the database's settings: " in again.stderr and "clip_model_name=" in \
+        again.stderr and "vlm_model_name=" in again.stderr and "dataset_name=" in again.stderr
+    r = json.loads(next(Path(settings_kwargs["results_dir"]).glob("experiment_2_*.json"))
+                   .read_text())
+    assert r["config"]["clip_model_name"] == settings_kwargs["clip_model_name"]
+    assert r["config"]["vlm_model_name"] == settings_kwargs["vlm_model_name"]
+    search = subprocess.run([sys.executable, "search.py", "--text", "a dog", "--json",
+                             "--text-by", "clip"], cwd=ROOT, env=bare, capture_output=True,
+                            text=True, timeout=300)
+    assert search.returncode == 0, search.stderr
+    assert json.loads(search.stdout)["model"] == settings_kwargs["clip_model_name"]
+    wrong = run_cli(["--experiment-image-index", "2", "--clip-model-name", "other/clip"], bare)
+    assert wrong.returncode == 1
+    assert "was built with CLIP model" in error_line(wrong.stderr)
+
+
 @pytest.mark.parametrize("family, model_prompt", [
     ("blip", ""), ("git", ""), ("blip-2", "Question: Captions of similar images: - "),
     ("instructblip", "Captions of similar images:\n- "), ("florence-2", "<CAPTION>"),

@@ -258,12 +258,12 @@ def test_a_database_made_before_prompts_were_recorded_keeps_working(settings_kwa
     row = next(n for n, c in enumerate(db.captions) if c["caption"] == hit.caption)
     query = plain.embed_captions([QUERY_PROMPT + "a dog in the snow"])[0]   # the model's, as then
     assert hit.score == pytest.approx(float(query @ db.caption_vectors[row]), abs=1e-5)
-    # main.py, like with another model, says which prompt the database needs
-    with pytest.raises(UserError, match="document \\(caption\\) prompt '', not 'title: none.*"
-                                        "--caption-document-prompt ''"):
-        main.initialize_system(**kwargs)
-    assert main.main(_cli(kwargs, "--experiment-image-index", "1",
-                          "--caption-document-prompt", "")) == 0
+    # main.py embeds new captions as the database did; naming another prompt is one line
+    from conftest import DOCUMENT_PROMPT
+    with pytest.raises(UserError, match="built before caption prompts were recorded, with no "
+                                        "document \\(caption\\) prompt, not 'title: none"):
+        main.initialize_system(**kwargs, caption_document_prompt=DOCUMENT_PROMPT)
+    assert main.main(_cli(kwargs, "--experiment-image-index", "1")) == 0
     db = DbManager.open(db_dir)
     np.testing.assert_allclose(db.caption_vectors[-1], plain.embed_captions(
         [db.captions[-1]["caption"]])[0], atol=1e-5)
