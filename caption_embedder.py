@@ -133,6 +133,13 @@ class CaptionEmbedder:
         self.prompts = resolve_prompts(self.name, getattr(model, "prompts", None),
                                        query_prompt, document_prompt)
 
+    @classmethod
+    def from_settings(cls, settings, device: torch.device) -> "CaptionEmbedder":
+        """The caption model `settings` name, with their (finished) prompts."""
+        return cls(settings.caption_embedding_model, device=device,
+                   batch_size=settings.batch_size, query_prompt=settings.caption_query_prompt,
+                   document_prompt=settings.caption_document_prompt)
+
     @property
     def dim(self) -> int:
         get = getattr(self.model, "get_embedding_dimension", None) or \

@@ -279,6 +279,35 @@ def _settings_class() -> type:
     return cls
 
 
+def model_settings(kind: str) -> tuple[str, ...]:
+    """The settings a model of `kind` ("image_embedder", "caption_embedder", "captioner")
+    is built from: those named for it (CLIP_*, CAPTION_EMBEDDING_* and the caption
+    prompts, VLM_*; the captioner's
+    also the generation section's and RANDOM_SEED), and where it runs. A setting
+    added under such a name reaches its model's cache key with no other edit."""
+    prefixes, common = {
+        "image_embedder": (("CLIP_",), ("DEVICE", "DTYPE", "BATCH_SIZE")),
+        "caption_embedder": (("CAPTION_EMBEDDING_", "CAPTION_QUERY_", "CAPTION_DOCUMENT_"),
+                             ("DEVICE", "BATCH_SIZE")),
+        "captioner": (("VLM_",), ("DEVICE", "DTYPE"))}[kind]
+    names = [*common, *(n for n in defaults() if n.startswith(prefixes))]
+    if kind == "captioner":
+        names += [*_section("generation"), "RANDOM_SEED"]
+    return tuple(dict.fromkeys(names))
+
+
+def _section(title: str) -> list[str]:
+    """The settings under "# --- title" in this file, in order."""
+    names, inside = [], False
+    with open(__file__, encoding="utf-8") as source:
+        for line in source:
+            if line.startswith("# ---"):
+                inside = line[5:].strip().startswith(title)
+            elif inside and (name := re.match(r"([A-Z][A-Z0-9_]*)\s*[:=]", line)):
+                names.append(name.group(1))
+    return names
+
+
 def result_settings() -> tuple[str, ...]:
     """Names of the settings annotated `Changes`, in config.py order."""
     return tuple(name for name, kind in __annotations__.items()

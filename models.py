@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import config
@@ -69,42 +68,30 @@ class Models:
         self.settings = settings
         self.device, self.dtype = device_of(settings)
 
+    def _model(self, kind: str, make: Callable[[], Any], *extra: Any) -> Any:
+        """The model of `kind`, cached under the values of the settings it is built from
+        (config.model_settings) and `extra`: another value loads another model."""
+        key = tuple(getattr(self.settings, name.lower()) for name in config.model_settings(kind))
+        return cached(kind, key + extra, make)
+
     @property
     def image_embedder(self):
         from image_embedder import ImageEmbedder
-        s = self.settings
-        key = (s.clip_model_name, str(self.device), str(self.dtype), s.batch_size)
-        return cached("image_embedder", key, lambda: ImageEmbedder(
-            s.clip_model_name, device=self.device, dtype=self.dtype, batch_size=s.batch_size))
+        return self._model("image_embedder", lambda: ImageEmbedder.from_settings(
+            self.settings, self.device, self.dtype))
 
     @property
     def caption_embedder(self):
         from caption_embedder import CaptionEmbedder
-        s = self.settings
-        key = (s.caption_embedding_model, str(self.device), s.batch_size,
-               s.caption_query_prompt, s.caption_document_prompt)
-        return cached("caption_embedder", key, lambda: CaptionEmbedder(
-            s.caption_embedding_model, device=self.device, batch_size=s.batch_size,
-            query_prompt=s.caption_query_prompt, document_prompt=s.caption_document_prompt))
+        return self._model("caption_embedder", lambda: CaptionEmbedder.from_settings(
+            self.settings, self.device))
 
     @property
     def captioner(self):
         from vlm_captioner import VLMCaptioner
         s = self.settings
-        key = (s.vlm_model_name, str(self.device), str(self.dtype), s.max_new_tokens,
-               s.num_beams, s.do_sample, s.temperature, s.vlm_image_longest_edge,
-               s.vlm_image_splitting, s.vlm_attn_implementation, s.random_seed,
-               s.vlm_caption_prefix, s.vlm_device_map, s.vlm_max_memory,
-               s.cache_dir if s.vlm_device_map else "")   # the offload folder's place
-        return cached("captioner", key, lambda: VLMCaptioner(
-            s.vlm_model_name, device=self.device, dtype=self.dtype,
-            max_new_tokens=s.max_new_tokens, num_beams=s.num_beams, do_sample=s.do_sample,
-            temperature=s.temperature, image_longest_edge=s.vlm_image_longest_edge,
-            image_splitting=s.vlm_image_splitting,
-            attn_implementation=s.vlm_attn_implementation, seed=s.random_seed,
-            caption_prefix=s.vlm_caption_prefix, device_map=s.vlm_device_map,
-            max_memory=config.parse_max_memory(s.vlm_max_memory),
-            offload_folder=Path(s.cache_dir).expanduser() / "offload"))
+        return self._model("captioner", lambda: VLMCaptioner.from_settings(
+            s, self.device, self.dtype), s.cache_dir if s.vlm_device_map else "")  # offload
 
     def load_all(self) -> "Models":
         """Load every model now (a command's start, a web server's warm-up)."""

@@ -279,7 +279,7 @@ def resolve_plan(variant: Variant, settings: config.Settings) -> Plan:
     k = settings.top_k_similar if variant.k is None else variant.k
     cpn = (settings.captions_per_neighbour if variant.per_neighbour is None
            else variant.per_neighbour)
-    memory = variant.memory or ("growing" if settings.memory == "growing" else "frozen")
+    memory = variant.memory or settings.memory
     context = variant.context
     if context in ("image", "random", "caption") and (k == 0 or cpn == 0):
         context = "none"  # no captions to show: build_prompt gives the plain prompt

@@ -10,7 +10,9 @@ import pytest
 
 import experiment
 import main
-from models import Models, load_models, loaded
+import config
+from memory import initialize
+from models import Models, load_models
 from db_manager import CAPTION_DB, CAPTION_EMBEDDING_DB, FILES, IMAGE_DB
 from fake_flickr import make_flickr
 
@@ -114,13 +116,14 @@ def test_python_api_both_forms_reuse_models(settings_kwargs):
     dataset_loader, db_manager = main.initialize_system(**settings_kwargs)
     r = main.run_experiment(dataset_loader, db_manager, experiment_index=0, **settings_kwargs)
     assert r["generated_caption"] and r["image_id"] == dataset_loader.experiment[0].image_id
-    captioner, embedder = loaded("captioner"), loaded("image_embedder")
+    models = load_models(config.resolve(**settings_kwargs))
+    captioner, embedder = models.captioner, models.image_embedder
 
     r2 = main.run_experiment(experiment_index=3, top_k_similar=2, **settings_kwargs)
     assert len(r2["similar_images"]) == 2
-    assert loaded("captioner") is captioner
-    assert loaded("image_embedder") is embedder
-    assert loaded("db") is db_manager                          # not re-read from disk
+    again = load_models(config.resolve(**settings_kwargs, top_k_similar=2))
+    assert again.captioner is captioner and again.image_embedder is embedder   # not reloaded
+    assert initialize(config.resolve(**settings_kwargs))[1] is db_manager     # not re-read
     assert r2["image_id"] in db_manager.image_ids                       # memory grew in place
     assert db_counts(settings_kwargs["db_dir"]) == (
         TRAIN_IMAGES + 2, TRAIN_IMAGES * CAPTIONS_PER_IMAGE + 2, 2)
