@@ -47,7 +47,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from bench.common import ROOT, machine_info, table
 
@@ -228,7 +228,6 @@ def roofs(plan: Plan, device, section: Section) -> dict[str, float]:
             found[f"matmul_{label}"] = 2 * n**3 / seconds
             rows.append([f"matrix product, {label}", f"{n}×{n}×{n}",
                          f"{2 * n**3 / seconds / 1e12:.3g} TFLOP/s"])
-            del a, b
         except Exception as exc:  # noqa: BLE001 - reported in the table
             rows.append([f"matrix product, {label}", f"{n}×{n}×{n}", failure(exc)])
     nbytes = plan.copy_mib * 2**20
@@ -239,7 +238,6 @@ def roofs(plan: Plan, device, section: Section) -> dict[str, float]:
         found["copy"] = 2 * nbytes / seconds   # bytes read + bytes written
         rows.append([f"copy on the {device.type}, read + write", f"{plan.copy_mib} MiB",
                      f"{2 * nbytes / seconds / 1e9:.0f} GB/s"])
-        del src, dst
     except Exception as exc:  # noqa: BLE001
         rows.append([f"copy on the {device.type}", f"{plan.copy_mib} MiB", failure(exc)])
     for pinned in (True, False):
@@ -255,7 +253,6 @@ def roofs(plan: Plan, device, section: Section) -> dict[str, float]:
             found["h2d_pinned" if pinned else "h2d"] = host.nbytes / seconds
             rows.append([label, f"{plan.copy_mib // 2} MiB",
                          f"{host.nbytes / seconds / 1e9:.1f} GB/s"])
-            del host
         except Exception as exc:  # noqa: BLE001
             rows.append([label, f"{plan.copy_mib // 2} MiB", failure(exc)])
     free(device)
@@ -366,10 +363,9 @@ def image_embedding(plan: Plan, clip: str, device, dtype, roof: dict, section: S
                         model.get_image_features(pixel_values=ready)
 
                 forward()  # warm-up: kernels chosen for this shape
-                limit = calls * bs / best_seconds(forward, device, plan.repeat)
+                limit = calls * len(ready) / best_seconds(forward, device, plan.repeat)
                 rows.append(["forward only (pixels on the device)", bs, f"{limit:.0f}", "1.00",
                              share(limit * flop_per_image, matmul_roof)])
-                del ready
                 embedder.batch_size = bs
                 embedder.embed(sample[:bs])  # warm-up
                 variants = {
@@ -395,7 +391,6 @@ def image_embedding(plan: Plan, clip: str, device, dtype, roof: dict, section: S
                 f"{flop_per_image / 1e9:.3g} GFLOP per image ({vision_tokens} tokens × 2 × the "
                 f"vision tower's parameters); decoding threads: one per CPU ({workers}). "
                 "The product embeds BATCH_SIZE images per batch (default 8).")
-    del embedder, model
     free(device)
 
 
@@ -588,7 +583,6 @@ def caption_embedding(plan: Plan, device, roof: dict, section: Section) -> None:
                 f"{flop / 1e9:.3g} GFLOP per caption; best of {plan.repeat} run(s). "
                 "`CaptionEmbedder` loads the model as sentence-transformers does, in float32; "
                 "the product embeds BATCH_SIZE captions per batch (default 8).")
-        del embedder, model
     except Exception as exc:  # noqa: BLE001
         rows.append([plan.text_label, "", "", failure(exc), ""])
         note = ""
