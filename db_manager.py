@@ -55,7 +55,8 @@ from db_check import backup_db, check_db, describe_db, import_json, repair_db
 from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, CAPTION_VECTORS, FILES, IMAGE_DB,
                        CAPTION_META, IMAGE_VECTORS, JOURNAL, NEW_WORK, STATE, WORK, DbIdentity,
                        DbState,
-                       as_vectors, check_dim, check_json_end, check_unique, generated_caption_id,
+                       as_vectors, check_dim, check_json_end, check_unique,
+                       generated_caption_entry, generated_caption_id,
                        map_vectors, new_rows, read_state)
 from errors import UserError
 
@@ -302,10 +303,8 @@ class DbManager:
             raise RuntimeError("seed the database first")
         image_vector = as_vectors(image_vector, 1)[0]
         caption_vector = as_vectors(caption_vector, 1)[0]
-        entry = {"id": generated_caption_id(image_id, vlm_model), "image_id": image_id,
-                 "caption": caption, "source": "generated", "model": vlm_model,
-                 **({} if experiment_index is None else {"experiment_index": experiment_index}),
-                 "timestamp": timestamp}
+        entry = generated_caption_entry(image_id, caption, vlm_model, timestamp,
+                                        experiment_index)
         with db_journal.locked(self.db_dir):
             self._recover()
             self._refresh()
@@ -516,5 +515,6 @@ def _newest_captioner(captions_meta: Path) -> str | None:
 
 
 __all__ = ["DbManager", "DbIdentity", "DbState", "FILES", "IMAGE_DB", "CAPTION_DB",
-           "CAPTION_EMBEDDING_DB", "JOURNAL", "generated_caption_id", "check_db", "describe_db",
+           "CAPTION_EMBEDDING_DB", "JOURNAL", "generated_caption_id",
+           "generated_caption_entry", "check_db", "describe_db",
            "repair_db", "backup_db"]
