@@ -58,7 +58,7 @@ from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, CAPTION_VECTORS, FILES,
                        as_vectors, check_dim, check_json_end, check_unique,
                        generated_caption_entry, generated_caption_id,
                        map_vectors, new_rows, read_state)
-from errors import UserError
+from errors import DatabaseConflict, UserError
 
 log = logging.getLogger(__name__)
 
@@ -459,9 +459,10 @@ def recorded_settings(values: Mapping[str, Any], given: frozenset[str] = frozens
     if state.document_prompt is None:  # made before prompts were recorded: none
         document = values["CAPTION_DOCUMENT_PROMPT"]
         if "CAPTION_DOCUMENT_PROMPT" in given and document not in ("auto", ""):
-            raise UserError(f"database {db_dir} was built before caption prompts were "
-                            f"recorded, with no document (caption) prompt, not {document!r}: "
-                            "leave --caption-document-prompt out, or use another --db-dir")
+            raise DatabaseConflict(
+                f"database {db_dir} was built before caption prompts were recorded, with no "
+                f"document (caption) prompt, not {document!r}: leave "
+                "--caption-document-prompt out, or use another --db-dir")
         found["CAPTION_DOCUMENT_PROMPT"] = ""
     manifest = db_dir / SETTINGS_FILE
     if manifest.is_file():
@@ -491,8 +492,8 @@ def _check_given_models(db_dir: Path, state: DbState, values: Mapping[str, Any],
     if wrong:
         built = " and ".join(f"{what} {found!r}, not {wanted!r}" for what, found, wanted, _ in wrong)
         options = " and ".join(option for *_, option in wrong)
-        raise UserError(f"database {db_dir} was built with {built}: use another "
-                        f"--db-dir for these settings, or set {options} back")
+        raise DatabaseConflict(f"database {db_dir} was built with {built}: use another "
+                               f"--db-dir for these settings, or set {options} back")
 
 
 def _newest_captioner(captions_meta: Path) -> str | None:
