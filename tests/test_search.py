@@ -56,13 +56,15 @@ def test_folder_search_is_recursive_and_incremental(photos, settings_kwargs, mon
     assert first.hits[0].image_id == "b/c/p4.png" and first.indexed == 6
     assert first.index_update.startswith("0 unchanged, 6 new")
     import image_embedder
-    calls = []
-    real = image_embedder.ImageEmbedder._encode
+    calls = []    # images embedded, per call that embedded any
+    real = image_embedder.ImageEmbedder.embed
 
-    def counting(self, pixels):
-        calls.append(len(pixels))
-        return real(self, pixels)
-    monkeypatch.setattr(image_embedder.ImageEmbedder, "_encode", counting)
+    def counting(self, images, *args, **kwargs):
+        vectors = real(self, images, *args, **kwargs)
+        if len(vectors):
+            calls.append(len(vectors))
+        return vectors
+    monkeypatch.setattr(image_embedder.ImageEmbedder, "embed", counting)
     again = search.search_images(str(photos / "a/p1.jpg"), 2, images_dir=str(photos),
                                  **settings_kwargs)
     assert again.index_update.startswith("6 unchanged, 0 new") and calls == [1]  # only the query
