@@ -142,8 +142,9 @@ def _best(scores: np.ndarray, ids: Sequence[str], k: int, banned: Collection[int
         kth = np.partition(scores, len(scores) - k)[len(scores) - k]
         candidates = np.flatnonzero(scores >= kth)
     order = candidates[np.lexsort((rows[candidates], -scores[candidates]))][:k]
-    return [Neighbour(rank=r + 1, image_id=ids[rows[i]], score=float(scores[i]))
-            for r, i in enumerate(order)]
+    # Python ints and floats in one step each (a full ranking makes N records)
+    return [Neighbour(rank, ids[row], score) for rank, (row, score)
+            in enumerate(zip(rows[order].tolist(), scores[order].tolist()), start=1)]
 
 
 def ann_params(backend: str, n: int, dim: int, **given: int) -> dict[str, int]:
