@@ -23,8 +23,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
-import orjson
-
 from errors import UserError
 
 _BUFFER = 1 << 20
@@ -32,6 +30,7 @@ _BUFFER = 1 << 20
 
 def dumps(data: Any, indent: bool = False) -> bytes:
     """JSON bytes (numpy arrays become lists) the way every file of the project is written."""
+    import orjson  # here, not at the top: bench/gpu.py runs on GPU machines without it
     option = orjson.OPT_SERIALIZE_NUMPY | (orjson.OPT_INDENT_2 if indent else 0)
     return orjson.dumps(data, option=option)
 
