@@ -475,7 +475,7 @@ def test_the_first_text_search_embeds_the_human_captions_once(settings_kwargs, m
 
 KILLED_SEARCH = """
 import time
-import caption_embedder, pipeline, search
+import caption_embedder, memory, search
 memory.EMBED_CHUNK = 8
 real = caption_embedder.CaptionEmbedder.embed_captions
 
