@@ -224,24 +224,30 @@ def load(image_id: str):
 
 @pytest.fixture
 def count_forward(monkeypatch):
-    """Wrap a CLIP embedder's model forward (get_image_features) so each test can see
-    whether the model ran, and on how many images."""
+    """Wrap an embedder's model forward (transformers' get_image_features for CLIP-like
+    models, forward for plain backbones) so each test can see whether the model ran,
+    and on how many images."""
     def wrap(embedder: ImageEmbedder) -> list[int]:
         calls = []
-        original = embedder.model.get_image_features
+        name = _forward_of(embedder)
+        original = getattr(embedder.model, name)
 
-        def counting(**inputs):
+        def counting(*args, **inputs):
             calls.append(len(inputs["pixel_values"]))
-            return original(**inputs)
-        monkeypatch.setattr(embedder.model, "get_image_features", counting)
+            return original(*args, **inputs)
+        monkeypatch.setattr(embedder.model, name, counting)
         return calls
     return wrap
 
 
+def _forward_of(embedder: ImageEmbedder) -> str:
+    return "get_image_features" if embedder.uses_image_features else "forward"
+
+
 def _model_must_not_run(monkeypatch, embedder):
-    def fail(**inputs):
+    def fail(*args, **inputs):
         raise AssertionError("the model ran although the cache should have been used")
-    monkeypatch.setattr(embedder.model, "get_image_features", fail)
+    monkeypatch.setattr(embedder.model, _forward_of(embedder), fail)
 
 
 def test_embed_pool_returns_ids_and_their_embeddings(embedder, tmp_path):
