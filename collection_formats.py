@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import re
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
