@@ -151,7 +151,7 @@ def test_save_to_memory_appends_one_entry(memory, settings, photo):
     entry = db.captions[-1]
     assert entry["id"] == generated_caption_id(r["image_id"], settings.vlm_model_name)
     assert entry["image_id"] == r["image_id"] and entry["caption"] == r["caption"]
-    assert entry["source"] == "generated" and entry["experiment_index"] == -1
+    assert entry["source"] == "generated" and "experiment_index" not in entry  # an upload
     assert db.image_ids[-1] == r["image_id"] and db.image_kinds[-1] == "experiment"
     assert (Path(settings.db_dir) / app.UPLOADS / r["image_id"]).exists()
 
