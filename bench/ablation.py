@@ -907,7 +907,8 @@ def plot_chart(report: dict[str, Any], path: str | os.PathLike) -> Path:
     names = [v["name"] for v in variants]
     x = np.arange(len(names))
     width = 0.8 / len(CHART_METRICS)
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(names) + 2.5), 4.8))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(names) + 2.5), 4.8),
+                           layout="constrained")
     top = 0.0
     for n, metric in enumerate(CHART_METRICS):
         values = [v["metrics"].get(metric) for v in variants]
@@ -929,7 +930,6 @@ def plot_chart(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=9, loc="upper right")
-    fig.tight_layout()
     path = Path(path)
     try:
         with atomic_writer(path, suffix=".png") as f:

@@ -8,6 +8,8 @@ architectures of the defaults at their published sizes, saved with
 * `clip`: CLIPConfig() defaults = openai/clip-vit-base-patch32 (ViT-B/32, 224 px).
 * `smolvlm-256m` / `smolvlm-500m`: SmolVLM-256M/500M-Instruct (Idefics3; SigLIP
   base/512 + SmolLM2-135M/360M), with a small tokenizer (tests/tiny_models.py).
+* `smolvlm-instruct`: SmolVLM-Instruct (2B), the default captioner (Idefics3; SigLIP
+  so400m/384 + SmolLM2-1.7B), same tokenizer; about 9 GB in float32.
 * `bge-base`: a BERT-base sentence-transformers model (BAAI/bge-base-en-v1.5's
   architecture: 12 layers, 768 wide, CLS pooling, normalised), with the BERT
   vocabulary of the all-MiniLM-L6-v2 package.
@@ -32,7 +34,7 @@ def model_path(name: str) -> Path:
     path = MODELS_DIR / name
     if not (path / "config.json").is_file():
         build = {"clip": _clip, "smolvlm-256m": _smolvlm, "smolvlm-500m": _smolvlm,
-                 "bge-base": _bge}[name]
+                 "smolvlm-instruct": _smolvlm, "bge-base": _bge}[name]
         from atomic_files import move_into_place
         tmp = path.with_name(path.name + ".tmp")
         build(tmp, name)

@@ -373,6 +373,15 @@ SMOLVLM_SIZES = {
         text=dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
                   num_attention_heads=15, num_key_value_heads=5, vocab_size=49280),
         scale_factor=4, longest_edge=2048),
+    # SmolVLM-Instruct (2B), the default captioner: SigLIP so400m-patch14-384 vision (81
+    # tokens per 384-px tile after the 3x pixel shuffle) with SmolLM2-1.7B text, images
+    # resized to 4 tiles wide (1536 px); vocabulary as the checkpoint's (49,155 rows).
+    "instruct": dict(
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                    num_attention_heads=16, image_size=384, patch_size=14),
+        text=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                  num_attention_heads=32, num_key_value_heads=32, vocab_size=49155),
+        scale_factor=3, longest_edge=1536),
 }
 
 
