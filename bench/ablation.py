@@ -139,6 +139,7 @@ from typing import Any, Sequence
 
 import config  # noqa: E402
 import pipeline  # noqa: E402  (cheap: it imports torch only when a model is needed)
+from batch_runner import indices_spec  # noqa: E402,F401  (also this module's, as before)
 from experiment import check_writable  # noqa: E402
 from errors import UserError, cli_failure  # noqa: E402
 
@@ -332,22 +333,6 @@ def select_variants(names: Sequence[str] | None) -> list[str]:
 
 def default_indices(samples: int) -> list[int]:
     return list(range(min(DEFAULT_IMAGES, samples)))
-
-
-def indices_spec(indices: Sequence[int]) -> str:
-    """[0, 1, 2, 5] -> "0-2,5"."""
-    parts: list[str] = []
-    run: list[int] = []
-    for i in indices:
-        if run and i == run[-1] + 1:
-            run.append(i)
-            continue
-        if run:
-            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [i]
-    if run:
-        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(parts)
 
 
 # --- the shared work: data, models, query images, training pool ---------------------------

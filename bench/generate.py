@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -57,16 +58,23 @@ def measure(size: str, batch: int, splitting: bool, captions: int, new_tokens: i
     captioner.caption_batch(images[:1], [prompt])
     captioner.generation.update(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     first = []
-    start = time.perf_counter()
+    cpu, start = _cpu_seconds(), time.perf_counter()
     for n in range(0, captions, batch):
         captioner.caption_batch(images[n:n + batch], [prompt] * len(images[n:n + batch]))
         first.append(captioner.last_first_token)
     seconds = time.perf_counter() - start
     return {"captions_per_s": captions / seconds, "s_per_caption": seconds / captions,
+            # CPU time of the process: what a caption costs whatever else the machine runs
+            "cpu_s_per_caption": (_cpu_seconds() - cpu) / captions,
             "first_token_s": sum(first) / len(first), "tiles": tiles,
             "prompt_tokens": int(inputs["input_ids"].shape[1]),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "threads": torch.get_num_threads()}
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 NAMES = {"instruct": "SmolVLM-Instruct (2B)", "256m": "SmolVLM-256M-Instruct",
@@ -98,7 +106,7 @@ def main() -> None:
     # the cheap rows first: one tile, then the processor's splitting
     settings = [(bs, split == "on", max(args.captions, bs), dtype) for split in args.splitting
                 for dtype in args.dtypes for bs in args.batch_sizes]
-    rows, rate, threads = [], {}, None
+    rows, rate, threads, load = [], {}, None, os.getloadavg()
     for batch, splitting, captions, dtype in settings:
         child = json.dumps({"batch": batch, "splitting": splitting, "captions": captions,
                             "dtype": dtype})
@@ -106,12 +114,15 @@ def main() -> None:
         try:
             out = subprocess.run([sys.executable, "-m", "bench.generate", "--size", args.size,
                                   "--new-tokens", str(args.new_tokens), "--child", child],
-                                 check=True, capture_output=True, text=True,
-                                 timeout=args.max_seconds,
+                                 capture_output=True, text=True, timeout=args.max_seconds,
                                  cwd=Path(__file__).resolve().parent.parent)
+            stopped = (f"stopped (exit {out.returncode}: {out.stderr.strip()[-200:]})"
+                       if out.returncode else None)
         except subprocess.TimeoutExpired:
-            rows.append(["on" if splitting else "off", dtype, batch, captions,
-                         f"not finished in {args.max_seconds:.0f} s", "", "", "", "", ""])
+            stopped = f"not finished in {args.max_seconds:.0f} s"
+        if stopped:  # out of memory, killed, too slow: the other rows still count
+            rows.append(["on" if splitting else "off", dtype, batch, captions, "", stopped,
+                         "", "", "", "", ""])
             print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -121,19 +132,22 @@ def main() -> None:
         rows.append([f"{'on' if splitting else 'off'} ({r['tiles']} tile"
                      f"{'s' if r['tiles'] > 1 else ''})", dtype, batch, captions,
                      r["prompt_tokens"], f"{r['s_per_caption']:.2f}",
-                     f"{r['captions_per_s']:.4f}",
+                     f"{r['cpu_s_per_caption']:.1f}", f"{r['captions_per_s']:.4f}",
                      f"{r['captions_per_s'] / base:.2f}×" if base else "",
                      f"{r['first_token_s']:.2f}", f"{r['peak_rss_mb']:.0f}"])
         print("| " + " | ".join(map(str, rows[-1])) + f" | ({time.perf_counter() - started:.0f} s"
               " with loading)", flush=True)
     body = table(["image splitting", "dtype", "batch", "captions", "prompt tokens",
-                  "s/caption", "captions/s", "÷ batch 1, 1 tile, float32", "first token (s)",
-                  "peak RSS (MB)"], rows)
+                  "s/caption", "CPU s/caption", "captions/s", "÷ batch 1, 1 tile, float32",
+                  "first token (s)", "peak RSS (MB)"], rows)
     notes = (f"{NAMES[args.size]} architecture, random weights, on the CPU ({threads} torch "
              f"threads), greedy, exactly {args.new_tokens} new tokens, 500×375 photos, one "
              "fresh process per row, after a one-token warm-up. Prompt tokens: one image's "
-             "prompt (image tokens + text). First token: seconds from the start of a generate "
-             "call to its first new token (vision encoder + prefill), per call.")
+             "prompt (image tokens + text). CPU s/caption: the process's CPU time (all threads) "
+             "per caption, which other load on the machine inflates far less than wall time. "
+             "First token: seconds from the start of a generate call to its first new token "
+             "(vision encoder + prefill), per call. Load average (1 min) of the machine: "
+             f"{load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
     record(f"Caption generation (bench/generate.py, {NAMES[args.size]})", body, notes,
            path=args.out)
 
