@@ -43,6 +43,11 @@ RANDOM_SEED: Changes = 42
 # --- models ------------------------------------------------------------------
 # Image embedder for retrieval: any CLIP or SigLIP checkpoint (hub id or path).
 CLIP_MODEL_NAME: Changes = "openai/clip-vit-base-patch32"
+# CLIP checkpoint of the CLIPScore and RefCLIPScore metrics (clip_score.py); the
+# default is the paper's. When it is CLIP_MODEL_NAME, retrieval's image vectors are
+# reused. Not a `Changes` setting: it changes no caption, only scores, and every
+# summary computes all its scores with one model, recorded beside them ("clip_score").
+METRIC_CLIP_MODEL = "openai/clip-vit-base-patch32"
 # Captioner (hub id or path), of one of the families vlm_captioner.FAMILIES knows
 # from its config's model type (README, "Captioners"): chat models with a chat
 # template (SmolVLM, SmolVLM2, Idefics3, Qwen2-VL / Qwen2.5-VL, LLaVA) get the

@@ -205,9 +205,15 @@ def test_grid_runs_every_variant_on_the_same_images(settings_kwargs, tmp_path, n
     md = files["md"].read_text()
     table = _rows(md)
     assert list(table) == GRID
-    assert "| variant | images | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | " \
-           "embedding similarity |" in md
-    assert all(len(cells) == 13 for cells in table.values())
+    assert "| variant | images | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | CLIPScore | " \
+           "RefCLIPScore | embedding similarity |" in md
+    assert all(len(cells) == 15 for cells in table.values())
+    # CLIPScore / RefCLIPScore: a column each, from the CLIP of retrieval (its query vectors)
+    assert table["baseline"][7] == f"{rows['baseline']['metrics']['CLIPScore']:.4f}"
+    assert table["baseline"][8] == f"{rows['baseline']['metrics']['RefCLIPScore']:.4f}"
+    assert rows["baseline"]["metrics"]["clip_score"]["image_vectors"] == \
+        "4 of 4 reused from retrieval"
+    assert f"with `{settings_kwargs['clip_model_name']}` (float32)" in md
     assert "| copies | scenes | words |" in md
     assert table["baseline"][4].startswith("— ")          # METEOR skipped, with a footnote
     assert f"METEOR: {METEOR_SKIPPED}" in md
