@@ -290,7 +290,7 @@ def test_killed_job_resumes_and_writes_every_id_exactly_once(env, ray_address, t
                "--caption-batch-size", "1", *cli_args(env["kw"])]
     job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
-    deadline = time.monotonic() + 300          # starting the actors is slow on a busy machine
+    deadline = time.monotonic() + 600          # starting the actors is slow on a busy machine
     while not shards.shard_paths(out) and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     job.send_signal(signal.SIGKILL)
