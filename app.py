@@ -70,11 +70,9 @@ THUMBNAILS = thumbnails.ThumbnailCache()
 Progress = Callable[[float, str], None]
 
 # Markdown tables (metrics, neighbours): Gradio lets their text break anywhere, so a
-# narrow column reads "sc/or/e", "0.0/00/0". Words stay whole; a long first column (a
-# model's path) may still break; headers and right-aligned numbers never wrap.
+# column squeezed by a long path beside it read "sc/or/e", "0.0/00/0". Headers and
+# right-aligned numbers never wrap; text (a long path too) still wraps in its column.
 PAGE_CSS = """
-.prose table th, .prose table td { overflow-wrap: normal; word-break: normal; }
-.prose table td:first-child { overflow-wrap: anywhere; }
 .prose table th, .prose table td[align="right"], .prose table td[style*="right"] {
   white-space: nowrap;
 }
@@ -765,8 +763,10 @@ def build_ui(settings: config.Settings | None = None):
                                      elem_id="runs-gallery")
             run_rows = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, wrap=True,
                                     max_height=480, elem_id="runs-table",
-                                    column_widths=["56px", "220px", "72px", "23%", "29%",
-                                                   "88px", "96px"])
+                                    # a metric column as wide as its header
+                                    column_widths=["48px", "220px", "72px", "17%", "21%",
+                                                   *(f"{round(8.5 * len(m) + 30)}px"
+                                                     for m in RUN_METRICS)])
             run_outputs = [run_header, run_metrics, ablation_note, ablation, ablation_table,
                            run_rows, run_gallery, run_page]
             run.input(lambda name: on_run(name, 1), run, run_outputs)

@@ -1,6 +1,6 @@
 """Caption generation on the CPU: seconds per caption by batch size, image splitting and dtype.
 
-    python -m bench.generate                          # the default SmolVLM-Instruct (2B), 2 captions a row
+    python -m bench.generate                          # SmolVLM-Instruct (2B), 2 captions a row
     python -m bench.generate --size 256m --captions 16 --batch-sizes 1 4 8
     python -m bench.generate --dtypes float32 --splitting off --max-seconds 1800
 

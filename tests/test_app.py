@@ -442,8 +442,9 @@ def shoot(page, path: Path) -> None:
     page.screenshot(path=str(path), full_page=True)
 
 
-# Each cell of a table (a Markdown table's th/td, a Dataframe's th and gridcells) as laid out: its text, whether it is a header, on how many lines
-# its text runs, whether it is cut off, and its width.
+# Each cell of a table (Markdown th/td, a Dataframe's th and gridcells) as laid out: its
+# text, whether it is a header, on how many lines its text runs, whether it is cut off,
+# and its width.
 CELLS = """(selector) => {
   const lines = (cell) => {
     const tops = [];
@@ -461,9 +462,11 @@ CELLS = """(selector) => {
   const cells = ["th", "td", "[role=gridcell]"].map(c => `${selector} ${c}`).join(", ");
   const shown = [...document.querySelectorAll(cells)].filter(
     cell => cell.checkVisibility({checkOpacity: true, checkVisibilityCSS: true}));
+  const edge = document.querySelector(selector).getBoundingClientRect().right;
   return shown.map(cell => ({
     text: cell.innerText.trim(), header: cell.tagName === "TH", lines: lines(cell),
-    cut: cell.scrollWidth > cell.clientWidth + 1,
+    cut: cell.scrollWidth > cell.clientWidth + 1
+         || cell.getBoundingClientRect().right > edge + 1,
     width: Math.round(cell.getBoundingClientRect().width)}));
 }"""
 
@@ -471,7 +474,8 @@ CELLS = """(selector) => {
 def unreadable_cells(page, selector: str) -> list[dict]:
     """The cells of the table(s) under `selector` that a reader sees broken: a header or
     a one-word cell (a number, a file name) wrapped onto several lines ("sc/or/e",
-    "0./99/4"), or any cell cut off. Long captions may wrap, between words."""
+    "0./99/4"), or any cell cut off (by its own width, or reaching past the component's
+    edge). Long captions may wrap, between words."""
     cells = [c for c in page.evaluate(CELLS, selector) if c["text"]]
     assert cells, f"no table cells under {selector}"
     return [c for c in cells if c["cut"] or (c["lines"] > 1 and (c["header"] or
