@@ -89,9 +89,10 @@ def run_batch(indices: list[int], run_name: str | None = None,
 
     import experiment
     import pipeline
+    from memory import Memory, initialize
 
-    settings = config.settings_of(settings, overrides)
-    policy = experiment.memory_policy(settings, batch=True)
+    settings = config.settings_of(settings, overrides, "batch")
+    policy = settings.memory
     run_dir = Path(settings.results_dir) / "runs" / (run_name or default_run_name(settings))
     manifest = _start(run_dir, settings, indices, policy)
     done = finished_items(run_dir)
@@ -99,13 +100,12 @@ def run_batch(indices: list[int], run_name: str | None = None,
     log.info("run %s: %d of %d experiments to do (%d finished before)", run_dir, len(todo),
              len(indices), len(indices) - len(todo))
     if todo:
-        dataset, db = pipeline.initialize(settings)
-        memory = pipeline.Memory.from_db(db, growing=policy == "growing")
+        dataset, db = initialize(settings)
+        memory = Memory.from_db(db, growing=policy == "growing")
         bar = tqdm(total=len(todo), desc="captioning", unit="caption", smoothing=0.1)
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start:start + settings.batch_size]
-            for record in experiment.run_experiments(dataset, db, batch, settings, memory,
-                                                     batch=True):
+            for record in experiment.run_experiments(dataset, db, batch, settings, memory):
                 item = record.to_json()
                 item["status"] = "failed" if isinstance(record, pipeline.Failure) else "ok"
                 _write_item(run_dir, item)
@@ -122,9 +122,9 @@ def run_batch(indices: list[int], run_name: str | None = None,
 def _start(run_dir: Path, settings: config.Settings, indices: list[int],
            policy: str) -> dict[str, Any]:
     """Create the run directory, or check that a resumed run used the same settings."""
-    import pipeline
+    from models import versions
     wanted = {**settings.results(), "memory": policy,
-              "near_duplicate_threshold": config.near_duplicate_threshold(settings, batch=True)}
+              "near_duplicate_threshold": settings.near_duplicate_threshold}
     path = run_dir / "manifest.json"
     if path.exists():
         manifest = _read_manifest(path)
@@ -136,7 +136,7 @@ def _start(run_dir: Path, settings: config.Settings, indices: list[int],
         manifest["resumed"] = manifest.get("resumed", []) + [_now()]
     else:
         manifest = {"run": run_dir.name, "settings": wanted, "config": settings.to_json(),
-                    "versions": pipeline.versions(), "indices": sorted(indices),
+                    "versions": versions(), "indices": sorted(indices),
                     "started": _now(), "finished": None}
     _write_json(path, manifest)
     return manifest
@@ -183,7 +183,7 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
               **overrides: Any) -> dict[str, Any]:
     """summary.json + summary.csv of a run directory, with caption metrics."""
     import metrics
-    import pipeline
+    from models import load_models
 
     run_dir = Path(run_dir)
     if not (run_dir / "manifest.json").exists():
@@ -195,7 +195,7 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
     if ok:
         settings = config.settings_of(settings, overrides)
         run_settings = _run_settings(settings, manifest)
-        embedder = pipeline.load_models(run_settings).caption_embedder
+        embedder = load_models(run_settings).caption_embedder
         clip = _clip_scorer(run_settings, ok)
     scores = metrics.evaluate_captions(
         {str(i["experiment_index"]): i["generated_caption"] for i in ok},
@@ -239,18 +239,18 @@ def _clip_scorer(settings: config.Settings, ok: list[dict[str, Any]]):
     METRIC_CLIP_MODEL is the run's CLIP, its loaded model and the image vectors retrieval
     stored in DB_DIR; images without one are opened from the run's data set."""
     import clip_score
-    import pipeline
+    from models import load_dataset, load_models
     image_ids = {str(i["experiment_index"]): i["image_id"] for i in ok}
     retrieval, vectors = None, {}
     if settings.metric_clip_model == settings.clip_model_name:
         try:
-            retrieval = pipeline.load_models(settings).image_embedder
+            retrieval = load_models(settings).image_embedder
         except UserError:  # scorer_for says why in the skip line
             retrieval = None
         vectors = _stored_image_vectors(settings, set(image_ids.values()))
 
     def image_of(key: str):
-        dataset = pipeline.load_dataset(settings)
+        dataset = load_dataset(settings)
         sample = dataset.get(image_ids[key])
         if sample is None:
             raise UserError(f"image {image_ids[key]} of the run is not in the data set "
@@ -287,8 +287,8 @@ def _near_duplicates(manifest: dict[str, Any], ok: list[dict[str, Any]],
     from db_manager import DbManager
     import near_duplicates
     recorded = manifest["settings"].get("near_duplicate_threshold", 0.0)
-    threshold = (config.near_duplicate_threshold(recorded, batch=True)
-                 or config.near_duplicate_threshold("auto", batch=True))
+    guard = config.finish_value("NEAR_DUPLICATE_THRESHOLD", recorded, "batch")
+    threshold = guard or config.AUTO_BATCH_THRESHOLD
     db_dir = Path(settings.db_dir)
     if not ok or not db_dir.is_dir():
         return None
@@ -296,7 +296,7 @@ def _near_duplicates(manifest: dict[str, Any], ok: list[dict[str, Any]],
     if db.needs_seed:
         return None
     counted = near_duplicates.count_in_db(db, [i["image_id"] for i in ok], threshold)
-    return {**counted, "guarded": bool(config.near_duplicate_threshold(recorded, batch=True))}
+    return {**counted, "guarded": bool(guard)}
 
 
 CSV_COLUMNS = ("experiment_index", "image_id", "status", "error", "generated_caption",

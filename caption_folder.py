@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import config
 import pipeline
+from memory import Memory, initialize, save_caption
+from models import load_models
 
 log = logging.getLogger("caption_folder")
 
@@ -46,13 +47,13 @@ def caption_folder(folder: str, settings: config.Settings, retrieval: bool = Tru
 
     files = scan_folder(folder)  # before any model loads: a bad folder fails at once
     root = Path(folder).expanduser().resolve()
-    models = pipeline.load_models(settings)
+    models = load_models(settings)
     if retrieval:
-        _, memory_db = pipeline.initialize(settings)
-        memory = pipeline.Memory.from_db(memory_db, growing=settings.memory == "growing"
+        _, memory_db = initialize(settings)
+        memory = Memory.from_db(memory_db, growing=settings.memory == "growing"
                                          ).read_only()
     else:
-        memory = pipeline.Memory.empty()
+        memory = Memory.empty()
     prompts = models.caption_embedder.prompts  # recorded, so searches embed queries alike
     db = DbManager.open(folder_db_dir(settings.db_dir, root), DbIdentity(
         clip_model=settings.clip_model_name, caption_model=settings.caption_embedding_model,
@@ -71,7 +72,6 @@ def caption_folder(folder: str, settings: config.Settings, retrieval: bool = Tru
                 np.zeros((0, caption_embedder.dim), np.float32))
     write_json_atomic(manifest, wanted)
     todo = [f for f in files if not db.has_caption(generated_caption_id(f, captioner.name))]
-    position = {image_id: n for n, image_id in enumerate(files)}
     done, failed = 0, []
     bar = tqdm(total=len(todo), desc="captioning", unit="img")
     for start in range(0, len(todo), settings.batch_size):
@@ -83,11 +83,7 @@ def caption_folder(folder: str, settings: config.Settings, retrieval: bool = Tru
                 log.warning("skipping %s: %s", record.image_id, record.error)
                 failed.append(record.image_id)
                 continue
-            db.add_experiment(record.image_id, record.vector, record.caption,
-                              record.caption_vector, vlm_model=captioner.name,
-                              experiment_index=position[record.image_id],
-                              timestamp=datetime.now(timezone.utc).astimezone().isoformat(
-                                  timespec="seconds"))
+            save_caption(db, record, captioner.name)
             done += 1
         bar.update(len(chunk))
     bar.close()

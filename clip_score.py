@@ -184,24 +184,23 @@ def scorer_for(settings: "config.Settings", *, retrieval: ClipEmbedder | None = 
     and `known_vector` (its image vectors by id) is used; otherwise METRIC_CLIP_MODEL
     is loaded (once per process, on DEVICE in DTYPE) and `known_vector` is ignored.
     """
-    import pipeline
+    from models import cached, device_of, dtype_name
 
     name = settings.metric_clip_model
-    device, dtype = pipeline.device_of(settings)
+    device, dtype = device_of(settings)
     if retrieval is not None and retrieval.name == name:
         embedder: Any = retrieval
         dtype = getattr(retrieval, "dtype", dtype)
     else:
         known_vector = None   # another model's vectors: not comparable
         try:
-            embedder = pipeline.cached("metric_clip", (name, str(device), str(dtype),
-                                                       settings.batch_size),
-                                       lambda: _load(name, device, dtype, settings.batch_size))
+            embedder = cached("metric_clip", (name, str(device), str(dtype), settings.batch_size),
+                              lambda: _load(name, device, dtype, settings.batch_size))
         except UserError as exc:
             return Unavailable(name, str(exc))
     if not getattr(embedder, "has_text_tower", True):
         return Unavailable(name, f"{name!r} has no text tower (use a CLIP checkpoint)")
-    return ClipScorer(embedder, image_of, known_vector, pipeline.dtype_name(dtype))
+    return ClipScorer(embedder, image_of, known_vector, dtype_name(dtype))
 
 
 def _load(name: str, device: Any, dtype: Any, batch_size: int) -> ClipEmbedder:

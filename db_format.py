@@ -70,13 +70,13 @@ class DbIdentity:
     dataset: str
     split: str
     # Recorded so that search and import can reopen the data set from the database
-    # alone (pipeline.for_database); None for databases made before they were recorded.
+    # alone (memory.for_database); None for databases made before they were recorded.
     random_seed: int | None = None
     experiment_samples: int | None = None
     # The caption model's prompts (caption_embedder.TextPrompts, resolved): recorded by
     # a new database and checked like the models; None: not checked. Databases made
     # before they were recorded have captions without a document prompt
-    # (pipeline.for_database fills CAPTION_DOCUMENT_PROMPT "" for them).
+    # (memory.for_database fills CAPTION_DOCUMENT_PROMPT "" for them).
     query_prompt: str | None = None
     document_prompt: str | None = None
 
@@ -147,6 +147,17 @@ def as_ranges(rows) -> tuple[tuple[int, int], ...]:
 
 def generated_caption_id(image_id: str, vlm_model: str) -> str:
     return f"{image_id}#gen:{vlm_model}"
+
+
+def generated_caption_entry(image_id: str, caption: str, vlm_model: str, timestamp: str,
+                            experiment_index: int | None = None, **more: Any) -> dict[str, Any]:
+    """captions.json's entry of a generated caption: an experiment's (with its index),
+    a captioned folder's or the web page's, or an imported one (`more`: imported_from)."""
+    entry = {"id": generated_caption_id(image_id, vlm_model), "image_id": image_id,
+             "caption": caption, "source": "generated", "model": vlm_model}
+    if experiment_index is not None:
+        entry["experiment_index"] = experiment_index
+    return {**entry, **more, "timestamp": timestamp}
 
 
 def read_state(path: Path) -> DbState:

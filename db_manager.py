@@ -44,18 +44,21 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import orjson
 
 import db_journal
 from atomic_files import write_json_atomic, write_text_atomic  # noqa: F401  (older imports)
 from db_check import backup_db, check_db, describe_db, import_json, repair_db
 from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, CAPTION_VECTORS, FILES, IMAGE_DB,
-                       IMAGE_VECTORS, JOURNAL, NEW_WORK, STATE, WORK, DbIdentity, DbState,
-                       as_vectors, check_dim, check_json_end, check_unique, generated_caption_id,
+                       CAPTION_META, IMAGE_VECTORS, JOURNAL, NEW_WORK, STATE, WORK, DbIdentity,
+                       DbState,
+                       as_vectors, check_dim, check_json_end, check_unique,
+                       generated_caption_entry, generated_caption_id,
                        map_vectors, new_rows, read_state)
-from errors import UserError
+from errors import DatabaseConflict, UserError
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +75,6 @@ class DbManager:
         self.db_dir = Path(db_dir)
         self.work = self.db_dir / WORK
         self.identity = identity
-        # The settings of the initialize_system call that returned it, for callers given
-        # only the manager: run_experiment(dataset, db, ...).
-        self.settings: Any = None
         self.state: DbState | None = None
         self.image_ids: list[str] = []
         self.image_kinds: list[str] = []
@@ -295,7 +295,7 @@ class DbManager:
                  len(self.image_ids), len(self.captions))
 
     def add_experiment(self, image_id: str, image_vector: np.ndarray, caption: str,
-                       caption_vector: np.ndarray, vlm_model: str, experiment_index: int,
+                       caption_vector: np.ndarray, vlm_model: str, experiment_index: int | None,
                        timestamp: str) -> None:
         """Append an experiment image's embedding and generated caption (or replace the
         caption this VLM gave it before), durably and atomically across the three files."""
@@ -303,9 +303,8 @@ class DbManager:
             raise RuntimeError("seed the database first")
         image_vector = as_vectors(image_vector, 1)[0]
         caption_vector = as_vectors(caption_vector, 1)[0]
-        entry = {"id": generated_caption_id(image_id, vlm_model), "image_id": image_id,
-                 "caption": caption, "source": "generated", "model": vlm_model,
-                 "experiment_index": experiment_index, "timestamp": timestamp}
+        entry = generated_caption_entry(image_id, caption, vlm_model, timestamp,
+                                        experiment_index)
         with db_journal.locked(self.db_dir):
             self._recover()
             self._refresh()
@@ -417,6 +416,106 @@ class DbManager:
             db_journal.finish(self.db_dir)
 
 
+# Settings a database records, as (DbState field, setting): a command run where it
+# exists uses them unless told otherwise (config.resolve).
+RECORDED = (("clip_model", "CLIP_MODEL_NAME"), ("caption_model", "CAPTION_EMBEDDING_MODEL"),
+            ("dataset", "DATASET_NAME"), ("random_seed", "RANDOM_SEED"),
+            ("experiment_samples", "EXPERIMENT_SAMPLES"),
+            ("query_prompt", "CAPTION_QUERY_PROMPT"),
+            ("document_prompt", "CAPTION_DOCUMENT_PROMPT"))
+# A captioned collection's result-changing settings, beside its database.
+SETTINGS_FILE = "settings.json"
+# The captioner of the newest caption is read from this much of captions.jsonl's end.
+_TAIL_BYTES = 1 << 16
+
+
+def recorded_settings(values: Mapping[str, Any], given: frozenset[str] = frozenset(),
+                      folder: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What the database in values["DB_DIR"] (or that of captioned `folder`) records,
+    by setting name, for the settings not in `given`: its models, data set and split,
+    caption prompts, and the captioner of its newest caption (a folder's: its
+    settings.json); under the key "" the database's folder. {} where no database
+    is there yet. Cheap: state.json and the end
+    of one file are read, not the databases. A given CLIP or caption model that
+    differs from the database's is one line naming both (as check_models)."""
+    from folder_index import folder_db_dir
+    db_dir = Path(values["DB_DIR"]).expanduser()
+    if folder is not None and (folder_db_dir(db_dir, folder) / WORK / STATE).is_file():
+        db_dir = folder_db_dir(db_dir, folder)
+    else:  # a folder not captioned yet is searched with the memory's models
+        folder = None
+    state_file = db_dir / WORK / STATE
+    if not state_file.is_file():
+        return {}
+    try:
+        state = read_state(state_file)
+    except UserError:  # damaged: the command that opens it says so (--check-db reports it)
+        return {}
+    found: dict[str, Any] = {}
+    for field_name, name in RECORDED:
+        value = getattr(state, field_name, None)
+        if value is not None and not (folder is not None and name in _DATA_SET):
+            found[name] = value
+    if state.document_prompt is None:  # made before prompts were recorded: none
+        document = values["CAPTION_DOCUMENT_PROMPT"]
+        if "CAPTION_DOCUMENT_PROMPT" in given and document not in ("auto", ""):
+            raise DatabaseConflict(
+                f"database {db_dir} was built before caption prompts were recorded, with no "
+                f"document (caption) prompt, not {document!r}: leave "
+                "--caption-document-prompt out, or use another --db-dir")
+        found["CAPTION_DOCUMENT_PROMPT"] = ""
+    manifest = db_dir / SETTINGS_FILE
+    if manifest.is_file():
+        found.update({k.upper(): v for k, v in orjson.loads(manifest.read_bytes()).items()
+                      if k.upper() in values and k.upper() not in _NOT_ADOPTED})
+    else:
+        captioner = _newest_captioner(db_dir / WORK / CAPTION_META)
+        if captioner:
+            found["VLM_MODEL_NAME"] = captioner
+    _check_given_models(db_dir, state, values, given)
+    return {"": str(db_dir), **{k: v for k, v in found.items() if k not in given}}
+
+
+# Recorded for people, not adopted by a folder's commands: the data set's, and where
+# files go (a folder database keeps its own results).
+_DATA_SET = ("DATASET_NAME", "RANDOM_SEED", "EXPERIMENT_SAMPLES")
+_NOT_ADOPTED = ("DB_DIR", "RESULTS_DIR", "CACHE_DIR", "LOG_LEVEL", "DEVICE", "DTYPE",
+                "BATCH_SIZE")
+
+
+def _check_given_models(db_dir: Path, state: DbState, values: Mapping[str, Any],
+                        given: frozenset[str]) -> None:
+    wrong = [(what, found, values[name], flag) for what, found, name, flag in (
+        ("CLIP model", state.clip_model, "CLIP_MODEL_NAME", "--clip-model-name"),
+        ("caption model", state.caption_model, "CAPTION_EMBEDDING_MODEL",
+         "--caption-embedding-model")) if name in given and found != values[name]]
+    if wrong:
+        built = " and ".join(f"{what} {found!r}, not {wanted!r}" for what, found, wanted, _ in wrong)
+        options = " and ".join(option for *_, option in wrong)
+        raise DatabaseConflict(f"database {db_dir} was built with {built}: use another "
+                               f"--db-dir for these settings, or set {options} back")
+
+
+def _newest_captioner(captions_meta: Path) -> str | None:
+    """The captioner ("model") of the newest generated caption in captions.jsonl."""
+    try:
+        with open(captions_meta, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - _TAIL_BYTES))
+            tail = f.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(tail[1:] if len(tail) > 1 else tail):
+        if b'"generated"' in line:
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if entry.get("source") == "generated" and entry.get("model"):
+                return entry["model"]
+    return None
+
+
 __all__ = ["DbManager", "DbIdentity", "DbState", "FILES", "IMAGE_DB", "CAPTION_DB",
-           "CAPTION_EMBEDDING_DB", "JOURNAL", "generated_caption_id", "check_db", "describe_db",
+           "CAPTION_EMBEDDING_DB", "JOURNAL", "generated_caption_id",
+           "generated_caption_entry", "check_db", "describe_db",
            "repair_db", "backup_db"]

@@ -35,22 +35,28 @@ def initialize_system(**overrides: Any):
     """Load the data set and the models, and open (on the first run: build) the databases.
 
     Returns `(dataset_loader, db_manager)`. Keyword arguments override any
-    setting of config.py by its lower-case name; the database manager remembers
-    them (`db_manager.settings`), so `run_experiment(dataset_loader, db_manager, ...)`
-    uses them. Models, data and the manager of a DB_DIR are loaded once per
-    process and reused by later calls (which then set the settings it remembers).
+    setting of config.py by its lower-case name. `run_experiment(dataset_loader,
+    db_manager, ...)` then runs with these settings (the pair carries them).
+    Models, data and the manager of a DB_DIR are loaded once per process and
+    reused by later calls.
     """
-    settings = config.resolve(**overrides)
-    dataset, db = _initialize(settings)
-    db.settings = settings
-    return dataset, db
+    from memory import initialize
+    from models import load_models
+    settings = config.resolve("experiment", **overrides)
+    dataset, db = initialize(settings)
+    load_models(settings).load_all()
+    return System(dataset, settings), db
 
 
-def _initialize(settings: config.Settings):
-    import pipeline
-    dataset, db = pipeline.initialize(settings)
-    pipeline.load_models(settings).load_all()
-    return dataset, db
+class System:
+    """The data set `initialize_system` returns, with the settings it was made with:
+    attribute access goes to the data set (`dataset_loader.experiment`, ...)."""
+
+    def __init__(self, dataset, settings: config.Settings):
+        self.dataset, self.settings = dataset, settings
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.dataset, name)
 
 
 def run_experiment(dataset_loader=None, db_manager=None, experiment_index: int | None = None,
@@ -61,25 +67,32 @@ def run_experiment(dataset_loader=None, db_manager=None, experiment_index: int |
     after `initialize_system(...)` (its settings, with these keywords on top), or
     standalone as `run_experiment(experiment_index=7, top_k_similar=3)`. Appends
     the result to the databases, writes RESULTS_DIR/experiment_{index}_{timestamp}.json
-    and returns it (an experiment.ExperimentResult; `result["generated_caption"]`
-    works too). An image that cannot be captioned raises UserError.
+    and returns it: an experiment.ExperimentResult, a read-only mapping with the
+    result file's keys (`result["generated_caption"]`, `result.get(...)`,
+    `dict(result)`) and attributes. An image that cannot be captioned raises UserError.
     """
-    known = getattr(db_manager, "settings", None)
-    settings = known.replace(**overrides) if known is not None else config.resolve(**overrides)
-    return _run_one(settings, experiment_index, dataset_loader, db_manager)
+    made = getattr(dataset_loader, "settings", None)
+    settings = config.settings_of(made, overrides)
+    dataset = getattr(dataset_loader, "dataset", dataset_loader)
+    if db_manager is not None and overrides:
+        db_manager.check_models(settings.clip_model_name, settings.caption_embedding_model)
+    return _run_one(settings, experiment_index, dataset, db_manager)
 
 
 def _run_one(settings: config.Settings, index: int | None = None, dataset=None, db=None):
     import experiment
+    from memory import initialize
+    from models import load_models
     index = settings.experiment_image_index if index is None else index
     experiment.check_writable(Path(settings.results_dir))  # fail before the slow work
     start = time.perf_counter()
     if dataset is None or db is None:
         from dataset_loader import check_index
         check_index(index, settings.experiment_samples)  # before any slow loading
-        dataset, db = _initialize(settings)
+        dataset, db = initialize(settings)
     dataset.experiment_sample(index)
-    [result] = experiment.run_experiments(dataset, db, [int(index)], settings,
+    models = load_models(settings).load_all()
+    [result] = experiment.run_experiments(dataset, db, [int(index)], settings, models=models,
                                           load_seconds=time.perf_counter() - start)
     if not isinstance(result, experiment.ExperimentResult):
         result.raise_it()
@@ -90,7 +103,8 @@ def caption_folder(folder: str, retrieval: bool = True, **overrides: Any) -> dic
     """Caption every image under `folder` so that `search.py --text ... --images-dir
     folder` can find them (see caption_folder.py). Keywords override settings."""
     import caption_folder as folders
-    return folders.caption_folder(folder, config.resolve(**overrides), retrieval)
+    return folders.caption_folder(
+        folder, config.resolve("collection", folder=folder, **overrides), retrieval)
 
 
 def _summary(result) -> str:
@@ -142,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="add the images and captions of `python -m "
                               "scale.caption_collection --out OUT_DIR` to the databases")
     try:
-        args, settings = config.parse_cli(parser, argv)
+        args, settings = config.parse_cli(parser, argv, _context,
+                                          folder=lambda args: args.caption_folder)
     except UserError as exc:
         return cli_failure("main.py", exc, code=2)
     config.configure_logging(settings)
@@ -182,6 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _context(args) -> str:
+    """The entry point an invocation is (config.CONTEXTS): what "auto" settings mean."""
+    if args.all or args.indices or args.evaluate or args.near_duplicates:
+        return "batch"
+    if args.caption_folder:
+        return "collection"
+    if args.embed_captions or args.import_parquet or args.check_db or args.repair_db:
+        return "search"
+    return "experiment"
+
+
 def _batch(args, settings: config.Settings) -> int:
     """--all / --indices / --evaluate."""
     import batch_runner
@@ -202,10 +228,10 @@ def _batch(args, settings: config.Settings) -> int:
 def _embed_captions(settings: config.Settings) -> int:
     """--embed-captions: the memory (built first if DB_DIR has none) with a vector for
     every caption, so that the first text search need not make them."""
-    import pipeline
+    from memory import caption_embedder_for, embed_missing_captions, initialize
     start = time.perf_counter()
-    _, db = pipeline.initialize(settings)
-    done = pipeline.embed_missing_captions(pipeline.caption_embedder_for(settings, db), db)
+    _, db = initialize(settings)
+    done = embed_missing_captions(caption_embedder_for(settings, db), db)
     print(f"{db.db_dir}: every one of its {len(db.captions)} captions has a vector ("
           f"{done} embedded now, {time.perf_counter() - start:.0f} s); text search is ready")
     return 0
@@ -213,9 +239,7 @@ def _embed_captions(settings: config.Settings) -> int:
 
 def _import_parquet(out_dir: str, settings: config.Settings) -> int:
     """--import-parquet: the shards of a scale/ job into the databases (db_manager writes)."""
-    import pipeline
     from scale.shards import import_parquet
-    settings = pipeline.with_database_settings(settings)
     s = import_parquet(out_dir, settings.db_dir, settings.clip_model_name,
                        settings.caption_embedding_model)
     print(f"imported {s['images_added']} images and {s['captions_added']} captions from "

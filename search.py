@@ -89,7 +89,7 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
     from similarity_search import SearchIndex
 
     _check_k(k)
-    settings = config.settings_of(settings, overrides)
+    settings = config.settings_of(settings, overrides, "search", folder=images_dir)
     query_image = open_image(query)
     if images_dir is not None:
         files = scan_folder(images_dir)  # before loading a model: a bad folder fails fast
@@ -127,14 +127,14 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
 
 def _image_embedder(settings: config.Settings, backbone: str):
     """The pipeline's CLIP embedder, or another backbone's (loaded once per process)."""
-    import pipeline
+    from models import cached, device_of, load_models
     from image_embedder import ImageEmbedder, backbone_model_name
     model_name = backbone_model_name(backbone, settings.clip_model_name)
     if model_name == settings.clip_model_name:
-        return pipeline.load_models(settings).image_embedder
-    device, dtype = pipeline.device_of(settings)
+        return load_models(settings).image_embedder
+    device, dtype = device_of(settings)
     key = (model_name, str(device), str(dtype), settings.batch_size)
-    return pipeline.cached("search_embedder", key, lambda: ImageEmbedder(
+    return cached("search_embedder", key, lambda: ImageEmbedder(
         model_name, device=device, dtype=dtype, batch_size=settings.batch_size,
         what="image model", setting="--backbone"))
 
@@ -168,14 +168,14 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
     from db_manager import DbManager
     from folder_index import folder_db_dir
 
-    import pipeline
+    from memory import caption_embedder_for, embed_missing_captions
 
     _check_k(k)
     if not text.strip():
         raise UserError("--text is empty")
     if by not in TEXT_BY:
         raise UserError(f"--text-by must be one of {', '.join(TEXT_BY)}, got {by!r}")
-    settings = config.settings_of(settings, overrides)
+    settings = config.settings_of(settings, overrides, "search", folder=images_dir)
     if images_dir is not None:
         from folder_index import scan_folder
         root = Path(images_dir).expanduser().resolve()
@@ -183,8 +183,8 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
             raise UserError(f"image folder not found: {images_dir}")
         db = DbManager.open(folder_db_dir(settings.db_dir, root))
         captioned = not db.needs_seed and bool(db.captions)
-        if captioned:
-            settings = pipeline.for_database(settings, db)  # the models it was captioned with
+        if captioned:  # searched with the models it was captioned with
+            db.check_models(settings.clip_model_name, settings.caption_embedding_model)
         source = f"{root}"
         path_of = lambda image_id: str(root / image_id)  # noqa: E731
         load = lambda hit: open_image(hit.path)  # noqa: E731
@@ -217,8 +217,8 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
     models, notes, note = [], [], ""
     best_caption: dict[str, dict[str, Any]] = {}
     if by in ("captions", "both"):
-        embedder = pipeline.caption_embedder_for(settings, db)
-        pipeline.embed_missing_captions(embedder, db)  # a first search after a first run
+        embedder = caption_embedder_for(settings, db)
+        embed_missing_captions(embedder, db)  # a first search after a first run
         rankings["captions"], best_caption, searched["captions"] = _caption_ranking(
             db, embedder.embed_queries([text])[0], depth, index)
         models.append(embedder.name)
@@ -308,16 +308,16 @@ def _fuse(rankings: dict[str, list[tuple[str, float]]]) -> list[tuple[str, float
 
 
 def open_memory(settings: config.Settings):
-    """(db, dataset, settings) of the pipeline's memory in DB_DIR: the settings with
-    the database's models and data set filled in where none were given."""
-    import pipeline
+    """(db, dataset, settings) of the pipeline's memory in DB_DIR (settings resolved
+    there use its models and data set where none were given)."""
+    from models import load_dataset
     from db_manager import DbManager
     db = DbManager.open(settings.db_dir)
     if db.needs_seed:
         raise UserError(f"no database in {settings.db_dir}: run `python main.py` first, "
                         "or search a folder with --images-dir")
-    settings = pipeline.for_database(settings, db)
-    dataset = pipeline.load_dataset(settings)  # loaded once per process
+    db.check_models(settings.clip_model_name, settings.caption_embedding_model)
+    dataset = load_dataset(settings)  # loaded once per process
     if dataset.fingerprint != db.state.split:
         raise UserError(f"the database in {settings.db_dir} was built from another data set or "
                         "split; use the same --dataset-name, --random-seed and "
@@ -501,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--show", action="store_true", help="also open the figure in a window")
     what.add_argument("--json", action="store_true", help="print the results as JSON")
     try:
-        args, settings = config.parse_cli(parser, argv)
+        args, settings = config.parse_cli(parser, argv, "search",
+                                          folder=lambda args: args.images_dir)
         if not (args.query or args.text):
             raise UserError("give --query IMAGE or --text TEXT")
         try:

@@ -27,7 +27,8 @@ import app
 import batch_runner
 import config
 import main
-import pipeline
+from memory import caption_embedder_for, embed_missing_captions, initialize
+from models import load_models
 import thumbnails
 from db_manager import DbManager, generated_caption_id
 from errors import UserError
@@ -72,8 +73,8 @@ def memory(prepared, settings_kwargs):
 def served_memory(settings: config.Settings) -> None:
     """The memory's captions given their vectors ahead, as README says to before serving
     searches (`python main.py --embed-captions`): the page's searches then save nothing."""
-    _, db = pipeline.initialize(settings)
-    pipeline.embed_missing_captions(pipeline.caption_embedder_for(settings, db), db)
+    _, db = initialize(settings)
+    embed_missing_captions(caption_embedder_for(settings, db), db)
 
 
 def add_demo_run(prepared: Path, settings: config.Settings) -> Path:
@@ -151,7 +152,7 @@ def test_save_to_memory_appends_one_entry(memory, settings, photo):
     entry = db.captions[-1]
     assert entry["id"] == generated_caption_id(r["image_id"], settings.vlm_model_name)
     assert entry["image_id"] == r["image_id"] and entry["caption"] == r["caption"]
-    assert entry["source"] == "generated" and entry["experiment_index"] == -1
+    assert entry["source"] == "generated" and "experiment_index" not in entry  # an upload
     assert db.image_ids[-1] == r["image_id"] and db.image_kinds[-1] == "experiment"
     assert (Path(settings.db_dir) / app.UPLOADS / r["image_id"]).exists()
 
@@ -220,7 +221,7 @@ def test_an_unexpected_error_shows_no_traceback(caplog):
 
 def test_concurrent_requests_each_get_their_own_result(memory, settings, photo, monkeypatch):
     alone = [app.caption_tab(0, settings=settings), app.caption_tab(str(photo), settings=settings)]
-    captioner = pipeline.load_models(settings).captioner
+    captioner = load_models(settings).captioner
     running, most = [0], [0]
     real = type(captioner).caption_batch
 

@@ -246,13 +246,14 @@ FAMILIES = {"smolvlm": True, "blip": False, "git": False, "blip-2": True, "instr
 def test_every_captioner_family_runs_all_batched_like_single(settings_kwargs, tiny_captioner,
                                                              family):
     import config
-    import pipeline
+    from models import load_dataset, load_models
     kwargs = {**settings_kwargs, "vlm_model_name": tiny_captioner(family), "max_new_tokens": 5}
     four = batch_runner.run_batch([0, 1, 2, 3], "b4", **{**kwargs, "batch_size": 4})
     assert four["finished"] == 4
     # greedy: each caption of the batch of 4 is the one its image gets alone
-    dataset = pipeline.load_dataset(config.resolve(env={}, **kwargs))
-    captioner = pipeline.loaded("captioner")
+    settings = config.resolve("batch", env={}, **kwargs)
+    dataset = load_dataset(settings)
+    captioner = load_models(settings).captioner          # the batch run's, loaded once
     assert [captioner.caption(dataset.load_image(dataset.experiment_sample(i["experiment_index"])),
                               i["prompt"]) for i in four["items"]] == [
         i["generated_caption"] for i in four["items"]]

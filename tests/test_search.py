@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import config
 import main
 import search
 from db_manager import FILES, DbManager, check_db
@@ -421,13 +422,13 @@ def built_the_old_way(db, db_dir, settings_kwargs):
     """A copy of memory `db` made as before lazy caption vectors: every human caption
     embedded by the seed, then the same experiments."""
     import config
-    import pipeline
+    from models import load_models
     from db_manager import DbIdentity, DbManager
     s = db.state
     old = DbManager.open(db_dir, DbIdentity(s.clip_model, s.caption_model, s.dataset, s.split,
                                             s.random_seed, s.experiment_samples,
                                             s.query_prompt, s.document_prompt))
-    embedder = pipeline.load_models(config.resolve(**settings_kwargs)).caption_embedder
+    embedder = load_models(config.resolve(**settings_kwargs)).caption_embedder
     train = [n for n, kind in enumerate(db.image_kinds) if kind == "train"]
     human = [c for c in db.captions if c["source"] == "human"]
     old.seed([db.image_ids[n] for n in train], db.image_vectors[train], human,
@@ -474,8 +475,8 @@ def test_the_first_text_search_embeds_the_human_captions_once(settings_kwargs, m
 
 KILLED_SEARCH = """
 import time
-import caption_embedder, pipeline, search
-pipeline.EMBED_CHUNK = 8
+import caption_embedder, memory, search
+memory.EMBED_CHUNK = 8
 real = caption_embedder.CaptionEmbedder.embed_captions
 
 def slow(self, captions, progress=False):
@@ -513,8 +514,8 @@ def test_a_search_killed_while_embedding_keeps_what_it_saved_and_the_next_finish
     finished = DbManager.open(db.db_dir)
     assert finished.missing_caption_rows == [] and check_db(db.db_dir) == []
     human = [n for n, c in enumerate(finished.captions) if c["source"] == "human"]
-    import pipeline
-    fresh = pipeline.load_models(db.settings).caption_embedder.embed_captions(
+    from models import load_models
+    fresh = load_models(config.resolve(**settings_kwargs)).caption_embedder.embed_captions(
         [finished.captions[n]["caption"] for n in human])
     assert np.allclose(finished.caption_vectors[human], fresh, atol=1e-5)
 
