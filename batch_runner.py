@@ -30,7 +30,7 @@ import logging
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import config
 from errors import UserError
@@ -54,6 +54,22 @@ def parse_indices(spec: str, samples: int) -> list[int]:
             raise UserError(f"--indices: {last} is out of range: choose 0 to {samples - 1}")
         indices.extend(range(first, last + 1))
     return list(dict.fromkeys(indices))
+
+
+def indices_spec(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5" (parse_indices' inverse, for messages and commands)."""
+    parts: list[str] = []
+    run: list[int] = []
+    for i in indices:
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [i]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
 
 
 def default_run_name(settings: config.Settings) -> str:

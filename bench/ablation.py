@@ -142,6 +142,7 @@ from typing import Any, Sequence
 
 import config  # noqa: E402
 import pipeline  # noqa: E402  (cheap: it imports torch only when a model is needed)
+from batch_runner import indices_spec  # noqa: E402,F401  (also this module's, as before)
 from memory import Memory, caption_vector_lookup, embed_missing_captions, initialize
 from models import experiment_count, load_models, versions
 from retrieval import Context, Neighbour, Retriever, Selection, nearest
@@ -337,22 +338,6 @@ def select_variants(names: Sequence[str] | None) -> list[str]:
 
 def default_indices(samples: int) -> list[int]:
     return list(range(min(DEFAULT_IMAGES, samples)))
-
-
-def indices_spec(indices: Sequence[int]) -> str:
-    """[0, 1, 2, 5] -> "0-2,5"."""
-    parts: list[str] = []
-    run: list[int] = []
-    for i in indices:
-        if run and i == run[-1] + 1:
-            run.append(i)
-            continue
-        if run:
-            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [i]
-    if run:
-        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(parts)
 
 
 # --- the shared work: data, models, query images, training pool ---------------------------
@@ -934,7 +919,8 @@ def plot_chart(report: dict[str, Any], path: str | os.PathLike) -> Path:
     names = [v["name"] for v in variants]
     x = np.arange(len(names))
     width = 0.8 / len(CHART_METRICS)
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(names) + 2.5), 4.8))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(names) + 2.5), 4.8),
+                           layout="constrained")
     top = 0.0
     for n, metric in enumerate(CHART_METRICS):
         values = [v["metrics"].get(metric) for v in variants]
@@ -956,7 +942,6 @@ def plot_chart(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=9, loc="upper right")
-    fig.tight_layout()
     path = Path(path)
     try:
         with atomic_writer(path, suffix=".png") as f:
