@@ -398,7 +398,6 @@ def runs_tab(run_dir: str | os.PathLike | None, settings: config.Settings | None
     "#index generated … / reference …")] for `page`, "page", "pages"}.
     """
     import metrics
-    from PIL import Image
 
     settings = _resolve(settings)
     if not run_dir:
