@@ -49,11 +49,11 @@ from typing import Any, Sequence
 import numpy as np
 
 import db_journal
-from atomic_files import write_json_atomic, write_text_atomic  # noqa: F401  (older imports)
+from atomic_files import write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: F401
 from db_check import backup_db, check_db, describe_db, import_json, repair_db
 from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, CAPTION_VECTORS, FILES, IMAGE_DB,
                        IMAGE_VECTORS, JOURNAL, NEW_WORK, STATE, WORK, DbIdentity, DbState,
-                       as_vectors, check_dim, check_json_end, check_unique, generated_caption_id,
+                       as_vectors, check_dim, check_seals, check_unique, generated_caption_id,
                        map_vectors, new_rows, read_state)
 from errors import UserError
 
@@ -197,10 +197,16 @@ class DbManager:
         return human or [c["caption"] for c in entries]
 
     def _load(self, state: DbState | None = None) -> None:
-        """Read the working copy; cheap checks that the JSON files are what state.json says."""
+        """Read the working copy, after checking that the JSON files are exactly as the
+        last save left them (their stat; their bytes only if that changed)."""
         state = state or read_state(self.work / STATE)
-        for name in FILES:
-            check_json_end(self.db_dir / name, state.bytes[name])
+        fresh = check_seals(self.db_dir, state)
+        if fresh is not None:  # same bytes, new stat (a copied folder, a touched file)
+            state = fresh
+            try:
+                write_bytes_atomic(self.work / STATE, state.to_json())
+            except OSError as exc:  # read-only: the bytes are checked again next time
+                log.info("database %s: could not record its files' stat (%s)", self.db_dir, exc)
         self.image_ids, self.image_kinds, self.captions = [], [], []
         self.state = None
         self._adopt(state)
