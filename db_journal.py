@@ -342,19 +342,21 @@ def recover(db_dir: Path) -> list[str]:
         notes.append(f"completed the interrupted saving of {len(pending['captions'])} caption "
                      "vectors")
     elif pending.get("replace") is not None:
-        caption = pending["caption"]
-        notes.append(f"completed the interrupted save of experiment "
-                     f"{caption.get('experiment_index')} ({caption['image_id']}): its entries "
-                     "are all present now")
-    elif len(pending["images"]) <= 1 and len(pending["captions"]) == 1:
-        caption = pending["captions"][0]
-        notes.append(f"completed the interrupted save of experiment "
-                     f"{caption.get('experiment_index')} ({caption['image_id']}): its three "
+        notes.append(f"completed the interrupted save of {_which(pending['caption'])}: its "
                      "entries are all present now")
+    elif len(pending["images"]) <= 1 and len(pending["captions"]) == 1:
+        notes.append(f"completed the interrupted save of {_which(pending['captions'][0])}: "
+                     "its three entries are all present now")
     else:
         notes.append(f"completed an interrupted batch of {len(pending['images'])} images and "
                      f"{len(pending['captions'])} captions: all its entries are present now")
     return notes
+
+
+def _which(caption: dict[str, Any]) -> str:
+    """A generated caption's image, for the user: "experiment 7 (x.jpg)" or "x.jpg"."""
+    index = caption.get("experiment_index")
+    return caption["image_id"] if index is None else f"experiment {index} ({caption['image_id']})"
 
 
 def cut_to_state(db_dir: Path, state: DbState, keep_captions: bool = False) -> None:

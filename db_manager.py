@@ -11,7 +11,7 @@ captions.json
     {"format": "recap-captions", "version": 1, "dataset": name, "split": fingerprint,
      "entries": [{"id", "image_id", "caption", "source": "human"},
                  {"id", "image_id", "caption", "source": "generated", "model": VLM name,
-                  "experiment_index", "timestamp"}]}
+                  "experiment_index" (experiments only), "timestamp"}]}
 caption_embeddings.json
     {"format": "recap-caption-embeddings", "version": 1, "model": embedder name, "dim": D,
      "entries": [{"id" (a captions.json id), "image_id", "embedding": [D floats]}]}
@@ -301,17 +301,20 @@ class DbManager:
                  len(self.image_ids), len(self.captions))
 
     def add_experiment(self, image_id: str, image_vector: np.ndarray, caption: str,
-                       caption_vector: np.ndarray, vlm_model: str, experiment_index: int,
+                       caption_vector: np.ndarray, vlm_model: str, experiment_index: int | None,
                        timestamp: str) -> None:
         """Append an experiment image's embedding and generated caption (or replace the
-        caption this VLM gave it before), durably and atomically across the three files."""
+        caption this VLM gave it before), durably and atomically across the three files.
+        `experiment_index=None`: an image that is no experiment (a captioned folder's),
+        whose entry has no "experiment_index"."""
         if self.needs_seed:
             raise RuntimeError("seed the database first")
         image_vector = as_vectors(image_vector, 1)[0]
         caption_vector = as_vectors(caption_vector, 1)[0]
         entry = {"id": generated_caption_id(image_id, vlm_model), "image_id": image_id,
                  "caption": caption, "source": "generated", "model": vlm_model,
-                 "experiment_index": experiment_index, "timestamp": timestamp}
+                 **({} if experiment_index is None else {"experiment_index": experiment_index}),
+                 "timestamp": timestamp}
         with db_journal.locked(self.db_dir):
             self._recover()
             self._refresh()

@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                               "search.py --text ... --images-dir DIR)")
     actions.add_argument("--no-retrieval", action="store_true",
                          help="with --caption-folder: plain prompt, no neighbours' captions")
+    actions.add_argument("--quiet", action="store_true",
+                         help="with --caption-folder: the summary only, not each caption")
     actions.add_argument("--check-db", action="store_true",
                          help="validate the databases in DB_DIR and print a report")
     actions.add_argument("--embed-captions", action="store_true",
@@ -164,9 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             import caption_folder as folders
             summary = folders.caption_folder(args.caption_folder, settings,
                                              not args.no_retrieval)
+            if summary["captions"] and not args.quiet:
+                print(folders.format_captions(summary["captions"]))
             print(f"captioned {summary['captioned']} of {summary['images']} images in "
                   f"{summary['folder']} ({summary['already_captioned']} done before, "
-                  f"{len(summary['failed'])} failed); search them with\n"
+                  f"{len(summary['failed'])} failed); all its captions: {summary['csv']}; "
+                  "search them with\n"
                   f"  python search.py --text \"...\" --images-dir {args.caption_folder}")
             return 1 if summary["failed"] else 0
         if args.all or args.indices or args.evaluate:

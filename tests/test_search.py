@@ -1,5 +1,6 @@
 """search.py: image and text search over the memory and over folders, on tiny models."""
 
+import csv
 import io
 import json
 import sys
@@ -149,6 +150,36 @@ def test_caption_folder_makes_a_folder_searchable_by_words(photos, settings_kwar
     assert hit.path == str(photos / "b/c/p3.jpg")
     # the folder's captions never enter the experiment memory
     assert not Path(settings_kwargs["db_dir"], "captions.json").exists()
+
+
+def test_caption_folder_prints_each_caption_and_writes_captions_csv(photos, settings_kwargs,
+                                                                   capsys):
+    # python main.py --caption-folder photos/
+    assert main.main(cli(settings_kwargs, "--caption-folder", str(photos),
+                         "--no-retrieval")) == 0
+    out = capsys.readouterr().out.splitlines()
+    from db_manager import DbManager
+    from folder_index import folder_db_dir
+    db_dir = folder_db_dir(settings_kwargs["db_dir"], photos)
+    captions = {c["image_id"]: c for c in DbManager.open(db_dir).captions}
+    assert len(captions) == 6
+    for image_id, entry in captions.items():   # each image on its line, with its caption
+        assert any(line.split() == [image_id] + entry["caption"].split() for line in out)
+        assert "experiment_index" not in entry  # folder images are no experiments
+    with open(db_dir / "captions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["image_id"]: r["caption"] for r in rows} == {
+        i: c["caption"] for i, c in captions.items()}
+    assert {r["model"] for r in rows} == {settings_kwargs["vlm_model_name"]}
+    assert str(db_dir / "captions.csv") in out[-2]
+    # a rerun captions nothing new: no caption lines, the table still lists all six
+    (photos / "a" / "new.png").write_bytes((photos / "a" / "p0.png").read_bytes())
+    assert main.main(cli(settings_kwargs, "--caption-folder", str(photos), "--no-retrieval",
+                         "--quiet")) == 0
+    out = capsys.readouterr().out
+    assert "a/new.png" not in out and out.startswith("captioned 1 of 7 images")
+    with open(db_dir / "captions.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 7
 
 
 def test_caption_folder_with_retrieval_uses_the_memory(photos, memory, settings_kwargs):
