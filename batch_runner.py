@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import config
-from errors import UserError
+from errors import UsageError, UserError
 
 log = logging.getLogger("batch")
 
@@ -43,11 +43,11 @@ def parse_indices(spec: str, samples: int) -> list[int]:
         part = part.strip()
         match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
         if not match:
-            raise UserError(f"--indices: {part!r} is not N or N-M (e.g. 0-49,100)")
+            raise UsageError(f"--indices: {part!r} is not N or N-M (e.g. 0-49,100)")
         first = int(match.group(1))
         last = int(match.group(2)) if match.group(2) is not None else first
         if last < first:
-            raise UserError(f"--indices: range {part!r} runs backwards")
+            raise UsageError(f"--indices: range {part!r} runs backwards")
         if last >= samples:
             raise UserError(f"--indices: {last} is out of range: choose 0 to {samples - 1}")
         indices.extend(range(first, last + 1))

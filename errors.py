@@ -18,18 +18,28 @@ from typing import Iterator
 
 
 class UserError(Exception):
-    """A problem the user can fix; its message says how."""
+    """A problem the user can fix; its message says how. A command line exits 1."""
+
+    exit_code = 1
+
+
+class UsageError(UserError):
+    """Options that conflict, are missing or are empty (`--all` with `--indices`, an
+    empty `--text`): a command line exits 2, as for an option it does not know."""
+
+    exit_code = 2
 
 
 def cli_failure(prog: str, exc: BaseException, code: int = 1,
                 interrupted: str = "interrupted") -> int:
     """What a command-line program prints for what stopped it (one line on stderr, no
-    traceback), and its exit code: 130 for Ctrl-C, else `code` (2: bad options)."""
+    traceback), and its exit code: 130 for Ctrl-C, 2 for a UsageError, else `code`
+    (2 where the options themselves could not be read)."""
     if isinstance(exc, KeyboardInterrupt):
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
     print(f"{prog}: error: {exc}", file=sys.stderr)
-    return code
+    return max(code, getattr(exc, "exit_code", code))
 
 
 def hf_token() -> str | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import config
-from errors import UserError, cli_failure
+from errors import UsageError, UserError, cli_failure
 
 log = logging.getLogger("main")
 
@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             print(near_duplicates.find(settings, args.threshold).table())
             return 0
         if args.threshold is not None:
-            raise UserError("--threshold goes with --near-duplicates; the guard of "
-                            "experiments is --near-duplicate-threshold")
+            raise UsageError("--threshold goes with --near-duplicates; the guard of "
+                             "experiments is --near-duplicate-threshold")
         if args.caption_folder:
             import caption_folder as folders
             summary = folders.caption_folder(args.caption_folder, settings,
@@ -177,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.all or args.indices or args.evaluate:
             return _batch(args, settings)
         if args.no_retrieval:
-            raise UserError("--no-retrieval goes with --caption-folder; for an experiment "
-                            "without retrieval use --top-k-similar 0")
+            raise UsageError("--no-retrieval goes with --caption-folder; for an experiment "
+                             "without retrieval use --top-k-similar 0")
+        if args.quiet:
+            raise UsageError("--quiet goes with --caption-folder")
         result = _run_one(settings)
     # OSError: disk full, permissions: nothing a traceback would explain better
     except (UserError, OSError, KeyboardInterrupt) as exc:
@@ -195,7 +197,7 @@ def _batch(args, settings: config.Settings) -> int:
         summary = batch_runner.summarize(run_dir, settings)
     else:
         if args.all and args.indices:
-            raise UserError("give --all or --indices, not both")
+            raise UsageError("give --all or --indices, not both")
         indices = (list(range(settings.experiment_samples)) if args.all else
                    batch_runner.parse_indices(args.indices, settings.experiment_samples))
         summary = batch_runner.run_batch(indices, args.run_name, settings=settings)

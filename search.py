@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import config
-from errors import UserError, cli_failure
+from errors import UsageError, UserError, cli_failure
 
 log = logging.getLogger("search")
 
@@ -69,13 +69,16 @@ class SearchResult:
 
 def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise UserError(f"--topk must be a positive integer, got {k!r}")
+        raise UsageError(f"--topk must be a positive integer, got {k!r}")
 
 
-def _check_k_fits(k: int, available: int, what: str) -> None:
-    if k > available:
-        raise UserError(f"--topk {k} is more than the {available} {what} searched; "
-                        f"choose 1 to {available}")
+def fit_k(k: int, available: int, what: str, notes: list[str]) -> int:
+    """`k`, or all `available` results when there are fewer (with a note saying so):
+    asking for the top 5 of 3 photos gives the 3."""
+    if k <= available:
+        return k
+    notes.append(f"top {k} asked, only {available} {what} searched: showing all {available}")
+    return available
 
 
 def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
@@ -117,12 +120,13 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
         source = f"image database {Path(settings.db_dir).resolve()}"
         path_of = lambda image_id: memory_path(dataset, settings, image_id)  # noqa: E731
         load = lambda hit: memory_image(dataset, settings, hit.image_id)  # noqa: E731
-    _check_k_fits(k, len(ids), "images")
+    notes: list[str] = []
+    k = fit_k(k, len(ids), "images", notes)
     search_index = SearchIndex.from_vectors(ids, vectors, backend=index)
     found = search_index.search(embedder.embed([query_image]), k)[0]
     hits = [Hit(n.rank, n.image_id, round(n.score, 6), path=path_of(n.image_id)) for n in found]
     return SearchResult("image", str(query), source, embedder.name, hits, len(ids), note,
-                        _load=load)
+                        notes=notes, _load=load)
 
 
 def _image_embedder(settings: config.Settings, backbone: str):
@@ -169,9 +173,9 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
 
     _check_k(k)
     if not text.strip():
-        raise UserError("--text is empty")
+        raise UsageError("--text is empty")
     if by not in TEXT_BY:
-        raise UserError(f"--text-by must be one of {', '.join(TEXT_BY)}, got {by!r}")
+        raise UsageError(f"--text-by must be one of {', '.join(TEXT_BY)}, got {by!r}")
     settings = config.settings_of(settings, overrides)
     if images_dir is not None:
         from folder_index import scan_folder
@@ -232,8 +236,7 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
     for line in notes:
         log.warning("%s", line)
     fused = _fuse(rankings)
-    what = "captioned images" if by == "captions" else "images"
-    _check_k_fits(k, len(fused), what)
+    k = fit_k(k, len(fused), "captioned images" if by == "captions" else "images", notes)
     hits = []
     for rank, (image_id, score, ranks) in enumerate(fused[:k], start=1):
         entry = best_caption.get(image_id)
@@ -481,12 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--json", action="store_true", help="print the results as JSON")
     try:
         args, settings = config.parse_cli(parser, argv)
-        if not (args.query or args.text):
-            raise UserError("give --query IMAGE or --text TEXT")
+        if args.query is None and args.text is None:
+            raise UsageError("give --query IMAGE or --text TEXT")
+        if args.text is not None and not args.text.strip():
+            raise UsageError("--text is empty: give the words to search for")
         try:
             k = int(args.topk)
         except ValueError:
-            raise UserError(f"--topk must be a positive integer, got {args.topk!r}") from None
+            raise UsageError(f"--topk must be a positive integer, got {args.topk!r}") from None
     except UserError as exc:
         return cli_failure("search.py", exc, code=2)
     config.configure_logging(settings)

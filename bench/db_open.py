@@ -4,7 +4,7 @@
 
 Builds one database of 7,691 images (512-d) and 38,455 captions (768-d), as
 bench/db_append.py does, and times DbManager.open on it, side by side in one run:
-  * before: the code of git revision REV (default HEAD~1), run from an export of
+  * before: the code of git revision REV (default 83d956e, the last commit before seals), run from an export of
     it in a child process (its check: each JSON file's size and closing bytes)
   * now, stat unchanged: the usual start (each file's stat against its seal)
   * now, the folder copied: the first open of a copy (new inodes: every JSON
@@ -56,7 +56,7 @@ def before(rev: str, db_dir: Path, repeat: int, tmp: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", default="HEAD~1", help="git revision of the old check")
+    parser.add_argument("--before", default="83d956e", help="git revision of the old check")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-open-"))

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import config
-from errors import UserError, cli_failure
+from errors import UsageError, UserError, cli_failure
 
 log = logging.getLogger("scale")
 
@@ -438,9 +438,9 @@ def caption_collection(images: str, out_dir: str | os.PathLike, *, retrieval: bo
         import pipeline
         settings = pipeline.with_database_settings(settings)
     if shard_size < 1 or (block_size is not None and block_size < 1):
-        raise UserError("--shard-size and --block-size must be at least 1")
+        raise UsageError("--shard-size and --block-size must be at least 1")
     if retries < 0:
-        raise UserError("--retries must be 0 or more")
+        raise UsageError("--retries must be 0 or more")
     ray = import_ray()
     root, files = list_images(images, root)
     out = Path(out_dir).expanduser()
@@ -587,7 +587,7 @@ def parse_args(argv: list[str] | None = None):
                                help=f"images per {what} call (default {default})")
     args, settings = config.parse_cli(parser, argv)
     if not args.images or not args.out:
-        raise UserError("give --images SPEC and --out OUT_DIR")
+        raise UsageError("give --images SPEC and --out OUT_DIR")
     return args, settings
 
 

@@ -207,15 +207,15 @@ def test_cli_table_figure_and_json(memory, settings_kwargs, tmp_path, capsys):
 @pytest.mark.parametrize("args, code, message", [
     (["--query", "/nonexistent.jpg"], 1, "image not found: /nonexistent.jpg"),
     (["--query", "{notes}"], 1, "could not be read"),
-    (["--query", "{img}", "--topk", "0"], 1, "--topk must be a positive integer, got 0"),
-    (["--query", "{img}", "--topk", "-3"], 1, "--topk must be a positive integer, got -3"),
+    (["--query", "{img}", "--topk", "0"], 2, "--topk must be a positive integer, got 0"),
+    (["--query", "{img}", "--topk", "-3"], 2, "--topk must be a positive integer, got -3"),
     (["--query", "{img}", "--topk", "abc"], 2, "--topk must be a positive integer, got 'abc'"),
-    (["--query", "{img}", "--topk", "1000000"], 1, "--topk 1000000 is more than the 6 images"),
     (["--query", "{img}", "--images-dir", "{empty}"], 1, "no images in"),
     (["--text", "x", "--images-dir", "{photos}", "--text-by", "captions"], 1,
      "has no captions yet: run `python main.py --caption-folder"),
     (["--text", "x", "--text-by", "words"], 2, "argument --text-by: invalid choice: 'words'"),
-    (["--text", "  "], 1, "--text is empty"),
+    (["--text", "  "], 2, "--text is empty"),
+    (["--text", ""], 2, "--text is empty"),
     ([], 2, "give --query IMAGE or --text TEXT"),
     (["--query", "{img}", "--text", "x"], 2, "not allowed with argument"),
     (["--query", "{img}", "--backbone", "/nonexistent/model"], 1,
@@ -233,6 +233,22 @@ def test_bad_input_is_one_line(args, code, message, photos, settings_kwargs, tmp
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and message in lines[0], err
+
+
+def test_a_topk_larger_than_the_collection_returns_all_of_it(photos, settings_kwargs, capsys):
+    # python search.py --query photos/a/p0.png --images-dir photos/ --topk 50   (6 photos)
+    assert search.main(cli(settings_kwargs, "--query", str(photos / "a/p0.png"),
+                           "--images-dir", str(photos), "--topk", "50")) == 0
+    out = capsys.readouterr().out
+    assert "note: top 50 asked, only 6 images searched: showing all 6" in out
+    result = search.search_images(str(photos / "a/p0.png"), 50, images_dir=str(photos),
+                                  **settings_kwargs)
+    assert [h.rank for h in result.hits] == [1, 2, 3, 4, 5, 6] and len(result.notes) == 1
+    text = search.search_text("a photo", 9, images_dir=str(photos), **settings_kwargs)
+    assert len(text.hits) == 6 and "showing all 6" in text.notes[0]
+    exact = search.search_images(str(photos / "a/p0.png"), 6, images_dir=str(photos),
+                                 **settings_kwargs)
+    assert len(exact.hits) == 6 and exact.notes == []
 
 
 def test_search_without_a_memory_says_how_to_make_one(settings_kwargs, photos):
