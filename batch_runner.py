@@ -84,7 +84,11 @@ def run_batch(indices: list[int], run_name: str | None = None,
     if todo:
         dataset, db = pipeline.initialize(settings)
         memory = pipeline.Memory.from_db(db, growing=policy == "growing")
+        # the bar counts this run's experiments; those finished before and those
+        # that failed are shown beside it
         bar = tqdm(total=len(todo), desc="captioning", unit="caption", smoothing=0.1)
+        counts = {"done_before": len(indices) - len(todo), "failed": 0}
+        bar.set_postfix(counts, refresh=False)
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start:start + settings.batch_size]
             for record in experiment.run_experiments(dataset, db, batch, settings, memory,
@@ -95,6 +99,8 @@ def run_batch(indices: list[int], run_name: str | None = None,
                 if item["status"] == "failed":
                     log.warning("experiment %d (%s) failed: %s", record.experiment_index,
                                 record.image_id, record.error)
+                    counts["failed"] += 1
+                    bar.set_postfix(counts, refresh=False)
             bar.update(len(batch))
         bar.close()
     manifest["finished"] = _now()

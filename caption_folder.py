@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import availability
 import config
 import pipeline
 
@@ -54,6 +55,7 @@ def caption_folder(folder: str, settings: config.Settings, retrieval: bool = Tru
 
     files = scan_folder(folder)  # before any model loads: a bad folder fails at once
     root = Path(folder).expanduser().resolve()
+    availability.require(settings, availability.PARTS[0 if retrieval else 1:])
     models = pipeline.load_models(settings)
     if retrieval:
         _, memory_db = pipeline.initialize(settings)
@@ -81,8 +83,11 @@ def caption_folder(folder: str, settings: config.Settings, retrieval: bool = Tru
     todo = [f for f in files if not db.has_caption(generated_caption_id(f, captioner.name))]
     new: list[tuple[str, str]] = []
     failed: list[str] = []
+    # the bar counts this run's images; those captioned before and those that
+    # failed are shown beside it
     bar = tqdm(total=len(todo), desc="captioning", unit="img")
-    bar.set_postfix(done_before=len(files) - len(todo), refresh=False)
+    counts = {"done_before": len(files) - len(todo), "failed": 0}
+    bar.set_postfix(counts, refresh=False)
     for start in range(0, len(todo), settings.batch_size):
         chunk = todo[start:start + settings.batch_size]
         batch = pipeline.caption_batch(
@@ -91,6 +96,8 @@ def caption_folder(folder: str, settings: config.Settings, retrieval: bool = Tru
             if isinstance(record, pipeline.Failure):  # unreadable, empty caption: go on
                 log.warning("skipping %s: %s", record.image_id, record.error)
                 failed.append(record.image_id)
+                counts["failed"] = len(failed)
+                bar.set_postfix(counts, refresh=False)
                 continue
             db.add_experiment(record.image_id, record.vector, record.caption,
                               record.caption_vector, vlm_model=captioner.name,

@@ -66,7 +66,7 @@ def hub_errors(what: str, name: str, setting: str) -> Iterator[None]:
     except UserError:
         raise
     except Exception as exc:  # hub, HTTP, OS and config errors all look different
-        raise UserError(_describe(exc, what, name, setting)) from exc
+        raise UserError(describe_failure(exc, what, name, setting)) from exc
 
 
 HUB_PROBE_TIMEOUT = 3.0  # seconds: a hub that does not answer by then counts as unreachable
@@ -130,7 +130,8 @@ def _quiet_hub_logs() -> Iterator[None]:
                 logger.setLevel(_hub_level)
 
 
-def _describe(exc: Exception, what: str, name: str, setting: str) -> str:
+def describe_failure(exc: Exception, what: str, name: str, setting: str) -> str:
+    """The one line for a failed load of `name` (a hub id or a local path)."""
     kind = type(exc).__name__
     text = str(exc)
     if looks_like_path(name):

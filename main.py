@@ -210,11 +210,11 @@ def _embed_captions(settings: config.Settings) -> int:
     """--embed-captions: the memory (built first if DB_DIR has none) with a vector for
     every caption, so that the first text search need not make them."""
     import pipeline
-    start = time.perf_counter()
-    _, db = pipeline.initialize(settings)
+    _, db = pipeline.initialize(settings, captioner=False)
+    # the job's one duration is its bar's (and the log line after it)
     done = pipeline.embed_missing_captions(pipeline.caption_embedder_for(settings, db), db)
     print(f"{db.db_dir}: every one of its {len(db.captions)} captions has a vector ("
-          f"{done} embedded now, {time.perf_counter() - start:.0f} s); text search is ready")
+          f"{done} embedded now); text search is ready")
     return 0
 
 

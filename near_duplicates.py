@@ -113,7 +113,7 @@ def find(settings: config.Settings | None = None, threshold: float | None = None
         threshold = (config.near_duplicate_threshold(settings, batch=True)
                      or config.near_duplicate_threshold("auto", batch=True))
     threshold = check_threshold(threshold)
-    dataset, db = pipeline.initialize(settings)
+    dataset, db = pipeline.initialize(settings, captioner=False)
     models = pipeline.load_models(settings)
     samples = list(dataset.experiment)
     index_of = {s.image_id: n for n, s in enumerate(samples)}

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+import availability
 import config
 from errors import UsageError, UserError, cli_failure
 
@@ -97,6 +98,7 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
     if images_dir is not None:
         files = scan_folder(images_dir)  # before loading a model: a bad folder fails fast
         root = Path(images_dir).expanduser().resolve()
+        availability.require(settings, (), [_image_need(settings, backbone)])
         embedder = _image_embedder(settings, backbone)
         ids, vectors, update = update_index(
             index_path(settings.db_dir, "folder", str(root), embedder.key), embedder, files,
@@ -107,7 +109,8 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
         path_of = lambda image_id: str(root / image_id)  # noqa: E731
         load = lambda hit: open_image(hit.path)  # noqa: E731
     else:
-        db, dataset, settings = open_memory(settings)
+        db, dataset, settings = open_memory(
+            settings, lambda settings, db: [_image_need(settings, backbone)])
         embedder = _image_embedder(settings, backbone)
         if embedder.name == db.state.clip_model:
             ids, vectors, note = db.image_ids, db.image_vectors, ""
@@ -127,6 +130,22 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
     hits = [Hit(n.rank, n.image_id, round(n.score, 6), path=path_of(n.image_id)) for n in found]
     return SearchResult("image", str(query), source, embedder.name, hits, len(ids), note,
                         notes=notes, _load=load)
+
+
+def _image_need(settings: config.Settings, backbone: str) -> availability.Need:
+    """The image model a search with `backbone` loads."""
+    from image_embedder import backbone_model_name
+    name = backbone_model_name(backbone, settings.clip_model_name)
+    if name == settings.clip_model_name:
+        return availability.needs(settings, ("image",))[0]
+    return availability.Need("image model", name, "--backbone")
+
+
+def _text_parts(by: str, captioned: bool) -> tuple[str, ...]:
+    """The models (availability.PARTS) a text search `by` loads."""
+    if by == "auto":
+        by = "captions" if captioned else "clip"
+    return {"captions": ("caption",), "clip": ("image",), "both": ("caption", "image")}[by]
 
 
 def _image_embedder(settings: config.Settings, backbone: str):
@@ -186,6 +205,7 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
         captioned = not db.needs_seed and bool(db.captions)
         if captioned:
             settings = pipeline.for_database(settings, db)  # the models it was captioned with
+        availability.require(settings, _text_parts(by, captioned))
         source = f"{root}"
         path_of = lambda image_id: str(root / image_id)  # noqa: E731
         load = lambda hit: open_image(hit.path)  # noqa: E731
@@ -199,7 +219,8 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
                 lambda image_id: open_image(root / image_id))
             return embedder, ids, vectors, str(update)
     else:
-        db, dataset, settings = open_memory(settings)
+        db, dataset, settings = open_memory(settings, lambda settings, db: availability.needs(
+            settings, _text_parts(by, bool(db.captions))))
         captioned = bool(db.captions)
         source = f"memory {Path(settings.db_dir).resolve()}"
         path_of = lambda image_id: memory_path(dataset, settings, image_id)  # noqa: E731
@@ -290,9 +311,12 @@ def _fuse(rankings: dict[str, list[tuple[str, float]]]) -> list[tuple[str, float
     return fused
 
 
-def open_memory(settings: config.Settings):
+def open_memory(settings: config.Settings, needs: Callable[[config.Settings, Any], list[
+        availability.Need]] | None = None):
     """(db, dataset, settings) of the pipeline's memory in DB_DIR: the settings with
-    the database's models and data set filled in where none were given."""
+    the database's models and data set filled in where none were given. The data set
+    and what `needs(settings, db)` lists must be available before the data set loads
+    (availability.require)."""
     import pipeline
     from db_manager import DbManager
     db = DbManager.open(settings.db_dir)
@@ -300,6 +324,7 @@ def open_memory(settings: config.Settings):
         raise UserError(f"no database in {settings.db_dir}: run `python main.py` first, "
                         "or search a folder with --images-dir")
     settings = pipeline.for_database(settings, db)
+    availability.require(settings, ("dataset",), needs(settings, db) if needs else ())
     dataset = pipeline.load_dataset(settings)  # loaded once per process
     if dataset.fingerprint != db.state.split:
         raise UserError(f"the database in {settings.db_dir} was built from another data set or "

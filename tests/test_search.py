@@ -176,8 +176,10 @@ def test_caption_folder_prints_each_caption_and_writes_captions_csv(photos, sett
     (photos / "a" / "new.png").write_bytes((photos / "a" / "p0.png").read_bytes())
     assert main.main(cli(settings_kwargs, "--caption-folder", str(photos), "--no-retrieval",
                          "--quiet")) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "a/new.png" not in out and out.startswith("captioned 1 of 7 images")
+    bar = err.rstrip().split("\r")[-1]      # the bar counts this run's image, shows the rest
+    assert "100%" in bar and "1/1" in bar and "done_before=6" in bar, bar
     with open(db_dir / "captions.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 7
 
