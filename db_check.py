@@ -17,7 +17,7 @@ from atomic_files import write_bytes_atomic
 from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, FILES, FORMATS, IMAGE_DB, JOURNAL,
                        NEW_WORK, PROMPT_FIELDS, REPAIR, STATE, VERSION, WORK, DbState, as_ranges,
                        check_seals, check_unique, headers, image_entry, map_vectors, new_rows,
-                       read_state)
+                       read_state, settle)
 from errors import UserError
 
 
@@ -142,8 +142,9 @@ def repair_db(db_dir: str | os.PathLike) -> list[str]:
                 db_dir / IMAGE_DB, headers(state)[IMAGE_DB],
                 (image_entry(i, v) for i, v in zip(images, image_vectors)))[0]
             sizes.update(db_journal.write_caption_files(db_dir, work, state, captions))
-            write_bytes_atomic(work / STATE, db_journal.resealed(
-                db_dir, state, state.but(bytes=sizes)).to_json())
+            state = db_journal.resealed(db_dir, state, state.but(bytes=sizes))
+            write_bytes_atomic(work / STATE, state.to_json())
+            settle(state)
             done.append(f"rebuilt the three JSON files from the working copy ({json_problem})")
         else:
             raise UserError(f"cannot repair {db_dir}: the JSON files are damaged ({json_problem}) "

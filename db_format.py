@@ -323,12 +323,18 @@ def seal(path: Path, old: Mapping[str, Any] | None = None,
             else:  # past the old end: blocks come in order
                 blocks.append(value)
         crc = "".join(blocks)
-    # Let the file clock tick past this save: a change made after it returns cannot
-    # leave the same mtime and ctime behind (however few bytes it changes).
-    wait = max(stat[1], stat[2]) + 2 * _TICK_NS - time.time_ns()
+    return {"stat": stat, "crc": crc}
+
+
+def settle(state: DbState) -> None:
+    """Wait, after a save, until the file clock has ticked past the times its seals
+    record (at most two ticks, usually not at all: the commit's fsyncs take longer),
+    so that a change made after the save returns cannot leave the same mtime and
+    ctime behind, however few bytes it changes."""
+    newest = max((max(s["stat"][1], s["stat"][2]) for s in state.seals.values()), default=0)
+    wait = newest + 2 * _TICK_NS - time.time_ns()
     if wait > 0:
         time.sleep(wait / 1e9)
-    return {"stat": stat, "crc": crc}
 
 
 def check_seals(db_dir: Path, state: DbState) -> DbState | None:
@@ -383,4 +389,4 @@ def path_of(db_dir: Path, name: str) -> Path:
 
 __all__ = ["DbIdentity", "DbState", "as_ranges", "FILES", "IMAGE_DB", "CAPTION_DB", "CAPTION_EMBEDDING_DB",
            "generated_caption_id", "read_state", "headers", "new_rows", "map_vectors",
-           "check_json_end", "seal", "check_seals", "SEAL_BLOCK"]
+           "check_json_end", "seal", "settle", "check_seals", "SEAL_BLOCK"]

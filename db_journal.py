@@ -44,7 +44,7 @@ from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, CAPTION_META, CAPTION_S
                        IMAGE_VECTORS, JOURNAL, LOCK, NEW_WORK, REPAIR, SLOT_FILES, STATE, TAIL,
                        WORK, DbState, as_ranges, caption_entry, caption_vector_entry, headers,
                        check_seals, image_entry, json_head, map_vectors, new_rows, read_jsonl,
-                       read_state, seal)
+                       read_state, seal, settle)
 from errors import UserError
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,7 @@ def write(db_dir: Path, state: DbState, record: dict[str, Any],
             _rollback(db_dir, state, record, captions, undo)
             truncate(journal, journal_size)
         raise
+    settle(new)
     return new
 
 
@@ -334,10 +335,10 @@ def recover(db_dir: Path) -> list[str]:
         captions = new_rows(db_dir, None, state)[1]
     else:
         build_slots(db_dir, state)
-    write_bytes_atomic(db_dir / WORK / STATE,
-                       resealed(db_dir, state, apply(db_dir, state, pending, captions, {})).to_json(),
-                       sync_folder=False)
+    new = resealed(db_dir, state, apply(db_dir, state, pending, captions, {}))
+    write_bytes_atomic(db_dir / WORK / STATE, new.to_json(), sync_folder=False)
     finish(db_dir)
+    settle(new)
     if "embed" in pending:
         notes.append(f"completed the interrupted saving of {len(pending['captions'])} caption "
                      "vectors")
@@ -476,6 +477,7 @@ def create(db_dir: Path, state: DbState, image_ids: list[str], kinds: list[str],
     (new / "json").rmdir()
     shutil.rmtree(db_dir / WORK, ignore_errors=True)
     move_into_place(new, db_dir / WORK)
+    settle(state)
     return state
 
 

@@ -4,8 +4,9 @@
 
 Builds one database of 7,691 images (512-d) and 38,455 captions (768-d), as
 bench/db_append.py does, and times DbManager.open on it, side by side in one run:
-  * before: the code of git revision REV (default 83d956e, the last commit before seals), run from an export of
-    it in a child process (its check: each JSON file's size and closing bytes)
+  * before: the code of git revision REV (default 83d956e, the last commit before
+    seals), run from an export of it in a child process (its check: each JSON
+    file's size and closing bytes)
   * now, stat unchanged: the usual start (each file's stat against its seal)
   * now, the folder copied: the first open of a copy (new inodes: every JSON
     file's block CRCs are computed and compared once, then recorded)
