@@ -36,7 +36,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -73,7 +72,7 @@ Progress = Callable[[float, str], None]
 # --- shared helpers ----------------------------------------------------------------
 
 def _resolve(settings: config.Settings | None) -> config.Settings:
-    return config.resolve() if settings is None else settings
+    return config.resolve("experiment") if settings is None else settings
 
 
 def _step(progress: Progress | None, fraction: float, text: str) -> None:
@@ -84,9 +83,10 @@ def _step(progress: Progress | None, fraction: float, text: str) -> None:
 def _system(settings: config.Settings):
     """(dataset, db) from the pipeline's cache: the first call loads the data set and
     the models and opens (on a first run, builds) the memory. Call under MODEL_LOCK."""
-    import pipeline
-    dataset, db = pipeline.initialize(settings)
-    pipeline.load_models(settings).load_all()
+    from memory import initialize
+    from models import load_models
+    dataset, db = initialize(settings)
+    load_models(settings).load_all()
     return dataset, db
 
 
@@ -226,15 +226,16 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
     experiment_index -1, their image kept in DB_DIR/uploads/); without it nothing
     is written. A bad upload or index raises UserError before anything loads.
     """
-    import experiment
     import pipeline
+    from memory import Memory, save_caption
+    from models import experiment_count, load_models
 
     settings = _resolve(settings)
     upload: Upload | None = None
     index: int | None = None
     if isinstance(image_or_index, numbers.Number) and not isinstance(image_or_index, bool):
         index = _whole_number(image_or_index, "experiment image index", 0,
-                              settings.experiment_samples - 1)
+                              experiment_count(settings) - 1)
     else:
         upload = read_upload(image_or_index)
     start = time.perf_counter()
@@ -242,7 +243,7 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
     with MODEL_LOCK:
         _step(progress, 0.05, "loading models and memory")
         dataset, db = _system(settings)
-        models = pipeline.load_models(settings).load_all()
+        models = load_models(settings).load_all()
         timings = {"load": round(time.perf_counter() - start, 4)}
         if upload is None:
             sample = dataset.experiment_sample(index)
@@ -250,10 +251,10 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
             image = dataset.load_image(sample)
         else:
             image_id, references, image = upload.image_id, [], upload.image
-        growing = experiment.memory_policy(settings, batch=False) == "growing"
+        growing = settings.memory == "growing"
         _step(progress, 0.15, f"captioning with {Path(models.captioner.name).name}")
         batch = pipeline.caption_batch(models, [(image_id, image)],
-                                       pipeline.Memory.from_db(db, growing),
+                                       Memory.from_db(db, growing),
                                        embed_captions=bool(save_to_memory))
         [record] = batch.items
         if isinstance(record, pipeline.Failure):
@@ -264,11 +265,7 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
             clock = time.perf_counter()
             if upload is not None:
                 _keep_upload(settings, upload)
-            db.add_experiment(image_id, record.vector, record.caption, record.caption_vector,
-                              vlm_model=models.captioner.name,
-                              experiment_index=-1 if index is None else index,
-                              timestamp=datetime.now(timezone.utc).astimezone().isoformat(
-                                  timespec="seconds"))
+            save_caption(db, record, models.captioner.name, experiment_index=index)
             timings["save_to_db"] = round(time.perf_counter() - clock, 4)
         _step(progress, 0.95, "loading the neighbours' pictures")
         gallery = [(_image_of(n.image_id, settings, dataset),
@@ -367,8 +364,9 @@ def search_text_tab(query: str | None, k: int = 5, settings: config.Settings | N
 
 # --- Runs ------------------------------------------------------------------------
 
-RUN_COLUMNS = ["#", "image", "status", "generated caption", "reference captions", "BLEU-4",
-               "CIDEr-D"]
+RUN_METRICS = ("BLEU-4", "CIDEr-D", "CLIPScore", "RefCLIPScore")   # per image, in the table
+RUN_COLUMNS = ["#", "image", "status", "generated caption", "reference captions",
+               *RUN_METRICS]
 
 
 def list_runs(settings: config.Settings | None = None) -> list[str]:
@@ -443,16 +441,16 @@ def runs_tab(run_dir: str | os.PathLike | None, settings: config.Settings | None
                      item.get("generated_caption") or f"(failed: {item.get('error', '?')})",
                      " | ".join(item.get("original_captions", [])),
                      *(round(scores[m], 4) if isinstance(scores.get(m), (int, float)) else ""
-                       for m in ("BLEU-4", "CIDEr-D"))])
+                       for m in RUN_METRICS)])
     pages = max(1, math.ceil(len(items) / per_page))
     page = min(max(1, _whole_number(page, "page")), pages)
     shown = items[(page - 1) * per_page:page * per_page]
     dataset = None
     if shown:
-        import pipeline
+        from models import load_dataset
         try:
             with MODEL_LOCK:
-                dataset = pipeline.load_dataset(settings)
+                dataset = load_dataset(settings)
         except UserError as exc:  # the pictures are optional; the captions are not
             log.warning("cannot load the data set for the run's pictures: %s", exc)
     gallery = []
@@ -515,7 +513,8 @@ def build_ui(settings: config.Settings | None = None):
 
     settings = _resolve(settings)
     k = settings.top_k_similar
-    last_index = settings.experiment_samples - 1
+    from models import experiment_count
+    last_index = experiment_count(settings) - 1
 
     def progress_of(progress) -> Progress:
         return lambda fraction, text: progress(fraction, desc=text)
@@ -799,9 +798,7 @@ def main(argv: list[str] | None = None) -> int:
         return cli_failure("app.py", exc, code=2)
     config.configure_logging(settings)
     try:
-        import pipeline
-        # the models and data set DB_DIR was built with, where none are given
-        serve(pipeline.with_database_settings(settings), args.host, port,
+        serve(settings, args.host, port,
               preload=not args.lazy, queue_size=queue_size)
     except (UserError, OSError, KeyboardInterrupt) as exc:  # e.g. the port is taken
         return cli_failure("app.py", exc)

@@ -8,7 +8,9 @@
 A run lives in RESULTS_DIR/runs/<run-name>/:
   manifest.json   settings, versions, indices, start and end times
   items/N.json    one file per finished (or failed) experiment, written atomically
-  summary.json    corpus metrics + one record per image
+  summary.json    corpus metrics (with the CLIP of CLIPScore in metrics.clip_score;
+                  per domain too where the collection gives domains: NoCaps)
+                  + one record per image
   summary.csv     one row per image: id, captions, references, neighbours, metrics, timings
 
 Resuming: re-running the same command skips every index with a finished item
@@ -72,9 +74,10 @@ def run_batch(indices: list[int], run_name: str | None = None,
 
     import experiment
     import pipeline
+    from memory import Memory, initialize
 
-    settings = config.settings_of(settings, overrides)
-    policy = experiment.memory_policy(settings, batch=True)
+    settings = config.settings_of(settings, overrides, "batch")
+    policy = settings.memory
     run_dir = Path(settings.results_dir) / "runs" / (run_name or default_run_name(settings))
     manifest = _start(run_dir, settings, indices, policy)
     done = finished_items(run_dir)
@@ -82,8 +85,8 @@ def run_batch(indices: list[int], run_name: str | None = None,
     log.info("run %s: %d of %d experiments to do (%d finished before)", run_dir, len(todo),
              len(indices), len(indices) - len(todo))
     if todo:
-        dataset, db = pipeline.initialize(settings)
-        memory = pipeline.Memory.from_db(db, growing=policy == "growing")
+        dataset, db = initialize(settings)
+        memory = Memory.from_db(db, growing=policy == "growing")
         # the bar counts this run's experiments; those finished before and those
         # that failed are shown beside it
         bar = tqdm(total=len(todo), desc="captioning", unit="caption", smoothing=0.1)
@@ -91,8 +94,7 @@ def run_batch(indices: list[int], run_name: str | None = None,
         bar.set_postfix(counts, refresh=False)
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start:start + settings.batch_size]
-            for record in experiment.run_experiments(dataset, db, batch, settings, memory,
-                                                     batch=True):
+            for record in experiment.run_experiments(dataset, db, batch, settings, memory):
                 item = record.to_json()
                 item["status"] = "failed" if isinstance(record, pipeline.Failure) else "ok"
                 _write_item(run_dir, item)
@@ -111,9 +113,9 @@ def run_batch(indices: list[int], run_name: str | None = None,
 def _start(run_dir: Path, settings: config.Settings, indices: list[int],
            policy: str) -> dict[str, Any]:
     """Create the run directory, or check that a resumed run used the same settings."""
-    import pipeline
+    from models import versions
     wanted = {**settings.results(), "memory": policy,
-              "near_duplicate_threshold": config.near_duplicate_threshold(settings, batch=True)}
+              "near_duplicate_threshold": settings.near_duplicate_threshold}
     path = run_dir / "manifest.json"
     if path.exists():
         manifest = _read_manifest(path)
@@ -125,7 +127,7 @@ def _start(run_dir: Path, settings: config.Settings, indices: list[int],
         manifest["resumed"] = manifest.get("resumed", []) + [_now()]
     else:
         manifest = {"run": run_dir.name, "settings": wanted, "config": settings.to_json(),
-                    "versions": pipeline.versions(), "indices": sorted(indices),
+                    "versions": versions(), "indices": sorted(indices),
                     "started": _now(), "finished": None}
     _write_json(path, manifest)
     return manifest
@@ -170,9 +172,9 @@ def read_items(run_dir: Path) -> list[dict[str, Any]]:
 
 def summarize(run_dir: str | Path, settings: config.Settings | None = None,
               **overrides: Any) -> dict[str, Any]:
-    """summary.json + summary.csv of a run directory, with caption metrics."""
-    import metrics
-    import pipeline
+    """summary.json + summary.csv of a run directory, with caption metrics (overall,
+    and per domain where the items have one)."""
+    from models import load_models
 
     run_dir = Path(run_dir)
     if not (run_dir / "manifest.json").exists():
@@ -180,17 +182,18 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
     manifest = _read_manifest(run_dir / "manifest.json")
     items = read_items(run_dir)
     ok = [i for i in items if i.get("status") == "ok"]
-    embedder = None
+    embedder = clip = None
     if ok:
         settings = config.settings_of(settings, overrides)
-        embedder = pipeline.load_models(settings.replace(
-            caption_embedding_model=manifest["settings"]["caption_embedding_model"])
-        ).caption_embedder
-    scores = metrics.evaluate_captions(
-        {str(i["experiment_index"]): i["generated_caption"] for i in ok},
-        {str(i["experiment_index"]): i["original_captions"] for i in ok},
-        caption_embedder=embedder) if ok else {"skipped": {"all": "no finished experiments"}}
+        run_settings = _run_settings(settings, manifest)
+        embedder = load_models(run_settings).caption_embedder
+        clip = _clip_scorer(run_settings, ok)
+    scores = _score(ok, embedder, clip)
     per_image = scores.pop("per_image", {})
+    # NoCaps-style collections: the metrics of each domain's images besides the overall ones
+    by_domain = {domain: {k: v for k, v in _score([i for i in ok if i.get("domain") == domain],
+                                                  embedder, clip).items() if k != "per_image"}
+                 for domain in sorted({i["domain"] for i in ok if i.get("domain")})}
     for item in items:
         item["metrics"] = per_image.get(str(item["experiment_index"]), {})
     failed = [i for i in items if i.get("status") != "ok"]
@@ -198,6 +201,7 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
     summary = {"run": manifest["run"], "settings": manifest["settings"],
                "experiments": len(items), "finished": len(ok), "failed": len(failed),
                "metrics": scores,
+               **({"metrics_by_domain": by_domain} if by_domain else {}),
                "near_duplicates": _near_duplicates(manifest, ok,
                                                    config.settings_of(settings, overrides)),
                "seconds_per_caption": round(sum(seconds) / len(seconds), 4) if seconds else None,
@@ -210,6 +214,86 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
     return summary
 
 
+def _score(items: list[dict[str, Any]], embedder, clip) -> dict[str, Any]:
+    """metrics.evaluate_captions over finished items, keyed by experiment index."""
+    import metrics
+    if not items:
+        return {"skipped": {"all": "no finished experiments"}}
+    return metrics.evaluate_captions(
+        {str(i["experiment_index"]): i["generated_caption"] for i in items},
+        {str(i["experiment_index"]): i["original_captions"] for i in items},
+        caption_embedder=embedder, clip_scorer=clip)
+
+
+def format_by_domain(by_domain: dict[str, dict[str, Any]]) -> str:
+    """One row per domain: its images and corpus metrics (markdown)."""
+    import metrics
+    names = [m for m in metrics.CORPUS_METRICS if any(m in r for r in by_domain.values())]
+    lines = ["### Caption metrics by domain", "",
+             "| domain | images | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    for domain, result in by_domain.items():
+        cells = [f"{result[m]:.4f}" if m in result else "-" for m in names]
+        lines.append(f"| {domain} | {result.get('images', 0)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# The run's own models and data (from its manifest) for scoring it: the data set and
+# split its images come from, the CLIP whose vectors retrieval made.
+_RUN_SETTINGS = ("dataset_name", "experiment_samples", "random_seed", "split",
+                 "memory_dataset", "clip_model_name", "caption_embedding_model", "dtype")
+
+
+def _run_settings(settings: config.Settings, manifest: dict[str, Any]) -> config.Settings:
+    recorded = manifest["settings"]
+    return settings.replace(**{k: recorded[k] for k in _RUN_SETTINGS
+                               if k in recorded and k.upper() in config.defaults()})
+
+
+def _clip_scorer(settings: config.Settings, ok: list[dict[str, Any]]):
+    """CLIPScore's scorer for a run's finished items (keyed by experiment index): when
+    METRIC_CLIP_MODEL is the run's CLIP, its loaded model and the image vectors retrieval
+    stored in DB_DIR; images without one are opened from the run's data set."""
+    import clip_score
+    from models import load_dataset, load_models
+    image_ids = {str(i["experiment_index"]): i["image_id"] for i in ok}
+    retrieval, vectors = None, {}
+    if settings.metric_clip_model == settings.clip_model_name:
+        try:
+            retrieval = load_models(settings).image_embedder
+        except UserError:  # scorer_for says why in the skip line
+            retrieval = None
+        vectors = _stored_image_vectors(settings, set(image_ids.values()))
+
+    def image_of(key: str):
+        dataset = load_dataset(settings)
+        sample = dataset.get(image_ids[key])
+        if sample is None:
+            raise UserError(f"image {image_ids[key]} of the run is not in the data set "
+                            f"{settings.dataset_name}")
+        return dataset.load_image(sample)
+
+    return clip_score.scorer_for(settings, retrieval=retrieval, image_of=image_of,
+                                 known_vector=lambda key: vectors.get(image_ids[key]))
+
+
+def _stored_image_vectors(settings: config.Settings, image_ids: set[str]) -> dict[str, Any]:
+    """The CLIP vectors DB_DIR holds for `image_ids` (experiments store theirs), if its
+    CLIP is METRIC_CLIP_MODEL."""
+    from db_manager import DbManager
+    db_dir = Path(settings.db_dir)
+    if not db_dir.is_dir():
+        return {}
+    try:
+        db = DbManager.open(db_dir)
+    except UserError as exc:
+        log.warning("image vectors of %s not reused for CLIPScore: %s", db_dir, exc)
+        return {}
+    if db.needs_seed or db.state.clip_model != settings.metric_clip_model:
+        return {}
+    return {image_id: db.image_vectors[n] for n, image_id in enumerate(db.image_ids)
+            if image_id in image_ids}
+
+
 def _near_duplicates(manifest: dict[str, Any], ok: list[dict[str, Any]],
                      settings: config.Settings) -> dict[str, Any] | None:
     """How many finished images have a near-duplicate in the training pool of DB_DIR:
@@ -218,8 +302,8 @@ def _near_duplicates(manifest: dict[str, Any], ok: list[dict[str, Any]],
     from db_manager import DbManager
     import near_duplicates
     recorded = manifest["settings"].get("near_duplicate_threshold", 0.0)
-    threshold = (config.near_duplicate_threshold(recorded, batch=True)
-                 or config.near_duplicate_threshold("auto", batch=True))
+    guard = config.finish_value("NEAR_DUPLICATE_THRESHOLD", recorded, "batch")
+    threshold = guard or config.AUTO_BATCH_THRESHOLD
     db_dir = Path(settings.db_dir)
     if not ok or not db_dir.is_dir():
         return None
@@ -227,12 +311,13 @@ def _near_duplicates(manifest: dict[str, Any], ok: list[dict[str, Any]],
     if db.needs_seed:
         return None
     counted = near_duplicates.count_in_db(db, [i["image_id"] for i in ok], threshold)
-    return {**counted, "guarded": bool(config.near_duplicate_threshold(recorded, batch=True))}
+    return {**counted, "guarded": bool(guard)}
 
 
 CSV_COLUMNS = ("experiment_index", "image_id", "status", "error", "generated_caption",
                "references", "neighbours", "context_used", "BLEU-4", "CIDEr-D", "ROUGE-L",
-               "embedding_similarity", "seconds_total", "seconds_generate")
+               "embedding_similarity", "CLIPScore", "RefCLIPScore", "seconds_total",
+               "seconds_generate")
 
 
 def _write_csv(path: Path, items: list[dict[str, Any]]) -> None:
@@ -247,7 +332,8 @@ def _write_csv(path: Path, items: list[dict[str, Any]]) -> None:
             item.get("generated_caption", ""), " | ".join(item.get("original_captions", [])),
             "; ".join(f"{n['image_id']}:{n['score']:.4f}" for n in item.get("similar_images", [])),
             item.get("context_used", ""),
-            *(scores.get(m, "") for m in ("BLEU-4", "CIDEr-D", "ROUGE-L", "embedding_similarity")),
+            *(scores.get(m, "") for m in ("BLEU-4", "CIDEr-D", "ROUGE-L", "embedding_similarity",
+                                          "CLIPScore", "RefCLIPScore")),
             timings.get("total", ""), timings.get("generate", "")])
     write_text_atomic(path, out.getvalue())
 
@@ -285,6 +371,8 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
                      + ("kept out of their prompts)" if near["guarded"] else
                         "NOT guarded: their twins' captions may be in the prompts)"))
     lines.append(metrics.format_report(summary["metrics"]))
+    if summary.get("metrics_by_domain"):
+        lines += ["", format_by_domain(summary["metrics_by_domain"])]
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ search words are queries; they go through sentence-transformers'
     embedder.embed_captions(["a dog runs"]), embedder.embed_queries(["dog"])
 
 The database records the prompts its captions were embedded with
-(pipeline.identity), and searches embed their queries the same way.
+(memory.identity), and searches embed their queries the same way.
 """
 
 from __future__ import annotations
@@ -78,6 +78,37 @@ def resolve_prompts(model_name: str, model_prompts: Mapping[str, str] | None,
     return TextPrompts(query=query, document=document)
 
 
+def finish_prompts(model_name: str, query: str, document: str) -> tuple[str, str]:
+    """CAPTION_QUERY_PROMPT and CAPTION_DOCUMENT_PROMPT with "auto" made the text
+    (resolve_prompts), reading the model's own prompts from its
+    config_sentence_transformers.json (a local folder or the Hugging Face cache)
+    without loading it; where that file is not found, by the model's name."""
+    if AUTO not in (query, document):
+        return query, document
+    prompts = resolve_prompts(model_name, _own_prompts(model_name), query, document)
+    return prompts.query, prompts.document
+
+
+def _own_prompts(model_name: str) -> Mapping[str, str] | None:
+    import json
+    from pathlib import Path
+    local = Path(model_name).expanduser() / "config_sentence_transformers.json"
+    path: Path | str | None = local if local.is_file() else None
+    if path is None and not Path(model_name).expanduser().exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            cached = try_to_load_from_cache(model_name, "config_sentence_transformers.json")
+            path = cached if isinstance(cached, str) else None
+        except Exception:  # noqa: BLE001 - not a hub id: no prompts of its own
+            path = None
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8")).get("prompts") or None
+    except (OSError, ValueError):
+        return None
+
+
 class CaptionEmbedder:
     """Embeds captions and queries; `model` is a name/path or a loaded SentenceTransformer.
 
@@ -101,6 +132,13 @@ class CaptionEmbedder:
         self.batch_size = batch_size
         self.prompts = resolve_prompts(self.name, getattr(model, "prompts", None),
                                        query_prompt, document_prompt)
+
+    @classmethod
+    def from_settings(cls, settings, device: torch.device) -> "CaptionEmbedder":
+        """The caption model `settings` name, with their (finished) prompts."""
+        return cls(settings.caption_embedding_model, device=device,
+                   batch_size=settings.batch_size, query_prompt=settings.caption_query_prompt,
+                   document_prompt=settings.caption_document_prompt)
 
     @property
     def dim(self) -> int:

@@ -20,13 +20,14 @@ import csv
 import io
 import json
 import logging
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import availability
 import config
 import pipeline
+from memory import Memory, initialize, save_caption
+from models import load_models
 
 log = logging.getLogger("caption_folder")
 
@@ -48,21 +49,21 @@ def caption_folder(folder: str, settings: config.Settings, retrieval: bool = Tru
     import numpy as np
     from tqdm.auto import tqdm
 
-    from dataset_loader import open_image
     from atomic_files import write_json_atomic, write_text_atomic
+    from dataset_loader import open_image
     from db_manager import DbIdentity, DbManager, generated_caption_id
     from folder_index import folder_db_dir, scan_folder
 
     files = scan_folder(folder)  # before any model loads: a bad folder fails at once
     root = Path(folder).expanduser().resolve()
     availability.require(settings, availability.PARTS[0 if retrieval else 1:])
-    models = pipeline.load_models(settings)
+    models = load_models(settings)
     if retrieval:
-        _, memory_db = pipeline.initialize(settings)
-        memory = pipeline.Memory.from_db(memory_db, growing=settings.memory == "growing"
+        _, memory_db = initialize(settings)
+        memory = Memory.from_db(memory_db, growing=settings.memory == "growing"
                                          ).read_only()
     else:
-        memory = pipeline.Memory.empty()
+        memory = Memory.empty()
     prompts = models.caption_embedder.prompts  # recorded, so searches embed queries alike
     db = DbManager.open(folder_db_dir(settings.db_dir, root), DbIdentity(
         clip_model=settings.clip_model_name, caption_model=settings.caption_embedding_model,
@@ -99,11 +100,7 @@ def caption_folder(folder: str, settings: config.Settings, retrieval: bool = Tru
                 counts["failed"] = len(failed)
                 bar.set_postfix(counts, refresh=False)
                 continue
-            db.add_experiment(record.image_id, record.vector, record.caption,
-                              record.caption_vector, vlm_model=captioner.name,
-                              experiment_index=None,
-                              timestamp=datetime.now(timezone.utc).astimezone().isoformat(
-                                  timespec="seconds"))
+            save_caption(db, record, captioner.name)  # no experiment index: no experiment
             new.append((record.image_id, record.caption))
         bar.update(len(chunk))
     bar.close()

@@ -6,7 +6,15 @@ lowest to highest precedence, by
   2. a command-line flag       --<name-in-kebab-case>  (--top-k-similar 3)
   3. a keyword argument        run_experiment(top_k_similar=3)
 Values are parsed to the type of the default; an unknown name or a value of
-the wrong type is a one-line error. Importing this module does no work.
+the wrong type is a one-line error (with the closest name). Importing this
+module does no work.
+
+Each entry point resolves its settings once, `config.resolve(context, **given)`,
+into a typed frozen `Settings` (one field per constant below, lower-case) with
+every "auto" made a value for that entry point (CONTEXTS) and, where DB_DIR
+already holds a database, what it records used for the settings not given.
+The objects made from them (models.Models, retrieval.Selection, ...) carry them;
+no code asks "is this auto?" later.
 """
 
 from __future__ import annotations
@@ -16,11 +24,12 @@ import difflib
 import logging
 import os
 import re
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from errors import UserError
+
+log = logging.getLogger("config")
 
 # Settings annotated `Changes` change what an experiment produces (its neighbours,
 # prompt, caption or vectors). They are the one list that batch resume,
@@ -29,20 +38,41 @@ from errors import UserError
 Changes = Any
 
 # --- data --------------------------------------------------------------------
-# Hugging Face hub id of a Flickr8K copy with 5 captions per image, or a local
-# folder in the Kaggle (Images/ + captions.txt), original (Flicker8k_Dataset/ +
-# Flickr8k.token.txt) or Karpathy (dataset_flickr8k.json + images) layout.
+# The captioned image collection: a Hugging Face hub id (a table with an image
+# column and caption columns), or a local folder or caption file in one of the
+# layouts collection_formats.py reads: Flickr8K's Kaggle (Images/ + captions.txt)
+# and original (Flicker8k_Dataset/ + Flickr8k.token.txt), Karpathy's split files
+# (dataset_coco.json, dataset_flickr30k.json, dataset_flickr8k.json + images),
+# COCO-style caption annotations (captions_*.json, NoCaps' *_captions.json +
+# images) or a plain folder of images with captions.jsonl or captions.csv.
 DATASET_NAME: Changes = "jxie/flickr8k"
-# Images held out for experiments; the rest of Flickr8K is the training pool.
+# Images held out for experiments under SPLIT "seeded"; the rest of the collection
+# is the training pool (the memory).
 EXPERIMENT_SAMPLES: Changes = 400
-# Which experiment image `python main.py` captions (0 .. EXPERIMENT_SAMPLES-1).
+# Which experiment image `python main.py` captions (0 .. the split's experiment images - 1).
 EXPERIMENT_IMAGE_INDEX = 0
-# Seed of the experiment/training split. The split depends on this alone.
+# Seed of the "seeded" split. That split depends on this alone.
 RANDOM_SEED: Changes = 42
+# Which images are experiment images and which the memory: "seeded" (EXPERIMENT_SAMPLES
+# images drawn by RANDOM_SEED, the rest the memory), "karpathy" (the collection's
+# test split in file order; the memory its train + restval, val in neither: the
+# benchmarks' standard split), "all" (every image, in file order; the memory comes
+# from MEMORY_DATASET) or the name of a split the collection ships (val, validation,
+# val2014, ...; the memory its training splits).
+SPLIT: Changes = "seeded"
+# Another collection whose training images (train + restval; all of them where it
+# names no split) and captions are the memory, e.g. coco/ for NoCaps; "" = the
+# memory comes from DATASET_NAME. Its ids are prefixed with its name ("coco:...").
+MEMORY_DATASET: Changes = ""
 
 # --- models ------------------------------------------------------------------
 # Image embedder for retrieval: any CLIP or SigLIP checkpoint (hub id or path).
 CLIP_MODEL_NAME: Changes = "openai/clip-vit-base-patch32"
+# CLIP checkpoint of the CLIPScore and RefCLIPScore metrics (clip_score.py); the
+# default is the paper's. When it is CLIP_MODEL_NAME, retrieval's image vectors are
+# reused. Not a `Changes` setting: it changes no caption, only scores, and every
+# summary computes all its scores with one model, recorded beside them ("clip_score").
+METRIC_CLIP_MODEL = "openai/clip-vit-base-patch32"
 # Captioner (hub id or path), of one of the families vlm_captioner.FAMILIES knows
 # from its config's model type (README, "Captioners"): chat models with a chat
 # template (SmolVLM, SmolVLM2, Idefics3, Qwen2-VL / Qwen2.5-VL, LLaVA) get the
@@ -199,38 +229,44 @@ _CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType({
 def defaults() -> dict[str, Any]:
     """Every setting with its default value, keyed by UPPER_CASE name."""
     return {k: v for k, v in globals().items()
-            if k.isupper() and k != "ENV_PREFIX" and not k.startswith("_")}
+            if k.isupper() and k not in ("ENV_PREFIX", "CONTEXTS") and not k.startswith("_")}
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Resolved settings: read them as attributes, lower or upper case.
+# Where a command runs, as config.resolve's `context`: what an "auto" setting becomes.
+#   experiment  one experiment: python main.py, run_experiment, the web page's captions
+#   batch       a batch evaluation: --all, --indices, --evaluate, bench/ablation.py
+#   collection  images outside the data set: --caption-folder, scale/
+#   search      no captioning: search.py, the web page's searches, --embed-captions
+CONTEXTS = ("experiment", "batch", "collection", "search")
 
-    `given` names the settings that were set by an environment variable, a flag
-    or a keyword rather than left at their default: a database that records
-    its models and data set fills in the ones not given (pipeline.for_database).
-    """
 
-    values: Mapping[str, Any]
-    given: frozenset[str] = frozenset()
+class _SettingsMethods:
+    """What every Settings object can do besides holding its fields."""
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.values[name.upper()]
-        except KeyError:
-            raise AttributeError(name) from None
+    __slots__ = ()
+
+    @property
+    def values(self) -> Mapping[str, Any]:
+        """Every setting by UPPER_CASE name (as config.py spells them)."""
+        return MappingProxyType({name: getattr(self, name.lower()) for name in defaults()})
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.values)
 
-    def __reduce__(self):  # picklable (Ray actors get them), though values is read-only
-        return _settings, (dict(self.values), tuple(sorted(self.given)))
-
     def replace(self, **overrides: Any) -> "Settings":
-        """These settings with keyword overrides (by lower-case name) applied."""
+        """These settings with keyword overrides (by lower-case name) applied and
+        finished again in the same context ("auto" becomes a value again)."""
         if not overrides:
             return self
-        return _merge(self, overrides, source="keyword")
+        values = _merge(dict(self.raw), overrides, "keyword")
+        return _finish(values, self.context, self.given | {k.upper() for k in overrides},
+                       self.recorded)
+
+    def in_context(self, context: str) -> "Settings":
+        """The same settings finished for another entry point (`CONTEXTS`)."""
+        if context == self.context:
+            return self
+        return _finish(dict(self.raw), context, self.given, self.recorded)
 
     def to_json(self) -> dict[str, Any]:
         """Every setting by lower-case name, as result files and manifests record them."""
@@ -238,15 +274,69 @@ class Settings:
 
     def results(self, data_set: bool = True) -> dict[str, Any]:
         """The settings that change results (see `Changes`), by lower-case name;
-        without the data set's (DATASET_NAME, EXPERIMENT_SAMPLES) for collections,
-        which caption their own images."""
-        skip = () if data_set else ("DATASET_NAME", "EXPERIMENT_SAMPLES")
-        return {name.lower(): self.values[name] for name in result_settings()
+        without the data set's (DATASET_NAME, EXPERIMENT_SAMPLES, SPLIT, MEMORY_DATASET)
+        for collections, which caption their own images (their memory is the
+        database's, checked there)."""
+        skip = () if data_set else ("DATASET_NAME", "EXPERIMENT_SAMPLES", "SPLIT",
+                                    "MEMORY_DATASET")
+        return {name.lower(): getattr(self, name.lower()) for name in result_settings()
                 if name not in skip}
 
 
-def _settings(values: dict[str, Any], given: tuple[str, ...]) -> Settings:
-    return Settings(MappingProxyType(values), frozenset(given))
+# What each finished setting holds, where that is not its default's type.
+_FINISHED_TYPES = MappingProxyType({"NEAR_DUPLICATE_THRESHOLD": float})
+
+
+def _settings_class() -> type:
+    """The Settings dataclass: one typed field per constant above (lower-case), plus
+    where it was resolved. Built from the constants, so they stay the one source."""
+    from dataclasses import field, make_dataclass
+    fields = [(name.lower(), _FINISHED_TYPES.get(name, type(default)))
+              for name, default in defaults().items()]
+    fields += [("context", str),
+               # the settings set by an environment variable, a flag or a keyword
+               ("given", frozenset, field(default=frozenset(), compare=False)),
+               # the values before "auto" was finished (replace and in_context start there)
+               ("raw", Mapping, field(default_factory=dict, compare=False, repr=False)),
+               # what the database (or captioned folder) recorded, by setting name
+               ("recorded", Mapping, field(default_factory=dict, compare=False,
+                                           repr=False)),
+               # the database (or captioned folder's) that recorded them, "" if none
+               ("source", str, field(default="", compare=False))]
+    cls = make_dataclass("Settings", fields, bases=(_SettingsMethods,), frozen=True)
+    cls.__module__, cls.__qualname__ = __name__, "Settings"
+    cls.__doc__ = """Finished settings of one entry point: a typed field per setting of
+    config.py (lower-case), every "auto" already a value (config.resolve)."""
+    return cls
+
+
+def model_settings(kind: str) -> tuple[str, ...]:
+    """The settings a model of `kind` ("image_embedder", "caption_embedder", "captioner")
+    is built from: those named for it (CLIP_*, CAPTION_EMBEDDING_* and the caption
+    prompts, VLM_*; the captioner's
+    also the generation section's and RANDOM_SEED), and where it runs. A setting
+    added under such a name reaches its model's cache key with no other edit."""
+    prefixes, common = {
+        "image_embedder": (("CLIP_",), ("DEVICE", "DTYPE", "BATCH_SIZE")),
+        "caption_embedder": (("CAPTION_EMBEDDING_", "CAPTION_QUERY_", "CAPTION_DOCUMENT_"),
+                             ("DEVICE", "BATCH_SIZE")),
+        "captioner": (("VLM_",), ("DEVICE", "DTYPE"))}[kind]
+    names = [*common, *(n for n in defaults() if n.startswith(prefixes))]
+    if kind == "captioner":
+        names += [*_section("generation"), "RANDOM_SEED"]
+    return tuple(dict.fromkeys(names))
+
+
+def _section(title: str) -> list[str]:
+    """The settings under "# --- title" in this file, in order."""
+    names, inside = [], False
+    with open(__file__, encoding="utf-8") as source:
+        for line in source:
+            if line.startswith("# ---"):
+                inside = line[5:].strip().startswith(title)
+            elif inside and (name := re.match(r"([A-Z][A-Z0-9_]*)\s*[:=]", line)):
+                names.append(name.group(1))
+    return names
 
 
 def result_settings() -> tuple[str, ...]:
@@ -255,19 +345,22 @@ def result_settings() -> tuple[str, ...]:
                  if kind == "Changes" and name.isupper())
 
 
-def settings_of(settings: Settings | None, overrides: Mapping[str, Any]) -> Settings:
+def settings_of(settings: Settings | None, overrides: Mapping[str, Any],
+                context: str = "experiment", folder: str | None = None) -> Settings:
     """What a public function given `settings=` and/or keyword overrides runs with:
-    the settings with the keywords on top, or the resolved settings and keywords."""
+    the settings with the keywords on top, or the settings resolved for `context`
+    (and captioned `folder`, whose database's models are used)."""
     if settings is not None:
-        return settings.replace(**overrides)
-    return resolve(**overrides)
+        return settings.in_context(context).replace(**overrides)
+    return resolve(context, folder=folder, **overrides)
 
 
 def check_same_results(recorded: Mapping[str, Any], wanted: Mapping[str, Any],
-                       what: str, advice: str) -> None:
+                       what: str, advice: str, context: str = "batch") -> None:
     """UserError naming the first result-changing setting whose value in `wanted`
     differs from the one `what` ("run 'k3' was started") was made with (`recorded`,
-    by lower-case name)."""
+    by lower-case name). A recorded "auto" (runs made before settings were finished
+    once) is what "auto" means in `context` now."""
     for name, value in wanted.items():
         if name in recorded:
             was = recorded[name]
@@ -277,6 +370,8 @@ def check_same_results(recorded: Mapping[str, Any], wanted: Mapping[str, Any],
             was = defaults()[name.upper()]  # recorded before it was compared: its default
         else:
             continue
+        if name.upper() in _AUTO_FINISHED:  # both sides as this context finishes them
+            was, value = (finish_value(name.upper(), v, context) for v in (was, value))
         if was != value:
             raise UserError(f"{what} with {name}={was!r}, not {value!r}; {advice}")
 
@@ -363,6 +458,9 @@ def _check(values: dict[str, Any]) -> None:
     for name in ("TOP_K_SIMILAR", "CAPTIONS_PER_NEIGHBOUR", "VLM_IMAGE_LONGEST_EDGE"):
         if values[name] < 0:
             raise UserError(f"{flag(name)} must be 0 or more, got {values[name]}")
+    if not values["SPLIT"].strip():
+        raise UserError("--split must be seeded, karpathy, all or the name of a split the "
+                        "data set ships (e.g. test)")
     if values["TEMPERATURE"] <= 0:
         raise UserError(f"--temperature must be positive, got {values['TEMPERATURE']}")
     device = values["DEVICE"]
@@ -399,22 +497,12 @@ def _unit_number(text: str) -> float | None:
 
 
 # NEAR_DUPLICATE_THRESHOLD "auto" in batch evaluation runs (see its comment above).
-_AUTO_BATCH_THRESHOLD = 0.95
+AUTO_BATCH_THRESHOLD = 0.95
 
 
-def near_duplicate_threshold(settings: Settings | str | float, batch: bool) -> float:
-    """NEAR_DUPLICATE_THRESHOLD (of `settings`, or a value of it) as a cosine, 0 = off:
-    "auto" is 0.95 for batch evaluation runs (--all, --indices, bench/ablation.py)
-    and off for the rest."""
-    value = settings.near_duplicate_threshold if isinstance(settings, Settings) else settings
-    if value == "auto":
-        return _AUTO_BATCH_THRESHOLD if batch else 0.0
-    return float(value)
-
-
-def _merge(settings: Settings, overrides: Mapping[str, Any], source: str) -> Settings:
-    values = dict(settings.values)
-    given = set(settings.given)
+def _merge(values: dict[str, Any], overrides: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """`values` with `overrides` (by any-case name, from `source`) parsed and checked."""
+    values = dict(values)
     for key, raw in overrides.items():
         name = key.upper()
         if name not in values:
@@ -424,9 +512,69 @@ def _merge(settings: Settings, overrides: Mapping[str, Any], source: str) -> Set
             hint = _closest(name, str.lower)
             raise UserError(f"unknown setting {key!r}{hint}")
         values[name] = parse_value(name, raw, source)
-        given.add(name)
     _check(values)
-    return Settings(MappingProxyType(values), frozenset(given))
+    return values
+
+
+# The settings whose "auto" _finish_one turns into a value (the caption prompts are
+# finished from the caption model or the database: _finish).
+_AUTO_FINISHED = ("MEMORY", "NEAR_DUPLICATE_THRESHOLD", "DEVICE", "DTYPE")
+
+
+def finish_value(name: str, value: Any, context: str) -> Any:
+    """What setting `name` holds in `context`: "auto" made a value (see each setting's
+    comment above), a number given as text made a number."""
+    if name == "MEMORY":
+        return ("growing" if context == "experiment" else "frozen") if value == "auto" else value
+    if name == "NEAR_DUPLICATE_THRESHOLD":
+        if value == "auto":
+            return AUTO_BATCH_THRESHOLD if context == "batch" else 0.0
+        return float(value)
+    if name == "DEVICE":
+        return _device_and_dtype(value, "auto")[0]
+    if name == "DTYPE":  # on the device "auto" chooses
+        return _device_and_dtype("auto", value)[1]
+    return value
+
+
+def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """DEVICE and DTYPE finished: ("cuda", "bfloat16"), ("cpu", "float32"), ... (torch
+    is asked once per process which devices there are)."""
+    key = (device, dtype)
+    if key not in _DEVICES:
+        from device import resolve_device
+        found, precision = resolve_device(device, dtype)
+        _DEVICES[key] = (str(found), str(precision).replace("torch.", ""))
+    return _DEVICES[key]
+
+
+_DEVICES: dict[tuple[str, str], tuple[str, str]] = {}
+
+
+def _finish(values: dict[str, Any], context: str, given: frozenset[str],
+            recorded: Mapping[str, Any]) -> "Settings":
+    """Settings with every "auto" made a value for `context`; `recorded` (what a
+    database or captioned folder holds, by setting name) fills what was not given."""
+    if context not in CONTEXTS:
+        raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+    raw = dict(values)
+    finished = dict(values)
+    recorded = dict(recorded)
+    source = recorded.pop("", "")
+    for name, value in recorded.items():
+        if name not in given:
+            finished[name] = value
+    finished["DEVICE"], finished["DTYPE"] = _device_and_dtype(finished["DEVICE"],
+                                                              finished["DTYPE"])
+    for name in ("MEMORY", "NEAR_DUPLICATE_THRESHOLD"):
+        finished[name] = finish_value(name, finished[name], context)
+    from caption_embedder import finish_prompts
+    finished["CAPTION_QUERY_PROMPT"], finished["CAPTION_DOCUMENT_PROMPT"] = finish_prompts(
+        finished["CAPTION_EMBEDDING_MODEL"], finished["CAPTION_QUERY_PROMPT"],
+        finished["CAPTION_DOCUMENT_PROMPT"])
+    return Settings(**{name.lower(): value for name, value in finished.items()},
+                    context=context, given=frozenset(given), raw=raw,
+                    recorded=recorded, source=source)
 
 
 def env_overrides(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -435,15 +583,37 @@ def env_overrides(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return {k[len(ENV_PREFIX):]: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
 
 
-def resolve(cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+def resolve(context: str = "experiment", cli: Mapping[str, Any] | None = None,
+            env: Mapping[str, str] | None = None, *, folder: str | None = None,
             **overrides: Any) -> Settings:
-    """Defaults < RECAP_* environment < CLI values < keyword arguments."""
-    settings = _merge(Settings(MappingProxyType(defaults())), env_overrides(env), source="env")
-    if cli:
-        settings = _merge(settings, cli, source="cli")
-    if overrides:
-        settings = settings.replace(**overrides)
+    """The finished settings of an entry point (`context`, one of CONTEXTS):
+    defaults < RECAP_* environment < CLI values < keyword arguments, then every
+    "auto" made a value. Where DB_DIR holds a database (or `folder`, a captioned
+    folder, has one), what it records (its models, data set, caption prompts, the
+    captioner of its last caption) fills the settings not given, logged in two
+    lines; a given model that differs is one line naming both."""
+    values = _merge(defaults(), env_overrides(env), "env")
+    given = set(env_overrides(env).keys())
+    for source, more in (("cli", cli or {}), ("keyword", overrides)):
+        values = _merge(values, more, source)
+        given |= {k.upper() for k in more}
+    from db_manager import recorded_settings
+    recorded = recorded_settings(values, frozenset(given), folder)
+    settings = _finish(values, context, frozenset(given), recorded)
+    log_adopted(settings)
     return settings
+
+
+def log_adopted(settings: Settings) -> None:
+    """Two lines saying which settings came from the database, where any did (resolve
+    logs them; a command line logs them again once its logging is set up)."""
+    shown = {name: value for name, value in settings.recorded.items()
+             if value != settings.raw.get(name)}
+    if shown:
+        log.info("using the database's settings: %s",
+                 ", ".join(f"{k.lower()}={v!r}" for k, v in shown.items()))
+        log.info("(%s records them; name a setting to use another value, and another "
+                 "--db-dir for other models)", settings.source)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -464,6 +634,7 @@ def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    log_adopted(settings)
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -506,9 +677,13 @@ def _first_sentence(text: str) -> str:
     return text
 
 
-def parse_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None
+def parse_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None,
+              context: str | Callable[[argparse.Namespace], str] = "experiment",
+              folder: Callable[[argparse.Namespace], str | None] | None = None
               ) -> tuple[argparse.Namespace, Settings]:
-    """Parse `argv`; return the namespace and the resolved settings.
+    """Parse `argv`; return the namespace and the settings resolved for `context` (an
+    entry point's name, or a function of the parsed options that gives it) and the
+    captioned folder `folder` gives, if any.
 
     An unknown option raises UserError naming the closest valid option.
     """
@@ -522,4 +697,8 @@ def parse_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None
         raise UserError(f"unknown {what} {name}{hint}")
     cli = {k[len("setting_"):]: v for k, v in vars(args).items()
            if k.startswith("setting_") and v is not None}
-    return args, resolve(cli=cli)
+    where = context(args) if callable(context) else context
+    return args, resolve(where, cli=cli, folder=folder(args) if folder else None)
+
+
+Settings = _settings_class()

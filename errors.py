@@ -18,9 +18,8 @@ from typing import Iterator
 
 
 class UserError(Exception):
-    """A problem the user can fix; its message says how. A command line exits 1."""
-
-    exit_code = 1
+    """A problem the user can fix; its message says how. A command line exits 1 (2
+    where it was found while reading the options), unless the class says otherwise."""
 
 
 class UsageError(UserError):
@@ -30,16 +29,24 @@ class UsageError(UserError):
     exit_code = 2
 
 
+class DatabaseConflict(UserError):
+    """Settings that contradict what the database records (another model): found while
+    the settings are resolved, but not a usage error, so it exits 1, not 2."""
+
+    exit_code = 1
+
+
 def cli_failure(prog: str, exc: BaseException, code: int = 1,
                 interrupted: str = "interrupted") -> int:
     """What a command-line program prints for what stopped it (one line on stderr, no
-    traceback), and its exit code: 130 for Ctrl-C, 2 for a UsageError, else `code`
-    (2 where the options themselves could not be read)."""
+    traceback), and its exit code: 130 for Ctrl-C, the error's own `exit_code` (2 for
+    a UsageError, 1 for a DatabaseConflict), else `code` (2 where the options
+    themselves could not be read)."""
     if isinstance(exc, KeyboardInterrupt):
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
     print(f"{prog}: error: {exc}", file=sys.stderr)
-    return max(code, getattr(exc, "exit_code", code))
+    return getattr(exc, "exit_code", code)
 
 
 def hf_token() -> str | None:

@@ -2,7 +2,7 @@
 file and in the memory.
 
     settings = config.resolve()
-    dataset, db = pipeline.initialize(settings)
+    dataset, db = memory.initialize(settings)
     [result] = experiment.run_experiments(dataset, db, [42], settings)
     result.generated_caption, result.to_json()
 
@@ -18,6 +18,8 @@ ExperimentResult.to_json():
                                   prompt such as "<CAPTION>", BLIP/GIT's caption prefix)
   context_used                    false when the retrieved captions did not reach the
                                   VLM (BLIP, GIT, PaliGemma, Florence-2; no neighbours)
+  domain                          the image's domain, where its collection gives one
+                                  (NoCaps: in-domain, near-domain, out-domain)
   config                          every setting (lower-case), the memory policy and
                                   near-duplicate threshold used (the cosine, 0 = off),
                                   resolved_device, resolved_dtype
@@ -32,28 +34,33 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import config
 import pipeline
+from memory import Memory, save_caption
+from models import Models, load_models, versions
+from retrieval import Neighbour, Selection
 from errors import UserError
 
 if TYPE_CHECKING:
-    from dataset_loader import Flickr8k
+    from dataset_loader import Collection
     from db_manager import DbManager
 
 
 @dataclass(frozen=True)
-class ExperimentResult:
-    """One captioned experiment image (the result file's content)."""
+class ExperimentResult(Mapping[str, Any]):
+    """One captioned experiment image: a read-only mapping with the result file's keys
+    (`r["generated_caption"]`, `r.get(...)`, `dict(r)`, `json.dumps(dict(r))`, as the
+    seed's dict), and the same values as attributes."""
 
     experiment_index: int
     image_id: str
     generated_caption: str
     original_captions: tuple[str, ...]
-    similar_images: tuple[pipeline.Neighbour, ...]
+    similar_images: tuple[Neighbour, ...]
     prompt: str
     config: Mapping[str, Any]
     versions: Mapping[str, str]
@@ -63,6 +70,7 @@ class ExperimentResult:
     result_path: str | None = None
     context_used: bool = True
     model_prompt: str | None = None
+    domain: str = ""                     # the image's domain where its collection gives one
 
     @property
     def original_caption(self) -> str:
@@ -80,46 +88,45 @@ class ExperimentResult:
             "config": dict(self.config), "versions": dict(self.versions),
             "timings": dict(self.timings), "batch_size": self.batch_size,
             "timestamp": self.timestamp}
+        if self.domain:
+            record["domain"] = self.domain
         if self.result_path is not None:
             record["result_path"] = self.result_path
         return record
 
+    # the Mapping: the result file's keys and values (JSON-ready)
     def __getitem__(self, key: str) -> Any:
-        """`result["generated_caption"]`: the seed's dict-style access still works."""
         return self.to_json()[key]
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_json())
 
-def memory_policy(settings: config.Settings, batch: bool) -> str:
-    """"growing" or "frozen": MEMORY, where "auto" is growing for one experiment and
-    frozen for batch runs (results then do not depend on order)."""
-    if settings.memory == "auto":
-        return "frozen" if batch else "growing"
-    return settings.memory
+    def __len__(self) -> int:
+        return len(self.to_json())
 
 
-def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int],
-                    settings: config.Settings, memory: pipeline.Memory | None = None,
-                    load_seconds: float = 0.0, batch: bool = False
+def run_experiments(dataset: "Collection", db: "DbManager", indices: Sequence[int],
+                    settings: config.Settings, memory: Memory | None = None,
+                    load_seconds: float = 0.0, models: Models | None = None
                     ) -> list[ExperimentResult | pipeline.Failure]:
     """Caption the experiment images `indices` as one batch (pipeline.caption_batch),
-    then save each: its result file in RESULTS_DIR, then its row in the databases.
+    then save each: its row in the databases, then its result file in RESULTS_DIR.
 
-    `memory` (default: the database's rows, as MEMORY says for one experiment)
-    is shared across calls by batch runs, so a growing memory sees every image
-    captioned before. Returns one record per index: an ExperimentResult, or a
-    pipeline.Failure (unreadable image, empty caption) while the others go on.
-    Timings are the batch's seconds per stage divided by its size. `batch`: part
-    of a batch evaluation run (NEAR_DUPLICATE_THRESHOLD "auto" guards there).
+    `memory` (default: the database's rows, as MEMORY says) is shared across
+    calls by batch runs, so a growing memory sees every image captioned before.
+    `models`: the settings' models (load_models), loaded by the caller once.
+    Returns one record per index: an ExperimentResult, or a pipeline.Failure
+    (unreadable image, empty caption) while the others go on. Timings are the
+    batch's seconds per stage divided by its size. Settings resolved for "batch"
+    guard against near-duplicates (NEAR_DUPLICATE_THRESHOLD "auto").
     """
-    db.check_models(clip_model=settings.clip_model_name,
-                    caption_model=settings.caption_embedding_model)
     clock = time.perf_counter()
-    models = pipeline.load_models(settings).load_all()
+    models = (models or load_models(settings)).load_all()
     if memory is None:
-        memory = pipeline.Memory.from_db(db, memory_policy(settings, batch=False) == "growing")
+        memory = Memory.from_db(db, settings.memory == "growing")
     load = round(load_seconds + time.perf_counter() - clock, 4)
     samples = [dataset.experiment_sample(i) for i in indices]
-    selection = pipeline.Selection.of(settings, batch)
+    selection = Selection.of(settings)
     captioned = pipeline.caption_batch(
         models, [(s.image_id, lambda s=s: dataset.load_image(s)) for s in samples], memory,
         selection=selection)
@@ -127,22 +134,17 @@ def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int]
                                 for stage, seconds in captioned.seconds.items()}}
     if captioned.first_token is not None:
         timings["first_token"] = round(captioned.first_token, 4)  # per generate call
-    shared = {"config": {**settings.to_json(),
-                         "memory": "growing" if memory.growing else "frozen",
-                         "near_duplicate_threshold": selection.near_duplicate_threshold,
-                         **models.describe()},
-              "versions": pipeline.versions()}
+    shared = {"config": {**settings.to_json(), **models.describe()}, "versions": versions()}
     results: list[ExperimentResult | pipeline.Failure] = []
     for index, sample, record in zip(indices, samples, captioned.items):
         if isinstance(record, pipeline.Failure):
             results.append(replace(record, experiment_index=index))
             continue
-        now = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
         result = ExperimentResult(index, sample.image_id, record.caption, tuple(sample.captions),
                                   record.neighbours, record.prompt, shared["config"],
-                                  shared["versions"], dict(timings), len(indices), now,
+                                  shared["versions"], dict(timings), len(indices), "",
                                   context_used=record.context_used,
-                                  model_prompt=record.model_prompt)
+                                  model_prompt=record.model_prompt, domain=sample.domain)
         results.append(save(result, db, record, models.captioner.name,
                             Path(settings.results_dir)))
     return results
@@ -150,26 +152,19 @@ def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int]
 
 def save(result: ExperimentResult, db: "DbManager", record: pipeline.Captioned, vlm_model: str,
          results_dir: Path) -> ExperimentResult:
-    """The result file first, then the databases: if saving to the databases fails,
-    the result file goes too, so results/ never shows an unsaved experiment."""
-    from db_manager import write_json_atomic
+    """The databases first (memory.save_caption), then the result file, written once
+    with the time the save took: results/ never shows an experiment the databases
+    do not hold."""
+    from atomic_files import write_json_atomic
     start = time.perf_counter()
-    path = result_path(results_dir, result.experiment_index,
-                       datetime.fromisoformat(result.timestamp))
-    write_json_atomic(path, result.to_json())
-    try:
-        db.add_experiment(result.image_id, record.vector, result.generated_caption,
-                          record.caption_vector, vlm_model=vlm_model,
-                          experiment_index=result.experiment_index, timestamp=result.timestamp)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+    stamp = save_caption(db, record, vlm_model, experiment_index=result.experiment_index)
     timings = dict(result.timings)
     timings["save_to_db"] = round(time.perf_counter() - start, 4)
     timings["total"] = round(sum(v for k, v in timings.items()
                                  if k not in ("total", "first_token")), 4)
-    result = replace(result, timings=timings, result_path=str(path))
-    write_json_atomic(path, result.to_json())  # again, now with the time the save took
+    path = result_path(results_dir, result.experiment_index, datetime.fromisoformat(stamp))
+    result = replace(result, timings=timings, timestamp=stamp, result_path=str(path))
+    write_json_atomic(path, result.to_json())
     return result
 
 

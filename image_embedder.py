@@ -109,6 +109,13 @@ class ImageEmbedder:
     `setting` name the model and the option that selects it in error messages.
     """
 
+    @classmethod
+    def from_settings(cls, settings, device: torch.device, dtype: torch.dtype
+                      ) -> "ImageEmbedder":
+        """The image model `settings` name (CLIP_MODEL_NAME), batched by BATCH_SIZE."""
+        return cls(settings.clip_model_name, device=device, dtype=dtype,
+                   batch_size=settings.batch_size)
+
     def __init__(self, model: str | os.PathLike | torch.nn.Module, processor=None, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  batch_size: int = 32, what: str = "CLIP model",

@@ -35,22 +35,28 @@ def initialize_system(**overrides: Any):
     """Load the data set and the models, and open (on the first run: build) the databases.
 
     Returns `(dataset_loader, db_manager)`. Keyword arguments override any
-    setting of config.py by its lower-case name; the database manager remembers
-    them (`db_manager.settings`), so `run_experiment(dataset_loader, db_manager, ...)`
-    uses them. Models, data and the manager of a DB_DIR are loaded once per
-    process and reused by later calls (which then set the settings it remembers).
+    setting of config.py by its lower-case name. `run_experiment(dataset_loader,
+    db_manager, ...)` then runs with these settings (the pair carries them).
+    Models, data and the manager of a DB_DIR are loaded once per process and
+    reused by later calls.
     """
-    settings = config.resolve(**overrides)
-    dataset, db = _initialize(settings)
-    db.settings = settings
-    return dataset, db
+    from memory import initialize
+    from models import load_models
+    settings = config.resolve("experiment", **overrides)
+    dataset, db = initialize(settings)
+    load_models(settings).load_all()
+    return System(dataset, settings), db
 
 
-def _initialize(settings: config.Settings):
-    import pipeline
-    dataset, db = pipeline.initialize(settings)
-    pipeline.load_models(settings).load_all()
-    return dataset, db
+class System:
+    """The data set `initialize_system` returns, with the settings it was made with:
+    attribute access goes to the data set (`dataset_loader.experiment`, ...)."""
+
+    def __init__(self, dataset, settings: config.Settings):
+        self.dataset, self.settings = dataset, settings
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.dataset, name)
 
 
 def run_experiment(dataset_loader=None, db_manager=None, experiment_index: int | None = None,
@@ -61,25 +67,33 @@ def run_experiment(dataset_loader=None, db_manager=None, experiment_index: int |
     after `initialize_system(...)` (its settings, with these keywords on top), or
     standalone as `run_experiment(experiment_index=7, top_k_similar=3)`. Appends
     the result to the databases, writes RESULTS_DIR/experiment_{index}_{timestamp}.json
-    and returns it (an experiment.ExperimentResult; `result["generated_caption"]`
-    works too). An image that cannot be captioned raises UserError.
+    and returns it: an experiment.ExperimentResult, a read-only mapping with the
+    result file's keys (`result["generated_caption"]`, `result.get(...)`,
+    `dict(result)`) and attributes. An image that cannot be captioned raises UserError.
     """
-    known = getattr(db_manager, "settings", None)
-    settings = known.replace(**overrides) if known is not None else config.resolve(**overrides)
-    return _run_one(settings, experiment_index, dataset_loader, db_manager)
+    made = getattr(dataset_loader, "settings", None)
+    settings = config.settings_of(made, overrides)
+    dataset = getattr(dataset_loader, "dataset", dataset_loader)
+    if db_manager is not None and overrides:
+        db_manager.check_models(settings.clip_model_name, settings.caption_embedding_model)
+    return _run_one(settings, experiment_index, dataset, db_manager)
 
 
 def _run_one(settings: config.Settings, index: int | None = None, dataset=None, db=None):
     import experiment
+    from memory import initialize
+    from models import load_models
     index = settings.experiment_image_index if index is None else index
     experiment.check_writable(Path(settings.results_dir))  # fail before the slow work
     start = time.perf_counter()
     if dataset is None or db is None:
-        from dataset_loader import check_index
-        check_index(index, settings.experiment_samples)  # before any slow loading
-        dataset, db = _initialize(settings)
+        if settings.split == "seeded":  # its size is known before any slow loading
+            from dataset_loader import check_index
+            check_index(index, settings.experiment_samples)
+        dataset, db = initialize(settings)
     dataset.experiment_sample(index)
-    [result] = experiment.run_experiments(dataset, db, [int(index)], settings,
+    models = load_models(settings).load_all()
+    [result] = experiment.run_experiments(dataset, db, [int(index)], settings, models=models,
                                           load_seconds=time.perf_counter() - start)
     if not isinstance(result, experiment.ExperimentResult):
         result.raise_it()
@@ -90,7 +104,8 @@ def caption_folder(folder: str, retrieval: bool = True, **overrides: Any) -> dic
     """Caption every image under `folder` so that `search.py --text ... --images-dir
     folder` can find them (see caption_folder.py). Keywords override settings."""
     import caption_folder as folders
-    return folders.caption_folder(folder, config.resolve(**overrides), retrieval)
+    return folders.caption_folder(
+        folder, config.resolve("collection", folder=folder, **overrides), retrieval)
 
 
 def _summary(result) -> str:
@@ -112,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "Every setting of config.py is a flag below.")
     batch = parser.add_argument_group("many experiments (see batch_runner.py)")
     batch.add_argument("--all", action="store_true",
-                       help="run every experiment index 0 .. EXPERIMENT_SAMPLES-1 (resumable)")
+                       help="run every experiment image of the split (0 .. EXPERIMENT_SAMPLES-1 "
+                            "for --split seeded; resumable)")
     batch.add_argument("--indices", metavar="SPEC", help="run a subset, e.g. 0-49,100")
     batch.add_argument("--run-name", metavar="NAME",
                        help="run directory under RESULTS_DIR/runs/ (default: VLM and k)")
@@ -144,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="add the images and captions of `python -m "
                               "scale.caption_collection --out OUT_DIR` to the databases")
     try:
-        args, settings = config.parse_cli(parser, argv)
+        args, settings = config.parse_cli(parser, argv, _context,
+                                          folder=lambda args: args.caption_folder)
     except UserError as exc:
         return cli_failure("main.py", exc, code=2)
     config.configure_logging(settings)
@@ -189,6 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _context(args) -> str:
+    """The entry point an invocation is (config.CONTEXTS): what "auto" settings mean."""
+    if args.all or args.indices or args.evaluate or args.near_duplicates:
+        return "batch"
+    if args.caption_folder:
+        return "collection"
+    if args.embed_captions or args.import_parquet or args.check_db or args.repair_db:
+        return "search"
+    return "experiment"
+
+
 def _batch(args, settings: config.Settings) -> int:
     """--all / --indices / --evaluate."""
     import batch_runner
@@ -198,8 +226,10 @@ def _batch(args, settings: config.Settings) -> int:
     else:
         if args.all and args.indices:
             raise UsageError("give --all or --indices, not both")
-        indices = (list(range(settings.experiment_samples)) if args.all else
-                   batch_runner.parse_indices(args.indices, settings.experiment_samples))
+        from models import experiment_count
+        count = experiment_count(settings)  # the split's experiment images
+        indices = (list(range(count)) if args.all else
+                   batch_runner.parse_indices(args.indices, count))
         summary = batch_runner.run_batch(indices, args.run_name, settings=settings)
         run_dir = Path(settings.results_dir) / "runs" / summary["run"]
     print(batch_runner.format_summary(summary, run_dir))
@@ -209,10 +239,10 @@ def _batch(args, settings: config.Settings) -> int:
 def _embed_captions(settings: config.Settings) -> int:
     """--embed-captions: the memory (built first if DB_DIR has none) with a vector for
     every caption, so that the first text search need not make them."""
-    import pipeline
-    _, db = pipeline.initialize(settings, captioner=False)
+    from memory import caption_embedder_for, embed_missing_captions, initialize
+    _, db = initialize(settings, captioner=False)
     # the job's one duration is its bar's (and the log line after it)
-    done = pipeline.embed_missing_captions(pipeline.caption_embedder_for(settings, db), db)
+    done = embed_missing_captions(caption_embedder_for(settings, db), db)
     print(f"{db.db_dir}: every one of its {len(db.captions)} captions has a vector ("
           f"{done} embedded now); text search is ready")
     return 0
@@ -220,9 +250,7 @@ def _embed_captions(settings: config.Settings) -> int:
 
 def _import_parquet(out_dir: str, settings: config.Settings) -> int:
     """--import-parquet: the shards of a scale/ job into the databases (db_manager writes)."""
-    import pipeline
     from scale.shards import import_parquet
-    settings = pipeline.with_database_settings(settings)
     s = import_parquet(out_dir, settings.db_dir, settings.clip_model_name,
                        settings.caption_embedding_model)
     print(f"imported {s['images_added']} images and {s['captions_added']} captions from "

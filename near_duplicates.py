@@ -11,7 +11,7 @@ re-encoded copy) sits in the training pool gets that twin's human captions in it
 prompt, and its BLEU/CIDEr rise without the model seeing anything more. This lists
 those images for the current split and CLIP model: a table (experiment index,
 image, its twin, cosine) and a figure of the pairs, RESULTS_DIR/near_duplicates.png.
-NEAR_DUPLICATE_THRESHOLD keeps such twins out of the prompts (pipeline.nearest);
+NEAR_DUPLICATE_THRESHOLD keeps such twins out of the prompts (retrieval.nearest);
 batch runs count them in their summary (`count_in_db`).
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import config
+from atomic_files import atomic_writer
 from errors import UserError
 
 if TYPE_CHECKING:
@@ -106,15 +107,15 @@ def find(settings: config.Settings | None = None, threshold: float | None = None
     """
     import numpy as np
 
-    import pipeline
+    from memory import initialize
+    from models import load_models
     from image_embedder import embed_pool
-    settings = config.settings_of(settings, overrides)
+    settings = config.settings_of(settings, overrides, "batch")
     if threshold is None:
-        threshold = (config.near_duplicate_threshold(settings, batch=True)
-                     or config.near_duplicate_threshold("auto", batch=True))
+        threshold = settings.near_duplicate_threshold or config.AUTO_BATCH_THRESHOLD
     threshold = check_threshold(threshold)
-    dataset, db = pipeline.initialize(settings, captioner=False)
-    models = pipeline.load_models(settings)
+    dataset, db = initialize(settings, captioner=False)
+    models = load_models(settings)
     samples = list(dataset.experiment)
     index_of = {s.image_id: n for n, s in enumerate(samples)}
     by_id = {s.image_id: s for s in samples}
@@ -161,14 +162,11 @@ def plot_pairs(report: Report, load_image, path: str | os.PathLike) -> Path:
                  f"{report.threshold:g}), the {len(shown)} closest", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=90, format="png")
-        os.replace(tmp, path)
+        with atomic_writer(path, suffix=".png") as out:
+            fig.savefig(out, dpi=90, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 

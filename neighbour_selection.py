@@ -9,7 +9,7 @@
 Every vector here is a float32 L2-normalised row of an (N, D) numpy array, so a dot
 product is a cosine. Candidates come best first (the memory's search order); each
 selection returns row numbers into them, in the order they should appear in the
-prompt. Pure numpy: the pipeline's retrieval (pipeline.nearest) calls these, and so
+prompt. Pure numpy: the pipeline's retrieval (retrieval.nearest) calls these, and so
 do the near-duplicate report (near_duplicates.py) and bench/ablation.py.
 """
 

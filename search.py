@@ -93,7 +93,7 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
     from similarity_search import SearchIndex
 
     _check_k(k)
-    settings = config.settings_of(settings, overrides)
+    settings = config.settings_of(settings, overrides, "search", folder=images_dir)
     query_image = open_image(query)
     if images_dir is not None:
         files = scan_folder(images_dir)  # before loading a model: a bad folder fails fast
@@ -150,14 +150,14 @@ def _text_parts(by: str, captioned: bool) -> tuple[str, ...]:
 
 def _image_embedder(settings: config.Settings, backbone: str):
     """The pipeline's CLIP embedder, or another backbone's (loaded once per process)."""
-    import pipeline
+    from models import cached, device_of, load_models
     from image_embedder import ImageEmbedder, backbone_model_name
     model_name = backbone_model_name(backbone, settings.clip_model_name)
     if model_name == settings.clip_model_name:
-        return pipeline.load_models(settings).image_embedder
-    device, dtype = pipeline.device_of(settings)
+        return load_models(settings).image_embedder
+    device, dtype = device_of(settings)
     key = (model_name, str(device), str(dtype), settings.batch_size)
-    return pipeline.cached("search_embedder", key, lambda: ImageEmbedder(
+    return cached("search_embedder", key, lambda: ImageEmbedder(
         model_name, device=device, dtype=dtype, batch_size=settings.batch_size,
         what="image model", setting="--backbone"))
 
@@ -174,7 +174,8 @@ UNKNOWN_TOKENS_WARNING = 0.1
 
 
 def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str = "auto",
-                settings: config.Settings | None = None, **overrides: Any) -> SearchResult:
+                index: str = "numpy", settings: config.Settings | None = None,
+                **overrides: Any) -> SearchResult:
     """Images that match the words `text`, from the pipeline's memory or any folder.
 
     `by`: "captions" (the best caption per image, embedded with the caption model
@@ -182,20 +183,22 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
     `main.py --caption-folder`), "clip" (the CLIP/SigLIP text embedding of `text`
     against the image vectors, no captions needed), "both" (reciprocal-rank fusion
     of the two), or "auto": captions where the searched images have them, else clip.
-    Each hit says which ranking found it (`found_by`, `ranks`).
+    Each hit says which ranking found it (`found_by`, `ranks`). `index` is the
+    search backend of each ranking (INDEX_BACKENDS); "both" ranks every image,
+    as the fusion needs.
     """
     from dataset_loader import open_image
     from db_manager import DbManager
     from folder_index import folder_db_dir
 
-    import pipeline
+    from memory import caption_embedder_for, embed_missing_captions
 
     _check_k(k)
     if not text.strip():
         raise UsageError("--text is empty")
     if by not in TEXT_BY:
         raise UsageError(f"--text-by must be one of {', '.join(TEXT_BY)}, got {by!r}")
-    settings = config.settings_of(settings, overrides)
+    settings = config.settings_of(settings, overrides, "search", folder=images_dir)
     if images_dir is not None:
         from folder_index import scan_folder
         root = Path(images_dir).expanduser().resolve()
@@ -203,8 +206,8 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
             raise UserError(f"image folder not found: {images_dir}")
         db = DbManager.open(folder_db_dir(settings.db_dir, root))
         captioned = not db.needs_seed and bool(db.captions)
-        if captioned:
-            settings = pipeline.for_database(settings, db)  # the models it was captioned with
+        if captioned:  # searched with the models it was captioned with
+            db.check_models(settings.clip_model_name, settings.caption_embedding_model)
         availability.require(settings, _text_parts(by, captioned))
         source = f"{root}"
         path_of = lambda image_id: str(root / image_id)  # noqa: E731
@@ -234,13 +237,15 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
         raise UserError(f"{images_dir} has no captions yet: run `python main.py "
                         f"--caption-folder {images_dir}` first, or search with --text-by clip")
     rankings: dict[str, list[tuple[str, float]]] = {}
+    searched: dict[str, int] = {}  # images each ranking searched
+    depth = None if by == "both" else k  # fusion needs every image's rank
     models, notes, note = [], [], ""
     best_caption: dict[str, dict[str, Any]] = {}
     if by in ("captions", "both"):
-        embedder = pipeline.caption_embedder_for(settings, db)
-        pipeline.embed_missing_captions(embedder, db)  # a first search after a first run
-        rankings["captions"], best_caption = _caption_ranking(db, embedder.embed_queries(
-            [text])[0])
+        embedder = caption_embedder_for(settings, db)
+        embed_missing_captions(embedder, db)  # a first search after a first run
+        rankings["captions"], best_caption, searched["captions"] = _caption_ranking(
+            db, embedder.embed_queries([text])[0], depth, index)
         models.append(embedder.name)
         unknown = embedder.unknown_fraction(text)
         if unknown >= UNKNOWN_TOKENS_WARNING:
@@ -252,12 +257,15 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
         embedder, ids, vectors, note = image_rows()
         if not len(ids):
             raise UserError(f"no images to search in {source}")
-        rankings["clip"] = _vector_ranking(ids, vectors, embedder.embed_texts([text])[0])
+        rankings["clip"] = _vector_ranking(ids, vectors, embedder.embed_texts([text])[0],
+                                           depth, index)
+        searched["clip"] = len(ids)
         models.append(embedder.name)
     for line in notes:
         log.warning("%s", line)
     fused = _fuse(rankings)
-    k = fit_k(k, len(fused), "captioned images" if by == "captions" else "images", notes)
+    indexed = searched[by] if by in searched else len(fused)
+    k = fit_k(k, indexed, "captioned images" if by == "captions" else "images", notes)
     hits = []
     for rank, (image_id, score, ranks) in enumerate(fused[:k], start=1):
         entry = best_caption.get(image_id)
@@ -268,28 +276,40 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
                         found_by="+".join(ranks), ranks=ranks))
     kind = {"captions": "captions of", "clip": "images of", "both": "images and captions of"}
     return SearchResult("text", text, f"{kind[by]} {source}", " + ".join(models), hits,
-                        len(fused), note, by=by, notes=notes, _load=load)
+                        indexed, note, by=by, notes=notes, _load=load)
 
 
-def _caption_ranking(db, query) -> tuple[list[tuple[str, float]], dict[str, dict[str, Any]]]:
-    """Every captioned image by its best caption's score (best first, ties by row),
-    and that caption's entry per image."""
-    import numpy as np
-    scores = np.asarray(db.caption_vectors @ query, dtype=np.float32)
-    ranking, best = [], {}
-    for row in np.lexsort((np.arange(len(scores)), -scores)):
-        entry = db.captions[row]
-        if entry["image_id"] not in best:
-            best[entry["image_id"]] = entry
-            ranking.append((entry["image_id"], float(scores[row])))
-    return ranking, best
+def _caption_ranking(db, query, k: int | None, index: str
+                     ) -> tuple[list[tuple[str, float]], dict[str, dict[str, Any]], int]:
+    """The `k` best captioned images (all when k is None) by their best caption's
+    score (best first, ties by row), that caption's entry per image, and how many
+    images have captions."""
+    from similarity_search import SearchIndex
+    ids = [entry["id"] for entry in db.captions]  # unique in a database
+    entries = dict(zip(ids, db.captions))
+    captioned = len({entry["image_id"] for entry in db.captions})
+    captions = SearchIndex.from_vectors(ids, db.caption_vectors, backend=index)
+    k = captioned if k is None else min(k, captioned)
+    want = min(len(entries), k * -(-len(entries) // max(1, captioned)))  # captions per image
+    while True:  # widen until the best captions hold k images
+        ranking, best = [], {}
+        for hit in captions.search(query, want)[0]:
+            entry = entries[hit.image_id]
+            if entry["image_id"] not in best:
+                best[entry["image_id"]] = entry
+                ranking.append((entry["image_id"], hit.score))
+        if len(ranking) >= k or want >= len(entries):
+            return ranking[:k], best, captioned
+        want = min(len(entries), 2 * want)
 
 
-def _vector_ranking(ids, vectors, query) -> list[tuple[str, float]]:
-    """Every image by the cosine of its vector with `query` (best first, ties by row)."""
-    import numpy as np
-    scores = np.asarray(vectors @ query, dtype=np.float32)
-    return [(ids[n], float(scores[n])) for n in np.lexsort((np.arange(len(scores)), -scores))]
+def _vector_ranking(ids, vectors, query, k: int | None, index: str) -> list[tuple[str, float]]:
+    """The `k` images (all when k is None) by the cosine of their vector with `query`
+    (best first, ties by row)."""
+    from similarity_search import SearchIndex
+    hits = SearchIndex.from_vectors(ids, vectors, backend=index).search(
+        query, len(ids) if k is None else k)[0]
+    return [(hit.image_id, hit.score) for hit in hits]
 
 
 def _fuse(rankings: dict[str, list[tuple[str, float]]]) -> list[tuple[str, float, dict]]:
@@ -313,19 +333,19 @@ def _fuse(rankings: dict[str, list[tuple[str, float]]]) -> list[tuple[str, float
 
 def open_memory(settings: config.Settings, needs: Callable[[config.Settings, Any], list[
         availability.Need]] | None = None):
-    """(db, dataset, settings) of the pipeline's memory in DB_DIR: the settings with
-    the database's models and data set filled in where none were given. The data set
-    and what `needs(settings, db)` lists must be available before the data set loads
+    """(db, dataset, settings) of the pipeline's memory in DB_DIR (settings resolved
+    there use its models and data set where none were given). The data set and what
+    `needs(settings, db)` lists must be available before the data set loads
     (availability.require)."""
-    import pipeline
+    from models import load_dataset
     from db_manager import DbManager
     db = DbManager.open(settings.db_dir)
     if db.needs_seed:
         raise UserError(f"no database in {settings.db_dir}: run `python main.py` first, "
                         "or search a folder with --images-dir")
-    settings = pipeline.for_database(settings, db)
+    db.check_models(settings.clip_model_name, settings.caption_embedding_model)
     availability.require(settings, ("dataset",), needs(settings, db) if needs else ())
-    dataset = pipeline.load_dataset(settings)  # loaded once per process
+    dataset = load_dataset(settings)  # loaded once per process
     if dataset.fingerprint != db.state.split:
         raise UserError(f"the database in {settings.db_dir} was built from another data set or "
                         "split; use the same --dataset-name, --random-seed and "
@@ -500,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
                            "hub id / local path (default clip)")
     # similarity_search.BACKENDS, spelled out so that --help does not import numpy
     what.add_argument("--index", choices=INDEX_BACKENDS, default="numpy",
-                      help="search backend: numpy (default) or faiss (exact, float32), "
+                      help="search backend of image and text search: numpy (default) "
+                           "or faiss (exact, float32), "
                            "faiss-fp16 (float16 codes, faster on large indexes), ivfpq or "
                            "hnsw (approximate, for millions of images); all but numpy need "
                            "faiss-cpu")
@@ -508,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--show", action="store_true", help="also open the figure in a window")
     what.add_argument("--json", action="store_true", help="print the results as JSON")
     try:
-        args, settings = config.parse_cli(parser, argv)
+        args, settings = config.parse_cli(parser, argv, "search",
+                                          folder=lambda args: args.images_dir)
         if args.query is None and args.text is None:
             raise UsageError("give --query IMAGE or --text TEXT")
         if args.text is not None and not args.text.strip():
@@ -526,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
                                    backbone=args.backbone, index=args.index, settings=settings)
         else:
             result = search_text(args.text, k, images_dir=args.images_dir, by=args.text_by,
-                                 settings=settings)
+                                 index=args.index, settings=settings)
         figure = args.plot or Path(settings.results_dir) / (
             f"search_{datetime.now():%Y%m%d_%H%M%S}.png")
         result.figure = str(plot_results(result, figure, show=args.show))

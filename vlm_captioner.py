@@ -176,6 +176,23 @@ class VLMCaptioner:
         # Seconds from the start of the last generate call to its first new token.
         self.last_first_token: float | None = None
 
+    @classmethod
+    def from_settings(cls, settings, device: torch.device, dtype: torch.dtype
+                      ) -> "VLMCaptioner":
+        """The captioner `settings` name (VLM_MODEL_NAME, the VLM_* and generation
+        settings), on `device` in `dtype`."""
+        from config import parse_max_memory
+        s = settings
+        return cls(s.vlm_model_name, device=device, dtype=dtype,
+                   max_new_tokens=s.max_new_tokens, num_beams=s.num_beams,
+                   do_sample=s.do_sample, temperature=s.temperature,
+                   image_longest_edge=s.vlm_image_longest_edge,
+                   image_splitting=s.vlm_image_splitting,
+                   attn_implementation=s.vlm_attn_implementation, seed=s.random_seed,
+                   caption_prefix=s.vlm_caption_prefix, device_map=s.vlm_device_map,
+                   max_memory=parse_max_memory(s.vlm_max_memory),
+                   offload_folder=os.path.join(os.path.expanduser(s.cache_dir), "offload"))
+
     @property
     def placement(self) -> dict[str, str] | None:
         """Where each part of the model is (device_map "auto"): module -> device or "disk"."""

@@ -9,7 +9,8 @@ same metrics, in one table.
     python -m bench.ablation --vlm-model-name HuggingFaceTB/SmolVLM-256M-Instruct --json
 
 Writes OUT_DIR/ablation.md (the machine, the settings, one table row per variant:
-BLEU-1, BLEU-4, METEOR, ROUGE-L, CIDEr-D, embedding similarity, verbatim copies,
+BLEU-1, BLEU-4, METEOR, ROUGE-L, CIDEr-D, CLIPScore, RefCLIPScore, embedding similarity,
+verbatim copies,
 captions/s, s/caption), OUT_DIR/ablation.json (the raw numbers, and every variant's
 prompts, neighbours, captions and per-image scores) and OUT_DIR/ablation.png (grouped
 bars of CIDEr-D and BLEU-4 per variant). OUT_DIR is --out-dir, default RESULTS_DIR.
@@ -69,7 +70,7 @@ PROMPT_TEMPLATE / PROMPT_TEMPLATE_NO_CONTEXT, exactly as the pipeline builds it)
                         image→image row.
 
 Every image→image variant retrieves through the pipeline's one retrieval
-(pipeline.nearest with a pipeline.Selection); the baseline follows NEIGHBOUR_SELECTION.
+(retrieval.nearest with a retrieval.Selection); the baseline follows NEIGHBOUR_SELECTION.
 For every variant the table also gives the mean number of distinct scenes among an
 image's neighbours (groups of neighbours linked by CLIP image cosines above
 DEDUP_THRESHOLD, neighbour_selection.scene_count) and of distinct words in the
@@ -84,9 +85,11 @@ seeded per generate call), so a second run would give the same captions.
 Scoring: metrics.evaluate_captions (COCO caption evaluation, pycocoevalcap) on the
 same experiment images for every variant, each generated caption against all of its
 image's human references (5 in Flickr8K), corpus scores; embedding similarity is
-the cosine to the best reference with CAPTION_EMBEDDING_MODEL. CIDEr-D takes its
-idf from the references of the images evaluated together, so only rows over the same
-images compare. A caption that failed (empty, or generation raised) is not scored:
+the cosine to the best reference with CAPTION_EMBEDDING_MODEL; CLIPScore and
+RefCLIPScore (clip_score.py) use METRIC_CLIP_MODEL, with the queries' retrieval image
+vectors when it is CLIP_MODEL_NAME (skipped, "—", where that model is not available).
+CIDEr-D takes its idf from the references of the images evaluated together, so only
+rows over the same images compare. A caption that failed (empty, or generation raised) is not scored:
 the "images" column counts the scored ones and the failures are listed. A metric
 that could not be computed shows "—" with the reason from metrics' "skipped".
 "copies" is the share of captions that repeat one of the captions in their prompt
@@ -105,11 +108,11 @@ work (retrieval, prompt, generation; for growing memory also the memory updates)
 not of scoring. Work shared by all variants is done once, reported separately and
 not in any row: reading the images, one CLIP embedding pass over them, and for
 image-to-caption the CLIP text embedding of the training captions. Models are
-loaded once (pipeline.load_models) for the whole grid, and every VLM variant goes through
+loaded once (models.load_models) for the whole grid, and every VLM variant goes through
 the pipeline's one caption step (pipeline.caption_batch) with its own retrieval.
 
 Nothing is written to DB_DIR or to RESULTS_DIR/experiment_*: the data set and the
-training-pool memory come from pipeline.initialize (which seeds DB_DIR on a
+training-pool memory come from memory.initialize (which seeds DB_DIR on a
 first run, as any command would) and are only read.
 
 Only numbers from the real pretrained checkpoints mean anything. The test suite runs
@@ -139,6 +142,9 @@ from typing import Any, Sequence
 
 import config  # noqa: E402
 import pipeline  # noqa: E402  (cheap: it imports torch only when a model is needed)
+from memory import Memory, caption_vector_lookup, embed_missing_captions, initialize
+from models import experiment_count, load_models, versions
+from retrieval import Context, Neighbour, Retriever, Selection, nearest
 from experiment import check_writable  # noqa: E402
 from errors import UserError, cli_failure  # noqa: E402
 
@@ -149,7 +155,8 @@ DEFAULT_IMAGES = 50               # default subset: the first 50 experiment imag
 ALL = "all"                       # captions per neighbour: every caption
 MD_NAME, JSON_NAME, PNG_NAME = "ablation.md", "ablation.json", "ablation.png"
 REAL_COMMAND = "python -m bench.ablation --indices 0-399"
-TABLE_METRICS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+TABLE_METRICS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "CLIPScore",
+                 "RefCLIPScore")
 CHART_METRICS = ("CIDEr-D", "BLEU-4")
 # Salts of the per-image random streams, so two variants never share a draw.
 _SALT = {"random": 1}
@@ -264,9 +271,9 @@ class Plan:
                 "dedup": "the nearest, near-duplicates skipped",
                 "sample": f"sampled from the top {2 * (self.k or 0)}"}[self.selection or "top"]
 
-    def selection_for(self, settings: config.Settings) -> "pipeline.Selection":
+    def selection_for(self, settings: config.Settings) -> "Selection":
         """The pipeline's retrieval for this image -> image plan."""
-        return pipeline.Selection(self.k or 0, self.selection or "top", settings.mmr_lambda,
+        return Selection(self.k or 0, self.selection or "top", settings.mmr_lambda,
                                   settings.dedup_threshold, self.near_duplicate_threshold or 0.0,
                                   settings.random_seed)
 
@@ -276,7 +283,7 @@ def resolve_plan(variant: Variant, settings: config.Settings) -> Plan:
     k = settings.top_k_similar if variant.k is None else variant.k
     cpn = (settings.captions_per_neighbour if variant.per_neighbour is None
            else variant.per_neighbour)
-    memory = variant.memory or ("growing" if settings.memory == "growing" else "frozen")
+    memory = variant.memory or settings.memory
     context = variant.context
     if context in ("image", "random", "caption") and (k == 0 or cpn == 0):
         context = "none"  # no captions to show: build_prompt gives the plain prompt
@@ -292,12 +299,10 @@ def resolve_plan(variant: Variant, settings: config.Settings) -> Plan:
         return Plan(variant.name, "caption", k * (cpn if cpn != ALL else 5), None, "frozen")
     # "auto" guards only the near-dup-guard row here, so it shows what the guard does;
     # a threshold given guards every image -> image row.
-    value = settings.near_duplicate_threshold
-    guard = config.near_duplicate_threshold(value, batch=True)
+    given = "NEAR_DUPLICATE_THRESHOLD" in settings.given
+    guard = settings.near_duplicate_threshold if given else 0.0
     if variant.guard:
-        guard = guard or config.near_duplicate_threshold("auto", batch=True)
-    elif value == "auto":
-        guard = 0.0
+        guard = guard or config.AUTO_BATCH_THRESHOLD
     return Plan(variant.name, context, k, cpn, memory,
                 variant.selection or settings.neighbour_selection, guard)
 
@@ -370,8 +375,8 @@ class _Shared:
         self.settings = settings
         self.progress = progress
         self.seconds: dict[str, float] = {}
-        self.dataset, self.db = pipeline.initialize(settings)
-        self.models = pipeline.load_models(settings).load_all()
+        self.dataset, self.db = initialize(settings)
+        self.models = load_models(settings).load_all()
         self.image_embedder = self.models.image_embedder
         self.caption_embedder = self.models.caption_embedder
         self.captioner = self.models.captioner
@@ -405,11 +410,24 @@ class _Shared:
         self.train_ids = [self.db.image_ids[n] for n in train]
         self.train_vectors = np.asarray(self.db.image_vectors[train], dtype=np.float32)
         self._caption_index = None
-        self._caption_vector_of = pipeline.caption_vector_lookup(self.db)
+        self._caption_vector_of = caption_vector_lookup(self.db)
+        self._clip_scorer = None
 
-    def memory(self, growing: bool) -> pipeline.Memory:
+    def clip_scorer(self):
+        """CLIPScore's scorer for every variant (items keyed by experiment index): the
+        queries' images, and their retrieval vectors when METRIC_CLIP_MODEL is the CLIP."""
+        if self._clip_scorer is None:
+            import clip_score
+            by_key = {str(q.index): q for q in self.queries}
+            self._clip_scorer = clip_score.scorer_for(
+                self.settings, retrieval=self.image_embedder,
+                image_of=lambda key: by_key[key].image,
+                known_vector=lambda key: by_key[key].vector)
+        return self._clip_scorer
+
+    def memory(self, growing: bool) -> Memory:
         """The training pool; growing: the images captioned join it (in this process only)."""
-        return pipeline.Memory(self.train_ids, self.train_vectors, self.db.captions_of,
+        return Memory(self.train_ids, self.train_vectors, self.db.captions_of,
                                ["train"] * len(self.train_ids), growing=growing,
                                caption_vector_of=self._caption_vector_of)
 
@@ -452,32 +470,32 @@ def _references(plan: Plan, query: Query) -> tuple[list[str], int | None]:
     return references, None
 
 
-def retriever(plan: Plan, shared: _Shared, by_id: dict[str, Query]) -> pipeline.Retriever:
+def retriever(plan: Plan, shared: _Shared, by_id: dict[str, Query]) -> Retriever:
     """How the variant's images find their context: the pipeline's retrieval
-    (pipeline.nearest) or the variant's own, for the one caption step."""
+    (retrieval.nearest) or the variant's own, for the one caption step."""
     from similarity_search import top_k
 
     selection = plan.selection_for(shared.settings) if plan.context == "image" else None
 
-    def neighbour(rank: int, image_id: str, score: float, captions) -> pipeline.Neighbour:
-        return pipeline.Neighbour(rank, image_id, float(score), tuple(captions))
+    def neighbour(rank: int, image_id: str, score: float, captions) -> Neighbour:
+        return Neighbour(rank, image_id, float(score), tuple(captions))
 
-    def retrieve(memory: pipeline.Memory, image_id: str, vector) -> pipeline.Context:
+    def retrieve(memory: Memory, image_id: str, vector) -> Context:
         query = by_id[image_id]
         if plan.context == "none":
-            return pipeline.Context(())
+            return Context(())
         if plan.context == "oracle":
             references = list(query.sample.captions)
             if len(references) < 2:        # nothing is left to show once one is held out
-                return pipeline.Context(())
+                return Context(())
             held = query.index % len(references)
             shown = tuple(references[:held] + references[held + 1:])
-            return pipeline.Context((), captions=(shown,), per_neighbour=len(shown))
+            return Context((), captions=(shown,), per_neighbour=len(shown))
         if plan.context == "random":
             pool = [n for n, i in enumerate(shared.train_ids) if i != image_id]
             rows = _rng(shared.settings, "random", query.index).choice(
                 len(pool), size=min(plan.k, len(pool)), replace=False)
-            return pipeline.Context(tuple(
+            return Context(tuple(
                 neighbour(r + 1, shared.train_ids[pool[n]],
                           shared.train_vectors[pool[n]] @ vector,
                           shared.db.captions_of(shared.train_ids[pool[n]]))
@@ -486,17 +504,17 @@ def retriever(plan: Plan, shared: _Shared, by_id: dict[str, Query]) -> pipeline.
             row_ids, text_of, vectors, rows_of = shared.caption_index()
             found = top_k(vector, vectors, row_ids, plan.k,
                           exclude=rows_of.get(image_id, set()))
-            return pipeline.Context(tuple(
+            return Context(tuple(
                 neighbour(n.rank, n.image_id.rsplit("#", 1)[0], n.score, (text_of[n.image_id],))
                 for n in found), per_neighbour=1)
         # image -> image: the pipeline's retrieval
-        context = pipeline.nearest(memory, image_id, vector, selection)
-        return pipeline.Context(context.neighbours, per_neighbour=_per(plan.per_neighbour))
+        context = nearest(memory, image_id, vector, selection)
+        return Context(context.neighbours, per_neighbour=_per(plan.per_neighbour))
 
     return retrieve
 
 
-def _neighbour_record(plan: Plan, n: pipeline.Neighbour, memory: pipeline.Memory | None
+def _neighbour_record(plan: Plan, n: Neighbour, memory: Memory | None
                       ) -> dict[str, Any]:
     record = {"rank": n.rank, "image_id": n.image_id, "score": round(n.score, 6)}
     if plan.context in ("caption", "nn-copy"):
@@ -519,7 +537,7 @@ def run_variant(plan: Plan, shared: _Shared, progress: bool = False) -> dict[str
     if plan.context == "nn-copy":   # no VLM: the nearest training image's first caption
         memory = shared.memory(growing=False)
         for query in shared.queries:
-            found = pipeline.nearest(memory, query.sample.image_id, query.vector, 1).neighbours
+            found = nearest(memory, query.sample.image_id, query.vector, 1).neighbours
             captions = found[0].captions if found else ()
             item = {"experiment_index": query.index, "image_id": query.sample.image_id,
                     "prompt": None, "neighbours": [_neighbour_record(plan, n, None)
@@ -570,7 +588,7 @@ def run_variant(plan: Plan, shared: _Shared, progress: bool = False) -> dict[str
             "seconds_per_caption": round(seconds / made, 4) if made else None}
 
 
-def diversity(items: Sequence[dict[str, Any]], memory: pipeline.Memory, threshold: float
+def diversity(items: Sequence[dict[str, Any]], memory: Memory, threshold: float
               ) -> dict[str, float | None]:
     """Per item and on average: distinct scenes among its neighbours (groups linked by
     image cosines above `threshold`) and distinct words in its prompt's captions.
@@ -591,15 +609,16 @@ def diversity(items: Sequence[dict[str, Any]], memory: pipeline.Memory, threshol
 
 # --- scoring ------------------------------------------------------------------------------
 
-def score(items: Sequence[dict[str, Any]], caption_embedder, references_key: str = "references"
-          ) -> dict[str, Any]:
-    """metrics.evaluate_captions over the items that have a caption."""
+def score(items: Sequence[dict[str, Any]], caption_embedder, references_key: str = "references",
+          clip_scorer=None) -> dict[str, Any]:
+    """metrics.evaluate_captions over the items that have a caption; CLIPScore and
+    RefCLIPScore with `clip_scorer` (_Shared.clip_scorer)."""
     import metrics
     ok = [i for i in items if i.get("caption")]
     return metrics.evaluate_captions(
         {str(i["experiment_index"]): i["caption"] for i in ok},
         {str(i["experiment_index"]): i[references_key] for i in ok},
-        caption_embedder=caption_embedder)
+        caption_embedder=caption_embedder, clip_scorer=clip_scorer)
 
 
 def copied_prompt_caption(items: Sequence[dict[str, Any]]) -> float | None:
@@ -635,15 +654,15 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
     """
     from batch_runner import parse_indices
 
-    settings = config.settings_of(settings, overrides)
+    settings = config.settings_of(settings, overrides, "batch")
     names = select_variants(variants)
+    count = experiment_count(settings)
     if indices is None:
-        indices = default_indices(settings.experiment_samples)
+        indices = default_indices(count)
     if not indices:
         raise UserError("no experiment images chosen")
     # checked like --indices; index order (the growing memory depends on it)
-    indices = sorted(parse_indices(",".join(str(int(i)) for i in indices),
-                                   settings.experiment_samples))
+    indices = sorted(parse_indices(",".join(str(int(i)) for i in indices), count))
     out = Path(settings.results_dir if out_dir is None else out_dir).expanduser()
     check_writable(out)
     plans = [resolve_plan(VARIANTS[n], settings) for n in names]
@@ -651,7 +670,7 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
     overall = time.perf_counter()
     shared = _Shared(settings, indices, progress)
     if any(plan.selection == "dedup" for plan in plans):  # it compares caption vectors too
-        pipeline.embed_missing_captions(shared.caption_embedder, shared.db)
+        embed_missing_captions(shared.caption_embedder, shared.db)
     report = _new_report(settings, shared, names, indices)
     files = {"md": out / MD_NAME, "json": out / JSON_NAME, "png": out / PNG_NAME}
     done: dict[tuple, dict[str, Any]] = {}
@@ -670,7 +689,8 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
             record = {"name": plan.name, "description": VARIANTS[plan.name].description,
                       "definition": plan.definition(), "summary": plan.summary(),
                       "same_as": None, **run_variant(plan, shared, progress)}
-            result = score(record["items"], shared.caption_embedder)
+            result = score(record["items"], shared.caption_embedder,
+                           clip_scorer=shared.clip_scorer())
             per_image = result.get("per_image", {})
             for item in record["items"]:
                 item["metrics"] = per_image.get(str(item["experiment_index"]), {})
@@ -686,7 +706,8 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
         report["total_seconds"] = round(time.perf_counter() - overall, 2)
         if plan.context == "oracle" or (plan.name == "baseline" and
                                         any(p.context == "oracle" for p in plans)):
-            report["oracle_comparison"] = _oracle_comparison(report, shared.caption_embedder)
+            report["oracle_comparison"] = _oracle_comparison(report, shared.caption_embedder,
+                                                             shared.clip_scorer())
         write_outputs(report, files)
     report["complete"] = True
     report["total_seconds"] = round(time.perf_counter() - overall, 2)
@@ -697,13 +718,12 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
 
 def _new_report(settings: config.Settings, shared: _Shared, names: list[str],
                 indices: list[int]) -> dict[str, Any]:
-
     from bench.common import machine_info
-    versions = pipeline.versions()
+    found = versions()
     return {
         "title": "Baselines and ablations (bench/ablation.py)",
         "machine": machine_info(),
-        "versions": versions,
+        "versions": found,
         "settings": settings.to_json(),
         "device": shared.device[0], "dtype": shared.device[1],
         "models": {"vlm": shared.captioner.name, "vlm_family": shared.captioner.family.name,
@@ -726,7 +746,8 @@ def _new_report(settings: config.Settings, shared: _Shared, names: list[str],
     }
 
 
-def _oracle_comparison(report: dict[str, Any], caption_embedder) -> dict[str, Any] | None:
+def _oracle_comparison(report: dict[str, Any], caption_embedder, clip_scorer=None
+                       ) -> dict[str, Any] | None:
     """Baseline's captions scored the oracle's way (against the held-out reference), so the
     oracle row has a like-for-like partner."""
     rows = {v["name"]: v for v in report["variants"]}
@@ -736,7 +757,7 @@ def _oracle_comparison(report: dict[str, Any], caption_embedder) -> dict[str, An
     held = {i["experiment_index"]: i["references"] for i in oracle["items"]}
     items = [{**i, "held_out": held[i["experiment_index"]]} for i in baseline["items"]
              if i["experiment_index"] in held]
-    result = score(items, caption_embedder, references_key="held_out")
+    result = score(items, caption_embedder, references_key="held_out", clip_scorer=clip_scorer)
     return {"baseline_against_held_out_reference": _metrics_record(result)}
 
 
@@ -855,11 +876,17 @@ def render_markdown(report: dict[str, Any]) -> str:
                       if isinstance(v["metrics"].get("embedding_similarity"), dict)), None)
     tokenizer = next((v["metrics"].get("tokenizer") for v in variants
                       if v["metrics"].get("tokenizer")), None)
+    clip = next((v["metrics"]["clip_score"] for v in variants
+                 if isinstance(v["metrics"].get("clip_score"), dict)), None)
     lines += [
         "Scoring: metrics.evaluate_captions (pycocoevalcap), corpus scores over the images "
         "above, each caption against all of its image's references (the oracle: see its "
         "note). Embedding similarity: cosine to the best reference"
-        + (f" with `{emb_model}`" if emb_model else "") + ". Copies: share of captions that "
+        + (f" with `{emb_model}`" if emb_model else "") + "."
+        + (f" CLIPScore: 2.5 x max(cos, 0) of the image and the caption with `{clip['model']}` "
+           f"({clip['precision']}), captions prefixed \"{clip['prefix']}\"; RefCLIPScore: its "
+           "harmonic mean with the best caption-reference cosine." if clip else "")
+        + " Copies: share of captions that "
         "repeat a caption of their own prompt verbatim (lowercased, punctuation removed). "
         f"Scenes: mean distinct scenes among an image's neighbours (neighbours linked by CLIP "
         f"image cosines above DEDUP_THRESHOLD {s['dedup_threshold']:g} are one scene). Words: "
@@ -973,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--list-variants", action="store_true",
                        help="print the variants and their definitions, then exit")
     try:
-        args, settings = config.parse_cli(parser, argv)
+        args, settings = config.parse_cli(parser, argv, "batch")
         if args.list_variants:
             print(_list_variants())
             return 0
@@ -981,9 +1008,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.all and args.indices:
             raise UserError("give --all or --indices, not both")
         from batch_runner import parse_indices
-        indices = (list(range(settings.experiment_samples)) if args.all else
-                   parse_indices(args.indices, settings.experiment_samples) if args.indices
-                   else default_indices(settings.experiment_samples))
+        count = experiment_count(settings)
+        indices = (list(range(count)) if args.all else
+                   parse_indices(args.indices, count) if args.indices
+                   else default_indices(count))
     except UserError as exc:
         return cli_failure("ablation", exc, code=2)
     config.configure_logging(settings)

@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--no-record", action="store_true",
                       help="print the table, append it nowhere")
     try:
-        args, settings = config.parse_cli(parser, argv)
+        args, settings = config.parse_cli(parser, argv, "search")
         if args.limit is not None and args.limit < 2:
             raise UserError(f"--limit must be at least 2, got {args.limit}")
     except UserError as exc:

@@ -14,7 +14,7 @@ One streaming Ray Data pipeline, every stage the single-machine pipeline's own c
      embedded images
   -> TextStage actors: caption_embedder
   -> the driver writes Parquet shards atomically (scale/shards.py).
-Each actor loads its model once (pipeline.load_models: the same device, dtype and
+Each actor loads its model once (models.load_models: the same device, dtype and
 settings); actors per stage, GPUs and CPUs per actor and batch sizes are flags.
 
 The memory is the pipeline's database in DB_DIR (build it with `python main.py`),
@@ -254,8 +254,8 @@ class ImageStage:
     """Actor: decode each image as the pipeline does and embed it with CLIP."""
 
     def __init__(self, settings: config.Settings, retries: int):
-        import pipeline
-        self.embedder = pipeline.load_models(settings).image_embedder
+        from models import load_models
+        self.embedder = load_models(settings).image_embedder
         self.retries = retries
 
     def __call__(self, batch):
@@ -283,11 +283,12 @@ class CaptionStage:
     def __init__(self, settings: config.Settings, memory: list):
         import ray
 
-        import pipeline
-        self.models = pipeline.load_models(settings)
+        from memory import Memory
+        from models import load_models
+        self.models = load_models(settings)
         self.models.captioner  # noqa: B018 - load it once, now
         rows = ray.get(memory[0])  # the one copy in the object store (a list: not resolved)
-        self.memory = pipeline.Memory.from_rows(rows["ids"], rows["vectors"], rows["captions"])
+        self.memory = Memory.from_rows(rows["ids"], rows["vectors"], rows["captions"])
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -320,8 +321,8 @@ class TextStage:
     """Actor: embed each caption with the caption model."""
 
     def __init__(self, settings: config.Settings, retries: int):
-        import pipeline
-        self.embedder = pipeline.load_models(settings).caption_embedder
+        from models import load_models
+        self.embedder = load_models(settings).caption_embedder
         self.retries = retries
 
     def __call__(self, batch):
@@ -347,21 +348,21 @@ class TextStage:
 def load_memory(settings: config.Settings, retrieval: bool) -> tuple[dict[str, Any], dict]:
     """The memory rows retrieval may use (ids, vectors, each one's captions), and a
     description of it for the manifest. Without retrieval: empty, no database.
-    `settings` are for_database's: the database's models where none were given."""
+    `settings` resolved where the database is use its models where none were given."""
     import numpy as np
     if not retrieval:
         return {"ids": [], "vectors": np.zeros((0, 0), np.float32), "captions": []}, {
             "policy": "none", "db_dir": None, "rows": 0, "digest": None}
-    import pipeline
+    from memory import Memory
     from db_manager import DbManager
     db = DbManager.open(settings.db_dir)
     if db.needs_seed:
         raise UserError(f"no memory to retrieve from in {settings.db_dir}: build it with "
                         "`python main.py` (same settings) first, or caption without "
                         "retrieval (--no-retrieval)")
-    pipeline.for_database(settings, db)  # the models must be the database's
-    policy = "growing" if settings.memory == "growing" else "frozen"
-    memory = pipeline.Memory.from_db(db, growing=policy == "growing")
+    db.check_models(settings.clip_model_name, settings.caption_embedding_model)
+    policy = settings.memory
+    memory = Memory.from_db(db, growing=policy == "growing")
     ids, vectors = memory.ids, np.ascontiguousarray(memory.vectors, dtype=np.float32)
     captions = [memory.captions_of(image_id) for image_id in ids]
     digest = hashlib.sha256("\n".join(ids).encode() + vectors.tobytes()).hexdigest()[:16]
@@ -433,10 +434,7 @@ def caption_collection(images: str, out_dir: str | os.PathLike, *, retrieval: bo
     """
     from scale import shards
 
-    settings = config.settings_of(settings, overrides)
-    if retrieval:
-        import pipeline
-        settings = pipeline.with_database_settings(settings)
+    settings = config.settings_of(settings, overrides, "collection")
     if shard_size < 1 or (block_size is not None and block_size < 1):
         raise UsageError("--shard-size and --block-size must be at least 1")
     if retries < 0:
@@ -585,7 +583,7 @@ def parse_args(argv: list[str] | None = None):
         default = "BATCH_SIZE" if stage == "caption" else "4 x BATCH_SIZE"
         ray_group.add_argument(f"--{stage}-batch-size", type=int, metavar="N",
                                help=f"images per {what} call (default {default})")
-    args, settings = config.parse_cli(parser, argv)
+    args, settings = config.parse_cli(parser, argv, "collection")
     if not args.images or not args.out:
         raise UsageError("give --images SPEC and --out OUT_DIR")
     return args, settings

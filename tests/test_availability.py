@@ -8,7 +8,8 @@ import pytest
 import availability
 import config
 import main
-import pipeline
+import memory
+import models
 import search
 from errors import UserError
 
@@ -22,10 +23,11 @@ def nothing_loads(monkeypatch):
     """Fails the test if the data set or a model starts loading."""
     def refuse(*args, **kwargs):
         raise AssertionError("loaded something before checking what is missing")
-    monkeypatch.setattr(pipeline, "load_dataset", refuse)
-    monkeypatch.setattr(pipeline.Models, "image_embedder", property(refuse))
-    monkeypatch.setattr(pipeline.Models, "caption_embedder", property(refuse))
-    monkeypatch.setattr(pipeline.Models, "captioner", property(refuse))
+    monkeypatch.setattr(memory, "load_dataset", refuse)
+    monkeypatch.setattr(models, "load_dataset", refuse)
+    monkeypatch.setattr(models.Models, "image_embedder", property(refuse))
+    monkeypatch.setattr(models.Models, "caption_embedder", property(refuse))
+    monkeypatch.setattr(models.Models, "captioner", property(refuse))
 
 
 def test_a_missing_vlm_and_caption_model_are_named_in_one_line_before_anything_loads(
@@ -47,7 +49,7 @@ def test_a_missing_data_set_is_named_with_the_models(settings_kwargs, nothing_lo
     settings = config.resolve(**{**settings_kwargs, "dataset_name": "someorg/uncached-flickr",
                                  "clip_model_name": "someorg/uncached-clip"})
     with pytest.raises(UserError) as error:
-        pipeline.initialize(settings)
+        memory.initialize(settings)
     message = str(error.value)
     assert "data set 'someorg/uncached-flickr' is not in the local Hugging Face cache" in message
     assert "--repo-type dataset" in message and "CLIP model 'someorg/uncached-clip'" in message

@@ -11,7 +11,9 @@ import pytest
 
 import experiment
 import main
-import pipeline
+import config
+from memory import initialize
+from models import Models, load_models
 from db_manager import CAPTION_DB, CAPTION_EMBEDDING_DB, FILES, IMAGE_DB
 from fake_flickr import make_flickr
 
@@ -120,13 +122,14 @@ def test_python_api_both_forms_reuse_models(settings_kwargs):
     dataset_loader, db_manager = main.initialize_system(**settings_kwargs)
     r = main.run_experiment(dataset_loader, db_manager, experiment_index=0, **settings_kwargs)
     assert r["generated_caption"] and r["image_id"] == dataset_loader.experiment[0].image_id
-    captioner, embedder = pipeline.loaded("captioner"), pipeline.loaded("image_embedder")
+    models = load_models(config.resolve(**settings_kwargs))
+    captioner, embedder = models.captioner, models.image_embedder
 
     r2 = main.run_experiment(experiment_index=3, top_k_similar=2, **settings_kwargs)
     assert len(r2["similar_images"]) == 2
-    assert pipeline.loaded("captioner") is captioner
-    assert pipeline.loaded("image_embedder") is embedder
-    assert pipeline.loaded("db") is db_manager                          # not re-read from disk
+    again = load_models(config.resolve(**settings_kwargs, top_k_similar=2))
+    assert again.captioner is captioner and again.image_embedder is embedder   # not reloaded
+    assert initialize(config.resolve(**settings_kwargs))[1] is db_manager     # not re-read
     assert r2["image_id"] in db_manager.image_ids                       # memory grew in place
     assert db_counts(settings_kwargs["db_dir"]) == (
         TRAIN_IMAGES + 2, TRAIN_IMAGES * CAPTIONS_PER_IMAGE + 2, 2)
@@ -148,8 +151,13 @@ def test_training_pool_embeddings_are_cached(settings_kwargs, tmp_path, monkeypa
     main.initialize_system(**settings_kwargs)
     assert list(Path(settings_kwargs["cache_dir"]).glob("image_embeddings/*.npy"))
     import image_embedder
-    monkeypatch.setattr(image_embedder.ImageEmbedder, "_encode",
-                        lambda *a: pytest.fail("training pool embedded again"))
+    real = image_embedder.ImageEmbedder.embed
+
+    def embed(self, images, *args, **kwargs):
+        images = list(images)
+        assert not images, "training pool embedded again"
+        return real(self, images, *args, **kwargs)
+    monkeypatch.setattr(image_embedder.ImageEmbedder, "embed", embed)
     main.initialize_system(**{**settings_kwargs, "db_dir": str(tmp_path / "fresh-db")})
 
 
@@ -157,7 +165,7 @@ def test_bfloat16_on_the_cpu_runs_the_pipeline_and_is_recorded(settings_kwargs):
     import torch
     kw = {**settings_kwargs, "dtype": "bfloat16"}
     dataset, db = main.initialize_system(**kw)
-    assert pipeline.load_models(main.config.resolve(**kw)).image_embedder.model.dtype == \
+    assert load_models(main.config.resolve(**kw)).image_embedder.model.dtype == \
         torch.bfloat16
     r = main.run_experiment(dataset, db, experiment_index=0, **kw)
     assert r["generated_caption"] and r["config"]["resolved_dtype"] == "bfloat16"
@@ -194,7 +202,7 @@ def test_folder_without_captions_is_an_error(seeded_db, settings_kwargs, tmp_pat
     (tmp_path / "empty" / "Images").mkdir(parents=True)
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in settings_kwargs.items()]
     assert main.main(argv + ["--dataset-name", str(tmp_path / "empty")]) == 1
-    assert "no Flickr8K captions in" in error_line(capsys.readouterr().err)
+    assert "no captions in" in error_line(capsys.readouterr().err)
     assert snapshot(seeded_db) == before
 
 
@@ -281,7 +289,7 @@ def test_unwritable_results_dir_fails_before_any_work(seeded_db, settings_kwargs
     def denied(*args, **kwargs):   # what a read-only folder answers (root would write anyway)
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(experiment.tempfile, "TemporaryFile", denied)
-    monkeypatch.setattr(pipeline.Models, "captioner",
+    monkeypatch.setattr(Models, "captioner",
                         property(lambda s: pytest.fail("models used before the check")))
     assert main.main(cli_args(settings_kwargs)) == 1
     assert "cannot write to" in error_line(capsys.readouterr().err)
@@ -330,6 +338,42 @@ def test_settings_given_to_initialize_system_carry_to_run_experiment(settings_kw
     again = main.run_experiment(dataset_loader, db_manager, experiment_index=3)
     assert len(again.similar_images) == 5
     assert again.to_json()["generated_caption"] == again["generated_caption"]
+
+
+def test_the_result_is_the_seeds_dict(settings_kwargs):
+    r = main.run_experiment(experiment_index=1, **settings_kwargs)
+    on_disk = json.loads(Path(r["result_path"]).read_text())
+    assert dict(r) == on_disk and json.loads(json.dumps(dict(r))) == on_disk
+    assert set(r.keys()) == set(on_disk) and list(r) == list(on_disk) and len(r) == len(on_disk)
+    assert r.get("generated_caption") == r.generated_caption == on_disk["generated_caption"]
+    assert r.get("no such key") is None and dict(r.items())["prompt"] == r.prompt
+
+
+def test_in_a_folder_with_a_database_every_command_needs_no_model_flags(
+        pipeline_env, settings_kwargs, tmp_path):
+    first = run_cli(["--experiment-image-index", "1"], pipeline_env)
+    assert first.returncode == 0, first.stderr
+    # only where things go: the data set and every model come from the database
+    bare = {k: v for k, v in pipeline_env.items() if not k.startswith("RECAP_")}
+    bare.update({"RECAP_DB_DIR": settings_kwargs["db_dir"],
+                 "RECAP_RESULTS_DIR": settings_kwargs["results_dir"],
+                 "RECAP_CACHE_DIR": settings_kwargs["cache_dir"], "RECAP_MAX_NEW_TOKENS": "8"})
+    again = run_cli(["--experiment-image-index", "2"], bare)
+    assert again.returncode == 0, again.stderr
+    assert "using the database's settings: " in again.stderr and "clip_model_name=" in \
+        again.stderr and "vlm_model_name=" in again.stderr and "dataset_name=" in again.stderr
+    r = json.loads(next(Path(settings_kwargs["results_dir"]).glob("experiment_2_*.json"))
+                   .read_text())
+    assert r["config"]["clip_model_name"] == settings_kwargs["clip_model_name"]
+    assert r["config"]["vlm_model_name"] == settings_kwargs["vlm_model_name"]
+    search = subprocess.run([sys.executable, "search.py", "--text", "a dog", "--json",
+                             "--text-by", "clip"], cwd=ROOT, env=bare, capture_output=True,
+                            text=True, timeout=300)
+    assert search.returncode == 0, search.stderr
+    assert json.loads(search.stdout)["model"] == settings_kwargs["clip_model_name"]
+    wrong = run_cli(["--experiment-image-index", "2", "--clip-model-name", "other/clip"], bare)
+    assert wrong.returncode == 1
+    assert "was built with CLIP model" in error_line(wrong.stderr)
 
 
 @pytest.mark.parametrize("family, model_prompt", [

@@ -14,7 +14,9 @@ import pytest
 import config
 import main
 import near_duplicates
-import pipeline
+from memory import Memory, initialize
+from models import load_dataset, load_models
+from retrieval import Selection, nearest
 from errors import UserError
 from fake_flickr import make_scenes_flickr
 
@@ -38,7 +40,7 @@ def scene_settings(settings_kwargs, scenes_dir) -> dict:
 
 def with_twin_in_pool(settings) -> set[int]:
     """Experiment indices whose scene also has a view in the training pool."""
-    dataset = pipeline.load_dataset(settings)
+    dataset = load_dataset(settings)
     pool = {scene(s.image_id) for s in dataset.train}
     return {n for n, s in enumerate(dataset.experiment) if scene(s.image_id) in pool}
 
@@ -60,7 +62,7 @@ def test_the_report_lists_exactly_the_experiment_images_whose_scene_is_in_the_po
     assert code == 0
     rows = [line.split() for line in out.splitlines() if re.match(r"\s*\d+\s+\S+\.jpg", line)]
     assert {int(r[0]) for r in rows} == expected
-    dataset = pipeline.load_dataset(settings)
+    dataset = load_dataset(settings)
     for index, image, twin, cosine in rows:
         assert image == dataset.experiment[int(index)].image_id
         assert scene(twin) == scene(image) and twin in {s.image_id for s in dataset.train}
@@ -79,11 +81,11 @@ def test_a_bad_threshold_is_one_line(scene_settings, capsys):
 def _query(settings):
     """An experiment image with at least two views of its scene in the training pool,
     its CLIP vector and the training-pool memory."""
-    dataset, db = pipeline.initialize(settings)
+    dataset, db = initialize(settings)
     pool = [scene(s.image_id) for s in dataset.train]
     sample = next(s for s in dataset.experiment if pool.count(scene(s.image_id)) >= 2)
-    vector = pipeline.load_models(settings).image_embedder.embed([dataset.load_image(sample)])[0]
-    return sample.image_id, vector, pipeline.Memory.from_db(db, growing=False)
+    vector = load_models(settings).image_embedder.embed([dataset.load_image(sample)])[0]
+    return sample.image_id, vector, Memory.from_db(db, growing=False)
 
 
 def test_top_mmr_dedup_and_the_guard_on_views_of_one_scene(scene_settings):
@@ -91,8 +93,8 @@ def test_top_mmr_dedup_and_the_guard_on_views_of_one_scene(scene_settings):
     image_id, vector, memory = _query(settings)
 
     def scenes(**chosen):
-        select = pipeline.Selection.of(settings.replace(**chosen))
-        return [scene(n.image_id) for n in pipeline.nearest(memory, image_id, vector,
+        select = Selection.of(settings.replace(**chosen))
+        return [scene(n.image_id) for n in nearest(memory, image_id, vector,
                                                             select).neighbours]
 
     assert scenes() == [scene(image_id)] * 2                       # top: its own scene twice
@@ -114,7 +116,7 @@ def test_a_batch_run_guards_records_the_threshold_and_counts_the_leaks(scene_set
     near = summary["near_duplicates"]
     assert near["threshold"] == THRESHOLD and near["guarded"] is True
     assert near["with_near_duplicate"] == len(expected) and near["images"] == 6
-    dataset = pipeline.load_dataset(settings)
+    dataset = load_dataset(settings)
     for item in summary["items"]:
         own = scene(item["image_id"])
         assert own not in {scene(n["image_id"]) for n in item["similar_images"]}
@@ -127,9 +129,8 @@ def test_a_batch_run_guards_records_the_threshold_and_counts_the_leaks(scene_set
 
 
 def test_one_experiment_is_unguarded_under_auto_and_says_so(scene_settings):
-    settings = config.resolve(**scene_settings)
-    assert config.near_duplicate_threshold(settings, batch=False) == 0.0
-    assert config.near_duplicate_threshold(settings, batch=True) == 0.95
+    assert config.resolve("experiment", **scene_settings).near_duplicate_threshold == 0.0
+    assert config.resolve("batch", **scene_settings).near_duplicate_threshold == 0.95
     result = main.run_experiment(experiment_index=0, **scene_settings)
     assert result.config["near_duplicate_threshold"] == 0.0
     assert result.config["neighbour_selection"] == "top"
@@ -143,3 +144,21 @@ def test_pairs_of_hand_made_vectors():
     assert pairs == [near_duplicates.Pair(7, "q0", "a", pytest.approx(1.0))]
     with pytest.raises(UserError, match="--threshold must be a cosine"):
         near_duplicates.check_threshold(0)
+
+
+def test_the_figure_replaces_the_old_one_whole(tmp_path):
+    from PIL import Image
+    path = tmp_path / "results" / near_duplicates.FIGURE_NAME
+    path.parent.mkdir()
+    path.write_bytes(b"an old figure")
+    report = near_duplicates.Report(0.95, "clip", 2, 4, (
+        near_duplicates.Pair(0, "a.jpg", "b.jpg", 0.99),
+        near_duplicates.Pair(1, "c.jpg", "gone.jpg", 0.97)))
+
+    def load(image_id):
+        if image_id == "gone.jpg":
+            raise UserError("no such image")          # drawn as unreadable, not fatal
+        return Image.new("RGB", (32, 24), "red")
+    assert near_duplicates.plot_pairs(report, load, path) == path
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert [p.name for p in path.parent.iterdir()] == [near_duplicates.FIGURE_NAME]

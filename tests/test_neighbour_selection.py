@@ -1,4 +1,4 @@
-"""neighbour_selection.py and pipeline.nearest's selections, on hand-made vectors: four
+"""neighbour_selection.py and retrieval.nearest's selections, on hand-made vectors: four
 scenes, each photographed several times (views = the scene's direction plus a little
 noise), so which scene a neighbour shows is known."""
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import config
-import pipeline
+from memory import Memory
+from retrieval import Selection, nearest
 from errors import UserError
 import neighbour_selection as ns
 
@@ -27,7 +28,7 @@ def scenes_memory(views=(4, 3, 3, 3), seed=0):
             ids.append(f"s{s}v{v}")
             rows.append(unit(centres[s] + 0.04 * rng.normal(size=32)))
     query = unit(centres[0] + 0.45 * centres[1:].sum(axis=0) + 0.04 * rng.normal(size=32))
-    memory = pipeline.Memory(ids, np.stack(rows), lambda i: [f"a photo of scene {i[1]}"])
+    memory = Memory(ids, np.stack(rows), lambda i: [f"a photo of scene {i[1]}"])
     return memory, query
 
 
@@ -36,8 +37,8 @@ def scene(image_id: str) -> str:
 
 
 def neighbours(memory, query, **selection):
-    select = pipeline.Selection(**{"k": 3, **selection})
-    return [n.image_id for n in pipeline.nearest(memory, "query", query, select).neighbours]
+    select = Selection(**{"k": 3, **selection})
+    return [n.image_id for n in nearest(memory, "query", query, select).neighbours]
 
 
 def test_top_returns_views_of_the_querys_own_scene():
@@ -45,7 +46,7 @@ def test_top_returns_views_of_the_querys_own_scene():
     found = neighbours(memory, query)
     assert [scene(i) for i in found] == ["s0", "s0", "s0"]
     assert found == [h.image_id for h in memory.search(query, 3)]     # today's behaviour
-    assert neighbours(memory, query) == [n.image_id for n in pipeline.nearest(
+    assert neighbours(memory, query) == [n.image_id for n in nearest(
         memory, "query", query, 3).neighbours]                          # an int k is "top"
 
 
@@ -62,7 +63,7 @@ def test_mmr_and_dedup_return_more_distinct_scenes_than_top():
 def test_mmr_with_weight_one_is_top_and_scores_stay_the_cosine_to_the_query():
     memory, query = scenes_memory()
     assert neighbours(memory, query, method="mmr", mmr_lambda=1.0) == neighbours(memory, query)
-    context = pipeline.nearest(memory, "query", query, pipeline.Selection(3, "mmr"))
+    context = nearest(memory, "query", query, Selection(3, "mmr"))
     vectors = memory.vectors_of([n.image_id for n in context.neighbours])
     assert [n.rank for n in context.neighbours] == [1, 2, 3]
     np.testing.assert_allclose([n.score for n in context.neighbours], vectors @ query,
@@ -96,8 +97,8 @@ def test_dedup_skips_a_neighbour_whose_captions_repeat_a_chosen_ones():
 def test_dedup_reads_the_memorys_caption_vectors():
     images = unit([[1, 0, 0], [0.8, 0.6, 0], [0.8, 0, 0.6]])
     by_id = dict(zip("abc", unit([[1, 0], [1, 0.01], [0, 1]])))
-    memory = pipeline.Memory(list("abc"), images, lambda i: [i], caption_vector_of=by_id.get)
-    found = pipeline.nearest(memory, "q", images[0], pipeline.Selection(
+    memory = Memory(list("abc"), images, lambda i: [i], caption_vector_of=by_id.get)
+    found = nearest(memory, "q", images[0], Selection(
         2, "dedup", dedup_threshold=0.9)).neighbours
     assert [n.image_id for n in found] == ["a", "c"]
 
@@ -121,13 +122,13 @@ def test_a_memory_smaller_than_k_gives_what_it_has():
 
 def test_selection_of_the_settings():
     settings = config.resolve(neighbour_selection="mmr", top_k_similar=4)
-    one, batch = pipeline.Selection.of(settings), pipeline.Selection.of(settings, batch=True)
+    one, batch = Selection.of(settings), Selection.of(settings.in_context("batch"))
     assert (one.method, one.k, one.mmr_lambda) == ("mmr", 4, settings.mmr_lambda)
     assert one.near_duplicate_threshold == 0.0 and batch.near_duplicate_threshold == 0.95
     fixed = config.resolve(near_duplicate_threshold=0.9)
-    assert pipeline.Selection.of(fixed).near_duplicate_threshold == 0.9
+    assert Selection.of(fixed).near_duplicate_threshold == 0.9
     assert config.resolve(env={"RECAP_NEAR_DUPLICATE_THRESHOLD": "0"}).near_duplicate_threshold \
-        == "0"
+        == 0.0
 
 
 @pytest.mark.parametrize("overrides, message", [

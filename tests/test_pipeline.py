@@ -1,6 +1,7 @@
 """pipeline.py: the one caption step, the memory view, the models of a process, and the
 settings a database records."""
 
+import logging
 import pickle
 
 import numpy as np
@@ -9,6 +10,9 @@ import pytest
 import config
 import main
 import pipeline
+from memory import Memory, caption_vector_lookup
+from models import load_dataset, load_models
+from retrieval import nearest
 from db_manager import DbManager
 from errors import UserError
 from fake_flickr import make_image
@@ -25,17 +29,17 @@ def unit(rows):
 def test_a_frozen_memory_searches_its_rows_like_top_k():
     vectors = unit(np.random.default_rng(0).normal(size=(20, 8)))
     ids = [f"i{n}" for n in range(20)]
-    memory = pipeline.Memory(ids, vectors, lambda i: [f"caption of {i}"])
+    memory = Memory(ids, vectors, lambda i: [f"caption of {i}"])
     query = vectors[3]
     assert memory.search(query, 5, exclude=("i3",)) == top_k(query, vectors, ids, 5,
                                                              exclude={"i3"})
-    assert pipeline.nearest(memory, "i3", query, 2).neighbours[0].captions == (
+    assert nearest(memory, "i3", query, 2).neighbours[0].captions == (
         f"caption of {memory.search(query, 1, exclude=('i3',))[0].image_id}",)
 
 
 def test_rows_added_to_a_memory_are_found_and_replace_their_old_row():
     vectors = unit(np.eye(4))
-    memory = pipeline.Memory(["a", "b", "c", "d"], vectors, lambda i: [f"human {i}"],
+    memory = Memory(["a", "b", "c", "d"], vectors, lambda i: [f"human {i}"],
                              growing=True)
     memory.add("new", unit([[1, 0.01, 0, 0]])[0], "a generated caption")
     hits = memory.search(vectors[0], 2)
@@ -50,7 +54,7 @@ def test_rows_added_to_a_memory_are_found_and_replace_their_old_row():
 
 
 def test_ties_between_old_and_added_rows_go_to_the_older_row():
-    memory = pipeline.Memory(["old"], unit([[1, 0]]), lambda i: [])
+    memory = Memory(["old"], unit([[1, 0]]), lambda i: [])
     memory.add("added", unit([[1, 0]])[0], "x")
     assert [h.image_id for h in memory.search(unit([[1, 0]])[0], 2)] == ["old", "added"]
 
@@ -59,13 +63,13 @@ def test_ties_between_old_and_added_rows_go_to_the_older_row():
 
 @pytest.fixture
 def models(settings_kwargs):
-    return pipeline.load_models(config.resolve(**settings_kwargs))
+    return load_models(config.resolve(**settings_kwargs))
 
 
 def test_one_unreadable_image_fails_alone_and_the_rest_are_captioned(models):
     def broken():
         raise UserError("image broken.jpg could not be read: not an image")
-    memory = pipeline.Memory.empty(models.image_embedder.dim)
+    memory = Memory.empty(models.image_embedder.dim)
     batch = pipeline.caption_batch(models, [("a.jpg", make_image(1)), ("broken.jpg", broken),
                                             ("c.jpg", make_image(3))], memory)
     a, failed, c = batch.items
@@ -82,7 +86,7 @@ def test_one_unreadable_image_fails_alone_and_the_rest_are_captioned(models):
 def test_a_growing_memory_batch_captions_each_image_after_the_ones_it_retrieves(models):
     # three copies of one picture: each retrieves the copies captioned before it
     image = make_image(5)
-    memory = pipeline.Memory.empty(models.image_embedder.dim)
+    memory = Memory.empty(models.image_embedder.dim)
     memory.growing = True
     batch = pipeline.caption_batch(models, [(f"copy{n}", image) for n in range(3)], memory)
     first, second, third = batch.items
@@ -98,7 +102,7 @@ def test_embeddings_given_skip_the_image_model_and_no_caption_vectors_on_request
     vector = models.image_embedder.embed([make_image(2)])[0]
     monkeypatch.setattr(type(models.image_embedder), "embed",
                         lambda *a, **k: pytest.fail("embedded again"))
-    [record] = pipeline.caption_batch(models, [("x", make_image(2))], pipeline.Memory.empty(),
+    [record] = pipeline.caption_batch(models, [("x", make_image(2))], Memory.empty(),
                                       vectors=[vector], embed_captions=False).items
     assert record.caption and record.caption_vector is None
     np.testing.assert_array_equal(record.vector, vector)
@@ -132,17 +136,18 @@ def test_the_result_changing_settings_include_precision_kernel_and_memory():
     assert not {"DEVICE", "BATCH_SIZE", "DB_DIR", "LOG_LEVEL"} & set(names)
 
 
-def test_a_database_fills_in_the_models_and_data_set_it_was_built_with(settings_kwargs):
+def test_a_database_fills_in_the_models_and_data_set_it_was_built_with(settings_kwargs, caplog):
     main.initialize_system(**settings_kwargs)
     db = DbManager.open(settings_kwargs["db_dir"])
-    bare = config.resolve(db_dir=settings_kwargs["db_dir"])
-    filled = pipeline.for_database(bare, db)
+    with caplog.at_level(logging.INFO, logger="config"):
+        filled = config.resolve("search", db_dir=settings_kwargs["db_dir"])
     assert filled.clip_model_name == settings_kwargs["clip_model_name"]
     assert filled.caption_embedding_model == settings_kwargs["caption_embedding_model"]
     assert filled.experiment_samples == settings_kwargs["experiment_samples"]
-    assert pipeline.load_dataset(filled).fingerprint == db.state.split
+    assert load_dataset(filled).fingerprint == db.state.split
+    assert "using the database's settings: clip_model_name=" in caplog.text
     with pytest.raises(UserError, match="was built with CLIP model .*, not 'other/clip'"):
-        pipeline.for_database(bare.replace(clip_model_name="other/clip"), db)
+        config.resolve(db_dir=settings_kwargs["db_dir"], clip_model_name="other/clip")
 
 
 # --- the caption model's prompts ----------------------------------------------------------
@@ -192,8 +197,8 @@ def test_a_database_built_with_other_prompts_is_refused(settings_kwargs, prompt_
     assert "Traceback" not in err
 
 
-def test_a_caption_model_whose_prompts_changed_is_refused(settings_kwargs, prompt_minilm,
-                                                          pipeline_env, tmp_path):
+def test_a_caption_model_whose_prompts_changed_embeds_as_the_database_did(
+        settings_kwargs, prompt_minilm, pipeline_env, tmp_path):
     import json
     import shutil
     import subprocess
@@ -208,9 +213,16 @@ def test_a_caption_model_whose_prompts_changed_is_refused(settings_kwargs, promp
     saved["prompts"]["document"] = "passage: "
     config_file.write_text(json.dumps(saved))
     env = {**pipeline_env, "RECAP_CAPTION_EMBEDDING_MODEL": str(model)}
-    out = subprocess.run([sys.executable, "search.py", "--text", "a dog"], env=env,
-                         cwd=Path(pipeline.__file__).parent, capture_output=True, text=True,
-                         timeout=300)
+
+    def search(*more):
+        return subprocess.run([sys.executable, "search.py", "--text", "a dog", *more], env=env,
+                              cwd=Path(pipeline.__file__).parent, capture_output=True,
+                              text=True, timeout=300)
+    out = search()                      # "auto": the prompts the database recorded
+    assert out.returncode == 0, out.stderr
+    assert "using the database's settings: " in out.stderr and \
+        "caption_document_prompt='title: none | text: '" in out.stderr
+    out = search("--caption-document-prompt", "passage: ")     # named: refused, one line
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert ("was built with the caption model's document (caption) prompt 'title: none | "
             "text: ', not 'passage: '") in out.stderr
@@ -238,7 +250,7 @@ def test_a_database_made_before_prompts_were_recorded_keeps_working(settings_kwa
     (db_dir / CAPTION_EMBEDDING_DB).write_text(json.dumps(header))
     del kwargs["caption_document_prompt"]
     assert DbManager.open(db_dir).caption_prompts is None
-    filled = pipeline.with_database_settings(config.resolve(**kwargs))
+    filled = config.resolve("search", **kwargs)
     assert filled.caption_document_prompt == ""                    # as they were embedded
     plain = CaptionEmbedder(minilm)
     hit = search.search_text("a dog in the snow", 1, **kwargs).hits[0]
@@ -246,12 +258,12 @@ def test_a_database_made_before_prompts_were_recorded_keeps_working(settings_kwa
     row = next(n for n, c in enumerate(db.captions) if c["caption"] == hit.caption)
     query = plain.embed_captions([QUERY_PROMPT + "a dog in the snow"])[0]   # the model's, as then
     assert hit.score == pytest.approx(float(query @ db.caption_vectors[row]), abs=1e-5)
-    # main.py, like with another model, says which prompt the database needs
-    with pytest.raises(UserError, match="document \\(caption\\) prompt '', not 'title: none.*"
-                                        "--caption-document-prompt ''"):
-        main.initialize_system(**kwargs)
-    assert main.main(_cli(kwargs, "--experiment-image-index", "1",
-                          "--caption-document-prompt", "")) == 0
+    # main.py embeds new captions as the database did; naming another prompt is one line
+    from conftest import DOCUMENT_PROMPT
+    with pytest.raises(UserError, match="built before caption prompts were recorded, with no "
+                                        "document \\(caption\\) prompt, not 'title: none"):
+        main.initialize_system(**kwargs, caption_document_prompt=DOCUMENT_PROMPT)
+    assert main.main(_cli(kwargs, "--experiment-image-index", "1")) == 0
     db = DbManager.open(db_dir)
     np.testing.assert_allclose(db.caption_vectors[-1], plain.embed_captions(
         [db.captions[-1]["caption"]])[0], atol=1e-5)
@@ -262,5 +274,5 @@ def test_dedup_selection_gives_the_memorys_captions_their_vectors_first(settings
     assert lazy.missing_caption_rows                      # a first run embeds none of them
     _, db = main.initialize_system(**{**settings_kwargs, "neighbour_selection": "dedup"})
     assert db.missing_caption_rows == []                  # "dedup" compares them
-    lookup = pipeline.caption_vector_lookup(db)
+    lookup = caption_vector_lookup(db)
     assert lookup(db.captions[0]["image_id"]) is not None

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import main
-import pipeline
+from memory import Memory
 from fake_flickr import make_image
 
 ray = pytest.importorskip("ray")
@@ -180,7 +180,7 @@ def test_ray_captions_equal_the_single_machine_pipeline(env, collection):
 
     vectors = dict(zip(folder_db.image_ids, folder_db.image_vectors))
     memory = DbManager.open(env["kw"]["db_dir"])
-    frozen = pipeline.Memory.from_db(memory, growing=False)
+    frozen = Memory.from_db(memory, growing=False)
     ids, memory_vectors = frozen.ids, frozen.vectors
     from similarity_search import top_k
     for image_id, row in got.items():
@@ -296,7 +296,7 @@ def test_import_parquet_makes_the_collection_searchable(env, collection, capsys)
     assert hit.image_id == row["path"] and hit.score > 0.999
     assert hit.path == row["path"] and found.load_image(hit).size  # its picture, for the figure
     # the frozen memory (default for collections and batch runs) retrieves training images only
-    ids = pipeline.Memory.from_db(DbManager.open(db_dir), growing=False).ids
+    ids = Memory.from_db(DbManager.open(db_dir), growing=False).ids
     assert row["path"] not in ids
 
 

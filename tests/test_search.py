@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import config
 import main
 import search
 from db_manager import FILES, DbManager, check_db
@@ -57,13 +58,15 @@ def test_folder_search_is_recursive_and_incremental(photos, settings_kwargs, mon
     assert first.hits[0].image_id == "b/c/p4.png" and first.indexed == 6
     assert first.index_update.startswith("0 unchanged, 6 new")
     import image_embedder
-    calls = []
-    real = image_embedder.ImageEmbedder._encode
+    calls = []    # images embedded, per call that embedded any
+    real = image_embedder.ImageEmbedder.embed
 
-    def counting(self, pixels):
-        calls.append(len(pixels))
-        return real(self, pixels)
-    monkeypatch.setattr(image_embedder.ImageEmbedder, "_encode", counting)
+    def counting(self, images, *args, **kwargs):
+        vectors = real(self, images, *args, **kwargs)
+        if len(vectors):
+            calls.append(len(vectors))
+        return vectors
+    monkeypatch.setattr(image_embedder.ImageEmbedder, "embed", counting)
     again = search.search_images(str(photos / "a/p1.jpg"), 2, images_dir=str(photos),
                                  **settings_kwargs)
     assert again.index_update.startswith("6 unchanged, 0 new") and calls == [1]  # only the query
@@ -371,6 +374,54 @@ def test_text_search_of_the_memory_by_captions_clip_or_both(clip_memory):
     assert both.indexed == len(dataset.train)
 
 
+def test_text_search_shows_the_top_of_the_full_ranking(clip_memory):
+    dataset, kwargs = clip_memory
+    text = captions_for(7)[0]
+    for by in ("captions", "clip"):
+        everything = search.search_text(text, len(dataset.train), by=by, **kwargs)
+        assert len(everything.hits) == everything.indexed == len(dataset.train)
+        for k in (1, 3, 5):
+            top = search.search_text(text, k, by=by, **kwargs)
+            assert top.indexed == everything.indexed
+            assert [(h.image_id, h.score, h.caption) for h in top.hits] == [
+                (h.image_id, h.score, h.caption) for h in everything.hits[:k]]
+
+
+@pytest.mark.parametrize("by", ["captions", "clip", "both"])
+def test_text_search_with_faiss_finds_what_numpy_finds(clip_memory, capsys, tmp_path,
+                                                       monkeypatch, by):
+    faiss = pytest.importorskip("faiss")
+    dataset, kwargs = clip_memory
+    text = captions_for(9)[0]
+    flat_indexes, real = [], faiss.IndexFlatIP
+    monkeypatch.setattr(faiss, "IndexFlatIP", lambda dim: flat_indexes.append(dim) or real(dim))
+    runs, built = {}, {}
+    for index in ("numpy", "faiss"):
+        flat_indexes.clear()
+        assert search.main(cli(kwargs, "--text", text, "--text-by", by, "--topk", "5",
+                               "--index", index, "--json", "--plot",
+                               str(tmp_path / f"{index}.png"))) == 0
+        runs[index], built[index] = json.loads(capsys.readouterr().out), len(flat_indexes)
+    assert built == {"numpy": 0, "faiss": 2 if by == "both" else 1}  # one index per ranking
+    numpy_hits, faiss_hits = runs["numpy"]["hits"], runs["faiss"]["hits"]
+    assert len(numpy_hits) == 5 and runs["faiss"]["indexed"] == runs["numpy"]["indexed"]
+    assert [(h["image_id"], h["caption"], h["ranks"]) for h in faiss_hits] == [
+        (h["image_id"], h["caption"], h["ranks"]) for h in numpy_hits]
+    assert [h["score"] for h in faiss_hits] == pytest.approx([h["score"] for h in numpy_hits],
+                                                             abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["faiss-fp16", "ivfpq", "hnsw"])
+def test_text_search_reaches_every_index_backend(clip_memory, backend):
+    pytest.importorskip("faiss")
+    dataset, kwargs = clip_memory
+    sample = dataset.train[4]
+    text = captions_for([image_name(i) for i in range(16)].index(sample.image_id))[0]
+    for by in ("captions", "clip"):
+        found = search.search_text(text, 3, by=by, index=backend, **kwargs)
+        assert found.hits[0].image_id == sample.image_id and len(found.hits) == 3
+
+
 def test_a_korean_query_works_end_to_end(clip_memory, tmp_path, capsys, monkeypatch, recwarn):
     dataset, kwargs = clip_memory
     figure = tmp_path / "ko.png"
@@ -420,13 +471,13 @@ def built_the_old_way(db, db_dir, settings_kwargs):
     """A copy of memory `db` made as before lazy caption vectors: every human caption
     embedded by the seed, then the same experiments."""
     import config
-    import pipeline
+    from models import load_models
     from db_manager import DbIdentity, DbManager
     s = db.state
     old = DbManager.open(db_dir, DbIdentity(s.clip_model, s.caption_model, s.dataset, s.split,
                                             s.random_seed, s.experiment_samples,
                                             s.query_prompt, s.document_prompt))
-    embedder = pipeline.load_models(config.resolve(**settings_kwargs)).caption_embedder
+    embedder = load_models(config.resolve(**settings_kwargs)).caption_embedder
     train = [n for n, kind in enumerate(db.image_kinds) if kind == "train"]
     human = [c for c in db.captions if c["source"] == "human"]
     old.seed([db.image_ids[n] for n in train], db.image_vectors[train], human,
@@ -473,8 +524,8 @@ def test_the_first_text_search_embeds_the_human_captions_once(settings_kwargs, m
 
 KILLED_SEARCH = """
 import time
-import caption_embedder, pipeline, search
-pipeline.EMBED_CHUNK = 8
+import caption_embedder, memory, search
+memory.EMBED_CHUNK = 8
 real = caption_embedder.CaptionEmbedder.embed_captions
 
 def slow(self, captions, progress=False):
@@ -512,7 +563,7 @@ def test_a_search_killed_while_embedding_keeps_what_it_saved_and_the_next_finish
     finished = DbManager.open(db.db_dir)
     assert finished.missing_caption_rows == [] and check_db(db.db_dir) == []
     human = [n for n, c in enumerate(finished.captions) if c["source"] == "human"]
-    import pipeline
-    fresh = pipeline.load_models(db.settings).caption_embedder.embed_captions(
+    from models import load_models
+    fresh = load_models(config.resolve(**settings_kwargs)).caption_embedder.embed_captions(
         [finished.captions[n]["caption"] for n in human])
     assert np.allclose(finished.caption_vectors[human], fresh, atol=1e-5)
