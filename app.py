@@ -310,7 +310,7 @@ def search_image_tab(upload: "str | os.PathLike | bytes | Image.Image | None", k
     """Images of the memory most similar to an uploaded image (search.search_images).
 
     Returns {"query" (a thumbnail file), "hits" [(thumbnail file, "#rank · score
-    · image")], "rows" [[rank, score, image_id]], "source", "model", "indexed"}.
+    · image")], "rows" [[rank, score, image_id]], "source", "model", "indexed", "notes"}.
     """
     import search
     settings = _resolve(settings)
@@ -332,7 +332,8 @@ def search_image_tab(upload: "str | os.PathLike | bytes | Image.Image | None", k
                     for h in result.hits]
     return {"query": _thumbnail(checked.image), "hits": hits,
             "rows": [[h.rank, round(h.score, 4), h.image_id] for h in result.hits],
-            "source": result.source, "model": result.model, "indexed": result.indexed}
+            "source": result.source, "model": result.model, "indexed": result.indexed,
+            "notes": result.notes}
 
 
 def search_text_tab(query: str | None, k: int = 5, settings: config.Settings | None = None,
@@ -597,8 +598,9 @@ def build_ui(settings: config.Settings | None = None):
             r = search_image_tab(upload, top, settings, progress_of(progress))
         except Exception as exc:  # noqa: BLE001
             return _error_text(exc), None, None, None
+        notes = "".join(f"\n\n**Note:** {note}" for note in r["notes"])
         return (f"{len(r['hits'])} of {r['indexed']} images in {r['source']} "
-                f"(`{_model_label(r['model'])}`)"), r["query"], r["hits"], r["rows"]
+                f"(`{_model_label(r['model'])}`){notes}"), r["query"], r["hits"], r["rows"]
 
     # track_tqdm: the first text search after a first run embeds the memory's
     # captions (minutes on a CPU); its progress bar shows on the page

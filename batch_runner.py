@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import config
-from errors import UserError
+from errors import UsageError, UserError
 
 log = logging.getLogger("batch")
 
@@ -45,11 +45,11 @@ def parse_indices(spec: str, samples: int) -> list[int]:
         part = part.strip()
         match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
         if not match:
-            raise UserError(f"--indices: {part!r} is not N or N-M (e.g. 0-49,100)")
+            raise UsageError(f"--indices: {part!r} is not N or N-M (e.g. 0-49,100)")
         first = int(match.group(1))
         last = int(match.group(2)) if match.group(2) is not None else first
         if last < first:
-            raise UserError(f"--indices: range {part!r} runs backwards")
+            raise UsageError(f"--indices: range {part!r} runs backwards")
         if last >= samples:
             raise UserError(f"--indices: {last} is out of range: choose 0 to {samples - 1}")
         indices.extend(range(first, last + 1))
@@ -103,7 +103,11 @@ def run_batch(indices: list[int], run_name: str | None = None,
     if todo:
         dataset, db = initialize(settings)
         memory = Memory.from_db(db, growing=policy == "growing")
+        # the bar counts this run's experiments; those finished before and those
+        # that failed are shown beside it
         bar = tqdm(total=len(todo), desc="captioning", unit="caption", smoothing=0.1)
+        counts = {"done_before": len(indices) - len(todo), "failed": 0}
+        bar.set_postfix(counts, refresh=False)
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start:start + settings.batch_size]
             for record in experiment.run_experiments(dataset, db, batch, settings, memory):
@@ -113,6 +117,8 @@ def run_batch(indices: list[int], run_name: str | None = None,
                 if item["status"] == "failed":
                     log.warning("experiment %d (%s) failed: %s", record.experiment_index,
                                 record.image_id, record.error)
+                    counts["failed"] += 1
+                    bar.set_postfix(counts, refresh=False)
             bar.update(len(batch))
         bar.close()
     manifest["finished"] = _now()

@@ -23,6 +23,10 @@ so that a rerun's caption and vector usually fit where the old ones were.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
+import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -116,13 +120,18 @@ class DbState:
     unembedded: tuple[tuple[int, int], ...] = ()
     split_name: str | None = None           # SPLIT and MEMORY_DATASET, when recorded
     memory_dataset: str | None = None
+    # Per JSON file, what the last save left (see `seal`): {"stat": [size, mtime_ns,
+    # ctime_ns, inode], "crc": one CRC-32 per SEAL_BLOCK bytes, as hex}; {} for
+    # databases from before, sealed at their first open.
+    seals: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def but(self, **changes: Any) -> "DbState":
         """A copy with `changes`."""
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> bytes:
-        return dumps({**dataclasses.asdict(self), "bytes": dict(self.bytes)}, indent=True)
+        return dumps({**dataclasses.asdict(self), "bytes": dict(self.bytes),
+                      "seals": {k: dict(v) for k, v in self.seals.items()}}, indent=True)
 
     @property
     def embedded(self) -> int:
@@ -280,7 +289,7 @@ def read_caption_rows(db_dir: Path, old: DbState | None, new: DbState) -> list[d
 
 
 def check_json_end(path: Path, size: int) -> None:
-    """Cheap check that a JSON file is as the last commit left it."""
+    """Cheap check that a JSON file has the size and closing bytes the last commit left."""
     try:
         actual = path.stat().st_size
         with open(path, "rb") as f:
@@ -291,6 +300,92 @@ def check_json_end(path: Path, size: int) -> None:
     if actual != size or end != TAIL:
         raise UserError(f"database file {path} is corrupt or was changed by another program "
                         f"({actual} bytes, the last save left {size}); {REPAIR}")
+
+
+# --- seals: is each JSON file exactly as the last save left it? -----------------------------
+# A save records each JSON file's stat (size, mtime, ctime, inode) and a CRC-32 of
+# every SEAL_BLOCK bytes, updating only the blocks it wrote. A start compares the
+# stat only (no reading); when it differs (the file was touched, or the folder
+# copied) the CRCs decide, and a match re-records the stat.
+
+SEAL_BLOCK = 1 << 20
+# The file clock's tick (Linux: CLOCK_REALTIME_COARSE); a save waits until it has
+# passed, so that any later change gives the file another mtime/ctime.
+_TICK_NS = int(time.clock_getres(5) * 1e9) if sys.platform == "linux" else 20_000_000
+
+
+def _stat(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _crcs(path: Path, blocks: list[int] | None = None) -> dict[int, str]:
+    """CRC-32 (8 hex digits) of SEAL_BLOCK-sized blocks of `path` (all if None)."""
+    out: dict[int, str] = {}
+    with open(path, "rb") as f:
+        if blocks is None:
+            while chunk := f.read(SEAL_BLOCK):
+                out[len(out)] = "%08x" % zlib.crc32(chunk)
+            return out
+        for n in blocks:
+            f.seek(n * SEAL_BLOCK)
+            out[n] = "%08x" % zlib.crc32(f.read(SEAL_BLOCK))
+    return out
+
+
+def seal(path: Path, old: Mapping[str, Any] | None = None,
+         changed: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+    """What a save left in `path`: its stat and block CRCs. With the `old` seal and
+    the byte ranges [start, end) written since (None: unknown), only the blocks
+    those touch, and any beyond the old end, are read again."""
+    stat = _stat(path)
+    count = -(-stat[0] // SEAL_BLOCK)
+    if old is None or changed is None or "crc" not in old:
+        crc = "".join(_crcs(path).values())
+    else:
+        blocks = [old["crc"][8 * n:8 * n + 8] for n in range(min(count, len(old["crc"]) // 8))]
+        stale = {n for start, end in changed
+                 for n in range(start // SEAL_BLOCK, -(-end // SEAL_BLOCK))}
+        stale |= set(range(max(0, -(-old["stat"][0] // SEAL_BLOCK) - 1), count))
+        for n, value in _crcs(path, sorted(b for b in stale if b < count)).items():
+            if n < len(blocks):
+                blocks[n] = value
+            else:  # past the old end: blocks come in order
+                blocks.append(value)
+        crc = "".join(blocks)
+    return {"stat": stat, "crc": crc}
+
+
+def settle(state: DbState) -> None:
+    """Wait, after a save, until the file clock has ticked past the times its seals
+    record (at most two ticks, usually not at all: the commit's fsyncs take longer),
+    so that a change made after the save returns cannot leave the same mtime and
+    ctime behind, however few bytes it changes."""
+    newest = max((max(s["stat"][1], s["stat"][2]) for s in state.seals.values()), default=0)
+    wait = newest + 2 * _TICK_NS - time.time_ns()
+    if wait > 0:
+        time.sleep(wait / 1e9)
+
+
+def check_seals(db_dir: Path, state: DbState) -> DbState | None:
+    """UserError (one line) unless every JSON file is exactly as the last save left
+    it. Reads nothing while a file's stat is the recorded one; else compares the
+    block CRCs. Returns the state with fresh seals to record when some had to be
+    re-made (a copied folder, a touched file, a database sealed by no save yet),
+    else None."""
+    fresh = dict(state.seals)
+    for name in FILES:
+        path = db_dir / name
+        check_json_end(path, state.bytes[name])
+        old = state.seals.get(name)
+        if old is not None and _stat(path) == list(old["stat"]):
+            continue
+        now = seal(path)
+        if old is not None and now["crc"] != old["crc"]:
+            raise UserError(f"database file {path} was changed by another program since the "
+                            f"last save (same size, other bytes); {REPAIR}")
+        fresh[name] = now
+    return state.but(seals=fresh) if fresh != dict(state.seals) else None
 
 
 def as_vectors(x: np.ndarray, rows: int) -> np.ndarray:
@@ -324,5 +419,4 @@ def path_of(db_dir: Path, name: str) -> Path:
 
 __all__ = ["DbIdentity", "DbState", "as_ranges", "FILES", "IMAGE_DB", "CAPTION_DB", "CAPTION_EMBEDDING_DB",
            "generated_caption_id", "read_state", "headers", "new_rows", "read_caption_rows",
-           "map_vectors",
-           "check_json_end"]
+           "map_vectors", "check_json_end", "seal", "settle", "check_seals", "SEAL_BLOCK"]

@@ -11,7 +11,7 @@ captions.json
     {"format": "recap-captions", "version": 1, "dataset": name, "split": fingerprint,
      "entries": [{"id", "image_id", "caption", "source": "human"},
                  {"id", "image_id", "caption", "source": "generated", "model": VLM name,
-                  "experiment_index", "timestamp"}]}
+                  "experiment_index" (experiments only), "timestamp"}]}
 caption_embeddings.json
     {"format": "recap-caption-embeddings", "version": 1, "model": embedder name, "dim": D,
      "entries": [{"id" (a captions.json id), "image_id", "embedding": [D floats]}]}
@@ -52,12 +52,12 @@ import numpy as np
 import orjson
 
 import db_journal
-from atomic_files import write_json_atomic, write_text_atomic  # noqa: F401  (older imports)
+from atomic_files import write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: F401
 from db_check import backup_db, check_db, describe_db, import_json, repair_db
 from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, CAPTION_VECTORS, FILES, IMAGE_DB,
                        CAPTION_META, IMAGE_VECTORS, JOURNAL, NEW_WORK, STATE, WORK, DbIdentity,
                        DbState,
-                       as_vectors, check_dim, check_json_end, check_unique,
+                       as_vectors, check_dim, check_seals, check_unique,
                        generated_caption_entry, generated_caption_id,
                        map_vectors, new_rows, read_caption_rows, read_state)
 from errors import DatabaseConflict, UserError
@@ -226,10 +226,16 @@ class DbManager:
         return human or [c["caption"] for c in entries]
 
     def _load(self, state: DbState | None = None) -> None:
-        """Read the working copy; cheap checks that the JSON files are what state.json says."""
+        """Read the working copy, after checking that the JSON files are exactly as the
+        last save left them (their stat; their bytes only if that changed)."""
         state = state or read_state(self.work / STATE)
-        for name in FILES:
-            check_json_end(self.db_dir / name, state.bytes[name])
+        fresh = check_seals(self.db_dir, state)
+        if fresh is not None:  # same bytes, new stat (a copied folder, a touched file)
+            state = fresh
+            try:
+                write_bytes_atomic(self.work / STATE, state.to_json())
+            except OSError as exc:  # read-only: the bytes are checked again next time
+                log.info("database %s: could not record its files' stat (%s)", self.db_dir, exc)
         self.image_ids, self.image_kinds, self._captions = [], [], None
         self.state = None
         self._adopt(state)
@@ -326,7 +332,9 @@ class DbManager:
                        caption_vector: np.ndarray, vlm_model: str, experiment_index: int | None,
                        timestamp: str) -> None:
         """Append an experiment image's embedding and generated caption (or replace the
-        caption this VLM gave it before), durably and atomically across the three files."""
+        caption this VLM gave it before), durably and atomically across the three files.
+        `experiment_index=None`: an image that is no experiment (a captioned folder's),
+        whose entry has no "experiment_index"."""
         if self.needs_seed:
             raise RuntimeError("seed the database first")
         image_vector = as_vectors(image_vector, 1)[0]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import config
-from errors import UserError, cli_failure
+from errors import UsageError, UserError, cli_failure
 
 log = logging.getLogger("main")
 
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                               "search.py --text ... --images-dir DIR)")
     actions.add_argument("--no-retrieval", action="store_true",
                          help="with --caption-folder: plain prompt, no neighbours' captions")
+    actions.add_argument("--quiet", action="store_true",
+                         help="with --caption-folder: the summary only, not each caption")
     actions.add_argument("--check-db", action="store_true",
                          help="validate the databases in DB_DIR and print a report")
     actions.add_argument("--embed-captions", action="store_true",
@@ -175,22 +177,27 @@ def main(argv: list[str] | None = None) -> int:
             print(near_duplicates.find(settings, args.threshold).table())
             return 0
         if args.threshold is not None:
-            raise UserError("--threshold goes with --near-duplicates; the guard of "
-                            "experiments is --near-duplicate-threshold")
+            raise UsageError("--threshold goes with --near-duplicates; the guard of "
+                             "experiments is --near-duplicate-threshold")
         if args.caption_folder:
             import caption_folder as folders
             summary = folders.caption_folder(args.caption_folder, settings,
                                              not args.no_retrieval)
+            if summary["captions"] and not args.quiet:
+                print(folders.format_captions(summary["captions"]))
             print(f"captioned {summary['captioned']} of {summary['images']} images in "
                   f"{summary['folder']} ({summary['already_captioned']} done before, "
-                  f"{len(summary['failed'])} failed); search them with\n"
+                  f"{len(summary['failed'])} failed); all its captions: {summary['csv']}; "
+                  "search them with\n"
                   f"  python search.py --text \"...\" --images-dir {args.caption_folder}")
             return 1 if summary["failed"] else 0
         if args.all or args.indices or args.evaluate:
             return _batch(args, settings)
         if args.no_retrieval:
-            raise UserError("--no-retrieval goes with --caption-folder; for an experiment "
-                            "without retrieval use --top-k-similar 0")
+            raise UsageError("--no-retrieval goes with --caption-folder; for an experiment "
+                             "without retrieval use --top-k-similar 0")
+        if args.quiet:
+            raise UsageError("--quiet goes with --caption-folder")
         result = _run_one(settings)
     # OSError: disk full, permissions: nothing a traceback would explain better
     except (UserError, OSError, KeyboardInterrupt) as exc:
@@ -218,7 +225,7 @@ def _batch(args, settings: config.Settings) -> int:
         summary = batch_runner.summarize(run_dir, settings)
     else:
         if args.all and args.indices:
-            raise UserError("give --all or --indices, not both")
+            raise UsageError("give --all or --indices, not both")
         from models import experiment_count
         count = experiment_count(settings)  # the split's experiment images
         indices = (list(range(count)) if args.all else
@@ -233,11 +240,11 @@ def _embed_captions(settings: config.Settings) -> int:
     """--embed-captions: the memory (built first if DB_DIR has none) with a vector for
     every caption, so that the first text search need not make them."""
     from memory import caption_embedder_for, embed_missing_captions, initialize
-    start = time.perf_counter()
-    _, db = initialize(settings)
+    _, db = initialize(settings, captioner=False)
+    # the job's one duration is its bar's (and the log line after it)
     done = embed_missing_captions(caption_embedder_for(settings, db), db)
     print(f"{db.db_dir}: every one of its {len(db.captions)} captions has a vector ("
-          f"{done} embedded now, {time.perf_counter() - start:.0f} s); text search is ready")
+          f"{done} embedded now); text search is ready")
     return 0
 
 

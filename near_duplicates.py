@@ -114,7 +114,7 @@ def find(settings: config.Settings | None = None, threshold: float | None = None
     if threshold is None:
         threshold = settings.near_duplicate_threshold or config.AUTO_BATCH_THRESHOLD
     threshold = check_threshold(threshold)
-    dataset, db = initialize(settings)
+    dataset, db = initialize(settings, captioner=False)
     models = load_models(settings)
     samples = list(dataset.experiment)
     index_of = {s.image_id: n for n, s in enumerate(samples)}

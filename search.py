@@ -24,8 +24,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+import availability
 import config
-from errors import UserError, cli_failure
+from errors import UsageError, UserError, cli_failure
 
 log = logging.getLogger("search")
 
@@ -69,13 +70,16 @@ class SearchResult:
 
 def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise UserError(f"--topk must be a positive integer, got {k!r}")
+        raise UsageError(f"--topk must be a positive integer, got {k!r}")
 
 
-def _check_k_fits(k: int, available: int, what: str) -> None:
-    if k > available:
-        raise UserError(f"--topk {k} is more than the {available} {what} searched; "
-                        f"choose 1 to {available}")
+def fit_k(k: int, available: int, what: str, notes: list[str]) -> int:
+    """`k`, or all `available` results when there are fewer (with a note saying so):
+    asking for the top 5 of 3 photos gives the 3."""
+    if k <= available:
+        return k
+    notes.append(f"top {k} asked, only {available} {what} searched: showing all {available}")
+    return available
 
 
 def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
@@ -94,6 +98,7 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
     if images_dir is not None:
         files = scan_folder(images_dir)  # before loading a model: a bad folder fails fast
         root = Path(images_dir).expanduser().resolve()
+        availability.require(settings, (), [_image_need(settings, backbone)])
         embedder = _image_embedder(settings, backbone)
         ids, vectors, update = update_index(
             index_path(settings.db_dir, "folder", str(root), embedder.key), embedder, files,
@@ -104,7 +109,8 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
         path_of = lambda image_id: str(root / image_id)  # noqa: E731
         load = lambda hit: open_image(hit.path)  # noqa: E731
     else:
-        db, dataset, settings = open_memory(settings)
+        db, dataset, settings = open_memory(
+            settings, lambda settings, db: [_image_need(settings, backbone)])
         embedder = _image_embedder(settings, backbone)
         if embedder.name == db.state.clip_model:
             ids, vectors, note = db.image_ids, db.image_vectors, ""
@@ -117,12 +123,29 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
         source = f"image database {Path(settings.db_dir).resolve()}"
         path_of = lambda image_id: memory_path(dataset, settings, image_id)  # noqa: E731
         load = lambda hit: memory_image(dataset, settings, hit.image_id)  # noqa: E731
-    _check_k_fits(k, len(ids), "images")
+    notes: list[str] = []
+    k = fit_k(k, len(ids), "images", notes)
     search_index = SearchIndex.from_vectors(ids, vectors, backend=index)
     found = search_index.search(embedder.embed([query_image]), k)[0]
     hits = [Hit(n.rank, n.image_id, round(n.score, 6), path=path_of(n.image_id)) for n in found]
     return SearchResult("image", str(query), source, embedder.name, hits, len(ids), note,
-                        _load=load)
+                        notes=notes, _load=load)
+
+
+def _image_need(settings: config.Settings, backbone: str) -> availability.Need:
+    """The image model a search with `backbone` loads."""
+    from image_embedder import backbone_model_name
+    name = backbone_model_name(backbone, settings.clip_model_name)
+    if name == settings.clip_model_name:
+        return availability.needs(settings, ("image",))[0]
+    return availability.Need("image model", name, "--backbone")
+
+
+def _text_parts(by: str, captioned: bool) -> tuple[str, ...]:
+    """The models (availability.PARTS) a text search `by` loads."""
+    if by == "auto":
+        by = "captions" if captioned else "clip"
+    return {"captions": ("caption",), "clip": ("image",), "both": ("caption", "image")}[by]
 
 
 def _image_embedder(settings: config.Settings, backbone: str):
@@ -172,9 +195,9 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
 
     _check_k(k)
     if not text.strip():
-        raise UserError("--text is empty")
+        raise UsageError("--text is empty")
     if by not in TEXT_BY:
-        raise UserError(f"--text-by must be one of {', '.join(TEXT_BY)}, got {by!r}")
+        raise UsageError(f"--text-by must be one of {', '.join(TEXT_BY)}, got {by!r}")
     settings = config.settings_of(settings, overrides, "search", folder=images_dir)
     if images_dir is not None:
         from folder_index import scan_folder
@@ -185,6 +208,7 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
         captioned = not db.needs_seed and bool(db.captions)
         if captioned:  # searched with the models it was captioned with
             db.check_models(settings.clip_model_name, settings.caption_embedding_model)
+        availability.require(settings, _text_parts(by, captioned))
         source = f"{root}"
         path_of = lambda image_id: str(root / image_id)  # noqa: E731
         load = lambda hit: open_image(hit.path)  # noqa: E731
@@ -198,7 +222,8 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
                 lambda image_id: open_image(root / image_id))
             return embedder, ids, vectors, str(update)
     else:
-        db, dataset, settings = open_memory(settings)
+        db, dataset, settings = open_memory(settings, lambda settings, db: availability.needs(
+            settings, _text_parts(by, bool(db.captions))))
         captioned = bool(db.captions)
         source = f"memory {Path(settings.db_dir).resolve()}"
         path_of = lambda image_id: memory_path(dataset, settings, image_id)  # noqa: E731
@@ -239,9 +264,8 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
     for line in notes:
         log.warning("%s", line)
     fused = _fuse(rankings)
-    what = "captioned images" if by == "captions" else "images"
     indexed = searched[by] if by in searched else len(fused)
-    _check_k_fits(k, indexed, what)
+    k = fit_k(k, indexed, "captioned images" if by == "captions" else "images", notes)
     hits = []
     for rank, (image_id, score, ranks) in enumerate(fused[:k], start=1):
         entry = best_caption.get(image_id)
@@ -307,9 +331,12 @@ def _fuse(rankings: dict[str, list[tuple[str, float]]]) -> list[tuple[str, float
     return fused
 
 
-def open_memory(settings: config.Settings):
+def open_memory(settings: config.Settings, needs: Callable[[config.Settings, Any], list[
+        availability.Need]] | None = None):
     """(db, dataset, settings) of the pipeline's memory in DB_DIR (settings resolved
-    there use its models and data set where none were given)."""
+    there use its models and data set where none were given). The data set and what
+    `needs(settings, db)` lists must be available before the data set loads
+    (availability.require)."""
     from models import load_dataset
     from db_manager import DbManager
     db = DbManager.open(settings.db_dir)
@@ -317,6 +344,7 @@ def open_memory(settings: config.Settings):
         raise UserError(f"no database in {settings.db_dir}: run `python main.py` first, "
                         "or search a folder with --images-dir")
     db.check_models(settings.clip_model_name, settings.caption_embedding_model)
+    availability.require(settings, ("dataset",), needs(settings, db) if needs else ())
     dataset = load_dataset(settings)  # loaded once per process
     if dataset.fingerprint != db.state.split:
         raise UserError(f"the database in {settings.db_dir} was built from another data set or "
@@ -503,12 +531,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, settings = config.parse_cli(parser, argv, "search",
                                           folder=lambda args: args.images_dir)
-        if not (args.query or args.text):
-            raise UserError("give --query IMAGE or --text TEXT")
+        if args.query is None and args.text is None:
+            raise UsageError("give --query IMAGE or --text TEXT")
+        if args.text is not None and not args.text.strip():
+            raise UsageError("--text is empty: give the words to search for")
         try:
             k = int(args.topk)
         except ValueError:
-            raise UserError(f"--topk must be a positive integer, got {args.topk!r}") from None
+            raise UsageError(f"--topk must be a positive integer, got {args.topk!r}") from None
     except UserError as exc:
         return cli_failure("search.py", exc, code=2)
     config.configure_logging(settings)

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import config
-from errors import UserError, cli_failure
+from errors import UsageError, UserError, cli_failure
 
 log = logging.getLogger("scale")
 
@@ -461,11 +461,11 @@ def caption_collection(images: str, out_dir: str | os.PathLike, *, retrieval: bo
 
     settings = config.settings_of(settings, overrides, "collection")
     if shard_size < 1 or (block_size is not None and block_size < 1):
-        raise UserError("--shard-size and --block-size must be at least 1")
+        raise UsageError("--shard-size and --block-size must be at least 1")
     if not shard_seconds > 0:
-        raise UserError(f"--shard-seconds must be more than 0, got {shard_seconds:g}")
+        raise UsageError(f"--shard-seconds must be more than 0, got {shard_seconds:g}")
     if retries < 0:
-        raise UserError("--retries must be 0 or more")
+        raise UsageError("--retries must be 0 or more")
     ray = import_ray()
     root, files = list_images(images, root)
     out = Path(out_dir).expanduser()
@@ -679,7 +679,7 @@ def parse_args(argv: list[str] | None = None):
                                help=f"images per {what} call (default {default})")
     args, settings = config.parse_cli(parser, argv, "collection")
     if not args.images or not args.out:
-        raise UserError("give --images SPEC and --out OUT_DIR")
+        raise UsageError("give --images SPEC and --out OUT_DIR")
     return args, settings
 
 

@@ -179,8 +179,13 @@ def test_cli_all_and_evaluate(settings_kwargs, capsys, monkeypatch):
     assert f"| CLIPScore | {data['metrics']['CLIPScore']:.4f} |" in out
     assert f"| RefCLIPScore | {data['metrics']['RefCLIPScore']:.4f} |" in out
     assert f"CLIPScore, RefCLIPScore: {clip} (float32)" in out
-    assert main.main(args + ["--all", "--indices", "1"]) == 1
-    assert "not both" in capsys.readouterr().err
+    # usage errors exit 2, as an unknown option does (README)
+    assert main.main(args + ["--all", "--indices", "1"]) == 2
+    assert "give --all or --indices, not both" in capsys.readouterr().err
+    assert main.main(args + ["--indices", "0-x"]) == 2
+    assert "--indices: '0-x' is not N or N-M" in capsys.readouterr().err
+    assert main.main(args + ["--quiet"]) == 2
+    assert "--quiet goes with --caption-folder" in capsys.readouterr().err
     assert main.main(args + ["--evaluate", str(run_dir / "nothing")]) == 1
 
 

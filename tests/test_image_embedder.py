@@ -66,6 +66,18 @@ def test_embed_accepts_a_generator(embedder, reference):
     np.testing.assert_allclose(got, reference, atol=1e-5)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_bar_counts_unreadable_images_and_ends_at_its_total(embedder, images, reference,
+                                                                overlap, monkeypatch, capsys):
+    # a folder of 6 where 2 cannot be read: the bar reads 6/6 (100%) with unreadable=2
+    monkeypatch.setattr(embedder, "overlap", overlap)
+    items = [images[0], None, *images[1:4], None]
+    got = embedder.embed(iter(items), total=len(items), progress=True)
+    np.testing.assert_allclose(got, reference[:4], atol=1e-5)
+    final = capsys.readouterr().err.rstrip().split("\r")[-1]
+    assert "100%" in final and "6/6" in final and "unreadable=2" in final, final
+
+
 def test_embed_of_no_images_is_an_empty_model_dim_array(embedder):
     got = embedder.embed([])
     assert got.shape == (0, embedder.dim)

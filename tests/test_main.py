@@ -1,6 +1,7 @@
 """End to end: the commands and calls of README.md, on tiny models and a generated Flickr8K."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,11 @@ def test_the_first_run_leaves_the_human_captions_vectors_to_embed_captions(pipel
     assert done.returncode == 0, done.stderr
     assert f"every one of its {humans + 1} captions has a vector ({humans} embedded now" \
         in done.stdout and "text search is ready" in done.stdout
+    # one duration for the job: the bar's, repeated by the closing log line
+    bars = re.findall(rf"100%.*{humans}/{humans} \[(\d\d:\d\d)<", done.stderr)
+    logged = re.findall(rf"embedded {humans} captions in (\d\d:\d\d) ", done.stderr)
+    assert bars and logged == bars[-1:], done.stderr
+    assert not re.search(r"\d s\b", done.stdout)
     captions = json.loads((db_dir / CAPTION_DB).read_text())["entries"]
     embedded = json.loads((db_dir / CAPTION_EMBEDDING_DB).read_text())["entries"]
     assert sorted(e["id"] for e in embedded) == sorted(c["id"] for c in captions)

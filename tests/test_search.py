@@ -1,5 +1,6 @@
 """search.py: image and text search over the memory and over folders, on tiny models."""
 
+import csv
 import io
 import json
 import sys
@@ -154,6 +155,38 @@ def test_caption_folder_makes_a_folder_searchable_by_words(photos, settings_kwar
     assert not Path(settings_kwargs["db_dir"], "captions.json").exists()
 
 
+def test_caption_folder_prints_each_caption_and_writes_captions_csv(photos, settings_kwargs,
+                                                                   capsys):
+    # python main.py --caption-folder photos/
+    assert main.main(cli(settings_kwargs, "--caption-folder", str(photos),
+                         "--no-retrieval")) == 0
+    out = capsys.readouterr().out.splitlines()
+    from db_manager import DbManager
+    from folder_index import folder_db_dir
+    db_dir = folder_db_dir(settings_kwargs["db_dir"], photos)
+    captions = {c["image_id"]: c for c in DbManager.open(db_dir).captions}
+    assert len(captions) == 6
+    for image_id, entry in captions.items():   # each image on its line, with its caption
+        assert any(line.split() == [image_id] + entry["caption"].split() for line in out)
+        assert "experiment_index" not in entry  # folder images are no experiments
+    with open(db_dir / "captions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["image_id"]: r["caption"] for r in rows} == {
+        i: c["caption"] for i, c in captions.items()}
+    assert {r["model"] for r in rows} == {settings_kwargs["vlm_model_name"]}
+    assert str(db_dir / "captions.csv") in out[-2]
+    # a rerun captions nothing new: no caption lines, the table still lists all six
+    (photos / "a" / "new.png").write_bytes((photos / "a" / "p0.png").read_bytes())
+    assert main.main(cli(settings_kwargs, "--caption-folder", str(photos), "--no-retrieval",
+                         "--quiet")) == 0
+    out, err = capsys.readouterr()
+    assert "a/new.png" not in out and out.startswith("captioned 1 of 7 images")
+    bar = err.rstrip().split("\r")[-1]      # the bar counts this run's image, shows the rest
+    assert "100%" in bar and "1/1" in bar and "done_before=6" in bar, bar
+    with open(db_dir / "captions.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 7
+
+
 def test_caption_folder_with_retrieval_uses_the_memory(photos, memory, settings_kwargs):
     summary = main.caption_folder(str(photos), retrieval=True, **settings_kwargs)
     assert summary["captioned"] == 6 and summary["retrieval"]
@@ -179,15 +212,15 @@ def test_cli_table_figure_and_json(memory, settings_kwargs, tmp_path, capsys):
 @pytest.mark.parametrize("args, code, message", [
     (["--query", "/nonexistent.jpg"], 1, "image not found: /nonexistent.jpg"),
     (["--query", "{notes}"], 1, "could not be read"),
-    (["--query", "{img}", "--topk", "0"], 1, "--topk must be a positive integer, got 0"),
-    (["--query", "{img}", "--topk", "-3"], 1, "--topk must be a positive integer, got -3"),
+    (["--query", "{img}", "--topk", "0"], 2, "--topk must be a positive integer, got 0"),
+    (["--query", "{img}", "--topk", "-3"], 2, "--topk must be a positive integer, got -3"),
     (["--query", "{img}", "--topk", "abc"], 2, "--topk must be a positive integer, got 'abc'"),
-    (["--query", "{img}", "--topk", "1000000"], 1, "--topk 1000000 is more than the 6 images"),
     (["--query", "{img}", "--images-dir", "{empty}"], 1, "no images in"),
     (["--text", "x", "--images-dir", "{photos}", "--text-by", "captions"], 1,
      "has no captions yet: run `python main.py --caption-folder"),
     (["--text", "x", "--text-by", "words"], 2, "argument --text-by: invalid choice: 'words'"),
-    (["--text", "  "], 1, "--text is empty"),
+    (["--text", "  "], 2, "--text is empty"),
+    (["--text", ""], 2, "--text is empty"),
     ([], 2, "give --query IMAGE or --text TEXT"),
     (["--query", "{img}", "--text", "x"], 2, "not allowed with argument"),
     (["--query", "{img}", "--backbone", "/nonexistent/model"], 1,
@@ -205,6 +238,22 @@ def test_bad_input_is_one_line(args, code, message, photos, settings_kwargs, tmp
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and message in lines[0], err
+
+
+def test_a_topk_larger_than_the_collection_returns_all_of_it(photos, settings_kwargs, capsys):
+    # python search.py --query photos/a/p0.png --images-dir photos/ --topk 50   (6 photos)
+    assert search.main(cli(settings_kwargs, "--query", str(photos / "a/p0.png"),
+                           "--images-dir", str(photos), "--topk", "50")) == 0
+    out = capsys.readouterr().out
+    assert "note: top 50 asked, only 6 images searched: showing all 6" in out
+    result = search.search_images(str(photos / "a/p0.png"), 50, images_dir=str(photos),
+                                  **settings_kwargs)
+    assert [h.rank for h in result.hits] == [1, 2, 3, 4, 5, 6] and len(result.notes) == 1
+    text = search.search_text("a photo", 9, images_dir=str(photos), **settings_kwargs)
+    assert len(text.hits) == 6 and "showing all 6" in text.notes[0]
+    exact = search.search_images(str(photos / "a/p0.png"), 6, images_dir=str(photos),
+                                 **settings_kwargs)
+    assert len(exact.hits) == 6 and exact.notes == []
 
 
 def test_search_without_a_memory_says_how_to_make_one(settings_kwargs, photos):
