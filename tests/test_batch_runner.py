@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import batch_runner
+import config
 import main
 from errors import UserError
 
@@ -225,7 +226,8 @@ def test_growing_memory_gives_the_same_neighbours_at_any_batch_size(twins, tmp_p
 
 def test_resuming_with_another_precision_is_refused(settings_kwargs):
     batch_runner.run_batch([0], "precision", **settings_kwargs)
-    with pytest.raises(UserError, match="was started with dtype='auto', not 'bfloat16'"):
+    auto = config.resolve("batch", **settings_kwargs).dtype   # what "auto" is on this machine
+    with pytest.raises(UserError, match=f"was started with dtype='{auto}', not 'bfloat16'"):
         batch_runner.run_batch([1], "precision", **{**settings_kwargs, "dtype": "bfloat16"})
     with pytest.raises(UserError, match="vlm_attn_implementation='', not 'eager'"):
         batch_runner.run_batch([1], "precision", **{**settings_kwargs,
