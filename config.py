@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import logging
 import os
 import re
@@ -310,6 +311,7 @@ def _settings_class() -> type:
     return cls
 
 
+@functools.lru_cache(maxsize=None)  # read from this file once per process
 def model_settings(kind: str) -> tuple[str, ...]:
     """The settings a model of `kind` ("image_embedder", "caption_embedder", "captioner")
     is built from: those named for it (CLIP_*, CAPTION_EMBEDDING_* and the caption
