@@ -218,7 +218,7 @@ def _near_duplicates(manifest: dict[str, Any], ok: list[dict[str, Any]],
     if not ok or not db_dir.is_dir():
         return None
     db = DbManager.open(db_dir)
-    if db.needs_seed:
+    if db.describe().empty:
         return None
     counted = near_duplicates.count_in_db(db, [i["image_id"] for i in ok], threshold)
     return {**counted, "guarded": bool(guard)}

@@ -67,7 +67,7 @@ def caption_folder(folder: str, settings: config.Settings, retrieval: bool = Tru
                                   "use the same settings, or another --db-dir")
     image_embedder, caption_embedder, captioner = (models.image_embedder,
                                                    models.caption_embedder, models.captioner)
-    if db.needs_seed:
+    if db.describe().empty:
         db.seed([], np.zeros((0, image_embedder.dim), np.float32), [],
                 np.zeros((0, caption_embedder.dim), np.float32))
     write_json_atomic(manifest, wanted)

@@ -232,7 +232,7 @@ def _embed_captions(settings: config.Settings) -> int:
     start = time.perf_counter()
     _, db = initialize(settings)
     done = embed_missing_captions(caption_embedder_for(settings, db), db)
-    print(f"{db.db_dir}: every one of its {len(db.captions)} captions has a vector ("
+    print(f"{db.db_dir}: every one of its {db.describe().captions} captions has a vector ("
           f"{done} embedded now, {time.perf_counter() - start:.0f} s); text search is ready")
     return 0
 

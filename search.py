@@ -22,10 +22,13 @@ import sys
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import config
 from errors import UserError, cli_failure
+
+if TYPE_CHECKING:
+    from db_manager import CaptionEntry
 
 log = logging.getLogger("search")
 
@@ -106,10 +109,11 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
     else:
         db, dataset, settings = open_memory(settings)
         embedder = _image_embedder(settings, backbone)
-        if embedder.name == db.state.clip_model:
-            ids, vectors, note = db.image_ids, db.image_vectors, ""
+        rows = db.image_rows()
+        if embedder.name == db.describe().clip_model:
+            ids, vectors, note = rows.ids, rows.vectors, ""
         else:  # another backbone: embed the database's images with it, cached
-            known = {i: "dataset" for i in db.image_ids if dataset.get(i) is not None}
+            known = {i: "dataset" for i in rows.ids if dataset.get(i) is not None}
             ids, vectors, update = update_index(
                 index_path(settings.db_dir, "db", dataset.fingerprint, embedder.key), embedder,
                 known, lambda image_id: dataset.load_image(dataset.get(image_id)))
@@ -179,7 +183,7 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
         if not root.is_dir():
             raise UserError(f"image folder not found: {images_dir}")
         db = DbManager.open(folder_db_dir(settings.db_dir, root))
-        captioned = not db.needs_seed and bool(db.captions)
+        captioned = db.describe().captions > 0
         if captioned:  # searched with the models it was captioned with
             db.check_models(settings.clip_model_name, settings.caption_embedding_model)
         source = f"{root}"
@@ -196,13 +200,14 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
             return embedder, ids, vectors, str(update)
     else:
         db, dataset, settings = open_memory(settings)
-        captioned = bool(db.captions)
+        captioned = db.describe().captions > 0
         source = f"memory {Path(settings.db_dir).resolve()}"
         path_of = lambda image_id: memory_path(dataset, settings, image_id)  # noqa: E731
         load = lambda hit: memory_image(dataset, settings, hit.image_id)  # noqa: E731
 
         def image_rows():
-            return _image_embedder(settings, "clip"), db.image_ids, db.image_vectors, ""
+            rows = db.image_rows()
+            return _image_embedder(settings, "clip"), rows.ids, rows.vectors, ""
     if by == "auto":
         by = "captions" if captioned else "clip"
     if by in ("captions", "both") and not captioned:
@@ -210,7 +215,7 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
                         f"--caption-folder {images_dir}` first, or search with --text-by clip")
     rankings: dict[str, list[tuple[str, float]]] = {}
     models, notes, note = [], [], ""
-    best_caption: dict[str, dict[str, Any]] = {}
+    best_caption: dict[str, CaptionEntry] = {}
     if by in ("captions", "both"):
         embedder = caption_embedder_for(settings, db)
         embed_missing_captions(embedder, db)  # a first search after a first run
@@ -238,26 +243,27 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
     for rank, (image_id, score, ranks) in enumerate(fused[:k], start=1):
         entry = best_caption.get(image_id)
         hits.append(Hit(rank, image_id, round(score, 6), path=path_of(image_id),
-                        caption=entry and entry["caption"],
-                        caption_source=entry and entry["source"],
-                        caption_model=entry and entry.get("model"),
+                        caption=entry and entry.caption,
+                        caption_source=entry and entry.source,
+                        caption_model=entry and entry.model,
                         found_by="+".join(ranks), ranks=ranks))
     kind = {"captions": "captions of", "clip": "images of", "both": "images and captions of"}
     return SearchResult("text", text, f"{kind[by]} {source}", " + ".join(models), hits,
                         len(fused), note, by=by, notes=notes, _load=load)
 
 
-def _caption_ranking(db, query) -> tuple[list[tuple[str, float]], dict[str, dict[str, Any]]]:
+def _caption_ranking(db, query) -> tuple[list[tuple[str, float]], dict[str, CaptionEntry]]:
     """Every captioned image by its best caption's score (best first, ties by row),
     and that caption's entry per image."""
     import numpy as np
-    scores = np.asarray(db.caption_vectors @ query, dtype=np.float32)
+    captions = db.caption_rows()
+    scores = np.asarray(captions.vectors @ query, dtype=np.float32)
     ranking, best = [], {}
     for row in np.lexsort((np.arange(len(scores)), -scores)):
-        entry = db.captions[row]
-        if entry["image_id"] not in best:
-            best[entry["image_id"]] = entry
-            ranking.append((entry["image_id"], float(scores[row])))
+        image_id = captions.image_ids[row]
+        if image_id not in best:
+            best[image_id] = next(db.entries([row]))
+            ranking.append((image_id, float(scores[row])))
     return ranking, best
 
 
@@ -293,12 +299,12 @@ def open_memory(settings: config.Settings):
     from models import load_dataset
     from db_manager import DbManager
     db = DbManager.open(settings.db_dir)
-    if db.needs_seed:
+    if db.describe().empty:
         raise UserError(f"no database in {settings.db_dir}: run `python main.py` first, "
                         "or search a folder with --images-dir")
     db.check_models(settings.clip_model_name, settings.caption_embedding_model)
     dataset = load_dataset(settings)  # loaded once per process
-    if dataset.fingerprint != db.state.split:
+    if dataset.fingerprint != db.describe().split:
         raise UserError(f"the database in {settings.db_dir} was built from another data set or "
                         "split; use the same --dataset-name, --random-seed and "
                         "--experiment-samples as main.py")
