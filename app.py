@@ -363,8 +363,9 @@ def search_text_tab(query: str | None, k: int = 5, settings: config.Settings | N
 
 # --- Runs ------------------------------------------------------------------------
 
-RUN_COLUMNS = ["#", "image", "status", "generated caption", "reference captions", "BLEU-4",
-               "CIDEr-D"]
+RUN_METRICS = ("BLEU-4", "CIDEr-D", "CLIPScore", "RefCLIPScore")   # per image, in the table
+RUN_COLUMNS = ["#", "image", "status", "generated caption", "reference captions",
+               *RUN_METRICS]
 
 
 def list_runs(settings: config.Settings | None = None) -> list[str]:
@@ -439,7 +440,7 @@ def runs_tab(run_dir: str | os.PathLike | None, settings: config.Settings | None
                      item.get("generated_caption") or f"(failed: {item.get('error', '?')})",
                      " | ".join(item.get("original_captions", [])),
                      *(round(scores[m], 4) if isinstance(scores.get(m), (int, float)) else ""
-                       for m in ("BLEU-4", "CIDEr-D"))])
+                       for m in RUN_METRICS)])
     pages = max(1, math.ceil(len(items) / per_page))
     page = min(max(1, _whole_number(page, "page")), pages)
     shown = items[(page - 1) * per_page:page * per_page]

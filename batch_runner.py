@@ -8,7 +8,8 @@
 A run lives in RESULTS_DIR/runs/<run-name>/:
   manifest.json   settings, versions, indices, start and end times
   items/N.json    one file per finished (or failed) experiment, written atomically
-  summary.json    corpus metrics + one record per image
+  summary.json    corpus metrics (with the CLIP of CLIPScore in metrics.clip_score)
+                  + one record per image
   summary.csv     one row per image: id, captions, references, neighbours, metrics, timings
 
 Resuming: re-running the same command skips every index with a finished item
@@ -174,16 +175,17 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
     manifest = _read_manifest(run_dir / "manifest.json")
     items = read_items(run_dir)
     ok = [i for i in items if i.get("status") == "ok"]
-    embedder = None
+    embedder = clip = None
     if ok:
         settings = config.settings_of(settings, overrides)
-        embedder = load_models(settings.replace(
-            caption_embedding_model=manifest["settings"]["caption_embedding_model"])
-        ).caption_embedder
+        run_settings = _run_settings(settings, manifest)
+        embedder = load_models(run_settings).caption_embedder
+        clip = _clip_scorer(run_settings, ok)
     scores = metrics.evaluate_captions(
         {str(i["experiment_index"]): i["generated_caption"] for i in ok},
         {str(i["experiment_index"]): i["original_captions"] for i in ok},
-        caption_embedder=embedder) if ok else {"skipped": {"all": "no finished experiments"}}
+        caption_embedder=embedder, clip_scorer=clip) if ok else \
+        {"skipped": {"all": "no finished experiments"}}
     per_image = scores.pop("per_image", {})
     for item in items:
         item["metrics"] = per_image.get(str(item["experiment_index"]), {})
@@ -202,6 +204,64 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
     _write_json(run_dir / "summary.json", summary)
     _write_csv(run_dir / "summary.csv", items)
     return summary
+
+
+# The run's own models and data (from its manifest) for scoring it: the data set and
+# split its images come from, the CLIP whose vectors retrieval made.
+_RUN_SETTINGS = ("dataset_name", "experiment_samples", "random_seed", "split",
+                 "memory_dataset", "clip_model_name", "caption_embedding_model", "dtype")
+
+
+def _run_settings(settings: config.Settings, manifest: dict[str, Any]) -> config.Settings:
+    recorded = manifest["settings"]
+    return settings.replace(**{k: recorded[k] for k in _RUN_SETTINGS
+                               if k in recorded and k.upper() in config.defaults()})
+
+
+def _clip_scorer(settings: config.Settings, ok: list[dict[str, Any]]):
+    """CLIPScore's scorer for a run's finished items (keyed by experiment index): when
+    METRIC_CLIP_MODEL is the run's CLIP, its loaded model and the image vectors retrieval
+    stored in DB_DIR; images without one are opened from the run's data set."""
+    import clip_score
+    from models import load_dataset, load_models
+    image_ids = {str(i["experiment_index"]): i["image_id"] for i in ok}
+    retrieval, vectors = None, {}
+    if settings.metric_clip_model == settings.clip_model_name:
+        try:
+            retrieval = load_models(settings).image_embedder
+        except UserError:  # scorer_for says why in the skip line
+            retrieval = None
+        vectors = _stored_image_vectors(settings, set(image_ids.values()))
+
+    def image_of(key: str):
+        dataset = load_dataset(settings)
+        sample = dataset.get(image_ids[key])
+        if sample is None:
+            raise UserError(f"image {image_ids[key]} of the run is not in the data set "
+                            f"{settings.dataset_name}")
+        return dataset.load_image(sample)
+
+    return clip_score.scorer_for(settings, retrieval=retrieval, image_of=image_of,
+                                 known_vector=lambda key: vectors.get(image_ids[key]))
+
+
+def _stored_image_vectors(settings: config.Settings, image_ids: set[str]) -> dict[str, Any]:
+    """The CLIP vectors DB_DIR holds for `image_ids` (experiments store theirs), if its
+    CLIP is METRIC_CLIP_MODEL."""
+    from db_manager import DbManager
+    db_dir = Path(settings.db_dir)
+    if not db_dir.is_dir():
+        return {}
+    try:
+        db = DbManager.open(db_dir)
+    except UserError as exc:
+        log.warning("image vectors of %s not reused for CLIPScore: %s", db_dir, exc)
+        return {}
+    described = db.describe()
+    if described.empty or described.clip_model != settings.metric_clip_model:
+        return {}
+    return {image_id: vector for image_id in image_ids
+            if (vector := db.image_vector(image_id)) is not None}
 
 
 def _near_duplicates(manifest: dict[str, Any], ok: list[dict[str, Any]],
@@ -226,7 +286,8 @@ def _near_duplicates(manifest: dict[str, Any], ok: list[dict[str, Any]],
 
 CSV_COLUMNS = ("experiment_index", "image_id", "status", "error", "generated_caption",
                "references", "neighbours", "context_used", "BLEU-4", "CIDEr-D", "ROUGE-L",
-               "embedding_similarity", "seconds_total", "seconds_generate")
+               "embedding_similarity", "CLIPScore", "RefCLIPScore", "seconds_total",
+               "seconds_generate")
 
 
 def _write_csv(path: Path, items: list[dict[str, Any]]) -> None:
@@ -241,7 +302,8 @@ def _write_csv(path: Path, items: list[dict[str, Any]]) -> None:
             item.get("generated_caption", ""), " | ".join(item.get("original_captions", [])),
             "; ".join(f"{n['image_id']}:{n['score']:.4f}" for n in item.get("similar_images", [])),
             item.get("context_used", ""),
-            *(scores.get(m, "") for m in ("BLEU-4", "CIDEr-D", "ROUGE-L", "embedding_similarity")),
+            *(scores.get(m, "") for m in ("BLEU-4", "CIDEr-D", "ROUGE-L", "embedding_similarity",
+                                          "CLIPScore", "RefCLIPScore")),
             timings.get("total", ""), timings.get("generate", "")])
     write_text_atomic(path, out.getvalue())
 

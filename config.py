@@ -6,7 +6,15 @@ lowest to highest precedence, by
   2. a command-line flag       --<name-in-kebab-case>  (--top-k-similar 3)
   3. a keyword argument        run_experiment(top_k_similar=3)
 Values are parsed to the type of the default; an unknown name or a value of
-the wrong type is a one-line error. Importing this module does no work.
+the wrong type is a one-line error (with the closest name). Importing this
+module does no work.
+
+Each entry point resolves its settings once, `config.resolve(context, **given)`,
+into a typed frozen `Settings` (one field per constant below, lower-case) with
+every "auto" made a value for that entry point (CONTEXTS) and, where DB_DIR
+already holds a database, what it records used for the settings not given.
+The objects made from them (models.Models, retrieval.Selection, ...) carry them;
+no code asks "is this auto?" later.
 """
 
 from __future__ import annotations
@@ -44,6 +52,11 @@ RANDOM_SEED: Changes = 42
 # --- models ------------------------------------------------------------------
 # Image embedder for retrieval: any CLIP or SigLIP checkpoint (hub id or path).
 CLIP_MODEL_NAME: Changes = "openai/clip-vit-base-patch32"
+# CLIP checkpoint of the CLIPScore and RefCLIPScore metrics (clip_score.py); the
+# default is the paper's. When it is CLIP_MODEL_NAME, retrieval's image vectors are
+# reused. Not a `Changes` setting: it changes no caption, only scores, and every
+# summary computes all its scores with one model, recorded beside them ("clip_score").
+METRIC_CLIP_MODEL = "openai/clip-vit-base-patch32"
 # Captioner (hub id or path), of one of the families vlm_captioner.FAMILIES knows
 # from its config's model type (README, "Captioners"): chat models with a chat
 # template (SmolVLM, SmolVLM2, Idefics3, Qwen2-VL / Qwen2.5-VL, LLaVA) get the

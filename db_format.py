@@ -149,6 +149,17 @@ def generated_caption_id(image_id: str, vlm_model: str) -> str:
     return f"{image_id}#gen:{vlm_model}"
 
 
+def generated_caption_entry(image_id: str, caption: str, vlm_model: str, timestamp: str,
+                            experiment_index: int | None = None, **more: Any) -> dict[str, Any]:
+    """captions.json's entry of a generated caption: an experiment's (with its index),
+    a captioned folder's or the web page's, or an imported one (`more`: imported_from)."""
+    entry = {"id": generated_caption_id(image_id, vlm_model), "image_id": image_id,
+             "caption": caption, "source": "generated", "model": vlm_model}
+    if experiment_index is not None:
+        entry["experiment_index"] = experiment_index
+    return {**entry, **more, "timestamp": timestamp}
+
+
 def read_state(path: Path) -> DbState:
     try:
         raw = orjson.loads(path.read_bytes())

@@ -67,9 +67,10 @@ from db_check import backup_db, check_db, describe_db, import_json, repair_db
 from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, CAPTION_VECTORS, FILES, IMAGE_DB,
                        CAPTION_META, IMAGE_VECTORS, JOURNAL, NEW_WORK, STATE, WORK, DbIdentity,
                        DbState,
-                       as_vectors, check_dim, check_json_end, check_unique, generated_caption_id,
+                       as_vectors, check_dim, check_json_end, check_unique,
+                       generated_caption_entry, generated_caption_id,
                        map_vectors, new_rows, read_state)
-from errors import UserError
+from errors import DatabaseConflict, UserError
 
 log = logging.getLogger(__name__)
 
@@ -447,10 +448,8 @@ class DbManager:
             raise RuntimeError("seed the database first")
         image_vector = as_vectors(image_vector, 1)[0]
         caption_vector = as_vectors(caption_vector, 1)[0]
-        entry = {"id": generated_caption_id(image_id, vlm_model), "image_id": image_id,
-                 "caption": caption, "source": "generated", "model": vlm_model,
-                 **({} if experiment_index is None else {"experiment_index": experiment_index}),
-                 "timestamp": timestamp}
+        entry = generated_caption_entry(image_id, caption, vlm_model, timestamp,
+                                        experiment_index)
         with db_journal.locked(self.db_dir):
             self._recover()
             self._refresh()
@@ -606,9 +605,10 @@ def recorded_settings(values: Mapping[str, Any], given: frozenset[str] = frozens
     if state.document_prompt is None:  # made before prompts were recorded: none
         document = values["CAPTION_DOCUMENT_PROMPT"]
         if "CAPTION_DOCUMENT_PROMPT" in given and document not in ("auto", ""):
-            raise UserError(f"database {db_dir} was built before caption prompts were "
-                            f"recorded, with no document (caption) prompt, not {document!r}: "
-                            "leave --caption-document-prompt out, or use another --db-dir")
+            raise DatabaseConflict(
+                f"database {db_dir} was built before caption prompts were recorded, with no "
+                f"document (caption) prompt, not {document!r}: leave "
+                "--caption-document-prompt out, or use another --db-dir")
         found["CAPTION_DOCUMENT_PROMPT"] = ""
     manifest = db_dir / SETTINGS_FILE
     if manifest.is_file():
@@ -638,8 +638,8 @@ def _check_given_models(db_dir: Path, state: DbState, values: Mapping[str, Any],
     if wrong:
         built = " and ".join(f"{what} {found!r}, not {wanted!r}" for what, found, wanted, _ in wrong)
         options = " and ".join(option for *_, option in wrong)
-        raise UserError(f"database {db_dir} was built with {built}: use another "
-                        f"--db-dir for these settings, or set {options} back")
+        raise DatabaseConflict(f"database {db_dir} was built with {built}: use another "
+                               f"--db-dir for these settings, or set {options} back")
 
 
 def _newest_captioner(captions_meta: Path) -> str | None:
@@ -663,4 +663,5 @@ def _newest_captioner(captions_meta: Path) -> str | None:
 
 __all__ = ["DbManager", "DbIdentity", "DbDescription", "ImageRows", "CaptionRows", "CaptionEntry",
            "DbState", "FILES", "IMAGE_DB", "CAPTION_DB", "CAPTION_EMBEDDING_DB", "JOURNAL",
-           "generated_caption_id", "check_db", "describe_db", "repair_db", "backup_db"]
+           "generated_caption_id", "generated_caption_entry", "check_db", "describe_db",
+           "repair_db", "backup_db"]

@@ -21,6 +21,13 @@ class UserError(Exception):
     """A problem the user can fix; its message says how."""
 
 
+class DatabaseConflict(UserError):
+    """Settings that contradict what the database records (another model): found while
+    the settings are resolved, but not a usage error, so it exits 1, not 2."""
+
+    exit_code = 1
+
+
 def cli_failure(prog: str, exc: BaseException, code: int = 1,
                 interrupted: str = "interrupted") -> int:
     """What a command-line program prints for what stopped it (one line on stderr, no
@@ -29,7 +36,7 @@ def cli_failure(prog: str, exc: BaseException, code: int = 1,
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
     print(f"{prog}: error: {exc}", file=sys.stderr)
-    return code
+    return getattr(exc, "exit_code", code)
 
 
 def hf_token() -> str | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import config
+from atomic_files import atomic_writer
 from errors import UserError
 
 if TYPE_CHECKING:
@@ -160,14 +161,11 @@ def plot_pairs(report: Report, load_image, path: str | os.PathLike) -> Path:
                  f"{report.threshold:g}), the {len(shown)} closest", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=90, format="png")
-        os.replace(tmp, path)
+        with atomic_writer(path, suffix=".png") as out:
+            fig.savefig(out, dpi=90, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 

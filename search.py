@@ -155,7 +155,8 @@ UNKNOWN_TOKENS_WARNING = 0.1
 
 
 def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str = "auto",
-                settings: config.Settings | None = None, **overrides: Any) -> SearchResult:
+                index: str = "numpy", settings: config.Settings | None = None,
+                **overrides: Any) -> SearchResult:
     """Images that match the words `text`, from the pipeline's memory or any folder.
 
     `by`: "captions" (the best caption per image, embedded with the caption model
@@ -163,7 +164,9 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
     `main.py --caption-folder`), "clip" (the CLIP/SigLIP text embedding of `text`
     against the image vectors, no captions needed), "both" (reciprocal-rank fusion
     of the two), or "auto": captions where the searched images have them, else clip.
-    Each hit says which ranking found it (`found_by`, `ranks`).
+    Each hit says which ranking found it (`found_by`, `ranks`). `index` is the
+    search backend of each ranking (INDEX_BACKENDS); "both" ranks every image,
+    as the fusion needs.
     """
     from dataset_loader import open_image
     from db_manager import DbManager
@@ -214,13 +217,15 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
         raise UserError(f"{images_dir} has no captions yet: run `python main.py "
                         f"--caption-folder {images_dir}` first, or search with --text-by clip")
     rankings: dict[str, list[tuple[str, float]]] = {}
+    searched: dict[str, int] = {}  # images each ranking searched
+    depth = None if by == "both" else k  # fusion needs every image's rank
     models, notes, note = [], [], ""
     best_caption: dict[str, CaptionEntry] = {}
     if by in ("captions", "both"):
         embedder = caption_embedder_for(settings, db)
         embed_missing_captions(embedder, db)  # a first search after a first run
-        rankings["captions"], best_caption = _caption_ranking(db, embedder.embed_queries(
-            [text])[0])
+        rankings["captions"], best_caption, searched["captions"] = _caption_ranking(
+            db, embedder.embed_queries([text])[0], depth, index)
         models.append(embedder.name)
         unknown = embedder.unknown_fraction(text)
         if unknown >= UNKNOWN_TOKENS_WARNING:
@@ -232,13 +237,16 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
         embedder, ids, vectors, note = image_rows()
         if not len(ids):
             raise UserError(f"no images to search in {source}")
-        rankings["clip"] = _vector_ranking(ids, vectors, embedder.embed_texts([text])[0])
+        rankings["clip"] = _vector_ranking(ids, vectors, embedder.embed_texts([text])[0],
+                                           depth, index)
+        searched["clip"] = len(ids)
         models.append(embedder.name)
     for line in notes:
         log.warning("%s", line)
     fused = _fuse(rankings)
     what = "captioned images" if by == "captions" else "images"
-    _check_k_fits(k, len(fused), what)
+    indexed = searched[by] if by in searched else len(fused)
+    _check_k_fits(k, indexed, what)
     hits = []
     for rank, (image_id, score, ranks) in enumerate(fused[:k], start=1):
         entry = best_caption.get(image_id)
@@ -249,29 +257,40 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
                         found_by="+".join(ranks), ranks=ranks))
     kind = {"captions": "captions of", "clip": "images of", "both": "images and captions of"}
     return SearchResult("text", text, f"{kind[by]} {source}", " + ".join(models), hits,
-                        len(fused), note, by=by, notes=notes, _load=load)
+                        indexed, note, by=by, notes=notes, _load=load)
 
 
-def _caption_ranking(db, query) -> tuple[list[tuple[str, float]], dict[str, CaptionEntry]]:
-    """Every captioned image by its best caption's score (best first, ties by row),
-    and that caption's entry per image."""
-    import numpy as np
-    captions = db.caption_rows()
-    scores = np.asarray(captions.vectors @ query, dtype=np.float32)
-    ranking, best = [], {}
-    for row in np.lexsort((np.arange(len(scores)), -scores)):
-        image_id = captions.image_ids[row]
-        if image_id not in best:
-            best[image_id] = next(db.entries([row]))
-            ranking.append((image_id, float(scores[row])))
-    return ranking, best
+def _caption_ranking(db, query, k: int | None, index: str
+                     ) -> tuple[list[tuple[str, float]], dict[str, CaptionEntry], int]:
+    """The `k` best captioned images (all when k is None) by their best caption's
+    score (best first, ties by row), that caption's entry per image, and how many
+    images have captions."""
+    from similarity_search import SearchIndex
+    rows = db.caption_rows()
+    image_of = dict(zip(rows.ids, rows.image_ids))  # caption ids are unique in a database
+    captioned = len(set(rows.image_ids))
+    captions = SearchIndex.from_vectors(rows.ids, rows.vectors, backend=index)
+    k = captioned if k is None else min(k, captioned)
+    want = min(len(rows), k * -(-len(rows) // max(1, captioned)))  # captions per image
+    while True:  # widen until the best captions hold k images
+        ranking, best = [], {}
+        for hit in captions.search(query, want)[0]:
+            image_id = image_of[hit.image_id]
+            if image_id not in best:
+                best[image_id] = db.caption(hit.image_id)
+                ranking.append((image_id, hit.score))
+        if len(ranking) >= k or want >= len(rows):
+            return ranking[:k], best, captioned
+        want = min(len(rows), 2 * want)
 
 
-def _vector_ranking(ids, vectors, query) -> list[tuple[str, float]]:
-    """Every image by the cosine of its vector with `query` (best first, ties by row)."""
-    import numpy as np
-    scores = np.asarray(vectors @ query, dtype=np.float32)
-    return [(ids[n], float(scores[n])) for n in np.lexsort((np.arange(len(scores)), -scores))]
+def _vector_ranking(ids, vectors, query, k: int | None, index: str) -> list[tuple[str, float]]:
+    """The `k` images (all when k is None) by the cosine of their vector with `query`
+    (best first, ties by row)."""
+    from similarity_search import SearchIndex
+    hits = SearchIndex.from_vectors(ids, vectors, backend=index).search(
+        query, len(ids) if k is None else k)[0]
+    return [(hit.image_id, hit.score) for hit in hits]
 
 
 def _fuse(rankings: dict[str, list[tuple[str, float]]]) -> list[tuple[str, float, dict]]:
@@ -478,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
                            "hub id / local path (default clip)")
     # similarity_search.BACKENDS, spelled out so that --help does not import numpy
     what.add_argument("--index", choices=INDEX_BACKENDS, default="numpy",
-                      help="search backend: numpy (default) or faiss (exact, float32), "
+                      help="search backend of image and text search: numpy (default) "
+                           "or faiss (exact, float32), "
                            "faiss-fp16 (float16 codes, faster on large indexes), ivfpq or "
                            "hnsw (approximate, for millions of images); all but numpy need "
                            "faiss-cpu")
@@ -503,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                                    backbone=args.backbone, index=args.index, settings=settings)
         else:
             result = search_text(args.text, k, images_dir=args.images_dir, by=args.text_by,
-                                 settings=settings)
+                                 index=args.index, settings=settings)
         figure = args.plot or Path(settings.results_dir) / (
             f"search_{datetime.now():%Y%m%d_%H%M%S}.png")
         result.figure = str(plot_results(result, figure, show=args.show))

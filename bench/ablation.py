@@ -9,7 +9,8 @@ same metrics, in one table.
     python -m bench.ablation --vlm-model-name HuggingFaceTB/SmolVLM-256M-Instruct --json
 
 Writes OUT_DIR/ablation.md (the machine, the settings, one table row per variant:
-BLEU-1, BLEU-4, METEOR, ROUGE-L, CIDEr-D, embedding similarity, verbatim copies,
+BLEU-1, BLEU-4, METEOR, ROUGE-L, CIDEr-D, CLIPScore, RefCLIPScore, embedding similarity,
+verbatim copies,
 captions/s, s/caption), OUT_DIR/ablation.json (the raw numbers, and every variant's
 prompts, neighbours, captions and per-image scores) and OUT_DIR/ablation.png (grouped
 bars of CIDEr-D and BLEU-4 per variant). OUT_DIR is --out-dir, default RESULTS_DIR.
@@ -84,9 +85,11 @@ seeded per generate call), so a second run would give the same captions.
 Scoring: metrics.evaluate_captions (COCO caption evaluation, pycocoevalcap) on the
 same experiment images for every variant, each generated caption against all of its
 image's human references (5 in Flickr8K), corpus scores; embedding similarity is
-the cosine to the best reference with CAPTION_EMBEDDING_MODEL. CIDEr-D takes its
-idf from the references of the images evaluated together, so only rows over the same
-images compare. A caption that failed (empty, or generation raised) is not scored:
+the cosine to the best reference with CAPTION_EMBEDDING_MODEL; CLIPScore and
+RefCLIPScore (clip_score.py) use METRIC_CLIP_MODEL, with the queries' retrieval image
+vectors when it is CLIP_MODEL_NAME (skipped, "—", where that model is not available).
+CIDEr-D takes its idf from the references of the images evaluated together, so only
+rows over the same images compare. A caption that failed (empty, or generation raised) is not scored:
 the "images" column counts the scored ones and the failures are listed. A metric
 that could not be computed shows "—" with the reason from metrics' "skipped".
 "copies" is the share of captions that repeat one of the captions in their prompt
@@ -152,7 +155,8 @@ DEFAULT_IMAGES = 50               # default subset: the first 50 experiment imag
 ALL = "all"                       # captions per neighbour: every caption
 MD_NAME, JSON_NAME, PNG_NAME = "ablation.md", "ablation.json", "ablation.png"
 REAL_COMMAND = "python -m bench.ablation --indices 0-399"
-TABLE_METRICS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+TABLE_METRICS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "CLIPScore",
+                 "RefCLIPScore")
 CHART_METRICS = ("CIDEr-D", "BLEU-4")
 # Salts of the per-image random streams, so two variants never share a draw.
 _SALT = {"random": 1}
@@ -406,6 +410,19 @@ class _Shared:
         self.train_vectors = np.asarray(train.vectors, dtype=np.float32)
         self._caption_index = None
         self._caption_vector_of = caption_vector_lookup(self.db)
+        self._clip_scorer = None
+
+    def clip_scorer(self):
+        """CLIPScore's scorer for every variant (items keyed by experiment index): the
+        queries' images, and their retrieval vectors when METRIC_CLIP_MODEL is the CLIP."""
+        if self._clip_scorer is None:
+            import clip_score
+            by_key = {str(q.index): q for q in self.queries}
+            self._clip_scorer = clip_score.scorer_for(
+                self.settings, retrieval=self.image_embedder,
+                image_of=lambda key: by_key[key].image,
+                known_vector=lambda key: by_key[key].vector)
+        return self._clip_scorer
 
     def memory(self, growing: bool) -> Memory:
         """The training pool; growing: the images captioned join it (in this process only)."""
@@ -591,15 +608,16 @@ def diversity(items: Sequence[dict[str, Any]], memory: Memory, threshold: float
 
 # --- scoring ------------------------------------------------------------------------------
 
-def score(items: Sequence[dict[str, Any]], caption_embedder, references_key: str = "references"
-          ) -> dict[str, Any]:
-    """metrics.evaluate_captions over the items that have a caption."""
+def score(items: Sequence[dict[str, Any]], caption_embedder, references_key: str = "references",
+          clip_scorer=None) -> dict[str, Any]:
+    """metrics.evaluate_captions over the items that have a caption; CLIPScore and
+    RefCLIPScore with `clip_scorer` (_Shared.clip_scorer)."""
     import metrics
     ok = [i for i in items if i.get("caption")]
     return metrics.evaluate_captions(
         {str(i["experiment_index"]): i["caption"] for i in ok},
         {str(i["experiment_index"]): i[references_key] for i in ok},
-        caption_embedder=caption_embedder)
+        caption_embedder=caption_embedder, clip_scorer=clip_scorer)
 
 
 def copied_prompt_caption(items: Sequence[dict[str, Any]]) -> float | None:
@@ -670,7 +688,8 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
             record = {"name": plan.name, "description": VARIANTS[plan.name].description,
                       "definition": plan.definition(), "summary": plan.summary(),
                       "same_as": None, **run_variant(plan, shared, progress)}
-            result = score(record["items"], shared.caption_embedder)
+            result = score(record["items"], shared.caption_embedder,
+                           clip_scorer=shared.clip_scorer())
             per_image = result.get("per_image", {})
             for item in record["items"]:
                 item["metrics"] = per_image.get(str(item["experiment_index"]), {})
@@ -686,7 +705,8 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
         report["total_seconds"] = round(time.perf_counter() - overall, 2)
         if plan.context == "oracle" or (plan.name == "baseline" and
                                         any(p.context == "oracle" for p in plans)):
-            report["oracle_comparison"] = _oracle_comparison(report, shared.caption_embedder)
+            report["oracle_comparison"] = _oracle_comparison(report, shared.caption_embedder,
+                                                             shared.clip_scorer())
         write_outputs(report, files)
     report["complete"] = True
     report["total_seconds"] = round(time.perf_counter() - overall, 2)
@@ -725,7 +745,8 @@ def _new_report(settings: config.Settings, shared: _Shared, names: list[str],
     }
 
 
-def _oracle_comparison(report: dict[str, Any], caption_embedder) -> dict[str, Any] | None:
+def _oracle_comparison(report: dict[str, Any], caption_embedder, clip_scorer=None
+                       ) -> dict[str, Any] | None:
     """Baseline's captions scored the oracle's way (against the held-out reference), so the
     oracle row has a like-for-like partner."""
     rows = {v["name"]: v for v in report["variants"]}
@@ -735,7 +756,7 @@ def _oracle_comparison(report: dict[str, Any], caption_embedder) -> dict[str, An
     held = {i["experiment_index"]: i["references"] for i in oracle["items"]}
     items = [{**i, "held_out": held[i["experiment_index"]]} for i in baseline["items"]
              if i["experiment_index"] in held]
-    result = score(items, caption_embedder, references_key="held_out")
+    result = score(items, caption_embedder, references_key="held_out", clip_scorer=clip_scorer)
     return {"baseline_against_held_out_reference": _metrics_record(result)}
 
 
@@ -854,11 +875,17 @@ def render_markdown(report: dict[str, Any]) -> str:
                       if isinstance(v["metrics"].get("embedding_similarity"), dict)), None)
     tokenizer = next((v["metrics"].get("tokenizer") for v in variants
                       if v["metrics"].get("tokenizer")), None)
+    clip = next((v["metrics"]["clip_score"] for v in variants
+                 if isinstance(v["metrics"].get("clip_score"), dict)), None)
     lines += [
         "Scoring: metrics.evaluate_captions (pycocoevalcap), corpus scores over the images "
         "above, each caption against all of its image's references (the oracle: see its "
         "note). Embedding similarity: cosine to the best reference"
-        + (f" with `{emb_model}`" if emb_model else "") + ". Copies: share of captions that "
+        + (f" with `{emb_model}`" if emb_model else "") + "."
+        + (f" CLIPScore: 2.5 x max(cos, 0) of the image and the caption with `{clip['model']}` "
+           f"({clip['precision']}), captions prefixed \"{clip['prefix']}\"; RefCLIPScore: its "
+           "harmonic mean with the best caption-reference cosine." if clip else "")
+        + " Copies: share of captions that "
         "repeat a caption of their own prompt verbatim (lowercased, punctuation removed). "
         f"Scenes: mean distinct scenes among an image's neighbours (neighbours linked by CLIP "
         f"image cosines above DEDUP_THRESHOLD {s['dedup_threshold']:g} are one scene). Words: "

@@ -302,7 +302,7 @@ def import_parquet(out_dir: str | os.PathLike, db_dir: str | os.PathLike,
     """
     from tqdm.auto import tqdm
 
-    from db_manager import DbManager, generated_caption_id
+    from db_manager import DbManager, generated_caption_entry
 
     out = Path(out_dir).expanduser()
     if not out.is_dir():
@@ -341,9 +341,8 @@ def import_parquet(out_dir: str | os.PathLike, db_dir: str | os.PathLike,
             part = table.slice(start, IMPORT_ROWS)
             image_ids = part.column("path").to_pylist()
             stamp = now()
-            captions = [{"id": generated_caption_id(image_id, vlm), "image_id": image_id,
-                         "caption": caption, "source": "generated", "model": vlm,
-                         "imported_from": source, "timestamp": stamp}
+            captions = [generated_caption_entry(image_id, caption, vlm, stamp,
+                                                imported_from=source)
                         for image_id, caption in zip(image_ids, part.column("caption").to_pylist())]
             added = db.add_images(image_ids, matrix(part.column("image_embedding")), captions,
                                   matrix(part.column("caption_embedding")), kind="imported")

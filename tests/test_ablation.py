@@ -63,7 +63,7 @@ def _rows(md: str) -> dict[str, list[str]]:
 
 
 def test_registry_resolves_and_dedupes():
-    settings = config.resolve(top_k_similar=5, captions_per_neighbour=2)
+    settings = config.resolve("batch", top_k_similar=5, captions_per_neighbour=2)
     plans = {name: ablation.resolve_plan(v, settings) for name, v in ablation.VARIANTS.items()}
     assert {"baseline", "no-retrieval", "nn-copy", "random-neighbours", "oracle-references",
             "k=0", "k=1", "k=3", "k=5", "k=10", "cpn=1", "cpn=all", "memory=frozen",
@@ -74,7 +74,7 @@ def test_registry_resolves_and_dedupes():
     assert plans["memory=growing"].memory == "growing" and plans["baseline"].memory == "frozen"
     assert plans["image-to-caption"].k == 10       # k x cpn captions
     assert plans["cpn=all"].per_neighbour == ablation.ALL
-    growing = config.resolve(memory="growing")
+    growing = config.resolve("batch", memory="growing")
     assert ablation.resolve_plan(ablation.VARIANTS["baseline"], growing).memory == "growing"
     assert len({p.signature for p in plans.values()}) == len(plans) - 3
     # selections: the pipeline's, each variant its own; "auto" guards near-dup-guard only
@@ -82,7 +82,7 @@ def test_registry_resolves_and_dedupes():
     assert (plans["mmr"].selection, plans["dedup"].selection) == ("mmr", "dedup")
     assert plans["near-dup-guard"].near_duplicate_threshold == 0.95
     assert plans["baseline"].near_duplicate_threshold == plans["mmr"].near_duplicate_threshold == 0
-    given = config.resolve(near_duplicate_threshold=0.9, neighbour_selection="dedup")
+    given = config.resolve("batch", near_duplicate_threshold=0.9, neighbour_selection="dedup")
     plans = {name: ablation.resolve_plan(v, given) for name, v in ablation.VARIANTS.items()}
     assert plans["baseline"].near_duplicate_threshold == 0.9 == plans["mmr"].near_duplicate_threshold
     assert plans["near-dup-guard"].signature == plans["dedup"].signature  # = baseline now
@@ -207,9 +207,15 @@ def test_grid_runs_every_variant_on_the_same_images(settings_kwargs, tmp_path, n
     md = files["md"].read_text()
     table = _rows(md)
     assert list(table) == GRID
-    assert "| variant | images | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | " \
-           "embedding similarity |" in md
-    assert all(len(cells) == 13 for cells in table.values())
+    assert "| variant | images | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | CLIPScore | " \
+           "RefCLIPScore | embedding similarity |" in md
+    assert all(len(cells) == 15 for cells in table.values())
+    # CLIPScore / RefCLIPScore: a column each, from the CLIP of retrieval (its query vectors)
+    assert table["baseline"][7] == f"{rows['baseline']['metrics']['CLIPScore']:.4f}"
+    assert table["baseline"][8] == f"{rows['baseline']['metrics']['RefCLIPScore']:.4f}"
+    assert rows["baseline"]["metrics"]["clip_score"]["image_vectors"] == \
+        "4 of 4 reused from retrieval"
+    assert f"with `{settings_kwargs['clip_model_name']}` (float32)" in md
     assert "| copies | scenes | words |" in md
     assert table["baseline"][4].startswith("— ")          # METEOR skipped, with a footnote
     assert f"METEOR: {METEOR_SKIPPED}" in md

@@ -52,7 +52,7 @@ def prepared(tiny_clip, tiny_vlm, minilm, flickr_dir, tmp_path_factory) -> Path:
     a finished batch run over experiments 0 and 1 (results/runs/demo/)."""
     root = tmp_path_factory.mktemp("app")
     kwargs = dict(dataset_name=flickr_dir, experiment_samples=4, clip_model_name=tiny_clip,
-                  vlm_model_name=tiny_vlm, caption_embedding_model=minilm, max_new_tokens=8,
+                  metric_clip_model=tiny_clip, vlm_model_name=tiny_vlm, caption_embedding_model=minilm, max_new_tokens=8,
                   batch_size=4, device="cpu", db_dir=str(root / "db"),
                   results_dir=str(root / "results"), cache_dir=str(root / "cache"))
     main.initialize_system(**kwargs)
@@ -152,7 +152,7 @@ def test_save_to_memory_appends_one_entry(memory, settings, photo):
     entry = list(db.entries())[-1]
     assert entry.id == generated_caption_id(r["image_id"], settings.vlm_model_name)
     assert entry.image_id == r["image_id"] and entry.caption == r["caption"]
-    assert entry.source == "generated" and entry.experiment_index == -1
+    assert entry.source == "generated" and entry.experiment_index is None  # an upload
     rows = db.image_rows()
     assert rows.ids[-1] == r["image_id"] and rows.kinds[-1] == "experiment"
     assert (Path(settings.db_dir) / app.UPLOADS / r["image_id"]).exists()
@@ -308,6 +308,9 @@ def test_runs_tab_shows_metrics_captions_and_the_ablation_chart(prepared, memory
     first = memory.experiment_sample(0)
     assert r["rows"][0][1] == first.image_id and r["rows"][0][4] == " | ".join(first.captions)
     assert r["rows"][0][3] and r["gallery"][0][1].startswith("#0 generated: ")
+    assert "| CLIPScore |" in r["metrics"] and "| RefCLIPScore |" in r["metrics"]
+    assert r["columns"][-2:] == ["CLIPScore", "RefCLIPScore"]
+    assert all(isinstance(row[-1], float) and isinstance(row[-2], float) for row in r["rows"])
     assert Image.open(r["gallery"][0][0]).size[0] > 50
 
     make_image(7, (300, 200)).save(Path(settings.results_dir) / "ablation.png")

@@ -151,15 +151,34 @@ def test_killed_run_resumes_with_every_index_exactly_once(pipeline_env, settings
     assert len(generated) == len(set(generated)) == 4
 
 
-def test_cli_all_and_evaluate(settings_kwargs, capsys):
+def test_cli_all_and_evaluate(settings_kwargs, capsys, monkeypatch):
     args = [f"--{k.replace('_', '-')}={v}" for k, v in settings_kwargs.items()]
     assert main.main(args + ["--indices", "0-1", "--run-name", "cli"]) == 0
     out = capsys.readouterr().out
     assert "run cli: 2 finished, 0 failed" in out and "BLEU-4" in out
     run_dir = Path(settings_kwargs["results_dir"]) / "runs" / "cli"
+    # CLIPScore / RefCLIPScore: corpus and per image, their CLIP recorded beside them, the
+    # images' vectors those retrieval stored (METRIC_CLIP_MODEL is the run's CLIP)
+    data = json.loads((run_dir / "summary.json").read_text())
+    clip = settings_kwargs["clip_model_name"]
+    assert {"CLIPScore", "RefCLIPScore"} <= set(data["metrics"])
+    assert data["metrics"]["clip_score"]["model"] == clip
+    assert data["metrics"]["clip_score"]["image_vectors"] == "2 of 2 reused from retrieval"
+    assert all({"CLIPScore", "RefCLIPScore"} <= set(i["metrics"]) for i in data["items"])
+    rows = list(csv.DictReader((run_dir / "summary.csv").open()))
+    assert rows[0]["CLIPScore"] != "" and rows[0]["RefCLIPScore"] != ""
+
+    import image_embedder
+    embedded = []
+    monkeypatch.setattr(image_embedder.ImageEmbedder, "embed",
+                        lambda self, images, *a, **k: embedded.append(self.name))
     (run_dir / "summary.json").unlink()
     assert main.main(args + ["--evaluate", str(run_dir)]) == 0
-    assert (run_dir / "summary.json").exists()
+    assert (run_dir / "summary.json").exists() and embedded == []   # nothing embedded again
+    out = capsys.readouterr().out
+    assert f"| CLIPScore | {data['metrics']['CLIPScore']:.4f} |" in out
+    assert f"| RefCLIPScore | {data['metrics']['RefCLIPScore']:.4f} |" in out
+    assert f"CLIPScore, RefCLIPScore: {clip} (float32)" in out
     assert main.main(args + ["--all", "--indices", "1"]) == 1
     assert "not both" in capsys.readouterr().err
     assert main.main(args + ["--evaluate", str(run_dir / "nothing")]) == 1

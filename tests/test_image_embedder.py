@@ -76,11 +76,11 @@ def test_embed_reads_the_next_batch_while_the_model_runs(embedder, monkeypatch):
     # The generator is read by the prefetch thread: the first image of batch 2 is
     # read before the model has finished batch 1 (decoding overlaps the forward).
     events = []
-    original = embedder._encode
+    original = embedder.model.get_image_features     # the model's forward (transformers' API)
 
-    def slow_encode(pixels):
+    def slow_forward(**inputs):
         time.sleep(0.2)
-        out = original(pixels)
+        out = original(**inputs)
         events.append("encoded")
         return out
 
@@ -88,7 +88,7 @@ def test_embed_reads_the_next_batch_while_the_model_runs(embedder, monkeypatch):
         for i in range(N_IMAGES):
             events.append(f"read {i}")
             yield make_image(i)
-    monkeypatch.setattr(embedder, "_encode", slow_encode)
+    monkeypatch.setattr(embedder.model, "get_image_features", slow_forward)
     monkeypatch.setattr(embedder, "overlap", True)  # the default on GPUs
     embedder.embed(images())
     assert events.index(f"read {embedder.batch_size}") < events.index("encoded")
@@ -224,23 +224,30 @@ def load(image_id: str):
 
 @pytest.fixture
 def count_forward(monkeypatch):
-    """Wrap an embedder's `_encode` so each test can see whether the model ran."""
+    """Wrap an embedder's model forward (transformers' get_image_features for CLIP-like
+    models, forward for plain backbones) so each test can see whether the model ran,
+    and on how many images."""
     def wrap(embedder: ImageEmbedder) -> list[int]:
         calls = []
-        original = embedder._encode
+        name = _forward_of(embedder)
+        original = getattr(embedder.model, name)
 
-        def counting(batch):
-            calls.append(len(batch))
-            return original(batch)
-        monkeypatch.setattr(embedder, "_encode", counting)
+        def counting(*args, **inputs):
+            calls.append(len(inputs["pixel_values"]))
+            return original(*args, **inputs)
+        monkeypatch.setattr(embedder.model, name, counting)
         return calls
     return wrap
 
 
+def _forward_of(embedder: ImageEmbedder) -> str:
+    return "get_image_features" if embedder.uses_image_features else "forward"
+
+
 def _model_must_not_run(monkeypatch, embedder):
-    def fail(batch):
+    def fail(*args, **inputs):
         raise AssertionError("the model ran although the cache should have been used")
-    monkeypatch.setattr(embedder, "_encode", fail)
+    monkeypatch.setattr(embedder.model, _forward_of(embedder), fail)
 
 
 def test_embed_pool_returns_ids_and_their_embeddings(embedder, tmp_path):

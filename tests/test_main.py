@@ -145,8 +145,13 @@ def test_training_pool_embeddings_are_cached(settings_kwargs, tmp_path, monkeypa
     main.initialize_system(**settings_kwargs)
     assert list(Path(settings_kwargs["cache_dir"]).glob("image_embeddings/*.npy"))
     import image_embedder
-    monkeypatch.setattr(image_embedder.ImageEmbedder, "_encode",
-                        lambda *a: pytest.fail("training pool embedded again"))
+    real = image_embedder.ImageEmbedder.embed
+
+    def embed(self, images, *args, **kwargs):
+        images = list(images)
+        assert not images, "training pool embedded again"
+        return real(self, images, *args, **kwargs)
+    monkeypatch.setattr(image_embedder.ImageEmbedder, "embed", embed)
     main.initialize_system(**{**settings_kwargs, "db_dir": str(tmp_path / "fresh-db")})
 
 

@@ -144,3 +144,21 @@ def test_pairs_of_hand_made_vectors():
     assert pairs == [near_duplicates.Pair(7, "q0", "a", pytest.approx(1.0))]
     with pytest.raises(UserError, match="--threshold must be a cosine"):
         near_duplicates.check_threshold(0)
+
+
+def test_the_figure_replaces_the_old_one_whole(tmp_path):
+    from PIL import Image
+    path = tmp_path / "results" / near_duplicates.FIGURE_NAME
+    path.parent.mkdir()
+    path.write_bytes(b"an old figure")
+    report = near_duplicates.Report(0.95, "clip", 2, 4, (
+        near_duplicates.Pair(0, "a.jpg", "b.jpg", 0.99),
+        near_duplicates.Pair(1, "c.jpg", "gone.jpg", 0.97)))
+
+    def load(image_id):
+        if image_id == "gone.jpg":
+            raise UserError("no such image")          # drawn as unreadable, not fatal
+        return Image.new("RGB", (32, 24), "red")
+    assert near_duplicates.plot_pairs(report, load, path) == path
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert [p.name for p in path.parent.iterdir()] == [near_duplicates.FIGURE_NAME]

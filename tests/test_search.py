@@ -57,13 +57,15 @@ def test_folder_search_is_recursive_and_incremental(photos, settings_kwargs, mon
     assert first.hits[0].image_id == "b/c/p4.png" and first.indexed == 6
     assert first.index_update.startswith("0 unchanged, 6 new")
     import image_embedder
-    calls = []
-    real = image_embedder.ImageEmbedder._encode
+    calls = []    # images embedded, per call that embedded any
+    real = image_embedder.ImageEmbedder.embed
 
-    def counting(self, pixels):
-        calls.append(len(pixels))
-        return real(self, pixels)
-    monkeypatch.setattr(image_embedder.ImageEmbedder, "_encode", counting)
+    def counting(self, images, *args, **kwargs):
+        vectors = real(self, images, *args, **kwargs)
+        if len(vectors):
+            calls.append(len(vectors))
+        return vectors
+    monkeypatch.setattr(image_embedder.ImageEmbedder, "embed", counting)
     again = search.search_images(str(photos / "a/p1.jpg"), 2, images_dir=str(photos),
                                  **settings_kwargs)
     assert again.index_update.startswith("6 unchanged, 0 new") and calls == [1]  # only the query
@@ -323,6 +325,54 @@ def test_text_search_of_the_memory_by_captions_clip_or_both(clip_memory):
     assert both.indexed == len(dataset.train)
 
 
+def test_text_search_shows_the_top_of_the_full_ranking(clip_memory):
+    dataset, kwargs = clip_memory
+    text = captions_for(7)[0]
+    for by in ("captions", "clip"):
+        everything = search.search_text(text, len(dataset.train), by=by, **kwargs)
+        assert len(everything.hits) == everything.indexed == len(dataset.train)
+        for k in (1, 3, 5):
+            top = search.search_text(text, k, by=by, **kwargs)
+            assert top.indexed == everything.indexed
+            assert [(h.image_id, h.score, h.caption) for h in top.hits] == [
+                (h.image_id, h.score, h.caption) for h in everything.hits[:k]]
+
+
+@pytest.mark.parametrize("by", ["captions", "clip", "both"])
+def test_text_search_with_faiss_finds_what_numpy_finds(clip_memory, capsys, tmp_path,
+                                                       monkeypatch, by):
+    faiss = pytest.importorskip("faiss")
+    dataset, kwargs = clip_memory
+    text = captions_for(9)[0]
+    flat_indexes, real = [], faiss.IndexFlatIP
+    monkeypatch.setattr(faiss, "IndexFlatIP", lambda dim: flat_indexes.append(dim) or real(dim))
+    runs, built = {}, {}
+    for index in ("numpy", "faiss"):
+        flat_indexes.clear()
+        assert search.main(cli(kwargs, "--text", text, "--text-by", by, "--topk", "5",
+                               "--index", index, "--json", "--plot",
+                               str(tmp_path / f"{index}.png"))) == 0
+        runs[index], built[index] = json.loads(capsys.readouterr().out), len(flat_indexes)
+    assert built == {"numpy": 0, "faiss": 2 if by == "both" else 1}  # one index per ranking
+    numpy_hits, faiss_hits = runs["numpy"]["hits"], runs["faiss"]["hits"]
+    assert len(numpy_hits) == 5 and runs["faiss"]["indexed"] == runs["numpy"]["indexed"]
+    assert [(h["image_id"], h["caption"], h["ranks"]) for h in faiss_hits] == [
+        (h["image_id"], h["caption"], h["ranks"]) for h in numpy_hits]
+    assert [h["score"] for h in faiss_hits] == pytest.approx([h["score"] for h in numpy_hits],
+                                                             abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["faiss-fp16", "ivfpq", "hnsw"])
+def test_text_search_reaches_every_index_backend(clip_memory, backend):
+    pytest.importorskip("faiss")
+    dataset, kwargs = clip_memory
+    sample = dataset.train[4]
+    text = captions_for([image_name(i) for i in range(16)].index(sample.image_id))[0]
+    for by in ("captions", "clip"):
+        found = search.search_text(text, 3, by=by, index=backend, **kwargs)
+        assert found.hits[0].image_id == sample.image_id and len(found.hits) == 3
+
+
 def test_a_korean_query_works_end_to_end(clip_memory, tmp_path, capsys, monkeypatch, recwarn):
     dataset, kwargs = clip_memory
     figure = tmp_path / "ko.png"
@@ -425,7 +475,7 @@ def test_the_first_text_search_embeds_the_human_captions_once(settings_kwargs, m
 
 KILLED_SEARCH = """
 import time
-import caption_embedder, pipeline, search
+import caption_embedder, memory, search
 memory.EMBED_CHUNK = 8
 real = caption_embedder.CaptionEmbedder.embed_captions
 
