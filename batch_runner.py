@@ -8,7 +8,8 @@
 A run lives in RESULTS_DIR/runs/<run-name>/:
   manifest.json   settings, versions, indices, start and end times
   items/N.json    one file per finished (or failed) experiment, written atomically
-  summary.json    corpus metrics (with the CLIP of CLIPScore in metrics.clip_score)
+  summary.json    corpus metrics (with the CLIP of CLIPScore in metrics.clip_score;
+                  per domain too where the collection gives domains: NoCaps)
                   + one record per image
   summary.csv     one row per image: id, captions, references, neighbours, metrics, timings
 
@@ -29,7 +30,7 @@ import logging
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import config
 from errors import UserError
@@ -53,6 +54,22 @@ def parse_indices(spec: str, samples: int) -> list[int]:
             raise UserError(f"--indices: {last} is out of range: choose 0 to {samples - 1}")
         indices.extend(range(first, last + 1))
     return list(dict.fromkeys(indices))
+
+
+def indices_spec(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5" (parse_indices' inverse, for messages and commands)."""
+    parts: list[str] = []
+    run: list[int] = []
+    for i in indices:
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [i]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
 
 
 def default_run_name(settings: config.Settings) -> str:
@@ -165,8 +182,8 @@ def read_items(run_dir: Path) -> list[dict[str, Any]]:
 
 def summarize(run_dir: str | Path, settings: config.Settings | None = None,
               **overrides: Any) -> dict[str, Any]:
-    """summary.json + summary.csv of a run directory, with caption metrics."""
-    import metrics
+    """summary.json + summary.csv of a run directory, with caption metrics (overall,
+    and per domain where the items have one)."""
     from models import load_models
 
     run_dir = Path(run_dir)
@@ -181,12 +198,12 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
         run_settings = _run_settings(settings, manifest)
         embedder = load_models(run_settings).caption_embedder
         clip = _clip_scorer(run_settings, ok)
-    scores = metrics.evaluate_captions(
-        {str(i["experiment_index"]): i["generated_caption"] for i in ok},
-        {str(i["experiment_index"]): i["original_captions"] for i in ok},
-        caption_embedder=embedder, clip_scorer=clip) if ok else \
-        {"skipped": {"all": "no finished experiments"}}
+    scores = _score(ok, embedder, clip)
     per_image = scores.pop("per_image", {})
+    # NoCaps-style collections: the metrics of each domain's images besides the overall ones
+    by_domain = {domain: {k: v for k, v in _score([i for i in ok if i.get("domain") == domain],
+                                                  embedder, clip).items() if k != "per_image"}
+                 for domain in sorted({i["domain"] for i in ok if i.get("domain")})}
     for item in items:
         item["metrics"] = per_image.get(str(item["experiment_index"]), {})
     failed = [i for i in items if i.get("status") != "ok"]
@@ -194,6 +211,7 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
     summary = {"run": manifest["run"], "settings": manifest["settings"],
                "experiments": len(items), "finished": len(ok), "failed": len(failed),
                "metrics": scores,
+               **({"metrics_by_domain": by_domain} if by_domain else {}),
                "near_duplicates": _near_duplicates(manifest, ok,
                                                    config.settings_of(settings, overrides)),
                "seconds_per_caption": round(sum(seconds) / len(seconds), 4) if seconds else None,
@@ -204,6 +222,29 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
     _write_json(run_dir / "summary.json", summary)
     _write_csv(run_dir / "summary.csv", items)
     return summary
+
+
+def _score(items: list[dict[str, Any]], embedder, clip) -> dict[str, Any]:
+    """metrics.evaluate_captions over finished items, keyed by experiment index."""
+    import metrics
+    if not items:
+        return {"skipped": {"all": "no finished experiments"}}
+    return metrics.evaluate_captions(
+        {str(i["experiment_index"]): i["generated_caption"] for i in items},
+        {str(i["experiment_index"]): i["original_captions"] for i in items},
+        caption_embedder=embedder, clip_scorer=clip)
+
+
+def format_by_domain(by_domain: dict[str, dict[str, Any]]) -> str:
+    """One row per domain: its images and corpus metrics (markdown)."""
+    import metrics
+    names = [m for m in metrics.CORPUS_METRICS if any(m in r for r in by_domain.values())]
+    lines = ["### Caption metrics by domain", "",
+             "| domain | images | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    for domain, result in by_domain.items():
+        cells = [f"{result[m]:.4f}" if m in result else "-" for m in names]
+        lines.append(f"| {domain} | {result.get('images', 0)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # The run's own models and data (from its manifest) for scoring it: the data set and
@@ -341,6 +382,8 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
                      + ("kept out of their prompts)" if near["guarded"] else
                         "NOT guarded: their twins' captions may be in the prompts)"))
     lines.append(metrics.format_report(summary["metrics"]))
+    if summary.get("metrics_by_domain"):
+        lines += ["", format_by_domain(summary["metrics_by_domain"])]
     return "\n".join(lines)
 
 

@@ -79,6 +79,10 @@ class DbIdentity:
     # (memory.for_database fills CAPTION_DOCUMENT_PROMPT "" for them).
     query_prompt: str | None = None
     document_prompt: str | None = None
+    # SPLIT and MEMORY_DATASET (a local one by its absolute path), recorded like the seed
+    # (last, so that positional DbIdentity(...) calls keep their meaning)
+    split_name: str | None = None
+    memory_dataset: str | None = None
 
 
 # Caption prompts, in state.json and the caption_embeddings.json header (when recorded).
@@ -110,6 +114,8 @@ class DbState:
     # Caption rows with no vector yet, as [start, end) ranges (human captions are
     # embedded when something first needs them); () for every database before.
     unembedded: tuple[tuple[int, int], ...] = ()
+    split_name: str | None = None           # SPLIT and MEMORY_DATASET, when recorded
+    memory_dataset: str | None = None
 
     def but(self, **changes: Any) -> "DbState":
         """A copy with `changes`."""
@@ -230,7 +236,10 @@ def read_jsonl(path: Path, start: int, end: int) -> list[dict[str, Any]]:
             blob = f.read(end - start)
         if len(blob) != end - start:
             raise ValueError("file is shorter than committed")
-        return [orjson.loads(line) for line in blob.splitlines()]
+        # One parse of the lines as a JSON array: 3x faster than a parse per line at
+        # COCO's 566,747 captions (a line holds no raw newline: JSON escapes it).
+        body = blob.rstrip(b"\n").replace(b"\n", b",")
+        return orjson.loads(b"[" + body + b"]")
     except (OSError, ValueError) as exc:
         raise UserError(f"working copy file {path} is damaged ({exc}); {REPAIR}") from None
 
@@ -246,18 +255,28 @@ def map_vectors(path: Path, rows: int, dim: int) -> np.ndarray:
     return np.memmap(path, dtype=np.float32, mode="r", shape=(rows, dim)).view(np.ndarray)
 
 
-def new_rows(db_dir: Path, old: DbState | None, new: DbState) -> tuple[list[dict], list[dict]]:
-    """The image entries and caption entries committed after `old` (all, if None)."""
+def new_rows(db_dir: Path, old: DbState | None, new: DbState, captions: bool = True
+             ) -> tuple[list[dict], list[dict]]:
+    """The image entries and caption entries committed after `old` (all, if None);
+    `captions=False`: the image entries only (the captions are read when needed)."""
     work = db_dir / WORK
     start = old.bytes if old is not None else {}
     images = read_jsonl(work / IMAGE_META, start.get(f"{WORK}/{IMAGE_META}", 0),
                         new.bytes[f"{WORK}/{IMAGE_META}"])
+    if len(images) != new.images - (old.images if old else 0):
+        raise UserError(f"the working copy in {work} does not match its state; {REPAIR}")
+    return images, read_caption_rows(db_dir, old, new) if captions else []
+
+
+def read_caption_rows(db_dir: Path, old: DbState | None, new: DbState) -> list[dict]:
+    """The caption entries committed after `old` (all, if None)."""
+    work = db_dir / WORK
+    start = old.bytes if old is not None else {}
     captions = read_jsonl(work / CAPTION_META, start.get(f"{WORK}/{CAPTION_META}", 0),
                           new.bytes[f"{WORK}/{CAPTION_META}"])
-    if len(images) != new.images - (old.images if old else 0) or \
-            len(captions) != new.captions - (old.captions if old else 0):
+    if len(captions) != new.captions - (old.captions if old else 0):
         raise UserError(f"the working copy in {work} does not match its state; {REPAIR}")
-    return images, captions
+    return captions
 
 
 def check_json_end(path: Path, size: int) -> None:
@@ -304,5 +323,6 @@ def path_of(db_dir: Path, name: str) -> Path:
 
 
 __all__ = ["DbIdentity", "DbState", "as_ranges", "FILES", "IMAGE_DB", "CAPTION_DB", "CAPTION_EMBEDDING_DB",
-           "generated_caption_id", "read_state", "headers", "new_rows", "map_vectors",
+           "generated_caption_id", "read_state", "headers", "new_rows", "read_caption_rows",
+           "map_vectors",
            "check_json_end"]

@@ -52,8 +52,10 @@ Everything else reads a database through its methods, never its fields:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from operator import itemgetter
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -69,7 +71,7 @@ from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, CAPTION_VECTORS, FILES,
                        DbState,
                        as_vectors, check_dim, check_json_end, check_unique,
                        generated_caption_entry, generated_caption_id,
-                       map_vectors, new_rows, read_state)
+                       map_vectors, new_rows, read_caption_rows, read_state)
 from errors import DatabaseConflict, UserError
 
 log = logging.getLogger(__name__)
@@ -167,7 +169,8 @@ class DbManager:
         self._state: DbState | None = None
         self._image_ids: list[str] = []
         self._image_kinds: list[str] = []
-        self._captions: list[dict[str, Any]] = []
+        # The caption entries, read on first use (see `_caption_dicts`); None: not read yet
+        self._captions: list[dict[str, Any]] | None = []
         self._image_vectors = np.zeros((0, 0), dtype=np.float32)
         # One row per caption; zeros for a caption without a vector (missing_caption_rows)
         self._caption_vectors = np.zeros((0, 0), dtype=np.float32)
@@ -197,7 +200,7 @@ class DbManager:
         if not db._needs_seed:
             db._check_identity()
             log.info("database %s: %d images, %d captions", db.db_dir, len(db._image_ids),
-                     len(db._captions))
+                     db._state.captions)
         return db
 
     def _open_locked(self) -> None:
@@ -243,7 +246,8 @@ class DbManager:
         if self._state.split != want.split:
             raise UserError(f"database {self.db_dir} was built with split {self._state.split!r}, "
                             f"not {want.split!r}: use another --db-dir for these settings, or "
-                            "set --dataset-name / --random-seed / --experiment-samples back")
+                            "set --dataset-name / --split / --memory-dataset / --random-seed / "
+                            "--experiment-samples back")
         if want.query_prompt is not None and want.document_prompt is not None:
             self.check_caption_prompts(want.query_prompt, want.document_prompt)
 
@@ -295,26 +299,52 @@ class DbManager:
 
     def caption_rows(self) -> CaptionRows:
         """Every caption's id, image id and vector, in row order."""
-        return CaptionRows(tuple(c["id"] for c in self._captions),
-                           tuple(c["image_id"] for c in self._captions), self._caption_vectors)
+        captions = self._caption_dicts
+        return CaptionRows(tuple(map(itemgetter("id"), captions)),
+                           tuple(map(itemgetter("image_id"), captions)), self._caption_vectors)
 
     def missing_caption_rows(self) -> list[int]:
         """Caption rows without a vector yet (add_caption_vectors gives them theirs)."""
         return self._state.missing_rows() if self._state else []
 
+    @property
+    def _caption_dicts(self) -> list[dict[str, Any]]:
+        """Every caption entry ({"id", "image_id", "caption", "source", ...}), in row
+        order. Read from the working copy on first use: opening a COCO-sized memory
+        (566,747 captions, ~2 s to parse) need not wait for them, and an image search
+        never reads them."""
+        if self._captions is None:
+            self._captions, self._caption_pos = [], {}
+            self._add_captions(read_caption_rows(self.db_dir, None, self._state), 0)
+        return self._captions
+
+    def _add_captions(self, entries: list[dict[str, Any]], first: int) -> None:
+        """Index caption rows first, first + 1, ... (by id, and by image once built)."""
+        self._captions += entries
+        # dict.update builds the index in C: a COCO memory has 566,747 captions
+        self._caption_pos.update(zip(map(itemgetter("id"), entries), itertools.count(first)))
+        if self._by_image is not None:
+            for row, entry in enumerate(entries, start=first):
+                self._by_image.setdefault(entry["image_id"], []).append(row)
+
+    def _caption_index(self) -> dict[str, int]:
+        """Caption id -> row (reading the captions first if they are not yet)."""
+        self._caption_dicts  # noqa: B018
+        return self._caption_pos
+
     def has_caption(self, caption_id: str) -> bool:
         """Whether a caption with this id (e.g. generated_caption_id(...)) is stored."""
-        return caption_id in self._caption_pos
+        return caption_id in self._caption_index()
 
     def caption(self, caption_id: str) -> CaptionEntry | None:
         """The caption with this id; None if there is none."""
-        row = self._caption_pos.get(caption_id)
+        row = self._caption_index().get(caption_id)
         return None if row is None else self._entry(row)
 
     def entries(self, rows: Iterable[int] | None = None) -> Iterator[CaptionEntry]:
         """Caption records in row order (or those of `rows`), each made as it is
         read: a 567k-caption database is not turned into records on opening."""
-        for row in range(len(self._captions)) if rows is None else rows:
+        for row in range(len(self._caption_dicts)) if rows is None else rows:
             yield self._entry(int(row))
 
     def entries_of(self, image_id: str) -> list[CaptionEntry]:
@@ -323,19 +353,19 @@ class DbManager:
 
     def captions_of(self, image_id: str) -> list[str]:
         """Human captions of an image; its generated captions if it has none."""
-        entries = [self._captions[row] for row in self._rows_of(image_id)]
+        entries = [self._caption_dicts[row] for row in self._rows_of(image_id)]
         human = [c["caption"] for c in entries if c["source"] == "human"]
         return human or [c["caption"] for c in entries]
 
     def _rows_of(self, image_id: str) -> list[int]:
         if self._by_image is None:  # indexed on first use; _adopt keeps it up to date
-            self._by_image = {}
-            for row, entry in enumerate(self._captions):
+            captions, self._by_image = self._caption_dicts, {}  # read them first (they index it)
+            for row, entry in enumerate(captions):
                 self._by_image.setdefault(entry["image_id"], []).append(row)
         return self._by_image.get(image_id, [])
 
     def _entry(self, row: int) -> CaptionEntry:
-        c = self._captions[row]
+        c = self._caption_dicts[row]
         return CaptionEntry(c["id"], c["image_id"], c["caption"], c["source"], row,
                             c.get("model"), c.get("experiment_index"), c.get("timestamp"),
                             c.get("imported_from"))
@@ -345,7 +375,7 @@ class DbManager:
         state = state or read_state(self._work / STATE)
         for name in FILES:
             check_json_end(self.db_dir / name, state.bytes[name])
-        self._image_ids, self._image_kinds, self._captions = [], [], []
+        self._image_ids, self._image_kinds, self._captions = [], [], None
         self._state = None
         self._adopt(state)
         self._needs_seed = False
@@ -353,11 +383,12 @@ class DbManager:
     def _adopt(self, state: DbState) -> None:
         """Extend the in-memory copy with the rows committed after self._state."""
         old = self._state
-        images, captions = new_rows(self.db_dir, old, state)
+        # captions not read yet (a full load): left to the first use of `_caption_dicts`
+        read = self._captions is not None
+        images, captions = new_rows(self.db_dir, old, state, captions=read)
         self._state = state
         self._image_ids += [e["image_id"] for e in images]
         self._image_kinds += [e["kind"] for e in images]
-        self._captions += captions
         self._image_vectors = map_vectors(self._work / IMAGE_VECTORS, state.images,
                                           state.image_dim)
         self._caption_vectors = map_vectors(self._work / CAPTION_VECTORS, state.captions,
@@ -365,13 +396,10 @@ class DbManager:
         if old is None:  # a full load
             self._image_pos, self._caption_pos, self._by_image = {}, {}, None
         # Index only the new rows, so an append costs the same at 1k or 100k entries.
-        for n in range(old.images if old else 0, len(self._image_ids)):
-            self._image_pos[self._image_ids[n]] = n
-        for n in range(old.captions if old else 0, len(self._captions)):
-            entry = self._captions[n]
-            self._caption_pos[entry["id"]] = n
-            if self._by_image is not None:
-                self._by_image.setdefault(entry["image_id"], []).append(n)
+        self._image_pos.update(zip(map(itemgetter("image_id"), images),
+                                   itertools.count(old.images if old else 0)))
+        if read:
+            self._add_captions(captions, old.captions if old else 0)
 
     def _refresh(self) -> None:
         """Merge what other processes committed since we loaded (call under the lock)."""
@@ -429,6 +457,7 @@ class DbManager:
                             captions=len(captions), unembedded=unembedded,
                             random_seed=ident.random_seed,
                             experiment_samples=ident.experiment_samples,
+                            split_name=ident.split_name, memory_dataset=ident.memory_dataset,
                             **({"query_prompt": ident.query_prompt,
                                 "document_prompt": ident.document_prompt}
                                if ident.query_prompt is not None
@@ -437,7 +466,7 @@ class DbManager:
                               image_vectors, [dict(c) for c in captions], caption_vectors)
             self._load()
         log.info("created database %s: %d images, %d captions", self.db_dir,
-                 len(self._image_ids), len(self._captions))
+                 len(self._image_ids), self._state.captions)
 
     def add_experiment(self, image_id: str, image_vector: np.ndarray, caption: str,
                        caption_vector: np.ndarray, vlm_model: str, experiment_index: int | None,
@@ -456,7 +485,7 @@ class DbManager:
             state = self._state
             check_dim(image_vector, state.image_dim, IMAGE_DB)
             check_dim(caption_vector, state.caption_dim, CAPTION_EMBEDDING_DB)
-            row = self._caption_pos.get(entry["id"])
+            row = self._caption_index().get(entry["id"])
             if row is not None:
                 self._write(db_journal.replace_record(self.db_dir, state, row, entry,
                                                       caption_vector))
@@ -498,7 +527,8 @@ class DbManager:
             self._refresh()  # what other processes added counts as already stored
             state = self._state
             new_images = [n for n, i in enumerate(image_ids) if i not in self._image_pos]
-            new_captions = [n for n, c in enumerate(captions) if c["id"] not in self._caption_pos]
+            known = self._caption_index()
+            new_captions = [n for n, c in enumerate(captions) if c["id"] not in known]
             if image_vectors is not None:
                 check_dim(image_vectors[0], state.image_dim, IMAGE_DB)
             if caption_vectors is not None:
@@ -539,14 +569,14 @@ class DbManager:
                 return 0
             check_dim(vectors[0], state.caption_dim, CAPTION_EMBEDDING_DB)
             self._write(db_journal.embed_record(
-                state.seq + 1, [r for r, _ in todo], [self._captions[r] for r, _ in todo],
+                state.seq + 1, [r for r, _ in todo], [self._caption_dicts[r] for r, _ in todo],
                 vectors[[n for _, n in todo]]))
         return len(todo)
 
     def _write(self, record: dict[str, Any]) -> None:
         """One journaled write (under the lock), then the in-memory copy follows it."""
         db_journal.build_slots(self.db_dir, self._state)
-        new = db_journal.write(self.db_dir, self._state, record, self._captions)
+        new = db_journal.write(self.db_dir, self._state, record, self._caption_dicts)
         try:
             row = record.get("replace")
             if row is None:
@@ -555,9 +585,9 @@ class DbManager:
                 self._load(new)
             else:  # one row changed in place; the vector map shows it already
                 self._state = new
-                if self._captions[row]["image_id"] != record["caption"]["image_id"]:
+                if self._caption_dicts[row]["image_id"] != record["caption"]["image_id"]:
                     self._by_image = None
-                self._captions[row] = record["caption"]
+                self._caption_dicts[row] = record["caption"]
         finally:
             db_journal.finish(self.db_dir)
 
@@ -566,7 +596,8 @@ class DbManager:
 # exists uses them unless told otherwise (config.resolve).
 RECORDED = (("clip_model", "CLIP_MODEL_NAME"), ("caption_model", "CAPTION_EMBEDDING_MODEL"),
             ("dataset", "DATASET_NAME"), ("random_seed", "RANDOM_SEED"),
-            ("experiment_samples", "EXPERIMENT_SAMPLES"),
+            ("experiment_samples", "EXPERIMENT_SAMPLES"), ("split_name", "SPLIT"),
+            ("memory_dataset", "MEMORY_DATASET"),
             ("query_prompt", "CAPTION_QUERY_PROMPT"),
             ("document_prompt", "CAPTION_DOCUMENT_PROMPT"))
 # A captioned collection's result-changing settings, beside its database.
@@ -624,7 +655,7 @@ def recorded_settings(values: Mapping[str, Any], given: frozenset[str] = frozens
 
 # Recorded for people, not adopted by a folder's commands: the data set's, and where
 # files go (a folder database keeps its own results).
-_DATA_SET = ("DATASET_NAME", "RANDOM_SEED", "EXPERIMENT_SAMPLES")
+_DATA_SET = ("DATASET_NAME", "RANDOM_SEED", "EXPERIMENT_SAMPLES", "SPLIT", "MEMORY_DATASET")
 _NOT_ADOPTED = ("DB_DIR", "RESULTS_DIR", "CACHE_DIR", "LOG_LEVEL", "DEVICE", "DTYPE",
                 "BATCH_SIZE")
 

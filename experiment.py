@@ -18,6 +18,8 @@ ExperimentResult.to_json():
                                   prompt such as "<CAPTION>", BLIP/GIT's caption prefix)
   context_used                    false when the retrieved captions did not reach the
                                   VLM (BLIP, GIT, PaliGemma, Florence-2; no neighbours)
+  domain                          the image's domain, where its collection gives one
+                                  (NoCaps: in-domain, near-domain, out-domain)
   config                          every setting (lower-case), the memory policy and
                                   near-duplicate threshold used (the cosine, 0 = off),
                                   resolved_device, resolved_dtype
@@ -44,7 +46,7 @@ from retrieval import Neighbour, Selection
 from errors import UserError
 
 if TYPE_CHECKING:
-    from dataset_loader import Flickr8k
+    from dataset_loader import Collection
     from db_manager import DbManager
 
 
@@ -68,6 +70,7 @@ class ExperimentResult(Mapping[str, Any]):
     result_path: str | None = None
     context_used: bool = True
     model_prompt: str | None = None
+    domain: str = ""                     # the image's domain where its collection gives one
 
     @property
     def original_caption(self) -> str:
@@ -85,6 +88,8 @@ class ExperimentResult(Mapping[str, Any]):
             "config": dict(self.config), "versions": dict(self.versions),
             "timings": dict(self.timings), "batch_size": self.batch_size,
             "timestamp": self.timestamp}
+        if self.domain:
+            record["domain"] = self.domain
         if self.result_path is not None:
             record["result_path"] = self.result_path
         return record
@@ -100,7 +105,7 @@ class ExperimentResult(Mapping[str, Any]):
         return len(self.to_json())
 
 
-def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int],
+def run_experiments(dataset: "Collection", db: "DbManager", indices: Sequence[int],
                     settings: config.Settings, memory: Memory | None = None,
                     load_seconds: float = 0.0, models: Models | None = None
                     ) -> list[ExperimentResult | pipeline.Failure]:
@@ -139,7 +144,7 @@ def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int]
                                   record.neighbours, record.prompt, shared["config"],
                                   shared["versions"], dict(timings), len(indices), "",
                                   context_used=record.context_used,
-                                  model_prompt=record.model_prompt)
+                                  model_prompt=record.model_prompt, domain=sample.domain)
         results.append(save(result, db, record, models.captioner.name,
                             Path(settings.results_dir)))
     return results

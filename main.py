@@ -87,8 +87,9 @@ def _run_one(settings: config.Settings, index: int | None = None, dataset=None, 
     experiment.check_writable(Path(settings.results_dir))  # fail before the slow work
     start = time.perf_counter()
     if dataset is None or db is None:
-        from dataset_loader import check_index
-        check_index(index, settings.experiment_samples)  # before any slow loading
+        if settings.split == "seeded":  # its size is known before any slow loading
+            from dataset_loader import check_index
+            check_index(index, settings.experiment_samples)
         dataset, db = initialize(settings)
     dataset.experiment_sample(index)
     models = load_models(settings).load_all()
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "Every setting of config.py is a flag below.")
     batch = parser.add_argument_group("many experiments (see batch_runner.py)")
     batch.add_argument("--all", action="store_true",
-                       help="run every experiment index 0 .. EXPERIMENT_SAMPLES-1 (resumable)")
+                       help="run every experiment image of the split (0 .. EXPERIMENT_SAMPLES-1 "
+                            "for --split seeded; resumable)")
     batch.add_argument("--indices", metavar="SPEC", help="run a subset, e.g. 0-49,100")
     batch.add_argument("--run-name", metavar="NAME",
                        help="run directory under RESULTS_DIR/runs/ (default: VLM and k)")
@@ -217,8 +219,10 @@ def _batch(args, settings: config.Settings) -> int:
     else:
         if args.all and args.indices:
             raise UserError("give --all or --indices, not both")
-        indices = (list(range(settings.experiment_samples)) if args.all else
-                   batch_runner.parse_indices(args.indices, settings.experiment_samples))
+        from models import experiment_count
+        count = experiment_count(settings)  # the split's experiment images
+        indices = (list(range(count)) if args.all else
+                   batch_runner.parse_indices(args.indices, count))
         summary = batch_runner.run_batch(indices, args.run_name, settings=settings)
         run_dir = Path(settings.results_dir) / "runs" / summary["run"]
     print(batch_runner.format_summary(summary, run_dir))

@@ -22,30 +22,32 @@ from models import Models, cached, load_dataset, load_models
 if TYPE_CHECKING:
     import numpy as np
 
-    from dataset_loader import Flickr8k
+    from dataset_loader import Collection
     from db_manager import DbManager
     from pipeline import Captioned
 
 log = logging.getLogger("memory")
 
-def identity(settings: config.Settings, dataset: "Flickr8k"):
+def identity(settings: config.Settings, dataset: "Collection"):
     """What the database in DB_DIR must have been built with, for these settings:
     models, split and the caption model's prompts (finished by config.resolve)."""
+    from dataset_loader import collection_label
     from db_manager import DbIdentity
-    name = settings.dataset_name
-    local = Path(name).expanduser()
     return DbIdentity(clip_model=settings.clip_model_name,
                       caption_model=settings.caption_embedding_model,
                       # a local folder by its absolute path: a later command from
                       # another folder (search.py) finds it from the database alone
-                      dataset=str(local.resolve()) if local.is_dir() else name,
+                      dataset=collection_label(settings.dataset_name),
                       split=dataset.fingerprint, random_seed=settings.random_seed,
                       experiment_samples=settings.experiment_samples,
                       query_prompt=settings.caption_query_prompt,
-                      document_prompt=settings.caption_document_prompt)
+                      document_prompt=settings.caption_document_prompt,
+                      split_name=settings.split,
+                      memory_dataset=settings.memory_dataset and collection_label(
+                          settings.memory_dataset))
 
 
-def initialize(settings: config.Settings) -> tuple["Flickr8k", "DbManager"]:
+def initialize(settings: config.Settings) -> tuple["Collection", "DbManager"]:
     """The data set and the database manager for `settings` (one per DB_DIR and
     models in a process, reused); on a first run the memory is built from the
     training pool. The database is checked against the settings' models, split and
@@ -62,7 +64,7 @@ def initialize(settings: config.Settings) -> tuple["Flickr8k", "DbManager"]:
     return dataset, db
 
 
-def seed_memory(models: Models, dataset: "Flickr8k", db: "DbManager") -> None:
+def seed_memory(models: Models, dataset: "Collection", db: "DbManager") -> None:
     """First run: the training pool's image embeddings and captions. Not their
     captions' vectors: captioning reads image vectors alone, so those are made when
     something first needs them (embed_missing_captions)."""

@@ -144,7 +144,9 @@ def plot_pairs(report: Report, load_image, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     shown = sorted(report.pairs, key=lambda p: -p.cosine)[:FIGURE_PAIRS]
-    fig, axes = plt.subplots(len(shown), 2, figsize=(6, 2.6 * len(shown)), squeeze=False)
+    # constrained layout: the title and every image's label get their own room
+    fig, axes = plt.subplots(len(shown), 2, figsize=(6, 2.6 * len(shown)), squeeze=False,
+                             layout="constrained")
     for row, pair in zip(axes, shown):
         for ax, image_id, title in ((row[0], pair.image_id,
                                      f"experiment {pair.experiment_index}: {pair.image_id}"),
@@ -159,7 +161,6 @@ def plot_pairs(report: Report, load_image, path: str | os.PathLike) -> Path:
             ax.axis("off")
     fig.suptitle(f"{len(report.pairs)} near-duplicate pairs (CLIP cosine >= "
                  f"{report.threshold:g}), the {len(shown)} closest", fontsize=9)
-    fig.tight_layout()
     path = Path(path)
     try:
         with atomic_writer(path, suffix=".png") as out:

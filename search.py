@@ -392,7 +392,8 @@ def plot_results(result: SearchResult, path: str | Path, show: bool = False) -> 
 
     _use_fonts_for(result.query + "".join(h.caption or "" for h in result.hits))
     panels = len(result.hits) + 1
-    fig, axes = plt.subplots(1, panels, figsize=(3 * panels, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(3 * panels, 3.6), squeeze=False,
+                             layout="constrained")  # titles and captions never overlap
     axes = axes[0]
     if result.mode == "image":
         from dataset_loader import open_image
@@ -416,7 +417,6 @@ def plot_results(result: SearchResult, path: str | Path, show: bool = False) -> 
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

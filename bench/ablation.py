@@ -142,8 +142,9 @@ from typing import Any, Sequence
 
 import config  # noqa: E402
 import pipeline  # noqa: E402  (cheap: it imports torch only when a model is needed)
+from batch_runner import indices_spec  # noqa: E402,F401  (also this module's, as before)
 from memory import Memory, caption_vector_lookup, embed_missing_captions, initialize
-from models import load_models, versions
+from models import experiment_count, load_models, versions
 from retrieval import Context, Neighbour, Retriever, Selection, nearest
 from experiment import check_writable  # noqa: E402
 from errors import UserError, cli_failure  # noqa: E402
@@ -337,22 +338,6 @@ def select_variants(names: Sequence[str] | None) -> list[str]:
 
 def default_indices(samples: int) -> list[int]:
     return list(range(min(DEFAULT_IMAGES, samples)))
-
-
-def indices_spec(indices: Sequence[int]) -> str:
-    """[0, 1, 2, 5] -> "0-2,5"."""
-    parts: list[str] = []
-    run: list[int] = []
-    for i in indices:
-        if run and i == run[-1] + 1:
-            run.append(i)
-            continue
-        if run:
-            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [i]
-    if run:
-        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(parts)
 
 
 # --- the shared work: data, models, query images, training pool ---------------------------
@@ -655,13 +640,13 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
 
     settings = config.settings_of(settings, overrides, "batch")
     names = select_variants(variants)
+    count = experiment_count(settings)
     if indices is None:
-        indices = default_indices(settings.experiment_samples)
+        indices = default_indices(count)
     if not indices:
         raise UserError("no experiment images chosen")
     # checked like --indices; index order (the growing memory depends on it)
-    indices = sorted(parse_indices(",".join(str(int(i)) for i in indices),
-                                   settings.experiment_samples))
+    indices = sorted(parse_indices(",".join(str(int(i)) for i in indices), count))
     out = Path(settings.results_dir if out_dir is None else out_dir).expanduser()
     check_writable(out)
     plans = [resolve_plan(VARIANTS[n], settings) for n in names]
@@ -933,7 +918,8 @@ def plot_chart(report: dict[str, Any], path: str | os.PathLike) -> Path:
     names = [v["name"] for v in variants]
     x = np.arange(len(names))
     width = 0.8 / len(CHART_METRICS)
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(names) + 2.5), 4.8))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(names) + 2.5), 4.8),
+                           layout="constrained")
     top = 0.0
     for n, metric in enumerate(CHART_METRICS):
         values = [v["metrics"].get(metric) for v in variants]
@@ -955,7 +941,6 @@ def plot_chart(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=9, loc="upper right")
-    fig.tight_layout()
     path = Path(path)
     try:
         with atomic_writer(path, suffix=".png") as f:
@@ -1007,9 +992,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.all and args.indices:
             raise UserError("give --all or --indices, not both")
         from batch_runner import parse_indices
-        indices = (list(range(settings.experiment_samples)) if args.all else
-                   parse_indices(args.indices, settings.experiment_samples) if args.indices
-                   else default_indices(settings.experiment_samples))
+        count = experiment_count(settings)
+        indices = (list(range(count)) if args.all else
+                   parse_indices(args.indices, count) if args.indices
+                   else default_indices(count))
     except UserError as exc:
         return cli_failure("ablation", exc, code=2)
     config.configure_logging(settings)

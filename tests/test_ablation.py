@@ -353,3 +353,14 @@ def test_rows_of_a_chat_captioner_say_context_used_where_the_prompt_had_captions
     used = {v["name"]: v["context_used"] for v in report["variants"]}
     assert used == {"baseline": True, "no-retrieval": False}
     assert "without reading the retrieved captions" not in (tmp_path / ablation.MD_NAME).read_text()
+
+
+def test_the_chart_title_never_covers_its_bars_or_labels(monkeypatch, tmp_path):
+    # results/ablation.png, as the web page's Runs tab shows it
+    from figure_checks import overlaps, saved_figures
+    figures = saved_figures(monkeypatch)
+    report = {"indices": [0, 1, 2, 3], "complete": False, "variants": [
+        {"name": name, "metrics": {"CIDEr-D": 0.1 * n, "BLEU-4": None if n == 2 else 0.05}}
+        for n, name in enumerate(ablation.VARIANTS)]}
+    ablation.plot_chart(report, tmp_path / "ablation.png")
+    assert overlaps(figures[-1]) == []

@@ -519,3 +519,23 @@ def test_a_search_killed_while_embedding_keeps_what_it_saved_and_the_next_finish
         [e.caption for e in human])
     assert np.allclose(finished.caption_rows().vectors[[e.row for e in human]], fresh,
                        atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["image", "text"])
+def test_the_figure_titles_never_cover_an_image_or_a_caption(mode, monkeypatch, tmp_path):
+    # python search.py ... --plot fig.png: the query, then each hit titled with its score
+    from figure_checks import overlaps, saved_figures
+    figures = saved_figures(monkeypatch)
+    query = tmp_path / "query.png"
+    make_image(5).save(query)
+    hits = [search.Hit(rank, f"10{rank}_a_long_flickr_style_file_name.jpg", 0.9 - rank / 50,
+                       caption="A dog, seen from far away, runs through the long grass of a "
+                               "field near the river .", caption_source="human",
+                       found_by="captions+clip")
+            for rank in range(1, 6)]
+    result = search.SearchResult(mode, str(query) if mode == "image" else
+                                 "a dog running through the grass by the river", "memory",
+                                 "model", hits, 12, by="both",
+                                 _load=lambda hit: make_image(hit.rank))
+    search.plot_results(result, tmp_path / "fig.png")
+    assert overlaps(figures[-1]) == []
