@@ -304,10 +304,11 @@ def _stored_image_vectors(settings: config.Settings, image_ids: set[str]) -> dic
     except UserError as exc:
         log.warning("image vectors of %s not reused for CLIPScore: %s", db_dir, exc)
         return {}
-    if db.needs_seed or db.state.clip_model != settings.metric_clip_model:
+    described = db.describe()
+    if described.empty or described.clip_model != settings.metric_clip_model:
         return {}
-    return {image_id: db.image_vectors[n] for n, image_id in enumerate(db.image_ids)
-            if image_id in image_ids}
+    return {image_id: vector for image_id in image_ids
+            if (vector := db.image_vector(image_id)) is not None}
 
 
 def _near_duplicates(manifest: dict[str, Any], ok: list[dict[str, Any]],
@@ -324,7 +325,7 @@ def _near_duplicates(manifest: dict[str, Any], ok: list[dict[str, Any]],
     if not ok or not db_dir.is_dir():
         return None
     db = DbManager.open(db_dir)
-    if db.needs_seed:
+    if db.describe().empty:
         return None
     counted = near_duplicates.count_in_db(db, [i["image_id"] for i in ok], threshold)
     return {**counted, "guarded": bool(guard)}

@@ -77,7 +77,7 @@ def caption_folder(folder: str, settings: config.Settings, retrieval: bool = Tru
                                   "use the same settings, or another --db-dir")
     image_embedder, caption_embedder, captioner = (models.image_embedder,
                                                    models.caption_embedder, models.captioner)
-    if db.needs_seed:
+    if db.describe().empty:
         db.seed([], np.zeros((0, image_embedder.dim), np.float32), [],
                 np.zeros((0, caption_embedder.dim), np.float32))
     write_json_atomic(manifest, wanted)
@@ -104,8 +104,8 @@ def caption_folder(folder: str, settings: config.Settings, retrieval: bool = Tru
             new.append((record.image_id, record.caption))
         bar.update(len(chunk))
     bar.close()
-    listed = {c["image_id"]: c["caption"] for c in db.captions
-              if c["id"] == generated_caption_id(c["image_id"], captioner.name)}
+    listed = {c.image_id: c.caption for c in db.entries()
+              if c.id == generated_caption_id(c.image_id, captioner.name)}
     table = db.db_dir / CAPTIONS_FILE
     write_text_atomic(table, captions_csv([(i, listed[i]) for i in files if i in listed],
                                           captioner.name))

@@ -37,6 +37,17 @@ or with the write complete. check_db / repair_db (db_check.py) serve
 This module is the facade: DbManager holds the in-memory copy (ids, entries,
 memory-mapped vectors) and its typed state (db_format.DbState), and checks
 that a database's models are the ones the settings ask for (`check_models`).
+Everything else reads a database through its methods, never its fields:
+
+    db = DbManager.open(db_dir)
+    db.describe()                  # DbDescription: models, dims, split, prompts, counts, empty
+    db.image_rows("train")         # ImageRows(ids, kinds, vectors): the training pool
+    db.image_vector(image_id)      # (D,) or None
+    db.caption(caption_id)         # CaptionEntry or None
+    db.entries()                   # every CaptionEntry in row order, made as read
+    db.entries_of(image_id), db.captions_of(image_id)
+    db.caption_rows()              # CaptionRows(ids, image_ids, vectors)
+    db.missing_caption_rows()      # rows add_caption_vectors fills
 """
 
 from __future__ import annotations
@@ -46,7 +57,8 @@ import logging
 import os
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import orjson
@@ -65,31 +77,113 @@ from errors import DatabaseConflict, UserError
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ImageRows:
+    """Image rows of a database in row order: ids, kinds ("train": the training pool,
+    "experiment": an image a run captioned, "imported": from scale/) and (N, D)
+    float32 unit vectors (all rows: a read-only view of the mapped file, no copy)."""
+
+    ids: tuple[str, ...]
+    kinds: tuple[str, ...]
+    vectors: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class CaptionRows:
+    """Every caption row in order: caption ids, their images' ids and (N, D) float32
+    vectors (a read-only view; zeros for a row without a vector yet, as listed by
+    DbManager.missing_caption_rows)."""
+
+    ids: tuple[str, ...]
+    image_ids: tuple[str, ...]
+    vectors: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class CaptionEntry:
+    """One caption of captions.json (the schema above) and its row in CaptionRows."""
+
+    id: str
+    image_id: str
+    caption: str
+    source: str                          # "human" | "generated"
+    row: int
+    model: str | None = None             # a generated caption's VLM
+    experiment_index: int | None = None  # set for the data set's experiment images
+    timestamp: str | None = None         # when it was saved (ISO 8601)
+    imported_from: str | None = None     # the scale/ output folder it came from
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its captions.json entry (the fields that are set)."""
+        return {k: v for k, v in (("id", self.id), ("image_id", self.image_id),
+                                  ("caption", self.caption), ("source", self.source),
+                                  ("model", self.model),
+                                  ("experiment_index", self.experiment_index),
+                                  ("imported_from", self.imported_from),
+                                  ("timestamp", self.timestamp)) if v is not None}
+
+
+@dataclass(frozen=True)
+class DbDescription:
+    """What a database holds and was built with (DbManager.describe). `empty`: none
+    exists yet (DbManager.seed creates it) and the other fields are None / 0."""
+
+    db_dir: Path
+    empty: bool
+    clip_model: str | None = None
+    caption_model: str | None = None
+    image_dim: int = 0
+    caption_dim: int = 0
+    dataset: str | None = None
+    split: str | None = None             # the split's fingerprint (dataset_loader)
+    random_seed: int | None = None       # the split's settings (None: not recorded)
+    experiment_samples: int | None = None
+    images: int = 0
+    captions: int = 0
+    embedded: int = 0                    # captions with a vector (see missing_caption_rows)
+    # (query, document) prompts the caption model embedded with; None: made before
+    # they were recorded (no document prompt)
+    prompts: tuple[str, str] | None = None
+
+
 class DbManager:
     """Loads, checks and appends to the three databases in `db_dir`.
 
-    Open with `DbManager.open(db_dir, identity)`; if `needs_seed` is true the
+    Open with `DbManager.open(db_dir, identity)`; if `describe().empty` the
     databases do not exist yet and `seed(...)` creates them. `identity=None`
-    accepts a database of any models (for checking and repairing).
+    accepts a database of any models (for checking and repairing). Read it
+    through its methods (image_rows, caption_rows, caption, entries, captions_of,
+    describe, ...): its fields are private.
     """
 
     def __init__(self, db_dir: Path, identity: DbIdentity | None):
-        self.db_dir = Path(db_dir)
-        self.work = self.db_dir / WORK
-        self.identity = identity
-        self.state: DbState | None = None
-        self.image_ids: list[str] = []
-        self.image_kinds: list[str] = []
-        # The caption entries, read on first use (see `captions`); None: not read yet
+        self._db_dir = Path(db_dir)
+        self._work = self._db_dir / WORK
+        self._identity = identity
+        self._state: DbState | None = None
+        self._image_ids: list[str] = []
+        self._image_kinds: list[str] = []
+        # The caption entries, read on first use (see `_caption_dicts`); None: not read yet
         self._captions: list[dict[str, Any]] | None = []
-        self.image_vectors = np.zeros((0, 0), dtype=np.float32)
+        self._image_vectors = np.zeros((0, 0), dtype=np.float32)
         # One row per caption; zeros for a caption without a vector (missing_caption_rows)
-        self.caption_vectors = np.zeros((0, 0), dtype=np.float32)
-        self.needs_seed = True
-        self.repaired: list[str] = []
+        self._caption_vectors = np.zeros((0, 0), dtype=np.float32)
+        self._needs_seed = True
+        self._repaired: list[str] = []
         self._image_pos: dict[str, int] = {}
         self._caption_pos: dict[str, int] = {}
-        self._by_image: dict[str, list[dict[str, Any]]] | None = None
+        self._by_image: dict[str, list[int]] | None = None   # caption rows per image
+
+    @property
+    def db_dir(self) -> Path:
+        """The folder of the three databases."""
+        return self._db_dir
 
     # --- opening ---------------------------------------------------------------
 
@@ -103,16 +197,16 @@ class DbManager:
             raise UserError(f"--db-dir {db.db_dir} is a file, not a folder")
         with db_journal.locked(db.db_dir):
             db._open_locked()
-        if not db.needs_seed:
+        if not db._needs_seed:
             db._check_identity()
-            log.info("database %s: %d images, %d captions", db.db_dir, len(db.image_ids),
-                     db.state.captions)
+            log.info("database %s: %d images, %d captions", db.db_dir, len(db._image_ids),
+                     db._state.captions)
         return db
 
     def _open_locked(self) -> None:
-        if (self.db_dir / NEW_WORK).exists() and not self.work.exists():
-            self.repaired += db_journal.clean_interrupted_create(self.db_dir)
-        if (self.work / STATE).exists():
+        if (self.db_dir / NEW_WORK).exists() and not self._work.exists():
+            self._repaired += db_journal.clean_interrupted_create(self.db_dir)
+        if (self._work / STATE).exists():
             self._recover()
             self._load()
             return
@@ -130,7 +224,7 @@ class DbManager:
     def check_models(self, clip_model: str | None = None, caption_model: str | None = None) -> None:
         """UserError (one line, naming what the database holds and what was asked for)
         unless it was built with these models; None skips that model."""
-        state = self.state
+        state = self._state
         wrong = [(what, found, wanted, option) for what, found, wanted, option in (
             ("CLIP model", state.clip_model, clip_model, "--clip-model-name"),
             ("caption model", state.caption_model, caption_model, "--caption-embedding-model"))
@@ -143,34 +237,27 @@ class DbManager:
                             f"--db-dir for these settings, or set {options} back")
 
     def _check_identity(self) -> None:
-        want = self.identity
+        want = self._identity
         if want is None:
             return
         self.check_models(clip_model=want.clip_model, caption_model=want.caption_model)
         # The data set name is recorded for people, not checked: the same images may
         # be loaded from another folder. The split fingerprint (seed + ids) is checked.
-        if self.state.split != want.split:
-            raise UserError(f"database {self.db_dir} was built with split {self.state.split!r}, "
+        if self._state.split != want.split:
+            raise UserError(f"database {self.db_dir} was built with split {self._state.split!r}, "
                             f"not {want.split!r}: use another --db-dir for these settings, or "
                             "set --dataset-name / --split / --memory-dataset / --random-seed / "
                             "--experiment-samples back")
         if want.query_prompt is not None and want.document_prompt is not None:
             self.check_caption_prompts(want.query_prompt, want.document_prompt)
 
-    @property
-    def caption_prompts(self) -> tuple[str, str] | None:
-        """(query prompt, document prompt) the captions were embedded with; None for a
-        database made before prompts were recorded."""
-        query, document = self.state.query_prompt, self.state.document_prompt
-        return None if query is None or document is None else (query, document)
-
     def check_caption_prompts(self, query: str, document: str) -> None:
         """UserError if the database recorded other caption prompts than these. One
         made before they were recorded embedded its captions with no prompt (its query
         prompt was the model's, as now: not checked)."""
-        if self.needs_seed:  # nothing embedded yet: the seed records these
+        if self._needs_seed:  # nothing embedded yet: the seed records these
             return
-        recorded = self.caption_prompts or (None, "")
+        recorded = self.describe().prompts or (None, "")
         for what, found, expected, option in (
                 ("document (caption) prompt", recorded[1], document, "--caption-document-prompt"),
                 ("query prompt", recorded[0], query, "--caption-query-prompt")):
@@ -181,20 +268,54 @@ class DbManager:
 
     # --- reading -----------------------------------------------------------------
 
-    @property
+    def describe(self) -> DbDescription:
+        """Its models, dimensions, data set, split, prompts and row counts (cheap)."""
+        state = self._state
+        if self._needs_seed or state is None:
+            return DbDescription(self._db_dir, empty=True)
+        query, document = state.query_prompt, state.document_prompt
+        return DbDescription(
+            self._db_dir, empty=False, clip_model=state.clip_model,
+            caption_model=state.caption_model, image_dim=state.image_dim,
+            caption_dim=state.caption_dim, dataset=state.dataset, split=state.split,
+            random_seed=state.random_seed, experiment_samples=state.experiment_samples,
+            images=state.images, captions=state.captions, embedded=state.embedded,
+            prompts=None if query is None or document is None else (query, document))
+
+    def image_rows(self, kind: str | None = None) -> ImageRows:
+        """Every image row, or those of one kind ("train": the training pool, which a
+        frozen memory reads); the vectors of a kind are a copy."""
+        if kind is None:
+            return ImageRows(tuple(self._image_ids), tuple(self._image_kinds),
+                             self._image_vectors)
+        rows = [n for n, k in enumerate(self._image_kinds) if k == kind]
+        return ImageRows(tuple(self._image_ids[n] for n in rows), (kind,) * len(rows),
+                         self._image_vectors[rows])
+
+    def image_vector(self, image_id: str) -> np.ndarray | None:
+        """An image's (D,) vector (a read-only view); None if it is not stored."""
+        row = self._image_pos.get(image_id)
+        return None if row is None else self._image_vectors[row]
+
+    def caption_rows(self) -> CaptionRows:
+        """Every caption's id, image id and vector, in row order."""
+        captions = self._caption_dicts
+        return CaptionRows(tuple(map(itemgetter("id"), captions)),
+                           tuple(map(itemgetter("image_id"), captions)), self._caption_vectors)
+
     def missing_caption_rows(self) -> list[int]:
-        """Caption rows (indices into `captions`) without a vector yet."""
-        return self.state.missing_rows() if self.state else []
+        """Caption rows without a vector yet (add_caption_vectors gives them theirs)."""
+        return self._state.missing_rows() if self._state else []
 
     @property
-    def captions(self) -> list[dict[str, Any]]:
+    def _caption_dicts(self) -> list[dict[str, Any]]:
         """Every caption entry ({"id", "image_id", "caption", "source", ...}), in row
         order. Read from the working copy on first use: opening a COCO-sized memory
         (566,747 captions, ~2 s to parse) need not wait for them, and an image search
         never reads them."""
         if self._captions is None:
             self._captions, self._caption_pos = [], {}
-            self._add_captions(read_caption_rows(self.db_dir, None, self.state), 0)
+            self._add_captions(read_caption_rows(self.db_dir, None, self._state), 0)
         return self._captions
 
     def _add_captions(self, entries: list[dict[str, Any]], first: int) -> None:
@@ -203,56 +324,81 @@ class DbManager:
         # dict.update builds the index in C: a COCO memory has 566,747 captions
         self._caption_pos.update(zip(map(itemgetter("id"), entries), itertools.count(first)))
         if self._by_image is not None:
-            for entry in entries:
-                self._by_image.setdefault(entry["image_id"], []).append(entry)
+            for row, entry in enumerate(entries, start=first):
+                self._by_image.setdefault(entry["image_id"], []).append(row)
 
     def _caption_index(self) -> dict[str, int]:
         """Caption id -> row (reading the captions first if they are not yet)."""
-        self.captions  # noqa: B018
+        self._caption_dicts  # noqa: B018
         return self._caption_pos
 
     def has_caption(self, caption_id: str) -> bool:
         """Whether a caption with this id (e.g. generated_caption_id(...)) is stored."""
         return caption_id in self._caption_index()
 
+    def caption(self, caption_id: str) -> CaptionEntry | None:
+        """The caption with this id; None if there is none."""
+        row = self._caption_index().get(caption_id)
+        return None if row is None else self._entry(row)
+
+    def entries(self, rows: Iterable[int] | None = None) -> Iterator[CaptionEntry]:
+        """Caption records in row order (or those of `rows`), each made as it is
+        read: a 567k-caption database is not turned into records on opening."""
+        for row in range(len(self._caption_dicts)) if rows is None else rows:
+            yield self._entry(int(row))
+
+    def entries_of(self, image_id: str) -> list[CaptionEntry]:
+        """Every caption of an image, human and generated, in row order."""
+        return [self._entry(row) for row in self._rows_of(image_id)]
+
     def captions_of(self, image_id: str) -> list[str]:
         """Human captions of an image; its generated captions if it has none."""
-        if self._by_image is None:
-            captions, self._by_image = self.captions, {}  # read them first (they index it)
-            for entry in captions:
-                self._by_image.setdefault(entry["image_id"], []).append(entry)
-        entries = self._by_image.get(image_id, [])
+        entries = [self._caption_dicts[row] for row in self._rows_of(image_id)]
         human = [c["caption"] for c in entries if c["source"] == "human"]
         return human or [c["caption"] for c in entries]
+
+    def _rows_of(self, image_id: str) -> list[int]:
+        if self._by_image is None:  # indexed on first use; _adopt keeps it up to date
+            captions, self._by_image = self._caption_dicts, {}  # read them first (they index it)
+            for row, entry in enumerate(captions):
+                self._by_image.setdefault(entry["image_id"], []).append(row)
+        return self._by_image.get(image_id, [])
+
+    def _entry(self, row: int) -> CaptionEntry:
+        c = self._caption_dicts[row]
+        return CaptionEntry(c["id"], c["image_id"], c["caption"], c["source"], row,
+                            c.get("model"), c.get("experiment_index"), c.get("timestamp"),
+                            c.get("imported_from"))
 
     def _load(self, state: DbState | None = None) -> None:
         """Read the working copy, after checking that the JSON files are exactly as the
         last save left them (their stat; their bytes only if that changed)."""
-        state = state or read_state(self.work / STATE)
+        state = state or read_state(self._work / STATE)
         fresh = check_seals(self.db_dir, state)
         if fresh is not None:  # same bytes, new stat (a copied folder, a touched file)
             state = fresh
             try:
-                write_bytes_atomic(self.work / STATE, state.to_json())
+                write_bytes_atomic(self._work / STATE, state.to_json())
             except OSError as exc:  # read-only: the bytes are checked again next time
                 log.info("database %s: could not record its files' stat (%s)", self.db_dir, exc)
-        self.image_ids, self.image_kinds, self._captions = [], [], None
-        self.state = None
+        self._image_ids, self._image_kinds, self._captions = [], [], None
+        self._state = None
         self._adopt(state)
-        self.needs_seed = False
+        self._needs_seed = False
 
     def _adopt(self, state: DbState) -> None:
-        """Extend the in-memory copy with the rows committed after self.state."""
-        old = self.state
-        # captions not read yet (a full load): left to the first use of `captions`
+        """Extend the in-memory copy with the rows committed after self._state."""
+        old = self._state
+        # captions not read yet (a full load): left to the first use of `_caption_dicts`
         read = self._captions is not None
         images, captions = new_rows(self.db_dir, old, state, captions=read)
-        self.state = state
-        self.image_ids += [e["image_id"] for e in images]
-        self.image_kinds += [e["kind"] for e in images]
-        self.image_vectors = map_vectors(self.work / IMAGE_VECTORS, state.images, state.image_dim)
-        self.caption_vectors = map_vectors(self.work / CAPTION_VECTORS, state.captions,
-                                           state.caption_dim)
+        self._state = state
+        self._image_ids += [e["image_id"] for e in images]
+        self._image_kinds += [e["kind"] for e in images]
+        self._image_vectors = map_vectors(self._work / IMAGE_VECTORS, state.images,
+                                          state.image_dim)
+        self._caption_vectors = map_vectors(self._work / CAPTION_VECTORS, state.captions,
+                                            state.caption_dim)
         if old is None:  # a full load
             self._image_pos, self._caption_pos, self._by_image = {}, {}, None
         # Index only the new rows, so an append costs the same at 1k or 100k entries.
@@ -263,10 +409,10 @@ class DbManager:
 
     def _refresh(self) -> None:
         """Merge what other processes committed since we loaded (call under the lock)."""
-        on_disk = read_state(self.work / STATE)
-        if on_disk.seq == self.state.seq:
+        on_disk = read_state(self._work / STATE)
+        if on_disk.seq == self._state.seq:
             return
-        if on_disk.epoch != self.state.epoch:  # rows were rewritten: read them all again
+        if on_disk.epoch != self._state.epoch:  # rows were rewritten: read them all again
             self._load(on_disk)
         else:
             self._adopt(on_disk)
@@ -276,8 +422,8 @@ class DbManager:
         notes = db_journal.recover(self.db_dir)
         for note in notes:
             log.warning("database %s: %s", self.db_dir, note)
-        self.repaired += notes
-        if notes and self.state is not None:
+        self._repaired += notes
+        if notes and self._state is not None:
             self._load()
 
     # --- writing ------------------------------------------------------------------
@@ -291,7 +437,7 @@ class DbManager:
         caption model's, is recorded); add_caption_vectors gives them theirs later.
         If another process created them meanwhile, theirs are kept and loaded.
         """
-        if not self.needs_seed:
+        if not self._needs_seed:
             raise RuntimeError("database already exists")
         image_vectors = as_vectors(image_vectors, len(image_ids))
         unembedded = ()
@@ -305,11 +451,11 @@ class DbManager:
         check_unique(self.db_dir / CAPTION_DB, [c["id"] for c in captions])
         with db_journal.locked(self.db_dir):
             self._open_locked()
-            if not self.needs_seed:
+            if not self._needs_seed:
                 log.info("another process created %s meanwhile; using it", self.db_dir)
                 self._check_identity()
                 return
-            ident = self.identity
+            ident = self._identity
             state = DbState(clip_model=ident.clip_model, caption_model=ident.caption_model,
                             dataset=ident.dataset, split=ident.split,
                             image_dim=int(image_vectors.shape[1]),
@@ -326,7 +472,7 @@ class DbManager:
                               image_vectors, [dict(c) for c in captions], caption_vectors)
             self._load()
         log.info("created database %s: %d images, %d captions", self.db_dir,
-                 len(self.image_ids), self.state.captions)
+                 len(self._image_ids), self._state.captions)
 
     def add_experiment(self, image_id: str, image_vector: np.ndarray, caption: str,
                        caption_vector: np.ndarray, vlm_model: str, experiment_index: int | None,
@@ -335,7 +481,7 @@ class DbManager:
         caption this VLM gave it before), durably and atomically across the three files.
         `experiment_index=None`: an image that is no experiment (a captioned folder's),
         whose entry has no "experiment_index"."""
-        if self.needs_seed:
+        if self._needs_seed:
             raise RuntimeError("seed the database first")
         image_vector = as_vectors(image_vector, 1)[0]
         caption_vector = as_vectors(caption_vector, 1)[0]
@@ -344,7 +490,7 @@ class DbManager:
         with db_journal.locked(self.db_dir):
             self._recover()
             self._refresh()
-            state = self.state
+            state = self._state
             check_dim(image_vector, state.image_dim, IMAGE_DB)
             check_dim(caption_vector, state.caption_dim, CAPTION_EMBEDDING_DB)
             row = self._caption_index().get(entry["id"])
@@ -372,7 +518,7 @@ class DbManager:
         stored are left as they are, not replaced, so adding the same rows again
         adds nothing. Returns (images added, captions added).
         """
-        if self.needs_seed:
+        if self._needs_seed:
             raise RuntimeError("seed the database first")
         image_vectors = as_vectors(image_vectors, len(image_ids)) if len(image_ids) else None
         caption_vectors = as_vectors(caption_vectors, len(captions)) if len(captions) else None
@@ -387,7 +533,7 @@ class DbManager:
         with db_journal.locked(self.db_dir):
             self._recover()
             self._refresh()  # what other processes added counts as already stored
-            state = self.state
+            state = self._state
             new_images = [n for n, i in enumerate(image_ids) if i not in self._image_pos]
             known = self._caption_index()
             new_captions = [n for n, c in enumerate(captions) if c["id"] not in known]
@@ -418,27 +564,27 @@ class DbManager:
         `rows[i]`'s), in ONE journaled write with add_experiment's guarantees. Rows
         another process filled meanwhile are left as they are. Returns how many
         rows got a vector."""
-        if self.needs_seed:
+        if self._needs_seed:
             raise RuntimeError("seed the database first")
         vectors = as_vectors(vectors, len(rows)) if len(rows) else None
         with db_journal.locked(self.db_dir):
             self._recover()
             self._refresh()
-            state = self.state
+            state = self._state
             missing = set(state.missing_rows())
             todo = sorted({int(r): n for n, r in enumerate(rows) if int(r) in missing}.items())
             if not todo:
                 return 0
             check_dim(vectors[0], state.caption_dim, CAPTION_EMBEDDING_DB)
             self._write(db_journal.embed_record(
-                state.seq + 1, [r for r, _ in todo], [self.captions[r] for r, _ in todo],
+                state.seq + 1, [r for r, _ in todo], [self._caption_dicts[r] for r, _ in todo],
                 vectors[[n for _, n in todo]]))
         return len(todo)
 
     def _write(self, record: dict[str, Any]) -> None:
         """One journaled write (under the lock), then the in-memory copy follows it."""
-        db_journal.build_slots(self.db_dir, self.state)
-        new = db_journal.write(self.db_dir, self.state, record, self.captions)
+        db_journal.build_slots(self.db_dir, self._state)
+        new = db_journal.write(self.db_dir, self._state, record, self._caption_dicts)
         try:
             row = record.get("replace")
             if row is None:
@@ -446,9 +592,10 @@ class DbManager:
             elif record["spans"] is None:  # the caption files were rewritten
                 self._load(new)
             else:  # one row changed in place; the vector map shows it already
-                self.state = new
-                self.captions[row] = record["caption"]
-                self._by_image = None
+                self._state = new
+                if self._caption_dicts[row]["image_id"] != record["caption"]["image_id"]:
+                    self._by_image = None
+                self._caption_dicts[row] = record["caption"]
         finally:
             db_journal.finish(self.db_dir)
 
@@ -553,7 +700,7 @@ def _newest_captioner(captions_meta: Path) -> str | None:
     return None
 
 
-__all__ = ["DbManager", "DbIdentity", "DbState", "FILES", "IMAGE_DB", "CAPTION_DB",
-           "CAPTION_EMBEDDING_DB", "JOURNAL", "generated_caption_id",
-           "generated_caption_entry", "check_db", "describe_db",
+__all__ = ["DbManager", "DbIdentity", "DbDescription", "ImageRows", "CaptionRows", "CaptionEntry",
+           "DbState", "FILES", "IMAGE_DB", "CAPTION_DB", "CAPTION_EMBEDDING_DB", "JOURNAL",
+           "generated_caption_id", "generated_caption_entry", "check_db", "describe_db",
            "repair_db", "backup_db"]

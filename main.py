@@ -243,7 +243,7 @@ def _embed_captions(settings: config.Settings) -> int:
     _, db = initialize(settings, captioner=False)
     # the job's one duration is its bar's (and the log line after it)
     done = embed_missing_captions(caption_embedder_for(settings, db), db)
-    print(f"{db.db_dir}: every one of its {len(db.captions)} captions has a vector ("
+    print(f"{db.db_dir}: every one of its {db.describe().captions} captions has a vector ("
           f"{done} embedded now); text search is ready")
     return 0
 

@@ -61,7 +61,7 @@ def initialize(settings: config.Settings, captioner: bool = True
     db_dir = Path(settings.db_dir).expanduser().resolve()
     wanted = identity(settings, dataset)
     db = cached("db", (db_dir, wanted), lambda: DbManager.open(db_dir, wanted))
-    if db.needs_seed:
+    if db.describe().empty:
         seed_memory(load_models(settings), dataset, db)
     if settings.neighbour_selection == "dedup":  # it compares the neighbours' captions too
         embed_missing_captions(load_models(settings).caption_embedder, db)
@@ -107,14 +107,14 @@ def embed_missing_captions(embedder, db: "DbManager", chunk: int | None = None) 
 
     import numpy as np
     from tqdm import tqdm
-    rows = db.missing_caption_rows
+    rows = db.missing_caption_rows()
     if not rows:
         return 0
     if not os.access(db.db_dir, os.W_OK):
         raise UserError(f"{len(rows)} captions of the memory in {db.db_dir} have no vectors "
                         "yet and the folder is not writable: run `python main.py "
                         "--embed-captions` once where it is")
-    texts = [db.captions[row]["caption"] for row in rows]
+    texts = [entry.caption for entry in db.entries(rows)]
     step = chunk or EMBED_CHUNK
     log.info("embedding %d captions of the memory once (the training pool's human captions "
              "have no vectors yet) with %s", len(rows),
@@ -190,12 +190,8 @@ class Memory:
     def from_db(cls, db: "DbManager", growing: bool) -> "Memory":
         """The database's rows: all of them (growing), or the training pool only
         (frozen), so results do not depend on what ran before."""
-        import numpy as np
-        ids, kinds, vectors = db.image_ids, db.image_kinds, db.image_vectors
-        if not growing:
-            rows = np.flatnonzero(np.asarray(kinds) == "train")
-            ids, kinds, vectors = [ids[n] for n in rows], ["train"] * len(rows), vectors[rows]
-        return cls(ids, vectors, db.captions_of, kinds, growing=growing,
+        rows = db.image_rows(None if growing else "train")
+        return cls(rows.ids, rows.vectors, db.captions_of, rows.kinds, growing=growing,
                    caption_vector_of=caption_vector_lookup(db))
 
     @classmethod
@@ -319,26 +315,25 @@ class Memory:
 
 def caption_vector_lookup(db: "DbManager") -> Callable[[str], "np.ndarray | None"]:
     """image id -> the unit mean of its caption vectors (human ones where it has
-    any, as captions_of), computed on first use."""
-    by_image: dict[str, Any] | None = None
-    missing: set[int] = set()          # caption rows without a vector, read with by_image
+    any, as captions_of), computed on first use; None where they have no vectors.
+    The database's vectors as they were at the first lookup."""
+    vectors: Any = None
+    missing: set[int] = set()          # caption rows without a vector, read with vectors
     cache: dict[str, Any] = {}
 
     def lookup(image_id: str):
-        nonlocal by_image, missing
+        nonlocal vectors, missing
         from neighbour_selection import mean_caption_vector
         if image_id in cache:
             return cache[image_id]
-        if by_image is None:
-            by_image, missing = {}, set(db.missing_caption_rows)
-            for n, entry in enumerate(db.captions):
-                by_image.setdefault(entry["image_id"], []).append((entry["source"], n))
-        rows = by_image.get(image_id, [])
-        human = [n for source, n in rows if source == "human"]
-        rows = human or [n for _, n in rows]
-        rows = [n for n in rows if n not in missing]  # no vector yet: unknown
-        vectors = db.caption_vectors
-        if not rows or vectors.ndim != 2 or max(rows) >= len(vectors):
+        if vectors is None:
+            vectors, missing = db.caption_rows().vectors, set(db.missing_caption_rows())
+        entries = db.entries_of(image_id)
+        human = [e.row for e in entries if e.source == "human"]
+        rows = human or [e.row for e in entries]
+        # no vector yet, or saved after the first lookup: unknown
+        rows = [n for n in rows if n not in missing and n < len(vectors)]
+        if not rows or vectors.ndim != 2:
             cache[image_id] = None
         else:
             cache[image_id] = mean_caption_vector(vectors[rows], vectors.shape[1])

@@ -123,10 +123,9 @@ def find(settings: config.Settings | None = None, threshold: float | None = None
         models.image_embedder, [s.image_id for s in samples],
         lambda image_id: dataset.load_image(by_id[image_id]), settings.cache_dir,
         cache_key=f"{settings.dataset_name}|{dataset.fingerprint}|experiment")
-    kinds = np.asarray(db.image_kinds)
-    train = np.flatnonzero(kinds == "train")
-    pool_ids = [db.image_ids[n] for n in train]
-    pairs = pairs_of(ids, vectors, pool_ids, np.asarray(db.image_vectors[train], np.float32),
+    pool = db.image_rows("train")
+    pool_ids = list(pool.ids)
+    pairs = pairs_of(ids, vectors, pool_ids, np.asarray(pool.vectors, np.float32),
                      threshold, [index_of[i] for i in ids])
     report = Report(threshold, settings.clip_model_name, len(samples), len(pool_ids),
                     tuple(pairs))
@@ -176,14 +175,12 @@ def count_in_db(db: "DbManager", image_ids: Sequence[str], threshold: float
     """For a batch run's summary: how many of `image_ids` (experiment images stored in
     `db`) have a training image at or above `threshold`, and which."""
     import numpy as np
-    position = {image_id: n for n, image_id in enumerate(db.image_ids)}
-    stored = [i for i in image_ids if i in position]
-    kinds = np.asarray(db.image_kinds)
-    train = np.flatnonzero(kinds == "train")
-    vectors = np.asarray(db.image_vectors, np.float32)
-    pairs = pairs_of(stored, vectors[[position[i] for i in stored]] if stored else
-                     np.zeros((0, vectors.shape[1] if vectors.ndim == 2 else 0), np.float32),
-                     [db.image_ids[n] for n in train], vectors[train], threshold)
+    stored = [i for i in image_ids if db.image_vector(i) is not None]
+    queries = np.array([db.image_vector(i) for i in stored], np.float32).reshape(
+        len(stored), db.describe().image_dim)
+    pool = db.image_rows("train")
+    pairs = pairs_of(stored, queries, list(pool.ids), np.asarray(pool.vectors, np.float32),
+                     threshold)
     return {"threshold": threshold, "images": len(stored), "with_near_duplicate": len(pairs),
             "pairs": [{"image_id": p.image_id, "twin_id": p.twin_id,
                        "cosine": round(p.cosine, 6)} for p in pairs]}

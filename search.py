@@ -22,11 +22,14 @@ import sys
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import availability
 import config
 from errors import UsageError, UserError, cli_failure
+
+if TYPE_CHECKING:
+    from db_manager import CaptionEntry
 
 log = logging.getLogger("search")
 
@@ -112,10 +115,11 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
         db, dataset, settings = open_memory(
             settings, lambda settings, db: [_image_need(settings, backbone)])
         embedder = _image_embedder(settings, backbone)
-        if embedder.name == db.state.clip_model:
-            ids, vectors, note = db.image_ids, db.image_vectors, ""
+        rows = db.image_rows()
+        if embedder.name == db.describe().clip_model:
+            ids, vectors, note = rows.ids, rows.vectors, ""
         else:  # another backbone: embed the database's images with it, cached
-            known = {i: "dataset" for i in db.image_ids if dataset.get(i) is not None}
+            known = {i: "dataset" for i in rows.ids if dataset.get(i) is not None}
             ids, vectors, update = update_index(
                 index_path(settings.db_dir, "db", dataset.fingerprint, embedder.key), embedder,
                 known, lambda image_id: dataset.load_image(dataset.get(image_id)))
@@ -205,7 +209,7 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
         if not root.is_dir():
             raise UserError(f"image folder not found: {images_dir}")
         db = DbManager.open(folder_db_dir(settings.db_dir, root))
-        captioned = not db.needs_seed and bool(db.captions)
+        captioned = db.describe().captions > 0
         if captioned:  # searched with the models it was captioned with
             db.check_models(settings.clip_model_name, settings.caption_embedding_model)
         availability.require(settings, _text_parts(by, captioned))
@@ -223,14 +227,15 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
             return embedder, ids, vectors, str(update)
     else:
         db, dataset, settings = open_memory(settings, lambda settings, db: availability.needs(
-            settings, _text_parts(by, bool(db.captions))))
-        captioned = bool(db.captions)
+            settings, _text_parts(by, db.describe().captions > 0)))
+        captioned = db.describe().captions > 0
         source = f"memory {Path(settings.db_dir).resolve()}"
         path_of = lambda image_id: memory_path(dataset, settings, image_id)  # noqa: E731
         load = lambda hit: memory_image(dataset, settings, hit.image_id)  # noqa: E731
 
         def image_rows():
-            return _image_embedder(settings, "clip"), db.image_ids, db.image_vectors, ""
+            rows = db.image_rows()
+            return _image_embedder(settings, "clip"), rows.ids, rows.vectors, ""
     if by == "auto":
         by = "captions" if captioned else "clip"
     if by in ("captions", "both") and not captioned:
@@ -240,7 +245,7 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
     searched: dict[str, int] = {}  # images each ranking searched
     depth = None if by == "both" else k  # fusion needs every image's rank
     models, notes, note = [], [], ""
-    best_caption: dict[str, dict[str, Any]] = {}
+    best_caption: dict[str, CaptionEntry] = {}
     if by in ("captions", "both"):
         embedder = caption_embedder_for(settings, db)
         embed_missing_captions(embedder, db)  # a first search after a first run
@@ -270,9 +275,9 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
     for rank, (image_id, score, ranks) in enumerate(fused[:k], start=1):
         entry = best_caption.get(image_id)
         hits.append(Hit(rank, image_id, round(score, 6), path=path_of(image_id),
-                        caption=entry and entry["caption"],
-                        caption_source=entry and entry["source"],
-                        caption_model=entry and entry.get("model"),
+                        caption=entry and entry.caption,
+                        caption_source=entry and entry.source,
+                        caption_model=entry and entry.model,
                         found_by="+".join(ranks), ranks=ranks))
     kind = {"captions": "captions of", "clip": "images of", "both": "images and captions of"}
     return SearchResult("text", text, f"{kind[by]} {source}", " + ".join(models), hits,
@@ -280,27 +285,27 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
 
 
 def _caption_ranking(db, query, k: int | None, index: str
-                     ) -> tuple[list[tuple[str, float]], dict[str, dict[str, Any]], int]:
+                     ) -> tuple[list[tuple[str, float]], dict[str, CaptionEntry], int]:
     """The `k` best captioned images (all when k is None) by their best caption's
     score (best first, ties by row), that caption's entry per image, and how many
     images have captions."""
     from similarity_search import SearchIndex
-    ids = [entry["id"] for entry in db.captions]  # unique in a database
-    entries = dict(zip(ids, db.captions))
-    captioned = len({entry["image_id"] for entry in db.captions})
-    captions = SearchIndex.from_vectors(ids, db.caption_vectors, backend=index)
+    rows = db.caption_rows()
+    image_of = dict(zip(rows.ids, rows.image_ids))  # caption ids are unique in a database
+    captioned = len(set(rows.image_ids))
+    captions = SearchIndex.from_vectors(rows.ids, rows.vectors, backend=index)
     k = captioned if k is None else min(k, captioned)
-    want = min(len(entries), k * -(-len(entries) // max(1, captioned)))  # captions per image
+    want = min(len(rows), k * -(-len(rows) // max(1, captioned)))  # captions per image
     while True:  # widen until the best captions hold k images
         ranking, best = [], {}
         for hit in captions.search(query, want)[0]:
-            entry = entries[hit.image_id]
-            if entry["image_id"] not in best:
-                best[entry["image_id"]] = entry
-                ranking.append((entry["image_id"], hit.score))
-        if len(ranking) >= k or want >= len(entries):
+            image_id = image_of[hit.image_id]
+            if image_id not in best:
+                best[image_id] = db.caption(hit.image_id)
+                ranking.append((image_id, hit.score))
+        if len(ranking) >= k or want >= len(rows):
             return ranking[:k], best, captioned
-        want = min(len(entries), 2 * want)
+        want = min(len(rows), 2 * want)
 
 
 def _vector_ranking(ids, vectors, query, k: int | None, index: str) -> list[tuple[str, float]]:
@@ -340,13 +345,13 @@ def open_memory(settings: config.Settings, needs: Callable[[config.Settings, Any
     from models import load_dataset
     from db_manager import DbManager
     db = DbManager.open(settings.db_dir)
-    if db.needs_seed:
+    if db.describe().empty:
         raise UserError(f"no database in {settings.db_dir}: run `python main.py` first, "
                         "or search a folder with --images-dir")
     db.check_models(settings.clip_model_name, settings.caption_embedding_model)
     availability.require(settings, ("dataset",), needs(settings, db) if needs else ())
     dataset = load_dataset(settings)  # loaded once per process
-    if dataset.fingerprint != db.state.split:
+    if dataset.fingerprint != db.describe().split:
         raise UserError(f"the database in {settings.db_dir} was built from another data set or "
                         "split; use the same --dataset-name, --random-seed and "
                         "--experiment-samples as main.py")

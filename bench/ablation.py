@@ -388,12 +388,11 @@ class _Shared:
         self.seconds["embed_images"] = time.perf_counter() - start
         self.queries = [Query(i, s, im, v) for (i, s, im), v in zip(images, vectors)]
 
-        kinds = np.asarray(self.db.image_kinds)
-        train = np.flatnonzero(kinds == "train")
+        train = self.db.image_rows("train")
         if not len(train):
             raise UserError(f"the memory in {settings.db_dir} has no training images")
-        self.train_ids = [self.db.image_ids[n] for n in train]
-        self.train_vectors = np.asarray(self.db.image_vectors[train], dtype=np.float32)
+        self.train_ids = list(train.ids)
+        self.train_vectors = np.asarray(train.vectors, dtype=np.float32)
         self._caption_index = None
         self._caption_vector_of = caption_vector_lookup(self.db)
         self._clip_scorer = None

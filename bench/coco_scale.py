@@ -142,8 +142,8 @@ def measure_open(db_dir: Path) -> dict:
     seconds = time.perf_counter() - t0
     opened = peak_mb() - before
     t1 = time.perf_counter()
-    captions = len(db.captions)         # what the first experiment or text search reads
-    return {"open_s": seconds, "images": len(db.image_ids), "captions": captions,
+    captions = len(db.caption_rows())   # what the first experiment or text search reads
+    return {"open_s": seconds, "images": db.describe().images, "captions": captions,
             "open_mb": opened, "captions_s": time.perf_counter() - t1,
             "captions_mb": peak_mb() - before}
 

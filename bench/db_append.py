@@ -29,7 +29,7 @@ import numpy as np
 
 from atomic_files import dumps
 from bench.common import record, table, timed
-from db_format import FILES, headers
+from db_format import FILES, STATE, WORK, headers, read_state
 from db_journal import write_json_file
 from db_manager import DbIdentity, DbManager
 
@@ -84,17 +84,20 @@ def measure(images: int, captions: int, appends: int, rng: np.random.Generator) 
                               caption_vectors[appends + k], "vlm", k, "2026-11-24T00:00:00")
         per_replace = timed(replace, appends)
         check_files(tmp)
-        head = headers(db.state)
+        head = headers(read_state(tmp / WORK / STATE))
+        # read before timing: the original scripts held these in memory
+        rows, entries = db.image_rows(), [e.to_dict() for e in db.entries()]
+        stored_vectors = db.caption_rows().vectors
 
         def rewrite() -> None:  # the three files, whole
             write_json_file(tmp / "rw_images.json", head[FILES[0]], (
                 dumps({"image_id": i, "kind": k, "embedding": v}) for i, k, v in
-                zip(db.image_ids, db.image_kinds, db.image_vectors)))
+                zip(rows.ids, rows.kinds, rows.vectors)))
             write_json_file(tmp / "rw_captions.json", head[FILES[1]],
-                            (dumps(c) for c in db.captions))
+                            (dumps(c) for c in entries))
             write_json_file(tmp / "rw_embeddings.json", head[FILES[2]], (
                 dumps({"id": c["id"], "image_id": c["image_id"], "embedding": v})
-                for c, v in zip(db.captions, db.caption_vectors)))
+                for c, v in zip(entries, stored_vectors)))
         per_rewrite = timed(rewrite, 3 if captions <= 10000 else 1)
         size_mb = sum((tmp / f).stat().st_size for f in FILES) / 1e6
         return [f"{images:,} / {captions:,}", f"{size_mb:,.0f} MB", f"{per_append * 1000:.1f} ms",

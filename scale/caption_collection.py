@@ -373,7 +373,7 @@ def load_memory(settings: config.Settings, retrieval: bool) -> tuple[dict[str, A
     from memory import Memory
     from db_manager import DbManager
     db = DbManager.open(settings.db_dir)
-    if db.needs_seed:
+    if db.describe().empty:
         raise UserError(f"no memory to retrieve from in {settings.db_dir}: build it with "
                         "`python main.py` (same settings) first, or caption without "
                         "retrieval (--no-retrieval)")

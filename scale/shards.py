@@ -361,14 +361,15 @@ def import_parquet(out_dir: str | os.PathLike, db_dir: str | os.PathLike,
     if not paths:
         raise UserError(f"{out_dir} holds no shards yet: run scale.caption_collection first")
     db = DbManager.open(db_dir)
-    if db.needs_seed:
+    ours = db.describe()
+    if ours.empty:
         raise UserError(f"no database in {db_dir}: run `python main.py` first (it builds the "
                         "memory), then import")
     db.check_models(clip_model=clip_model, caption_model=caption_model)
     models = manifest["models"]
     for what, option, ours, key in (
-            ("CLIP model", "--clip-model-name", db.state.clip_model, "clip"),
-            ("caption model", "--caption-embedding-model", db.state.caption_model, "caption")):
+            ("CLIP model", "--clip-model-name", ours.clip_model, "clip"),
+            ("caption model", "--caption-embedding-model", ours.caption_model, "caption")):
         if models[key] != ours:
             raise UserError(f"{out_dir} was made with {what} {models[key]!r} but the database "
                             f"{db_dir} holds {ours!r} embeddings; import it into a database of "

@@ -70,11 +70,12 @@ def main() -> None:
     if len(sys.argv) > 4:
         crash_at(sys.argv[4])
     db = db_manager.DbManager.open(db_dir)
+    dims = db.describe()
     for n in range(count):
         image_id = f"{prefix}-{n}.jpg"
         seed = abs(hash(image_id)) % 2**32
-        db.add_experiment(image_id, vector(seed, db.state.image_dim), f"caption of {image_id}",
-                          vector(seed + 1, db.state.caption_dim), vlm_model="vlm",
+        db.add_experiment(image_id, vector(seed, dims.image_dim), f"caption of {image_id}",
+                          vector(seed + 1, dims.caption_dim), vlm_model="vlm",
                           experiment_index=n, timestamp="2026-11-23T12:00:00+00:00")
         print("ack", image_id, flush=True)
 

@@ -197,33 +197,34 @@ def verify(trial: dict) -> str | None:
         db = DbManager.open(trial["dir"])
     except Exception as exc:  # noqa: BLE001
         return f"open: {exc}"
-    problems = check_db(trial["dir"]) if not db.needs_seed else []
+    described = db.describe()
+    problems = check_db(trial["dir"]) if not described.empty else []
     if problems:
         return "check_db: " + "; ".join(problems)
     kind = trial["kind"]
-    rows = {c["id"]: n for n, c in enumerate(db.captions)}
+    image_ids = set(db.image_rows().ids)
     if kind == "seed":
-        parts = [not db.needs_seed and len(db.image_ids) == 3 and len(db.captions) == 6]
+        parts = [not described.empty and described.images == 3 and described.captions == 6]
     elif kind == "append":
-        parts = ["new.jpg" in db.image_ids, "new.jpg#gen:vlm" in rows]
+        parts = ["new.jpg" in image_ids, db.has_caption("new.jpg#gen:vlm")]
     elif kind in REPLACEMENT:
-        row = rows["exp.jpg#gen:vlm"]
-        new = db.captions[row]["caption"] == REPLACEMENT[kind]
+        entry = db.caption("exp.jpg#gen:vlm")
+        new = entry.caption == REPLACEMENT[kind]
         vector = unit(1, 5, 6 if new else 3)[0]
-        if not np.array_equal(db.caption_vectors[row], vector):
+        if not np.array_equal(db.caption_rows().vectors[entry.row], vector):
             return "the caption and its vector are from different writes"
         parts = [new]
     elif kind == "embed":
-        missing = set(db.missing_caption_rows)
+        missing = set(db.missing_caption_rows())
         parts = [row not in missing for row in EMBEDDED]
         if sorted(missing - set(EMBEDDED)) != [0, 5]:
             return "other captions got or lost vectors"
-        if all(parts) and not np.array_equal(db.caption_vectors[EMBEDDED],
+        if all(parts) and not np.array_equal(db.caption_rows().vectors[EMBEDDED],
                                              unit(len(EMBEDDED), 5, 7)):
             return "the captions hold other vectors than the write's"
     else:
         ids, _, captions, _ = batch()
-        parts = [i in db.image_ids for i in ids] + [c["id"] in rows for c in captions]
+        parts = [i in image_ids for i in ids] + [db.has_caption(c["id"]) for c in captions]
     if any(parts) and not all(parts):
         return "half of the write is visible"
     if trial["error"] is None and not all(parts):

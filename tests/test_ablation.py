@@ -114,7 +114,8 @@ def test_grid_runs_every_variant_on_the_same_images(settings_kwargs, tmp_path, n
     for name in ("image_embeddings.json", "captions.json"):
         assert after[name] == before[name]
     reopened = DbManager.open(db_dir)
-    assert reopened.missing_caption_rows == [] and len(reopened.captions) == len(db.captions)
+    assert reopened.missing_caption_rows() == []
+    assert reopened.describe().captions == db.describe().captions
     assert not list(Path(settings_kwargs["results_dir"]).glob("experiment_*"))
 
     rows = {v["name"]: v for v in report["variants"]}

@@ -104,7 +104,8 @@ def snapshot(*folders) -> dict[str, str]:
 
 def counts(db_dir) -> tuple[int, int]:
     db = DbManager.open(db_dir)
-    return len(db.image_ids), len(db.captions)
+    described = db.describe()
+    return described.images, described.captions
 
 
 # --- Caption ------------------------------------------------------------------------
@@ -149,11 +150,12 @@ def test_save_to_memory_appends_one_entry(memory, settings, photo):
     assert r["saved"] and "save_to_db" in r["timings"]
     assert counts(settings.db_dir) == (images + 1, captions + 1)
     db = DbManager.open(settings.db_dir)
-    entry = db.captions[-1]
-    assert entry["id"] == generated_caption_id(r["image_id"], settings.vlm_model_name)
-    assert entry["image_id"] == r["image_id"] and entry["caption"] == r["caption"]
-    assert entry["source"] == "generated" and "experiment_index" not in entry  # an upload
-    assert db.image_ids[-1] == r["image_id"] and db.image_kinds[-1] == "experiment"
+    entry = list(db.entries())[-1]
+    assert entry.id == generated_caption_id(r["image_id"], settings.vlm_model_name)
+    assert entry.image_id == r["image_id"] and entry.caption == r["caption"]
+    assert entry.source == "generated" and entry.experiment_index is None  # an upload
+    rows = db.image_rows()
+    assert rows.ids[-1] == r["image_id"] and rows.kinds[-1] == "experiment"
     assert (Path(settings.db_dir) / app.UPLOADS / r["image_id"]).exists()
 
     again = app.caption_tab(photo.read_bytes(), save_to_memory=True, settings=settings)

@@ -321,7 +321,7 @@ def test_nocaps_with_a_coco_memory_reports_each_domain_and_refuses_another_split
                                                                   "experiment_samples")}
     db, dataset, settings = search.open_memory(config.resolve(**bare))
     assert settings.split == "all" and settings.memory_dataset == str(Path(coco).resolve())
-    memory_ids = [i for i, kind in zip(db.image_ids, db.image_kinds) if kind == "train"]
+    memory_ids = list(db.image_rows("train").ids)
     assert len(memory_ids) == 6 and all(i.startswith("coco:") for i in memory_ids)
     path = Path(search.memory_path(dataset, settings, memory_ids[0]))
     assert path.is_file() and path.parent.parent == Path(coco).resolve()    # coco/train2014/

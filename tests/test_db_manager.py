@@ -40,10 +40,24 @@ def human_captions(n_images, per_image=2):
 
 def seeded(db_dir, identity=IDENTITY, n_images=3):
     db = DbManager.open(db_dir, identity)
-    assert db.needs_seed
+    assert db.describe().empty
     db.seed([f"im{i}.jpg" for i in range(n_images)], unit(n_images, 4),
             human_captions(n_images), unit(2 * n_images, 5, seed=1))
     return db
+
+
+def committed(db_dir):
+    """The last commit (state.json)."""
+    return db_format.read_state(Path(db_dir) / WORK / db_format.STATE)
+
+
+def image_ids(db):
+    return list(db.image_rows().ids)
+
+
+def caption_dicts(db):
+    """The captions as captions.json holds them."""
+    return [entry.to_dict() for entry in db.entries()]
 
 
 def snapshot(db_dir):
@@ -74,9 +88,9 @@ def test_seed_writes_three_plain_json_files_that_load_back(tmp_path):
     assert len(data[IMAGE_DB]["entries"]) == 3
     assert data[CAPTION_EMBEDDING_DB]["model"] == "bge" and data[CAPTION_EMBEDDING_DB]["dim"] == 5
     again = DbManager.open(tmp_path, IDENTITY)
-    assert not again.needs_seed and again.image_ids == db.image_ids
-    np.testing.assert_array_equal(again.image_vectors, unit(3, 4))
-    np.testing.assert_array_equal(again.caption_vectors, unit(6, 5, seed=1))
+    assert not again.describe().empty and image_ids(again) == image_ids(db)
+    np.testing.assert_array_equal(again.image_rows().vectors, unit(3, 4))
+    np.testing.assert_array_equal(again.caption_rows().vectors, unit(6, 5, seed=1))
     np.testing.assert_array_equal(np.array([e["embedding"] for e in data[IMAGE_DB]["entries"]],
                                            dtype=np.float32), unit(3, 4))
     assert again.captions_of("im1.jpg") == ["caption 1 0", "caption 1 1"]
@@ -100,10 +114,10 @@ def test_experiment_appends_one_entry_to_each_file(tmp_path):
                      "caption": "a generated caption", "source": "generated", "model": "vlm-a",
                      "experiment_index": 7, "timestamp": "2026-11-23T12:00:00+00:00"}
     again = DbManager.open(tmp_path, IDENTITY)
-    assert again.image_ids[-1] == "exp.jpg" and again.captions_of("exp.jpg") == [
+    assert image_ids(again)[-1] == "exp.jpg" and again.captions_of("exp.jpg") == [
         "a generated caption"]
-    np.testing.assert_array_equal(again.caption_vectors[-1], unit(1, 5, 2)[0])
-    assert db.image_ids == again.image_ids and len(db.caption_vectors) == 7   # in memory too
+    np.testing.assert_array_equal(again.caption_rows().vectors[-1], unit(1, 5, 2)[0])
+    assert image_ids(db) == image_ids(again) and db.describe().captions == 7   # in memory too
     assert check_db(tmp_path) == []
     assert not (tmp_path / WORK / db_manager.JOURNAL).read_bytes()
 
@@ -113,14 +127,14 @@ def test_same_image_and_model_replaces_another_model_adds(tmp_path):
     add(db, caption="first")
     add(db, caption="second", seed=3)
     again = DbManager.open(tmp_path, IDENTITY)
-    assert len(again.image_ids) == 4 and len(again.captions) == 7
-    assert again.captions[-1]["caption"] == "second"
-    np.testing.assert_array_equal(again.caption_vectors[-1], unit(1, 5, 3)[0])
+    assert len(image_ids(again)) == 4 and len(caption_dicts(again)) == 7
+    assert caption_dicts(again)[-1]["caption"] == "second"
+    np.testing.assert_array_equal(again.caption_rows().vectors[-1], unit(1, 5, 3)[0])
     assert check_db(tmp_path) == []
     add(again, model="vlm-b", caption="other model")
     final = DbManager.open(tmp_path, IDENTITY)
-    assert len(final.image_ids) == 4 and len(final.captions) == 8
-    assert {c["model"] for c in final.captions if c["source"] == "generated"} == {"vlm-a", "vlm-b"}
+    assert len(image_ids(final)) == 4 and len(caption_dicts(final)) == 8
+    assert {c.model for c in final.entries() if c.source == "generated"} == {"vlm-a", "vlm-b"}
     assert check_db(tmp_path) == []
 
 
@@ -136,9 +150,9 @@ def test_a_rerun_writes_over_the_old_entry_in_place(tmp_path, monkeypatch):
     assert [c["caption"] for c in generated] == ["a second, longer caption of the same image"]
     assert data[CAPTION_EMBEDDING_DB]["entries"][-1]["embedding"] == pytest.approx(
         unit(1, 5, 3)[0].tolist())
-    assert db.captions[-1]["caption"] == generated[0]["caption"]          # in memory too
-    np.testing.assert_array_equal(db.caption_vectors[-1], unit(1, 5, 3)[0])
-    assert DbManager.open(tmp_path, IDENTITY).captions == db.captions
+    assert caption_dicts(db)[-1]["caption"] == generated[0]["caption"]          # in memory too
+    np.testing.assert_array_equal(db.caption_rows().vectors[-1], unit(1, 5, 3)[0])
+    assert caption_dicts(DbManager.open(tmp_path, IDENTITY)) == caption_dicts(db)
     assert check_db(tmp_path) == []
 
 
@@ -151,9 +165,9 @@ def test_a_rerun_too_long_for_the_old_room_rewrites_the_caption_files(tmp_path):
     assert data[CAPTION_DB]["entries"][-1]["caption"] == "a far longer caption " * 50
     assert len(data[CAPTION_DB]["entries"]) == 7 and check_db(tmp_path) == []
     add(other, image_id="new.jpg", seed=4)        # a stale handle reloads the rewritten files
-    assert other.captions[-2]["caption"] == "a far longer caption " * 50
+    assert caption_dicts(other)[-2]["caption"] == "a far longer caption " * 50
     add(db, caption="short again", seed=5)        # back in place, in the new room
-    assert DbManager.open(tmp_path, IDENTITY).captions[-2]["caption"] == "short again"
+    assert caption_dicts(DbManager.open(tmp_path, IDENTITY))[-2]["caption"] == "short again"
     assert check_db(tmp_path) == []
 
 
@@ -165,7 +179,7 @@ def test_a_database_without_the_slot_table_gets_one_on_the_first_rerun(tmp_path,
     monkeypatch.setattr(db_journal, "write_json_file", lambda *a: pytest.fail("file rewritten"))
     add(again, caption="second", seed=3)
     add(again, image_id="new.jpg", seed=4)
-    assert [c["caption"] for c in DbManager.open(tmp_path, IDENTITY).captions[-2:]] == [
+    assert [c["caption"] for c in caption_dicts(DbManager.open(tmp_path, IDENTITY))[-2:]] == [
         "second", "a generated caption"]
     assert check_db(tmp_path) == []
 
@@ -180,14 +194,15 @@ def test_check_models_names_what_the_database_holds_and_what_was_asked(tmp_path)
     assert "\n" not in message and "CLIP model 'clip', not 'other-clip'" in message
     assert "caption model 'bge', not 'other-bge'" in message
     assert "--clip-model-name and --caption-embedding-model" in message
-    assert db.state.clip_model == "clip" and db.state.caption_dim == 5
+    described = db.describe()
+    assert described.clip_model == "clip" and described.caption_dim == 5
 
 
 def test_human_captions_are_preferred_as_context(tmp_path):
     db = seeded(tmp_path)
     add(db, image_id="im0.jpg", caption="generated for a training image")
     assert db.captions_of("im0.jpg") == ["caption 0 0", "caption 0 1"]
-    assert len(db.image_ids) == 3      # the image was known: no second embedding
+    assert len(image_ids(db)) == 3      # the image was known: no second embedding
 
 
 def test_append_does_not_parse_the_json_files(tmp_path, monkeypatch):
@@ -202,7 +217,7 @@ def test_a_second_handle_sees_what_the_first_appended(tmp_path):
     second = DbManager.open(tmp_path, IDENTITY)
     add(first, image_id="a.jpg")
     add(second, image_id="b.jpg")          # merges a.jpg before appending
-    assert second.image_ids[-2:] == ["a.jpg", "b.jpg"]
+    assert image_ids(second)[-2:] == ["a.jpg", "b.jpg"]
     assert [e["image_id"] for e in load_all(tmp_path)[IMAGE_DB]["entries"]][-2:] == [
         "a.jpg", "b.jpg"]
     add(first, image_id="a.jpg", caption="again", seed=5)   # a replacement after a merge
@@ -225,9 +240,86 @@ def test_older_single_line_databases_are_imported(tmp_path):
     for name, data in ((IMAGE_DB, images), (CAPTION_DB, captions), (CAPTION_EMBEDDING_DB, embeddings)):
         (tmp_path / name).write_bytes(orjson.dumps(data))
     db = DbManager.open(tmp_path, IDENTITY)
-    assert db.image_ids == ["im0.jpg"] and db.captions_of("im0.jpg") == ["c"]
+    assert image_ids(db) == ["im0.jpg"] and db.captions_of("im0.jpg") == ["c"]
     add(db)
     assert check_db(tmp_path) == [] and len(load_all(tmp_path)[IMAGE_DB]["entries"]) == 2
+
+
+# --- reading: the typed API ---------------------------------------------------------------
+
+def test_a_database_is_read_through_rows_entries_and_its_description(tmp_path):
+    assert DbManager.open(tmp_path / "none").describe() == db_manager.DbDescription(
+        tmp_path / "none", empty=True)
+    db = seeded(tmp_path, PROMPTED)
+    add(db)
+    described = db.describe()
+    assert (described.empty, described.clip_model, described.caption_model) == (
+        False, "clip", "bge")
+    assert (described.image_dim, described.caption_dim, described.split) == (4, 5, "abc")
+    assert (described.images, described.captions, described.embedded) == (4, 7, 7)
+    assert described.prompts == ("query: ", "passage: ")
+
+    rows = db.image_rows()
+    assert rows.ids == ("im0.jpg", "im1.jpg", "im2.jpg", "exp.jpg") and len(rows) == 4
+    assert rows.kinds == ("train",) * 3 + ("experiment",)
+    assert rows.vectors.dtype == np.float32 and not rows.vectors.flags.writeable   # no copy
+    train = db.image_rows("train")
+    assert train.ids == rows.ids[:3] and train.kinds == ("train",) * 3
+    np.testing.assert_array_equal(train.vectors, unit(3, 4))
+    np.testing.assert_array_equal(db.image_vector("exp.jpg"), unit(1, 4, 2)[0])
+    assert db.image_vector("nowhere.jpg") is None
+
+    gen = generated_caption_id("exp.jpg", "vlm-a")
+    entry = db.caption(gen)
+    assert entry == db_manager.CaptionEntry(
+        gen, "exp.jpg", "a generated caption", "generated", row=6, model="vlm-a",
+        experiment_index=7, timestamp="2026-11-23T12:00:00+00:00")
+    assert entry.to_dict() == load_all(tmp_path)[CAPTION_DB]["entries"][6]
+    assert db.caption("nowhere#0") is None
+    captions = db.caption_rows()
+    assert captions.ids[6] == gen and captions.image_ids[:2] == ("im0.jpg", "im0.jpg")
+    np.testing.assert_array_equal(captions.vectors[entry.row], unit(1, 5, 2)[0])
+    assert [e.row for e in db.entries()] == list(range(7))
+    assert [e.caption for e in db.entries([6, 1])] == ["a generated caption", "caption 0 1"]
+    add(db, image_id="im1.jpg")            # a generated caption of a training image
+    assert [e.source for e in db.entries_of("im1.jpg")] == ["human", "human", "generated"]
+    assert db.captions_of("im1.jpg") == ["caption 1 0", "caption 1 1"]    # human first
+
+
+def test_entries_are_made_when_read_not_when_opened(tmp_path, monkeypatch):
+    seeded(tmp_path, n_images=50)
+    made = []
+    monkeypatch.setattr(db_manager, "CaptionEntry", lambda *a, **k: made.append(a) or a)
+    db = DbManager.open(tmp_path, IDENTITY)
+    db.captions_of("im3.jpg"), db.caption_rows(), db.describe()
+    assert made == []
+    assert len(list(db.entries([5, 6]))) == 2 and len(made) == 2
+
+
+# Read DbManager through its methods only: these modules are its storage.
+STORAGE = {"db_manager.py", "db_format.py", "db_journal.py", "db_check.py"}
+
+
+def test_no_module_outside_storage_reads_the_databases_fields():
+    """Every module (top level, scale/, bench/, tests/) reads a database through
+    DbManager's methods: none reads its private fields or `state`."""
+    import ast
+    root = Path(__file__).resolve().parent.parent
+    fields = vars(DbManager(root / "unused", None))     # the constructor reads no files
+    private = {name for name in {*vars(DbManager), *fields}
+               if name.startswith("_") and not name.startswith("__")} | {"state"}
+    assert {"_captions", "_state", "_image_vectors", "_load"} <= private
+    offenders = []
+    for path in sorted([*root.glob("*.py"), *root.glob("scale/*.py"), *root.glob("bench/*.py"),
+                        *root.glob("tests/*.py")]):
+        if path.name in STORAGE and path.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in private and not (
+                    isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno} reads .{node.attr}")
+    assert offenders == [], "read the database through DbManager's methods (describe, " \
+        "image_rows, caption_rows, entries, ...): " + "; ".join(offenders)
 
 
 # --- refusing bad files ----------------------------------------------------------------
@@ -273,10 +365,10 @@ def test_a_copied_database_is_checked_by_content_and_opens(tmp_path):
     add(db)
     shutil.copytree(tmp_path / "memory", tmp_path / "copy")
     copy = DbManager.open(tmp_path / "copy", IDENTITY)
-    assert copy.image_ids == db.image_ids
+    assert copy.image_rows().ids == db.image_rows().ids
     add(copy, image_id="second.jpg", seed=3)   # the seals it re-made keep working
     assert check_db(tmp_path / "copy") == []
-    assert "second.jpg" in DbManager.open(tmp_path / "copy", IDENTITY).image_ids
+    assert "second.jpg" in DbManager.open(tmp_path / "copy", IDENTITY).image_rows().ids
 
 
 def test_saves_keep_the_seals_current_across_appends_reruns_and_rewrites(tmp_path):
@@ -286,7 +378,8 @@ def test_saves_keep_the_seals_current_across_appends_reruns_and_rewrites(tmp_pat
     add(db, caption="a much longer rerun " * 40)          # the caption files rewritten whole
     db.add_images(["big.jpg"], unit(1, 4, 9), [{"id": "big.jpg#0", "image_id": "big.jpg",
                   "caption": "x" * (3 << 20), "source": "human"}], unit(1, 5, 9))
-    state = DbManager.open(tmp_path, IDENTITY).state
+    DbManager.open(tmp_path, IDENTITY)
+    state = db_format.read_state(tmp_path / WORK / "state.json")
     for name in FILES:
         assert state.seals[name] == db_format.seal(tmp_path / name), name
     path = tmp_path / CAPTION_DB                            # an edit past the first block
@@ -303,7 +396,7 @@ def test_a_database_saved_before_seals_gets_them_at_its_first_open(tmp_path):
     state = orjson.loads(state_path.read_bytes())
     state.pop("seals")
     state_path.write_bytes(orjson.dumps(state))
-    assert DbManager.open(tmp_path, IDENTITY).state.seals.keys() == set(FILES)
+    DbManager.open(tmp_path, IDENTITY)
     assert set(orjson.loads(state_path.read_bytes())["seals"]) == set(FILES)
 
 
@@ -334,12 +427,12 @@ def test_malformed_image_database_is_found_by_check_and_refused_on_import(tmp_pa
 
 def test_caption_embeddings_are_matched_to_captions_by_id(tmp_path):
     db = seeded(tmp_path)
-    vectors = np.array(db.caption_vectors)
+    vectors = np.array(db.caption_rows().vectors)
     shutil.rmtree(tmp_path / WORK)
     data = json.loads((tmp_path / CAPTION_EMBEDDING_DB).read_text())
     data["entries"].reverse()                          # another order: the same vectors
     (tmp_path / CAPTION_EMBEDDING_DB).write_text(json.dumps(data))
-    assert np.array_equal(DbManager.open(tmp_path, IDENTITY).caption_vectors, vectors)
+    assert np.array_equal(DbManager.open(tmp_path, IDENTITY).caption_rows().vectors, vectors)
     assert check_db(tmp_path) == []
 
     shutil.rmtree(tmp_path / WORK)
@@ -368,14 +461,14 @@ PROMPTED = DbIdentity(**{**IDENTITY.__dict__, "query_prompt": "query: ",
 def test_caption_prompts_are_recorded_and_other_prompts_refused(tmp_path):
     seeded(tmp_path, PROMPTED)
     db = DbManager.open(tmp_path, PROMPTED)
-    assert db.caption_prompts == ("query: ", "passage: ")
+    assert db.describe().prompts == ("query: ", "passage: ")
     header = json.loads((tmp_path / CAPTION_EMBEDDING_DB).read_text())
     assert (header["query_prompt"], header["document_prompt"]) == ("query: ", "passage: ")
     with pytest.raises(UserError, match="document \\(caption\\) prompt 'passage: ', not ''"):
         DbManager.open(tmp_path, DbIdentity(**{**PROMPTED.__dict__, "document_prompt": ""}))
     with pytest.raises(UserError, match="--caption-query-prompt 'query: '"):
         db.check_caption_prompts("other: ", "passage: ")
-    assert not DbManager.open(tmp_path, IDENTITY).needs_seed    # no prompts given: not checked
+    assert not DbManager.open(tmp_path, IDENTITY).describe().empty  # no prompts: not checked
 
 
 def test_caption_prompts_survive_a_copy_of_the_json_files_alone(tmp_path):
@@ -383,13 +476,13 @@ def test_caption_prompts_survive_a_copy_of_the_json_files_alone(tmp_path):
     (tmp_path / "b").mkdir()
     for name in FILES:
         shutil.copy(tmp_path / "a" / name, tmp_path / "b" / name)
-    assert DbManager.open(tmp_path / "b").caption_prompts == ("query: ", "passage: ")
+    assert DbManager.open(tmp_path / "b").describe().prompts == ("query: ", "passage: ")
 
 
 def test_a_database_made_before_prompts_were_recorded_had_no_document_prompt(tmp_path):
     seeded(tmp_path)
     db = DbManager.open(tmp_path, IDENTITY)
-    assert db.caption_prompts is None
+    assert db.describe().prompts is None
     db.check_caption_prompts("any query prompt: ", "")
     with pytest.raises(UserError, match="document \\(caption\\) prompt '', not 'passage: '"):
         DbManager.open(tmp_path, PROMPTED)
@@ -398,7 +491,7 @@ def test_a_database_made_before_prompts_were_recorded_had_no_document_prompt(tmp
 def test_data_set_name_alone_may_change(tmp_path):
     seeded(tmp_path)
     moved = DbIdentity(**{**IDENTITY.__dict__, "dataset": "/elsewhere/flickr"})
-    assert not DbManager.open(tmp_path, moved).needs_seed
+    assert not DbManager.open(tmp_path, moved).describe().empty
 
 
 def test_missing_file_is_an_error_not_a_reseed(tmp_path):
@@ -450,8 +543,8 @@ def test_read_only_database_folder_is_a_clear_error(tmp_path, monkeypatch):
 def test_disk_full_leaves_files_and_memory_unchanged(tmp_path, monkeypatch, victim, write):
     db = seeded(tmp_path)
     add(db)
-    before, images, captions = snapshot(tmp_path), list(db.image_ids), list(db.captions)
-    vectors = np.array(db.caption_vectors)
+    before, images, captions = snapshot(tmp_path), list(image_ids(db)), list(caption_dicts(db))
+    vectors = np.array(db.caption_rows().vectors)
 
     real, calls = getattr(db_journal, victim), []
 
@@ -467,8 +560,8 @@ def test_disk_full_leaves_files_and_memory_unchanged(tmp_path, monkeypatch, vict
     assert err.value.errno == 28
     monkeypatch.undo()
     assert snapshot(tmp_path) == before
-    assert db.image_ids == images and db.captions == captions
-    np.testing.assert_array_equal(db.caption_vectors, vectors)
+    assert image_ids(db) == images and caption_dicts(db) == captions
+    np.testing.assert_array_equal(db.caption_rows().vectors, vectors)
     assert check_db(tmp_path) == []
     add(db, caption="after the disk was freed", seed=10)
     assert check_db(tmp_path) == []
@@ -504,8 +597,8 @@ def test_crash_at_each_point_gives_all_three_entries_or_none(tmp_path, point, sa
     out = run_writer(tmp_path, "crash", 1, crash=point)
     assert out.returncode == 9 and "ack" not in out.stdout
     db = DbManager.open(tmp_path, IDENTITY)
-    assert ("crash-0.jpg" in db.image_ids) == saved
-    assert (generated_caption_id("crash-0.jpg", "vlm") in {c["id"] for c in db.captions}) == saved
+    assert ("crash-0.jpg" in image_ids(db)) == saved
+    assert db.has_caption(generated_caption_id("crash-0.jpg", "vlm")) == saved
     assert check_db(tmp_path) == []
     counts = [len(d["entries"]) for d in load_all(tmp_path).values()]
     assert counts == ([4, 7, 7] if saved else [3, 6, 6])
@@ -532,7 +625,7 @@ def test_killed_writers_never_lose_an_acknowledged_experiment(tmp_path):
         acknowledged |= {line.split()[1] for line in out.split("\n")[:-1]
                          if line.startswith("ack ") and len(line.split()) == 2}
     db = DbManager.open(tmp_path, IDENTITY)
-    assert acknowledged <= set(db.image_ids)
+    assert acknowledged <= set(image_ids(db))
     assert len(acknowledged) > trials        # the writers got somewhere
     assert check_db(tmp_path) == []
     data = load_all(tmp_path)
@@ -551,9 +644,9 @@ def test_concurrent_writers_lose_nothing(tmp_path):
         assert out.count("ack") == appends
     db = DbManager.open(tmp_path, IDENTITY)
     expected = {f"w{w}-{n}.jpg" for w in range(writers) for n in range(appends)}
-    assert set(db.image_ids) - {f"im{i}.jpg" for i in range(3)} == expected
-    assert len(db.image_ids) == 3 + writers * appends
-    assert len(db.captions) == 6 + writers * appends
+    assert set(image_ids(db)) - {f"im{i}.jpg" for i in range(3)} == expected
+    assert len(image_ids(db)) == 3 + writers * appends
+    assert len(caption_dicts(db)) == 6 + writers * appends
     assert check_db(tmp_path) == []
 
 
@@ -571,7 +664,7 @@ def test_interrupted_first_run_is_cleaned_up(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / "db" / IMAGE_DB).exists()        # moved, but not committed
     again = DbManager.open(tmp_path / "db", IDENTITY)
-    assert again.needs_seed and not (tmp_path / "db" / IMAGE_DB).exists()
+    assert again.describe().empty and not (tmp_path / "db" / IMAGE_DB).exists()
     seeded(tmp_path / "db")
 
 
@@ -608,7 +701,7 @@ def test_repair_trusts_valid_json_restored_by_the_user(tmp_path):
     with pytest.raises(UserError, match="--repair-db"):
         DbManager.open(tmp_path, IDENTITY)
     assert any("rebuilt the working copy" in line for line in repair_db(tmp_path))
-    assert "exp.jpg" not in DbManager.open(tmp_path, IDENTITY).image_ids
+    assert "exp.jpg" not in image_ids(DbManager.open(tmp_path, IDENTITY))
 
 
 def test_repair_reports_what_it_cannot_fix(tmp_path):
@@ -640,9 +733,9 @@ def test_round_trip_of_any_text_and_vectors(tmp_path_factory, captions, ids, see
     expected = {}
     for n, caption in enumerate(captions):
         expected[ids[n % len(ids)]] = (caption, n)
-    assert {c["image_id"]: (c["caption"], c["experiment_index"]) for c in again.captions} == expected
-    assert json.loads((db_dir / CAPTION_DB).read_text())["entries"] == again.captions
-    np.testing.assert_array_equal(again.image_vectors, unit(len(ids), 4, seed))
+    assert {c.image_id: (c.caption, c.experiment_index) for c in again.entries()} == expected
+    assert json.loads((db_dir / CAPTION_DB).read_text())["entries"] == caption_dicts(again)
+    np.testing.assert_array_equal(again.image_rows().vectors, unit(len(ids), 4, seed))
     assert check_db(db_dir) == []
 
 
@@ -657,22 +750,22 @@ def imported(n, prefix="col", seed=20):
 
 def test_add_images_appends_many_rows_in_one_write(tmp_path):
     db = seeded(tmp_path)
-    seq = db.state.seq
+    seq = committed(tmp_path).seq
     assert db.add_images(*imported(5)) == (5, 5)
-    assert db.state.seq == seq + 1                       # one journaled write
+    assert committed(tmp_path).seq == seq + 1            # one journaled write
     data = load_all(tmp_path)
     assert [len(d["entries"]) for d in data.values()] == [8, 11, 11]
     assert [e["kind"] for e in data[IMAGE_DB]["entries"]][-5:] == ["imported"] * 5
     again = DbManager.open(tmp_path, IDENTITY)
     ids, image_vectors, captions, caption_vectors = imported(5)
-    assert again.image_ids[-5:] == ids and again.captions[-5:] == captions
-    np.testing.assert_array_equal(again.image_vectors[-5:], image_vectors)
-    np.testing.assert_array_equal(again.caption_vectors[-5:], caption_vectors)
+    assert image_ids(again)[-5:] == ids and caption_dicts(again)[-5:] == captions
+    np.testing.assert_array_equal(again.image_rows().vectors[-5:], image_vectors)
+    np.testing.assert_array_equal(again.caption_rows().vectors[-5:], caption_vectors)
     assert check_db(tmp_path) == []
     before = snapshot(tmp_path)
     assert again.add_images(*imported(5)) == (0, 0)         # the same rows again: nothing
     assert db.add_images(*imported(7)) == (2, 2)            # a stale handle merges first
-    assert len(DbManager.open(tmp_path, IDENTITY).image_ids) == 3 + 7
+    assert len(image_ids(DbManager.open(tmp_path, IDENTITY))) == 3 + 7
     assert snapshot(tmp_path) != before and check_db(tmp_path) == []
 
 
@@ -697,7 +790,7 @@ def test_add_images_refuses_bad_rows_and_writes_nothing(tmp_path):
 def test_disk_full_during_add_images_leaves_everything_unchanged(tmp_path, monkeypatch, victim,
                                                                  failing):
     db = seeded(tmp_path)
-    before, images, captions = snapshot(tmp_path), list(db.image_ids), list(db.captions)
+    before, images, captions = snapshot(tmp_path), list(image_ids(db)), list(caption_dicts(db))
     real, calls = getattr(db_journal, victim), []
 
     def disk_full(*args, **kwargs):   # files were appended before this call fails
@@ -710,7 +803,7 @@ def test_disk_full_during_add_images_leaves_everything_unchanged(tmp_path, monke
         db.add_images(*imported(4))
     monkeypatch.undo()
     assert snapshot(tmp_path) == before
-    assert db.image_ids == images and db.captions == captions
+    assert image_ids(db) == images and caption_dicts(db) == captions
     assert check_db(tmp_path) == []
     assert db.add_images(*imported(4)) == (4, 4) and check_db(tmp_path) == []
 
@@ -737,9 +830,8 @@ def test_crash_during_add_images_gives_every_row_or_none(tmp_path, point, saved,
     assert out.returncode == 9 and "ack" not in out.stdout, out.stderr
     db = DbManager.open(tmp_path, IDENTITY)
     ids = imported(6)[0]
-    assert [i in db.image_ids for i in ids] == [saved] * 6
-    assert [generated_caption_id(i, "vlm") in {c["id"] for c in db.captions}
-            for i in ids] == [saved] * 6
+    assert [i in image_ids(db) for i in ids] == [saved] * 6
+    assert [db.has_caption(generated_caption_id(i, "vlm")) for i in ids] == [saved] * 6
     assert check_db(tmp_path) == []
     counts = [len(d["entries"]) for d in load_all(tmp_path).values()]
     assert counts == ([9, 12, 12] if saved else [3, 6, 6])
@@ -758,7 +850,7 @@ def lazily_seeded(db_dir, n_images=3):
 
 def test_a_memory_seeded_without_caption_vectors_says_which_captions_have_them(tmp_path):
     db = lazily_seeded(tmp_path)
-    assert db.missing_caption_rows == list(range(6)) and check_db(tmp_path) == []
+    assert db.missing_caption_rows() == list(range(6)) and check_db(tmp_path) == []
     add(db)                                      # a generated caption comes with its vector
     data = load_all(tmp_path)                    # plain json.load, as a user reads them
     assert len(data[CAPTION_DB]["entries"]) == 7
@@ -768,12 +860,12 @@ def test_a_memory_seeded_without_caption_vectors_says_which_captions_have_them(t
 
     assert db.add_caption_vectors([4, 1, 2], unit(3, 5, seed=8)) == 3
     again = DbManager.open(tmp_path, IDENTITY)
-    assert again.missing_caption_rows == [0, 3, 5] and check_db(tmp_path) == []
-    assert np.array_equal(again.caption_vectors[[4, 1, 2]], unit(3, 5, seed=8))
+    assert again.missing_caption_rows() == [0, 3, 5] and check_db(tmp_path) == []
+    assert np.array_equal(again.caption_rows().vectors[[4, 1, 2]], unit(3, 5, seed=8))
     ids = [e["id"] for e in load_all(tmp_path)[CAPTION_EMBEDDING_DB]["entries"]]
     assert ids == ["exp.jpg#gen:vlm-a", "im0.jpg#1", "im1.jpg#0", "im2.jpg#0"]
     assert again.add_caption_vectors([1, 0, 3, 5], unit(4, 5, seed=9)) == 3  # 1 had one
-    assert again.missing_caption_rows == [] and check_db(tmp_path) == []
+    assert again.missing_caption_rows() == [] and check_db(tmp_path) == []
     assert "6 human captions" not in db_manager.describe_db(tmp_path)
 
 
@@ -781,14 +873,14 @@ def test_missing_caption_vectors_survive_a_copy_of_the_json_files_alone(tmp_path
     db = lazily_seeded(tmp_path)
     add(db)
     db.add_caption_vectors([2, 3], unit(2, 5, seed=8))
-    vectors = np.array(db.caption_vectors)
+    vectors = np.array(db.caption_rows().vectors)
     shutil.rmtree(tmp_path / WORK)                 # the JSON files are the whole truth
     copy = DbManager.open(tmp_path, IDENTITY)
-    assert copy.missing_caption_rows == [0, 1, 4, 5] and check_db(tmp_path) == []
-    assert np.array_equal(copy.caption_vectors[[2, 3, 6]], vectors[[2, 3, 6]])
+    assert copy.missing_caption_rows() == [0, 1, 4, 5] and check_db(tmp_path) == []
+    assert np.array_equal(copy.caption_rows().vectors[[2, 3, 6]], vectors[[2, 3, 6]])
     add(copy, caption="a rerun with a much longer caption " * 20)  # rewrites the caption files
     copy.add_caption_vectors([0, 1, 4, 5], unit(4, 5, seed=9))
-    assert check_db(tmp_path) == [] and DbManager.open(tmp_path).missing_caption_rows == []
+    assert check_db(tmp_path) == [] and DbManager.open(tmp_path).missing_caption_rows() == []
 
 
 def test_a_rerun_in_a_memory_whose_captions_got_vectors_late_stays_in_place(tmp_path):
@@ -798,7 +890,7 @@ def test_a_rerun_in_a_memory_whose_captions_got_vectors_late_stays_in_place(tmp_
     (tmp_path / WORK / "caption_slots.i64").unlink()               # rebuilt, matched by id
     add(db, caption="another caption", seed=3)
     assert check_db(tmp_path) == []
-    assert DbManager.open(tmp_path).captions[6]["caption"] == "another caption"
+    assert caption_dicts(DbManager.open(tmp_path))[6]["caption"] == "another caption"
 
 
 EMBED_WRITER = """
@@ -820,6 +912,6 @@ def test_a_crash_while_saving_caption_vectors_gives_all_of_them_or_none(tmp_path
                          cwd=WRITER.parent, capture_output=True, text=True, timeout=60)
     assert out.returncode == 9 and "ack" not in out.stdout, out.stderr
     db = DbManager.open(tmp_path, IDENTITY)
-    assert db.missing_caption_rows == ([4, 5] if saved else list(range(6)))
+    assert db.missing_caption_rows() == ([4, 5] if saved else list(range(6)))
     assert check_db(tmp_path) == []
     assert len(load_all(tmp_path)[CAPTION_EMBEDDING_DB]["entries"]) == (4 if saved else 0)

@@ -144,7 +144,7 @@ def test_a_database_fills_in_the_models_and_data_set_it_was_built_with(settings_
     assert filled.clip_model_name == settings_kwargs["clip_model_name"]
     assert filled.caption_embedding_model == settings_kwargs["caption_embedding_model"]
     assert filled.experiment_samples == settings_kwargs["experiment_samples"]
-    assert load_dataset(filled).fingerprint == db.state.split
+    assert load_dataset(filled).fingerprint == db.describe().split
     assert "using the database's settings: clip_model_name=" in caplog.text
     with pytest.raises(UserError, match="was built with CLIP model .*, not 'other/clip'"):
         config.resolve(db_dir=settings_kwargs["db_dir"], clip_model_name="other/clip")
@@ -163,18 +163,19 @@ def test_captions_carry_the_document_prompt_and_queries_the_query_prompt(
     from conftest import DOCUMENT_PROMPT, QUERY_PROMPT
     kwargs = {**settings_kwargs, "caption_embedding_model": prompt_minilm}
     _, db = main.initialize_system(**kwargs)
-    assert db.caption_prompts == (QUERY_PROMPT, DOCUMENT_PROMPT)        # recorded
+    assert db.describe().prompts == (QUERY_PROMPT, DOCUMENT_PROMPT)     # recorded
     plain = CaptionEmbedder(minilm)          # the same model without prompts: add them by hand
     hit = search.search_text("a dog in the snow", 1, **kwargs).hits[0]  # embeds the captions
     db = DbManager.open(kwargs["db_dir"])
-    first = db.captions[0]["caption"]
-    np.testing.assert_allclose(db.caption_vectors[0],
+    first = next(db.entries()).caption
+    vectors = db.caption_rows().vectors
+    np.testing.assert_allclose(vectors[0],
                                plain.embed_captions([DOCUMENT_PROMPT + first])[0], atol=1e-5)
     query = plain.embed_captions([QUERY_PROMPT + "a dog in the snow"])[0]
-    row = next(n for n, c in enumerate(db.captions) if c["caption"] == hit.caption)
-    assert hit.score == pytest.approx(float(query @ db.caption_vectors[row]), abs=1e-5)
+    row = next(c.row for c in db.entries() if c.caption == hit.caption)
+    assert hit.score == pytest.approx(float(query @ vectors[row]), abs=1e-5)
     generated = main.run_experiment(experiment_index=0, **kwargs)   # the one caption step
-    stored = DbManager.open(kwargs["db_dir"]).caption_vectors[-1]
+    stored = DbManager.open(kwargs["db_dir"]).caption_rows().vectors[-1]
     np.testing.assert_allclose(stored, plain.embed_captions(
         [DOCUMENT_PROMPT + generated["generated_caption"]])[0], atol=1e-5)
 
@@ -249,15 +250,15 @@ def test_a_database_made_before_prompts_were_recorded_keeps_working(settings_kwa
     del header["query_prompt"], header["document_prompt"]
     (db_dir / CAPTION_EMBEDDING_DB).write_text(json.dumps(header))
     del kwargs["caption_document_prompt"]
-    assert DbManager.open(db_dir).caption_prompts is None
+    assert DbManager.open(db_dir).describe().prompts is None
     filled = config.resolve("search", **kwargs)
     assert filled.caption_document_prompt == ""                    # as they were embedded
     plain = CaptionEmbedder(minilm)
     hit = search.search_text("a dog in the snow", 1, **kwargs).hits[0]
     db = DbManager.open(db_dir)
-    row = next(n for n, c in enumerate(db.captions) if c["caption"] == hit.caption)
+    row = next(c.row for c in db.entries() if c.caption == hit.caption)
     query = plain.embed_captions([QUERY_PROMPT + "a dog in the snow"])[0]   # the model's, as then
-    assert hit.score == pytest.approx(float(query @ db.caption_vectors[row]), abs=1e-5)
+    assert hit.score == pytest.approx(float(query @ db.caption_rows().vectors[row]), abs=1e-5)
     # main.py embeds new captions as the database did; naming another prompt is one line
     from conftest import DOCUMENT_PROMPT
     with pytest.raises(UserError, match="built before caption prompts were recorded, with no "
@@ -265,14 +266,15 @@ def test_a_database_made_before_prompts_were_recorded_keeps_working(settings_kwa
         main.initialize_system(**kwargs, caption_document_prompt=DOCUMENT_PROMPT)
     assert main.main(_cli(kwargs, "--experiment-image-index", "1")) == 0
     db = DbManager.open(db_dir)
-    np.testing.assert_allclose(db.caption_vectors[-1], plain.embed_captions(
-        [db.captions[-1]["caption"]])[0], atol=1e-5)
+    last = list(db.entries())[-1]
+    np.testing.assert_allclose(db.caption_rows().vectors[last.row], plain.embed_captions(
+        [last.caption])[0], atol=1e-5)
 
 
 def test_dedup_selection_gives_the_memorys_captions_their_vectors_first(settings_kwargs):
     _, lazy = main.initialize_system(**settings_kwargs)
-    assert lazy.missing_caption_rows                      # a first run embeds none of them
+    assert lazy.missing_caption_rows()                    # a first run embeds none of them
     _, db = main.initialize_system(**{**settings_kwargs, "neighbour_selection": "dedup"})
-    assert db.missing_caption_rows == []                  # "dedup" compares them
+    assert db.missing_caption_rows() == []                # "dedup" compares them
     lookup = caption_vector_lookup(db)
-    assert lookup(db.captions[0]["image_id"]) is not None
+    assert lookup(next(db.entries()).image_id) is not None

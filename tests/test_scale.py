@@ -234,12 +234,13 @@ def test_ray_captions_equal_the_single_machine_pipeline(env, collection):
     from db_manager import DbManager
     from folder_index import folder_db_dir
     folder_db = DbManager.open(folder_db_dir(env["kw"]["db_dir"], env["photos"]))
-    expected = {c["image_id"]: c["caption"] for c in folder_db.captions}
+    expected = {c.image_id: c.caption for c in folder_db.entries()}
     assert single["captioned"] == N_IMAGES and len(expected) == N_IMAGES
     assert {i: r["caption"] for i, r in got.items()} == expected
     assert all(r["caption"].strip() for r in got.values())
 
-    vectors = dict(zip(folder_db.image_ids, folder_db.image_vectors))
+    folder_rows = folder_db.image_rows()
+    vectors = dict(zip(folder_rows.ids, folder_rows.vectors))
     memory = DbManager.open(env["kw"]["db_dir"])
     frozen = Memory.from_db(memory, growing=False)
     ids, memory_vectors = frozen.ids, frozen.vectors
@@ -322,7 +323,7 @@ def test_no_retrieval_from_a_uri_needs_no_database(env, ray_address, tmp_path):
     from folder_index import folder_db_dir
     folder_db = DbManager.open(folder_db_dir(kw["db_dir"], env["photos"]))
     assert {i: r["caption"] for i, r in got.items()} == {
-        c["image_id"]: c["caption"] for c in folder_db.captions}
+        c.image_id: c.caption for c in folder_db.entries()}
     assert not (tmp_path / "no-db" / "image_embeddings.json").exists()
 
 
@@ -334,23 +335,24 @@ def test_import_parquet_makes_the_collection_searchable(env, collection, capsys)
     _, out = collection
     db_dir = Path(env["kw"]["db_dir"])
     before = DbManager.open(db_dir)
-    images, captions = len(before.image_ids), len(before.captions)
+    images, captions = before.describe().images, before.describe().captions
 
     assert main.main(cli_args(env["kw"], "--import-parquet", str(out))) == 0
     assert f"imported {N_IMAGES} images and {N_IMAGES} captions" in capsys.readouterr().out
     db = DbManager.open(db_dir)
-    assert len(db.image_ids) == images + N_IMAGES and len(db.captions) == captions + N_IMAGES
+    described = db.describe()
+    assert (described.images, described.captions) == (images + N_IMAGES, captions + N_IMAGES)
     assert check_db(db_dir) == []
     assert main.main(cli_args(env["kw"], "--import-parquet", str(out))) == 0   # again: nothing
     assert "imported 0 images and 0 captions" in capsys.readouterr().out
-    assert len(DbManager.open(db_dir).captions) == captions + N_IMAGES
+    assert DbManager.open(db_dir).describe().captions == captions + N_IMAGES
 
     row = rows(out)[0]
     entries = json.loads((db_dir / CAPTION_DB).read_text())["entries"]
     [entry] = [e for e in entries if e["image_id"] == row["path"]]
     assert entry["caption"] == row["caption"] and entry["source"] == "generated"
     assert entry["imported_from"] == str(out.resolve())
-    assert db.image_kinds[db.image_ids.index(row["path"])] == "imported"
+    assert row["path"] in db.image_rows("imported").ids
 
     hit = search.search_text(row["caption"], 1, **env["kw"]).hits[0]
     assert (hit.image_id, hit.caption, hit.caption_source) == (row["path"], row["caption"],

@@ -145,7 +145,7 @@ def test_caption_folder_makes_a_folder_searchable_by_words(photos, settings_kwar
     from db_manager import DbManager
     from folder_index import folder_db_dir
     db = DbManager.open(folder_db_dir(settings_kwargs["db_dir"], photos))
-    caption = next(c for c in db.captions if c["image_id"] == "b/c/p3.jpg")["caption"]
+    caption = db.captions_of("b/c/p3.jpg")[0]
     result = search.search_text(caption, 1, images_dir=str(photos), **settings_kwargs)
     hit = result.hits[0]
     assert result.by == "captions" and hit.found_by == "captions"   # the default: it has some
@@ -286,8 +286,8 @@ def test_caption_folder_counts_unreadable_images_and_batches(photos, settings_kw
     batched, one = (DbManager.open(folder_db_dir(d, photos)) for d in (
         settings_kwargs["db_dir"], settings_kwargs["db_dir"] + "-single"))
     assert single["captioned"] == 6
-    assert {c["image_id"]: c["caption"] for c in batched.captions} == {
-        c["image_id"]: c["caption"] for c in one.captions}          # batched == unbatched
+    assert {c.image_id: c.caption for c in batched.entries()} == {
+        c.image_id: c.caption for c in one.entries()}          # batched == unbatched
 
 
 def test_a_memory_describes_itself_to_search(memory, settings_kwargs, tmp_path, capsys,
@@ -473,20 +473,19 @@ def built_the_old_way(db, db_dir, settings_kwargs):
     import config
     from models import load_models
     from db_manager import DbIdentity, DbManager
-    s = db.state
+    s = db.describe()
     old = DbManager.open(db_dir, DbIdentity(s.clip_model, s.caption_model, s.dataset, s.split,
-                                            s.random_seed, s.experiment_samples,
-                                            s.query_prompt, s.document_prompt))
+                                            s.random_seed, s.experiment_samples, *s.prompts))
     embedder = load_models(config.resolve(**settings_kwargs)).caption_embedder
-    train = [n for n, kind in enumerate(db.image_kinds) if kind == "train"]
-    human = [c for c in db.captions if c["source"] == "human"]
-    old.seed([db.image_ids[n] for n in train], db.image_vectors[train], human,
+    train = db.image_rows("train")
+    human = [e.to_dict() for e in db.entries() if e.source == "human"]
+    old.seed(list(train.ids), train.vectors, human,
              embedder.embed_captions([c["caption"] for c in human]))
-    for row, c in enumerate(db.captions):
-        if c["source"] == "generated":
-            old.add_experiment(c["image_id"], db.image_vectors[db.image_ids.index(c["image_id"])],
-                               c["caption"], db.caption_vectors[row], c["model"],
-                               c["experiment_index"], c["timestamp"])
+    vectors = db.caption_rows().vectors
+    for e in db.entries():
+        if e.source == "generated":
+            old.add_experiment(e.image_id, db.image_vector(e.image_id), e.caption,
+                               vectors[e.row], e.model, e.experiment_index, e.timestamp)
     return old
 
 
@@ -501,7 +500,7 @@ def test_the_first_text_search_embeds_the_human_captions_once(settings_kwargs, m
     main.run_experiment(experiment_index=0, **settings_kwargs)
     humans = 5 * len(dataset.train)
     assert len(embedded) == 1                          # the generated caption alone
-    assert len(db.missing_caption_rows) == humans
+    assert len(db.missing_caption_rows()) == humans
 
     caplog.set_level("INFO")
     first = search.search_text("a dog runs", 5, by="captions", **settings_kwargs)
@@ -512,7 +511,8 @@ def test_the_first_text_search_embeds_the_human_captions_once(settings_kwargs, m
     assert len(embedded) == 1 + humans and hits_of(again) == hits_of(first)
 
     old = built_the_old_way(db, tmp_path / "old", settings_kwargs)
-    assert np.allclose(old.caption_vectors, DbManager.open(db.db_dir).caption_vectors, atol=1e-5)
+    assert np.allclose(old.caption_rows().vectors, DbManager.open(db.db_dir).caption_rows().vectors,
+                       atol=1e-5)
     before = {f: (old.db_dir / f).read_bytes() for f in FILES}
     count = len(embedded)
     same = search.search_text("a dog runs", 5, by="captions",
@@ -555,19 +555,20 @@ def test_a_search_killed_while_embedding_keeps_what_it_saved_and_the_next_finish
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     child.communicate()
-    left = DbManager.open(db.db_dir).missing_caption_rows
+    left = DbManager.open(db.db_dir).missing_caption_rows()
     assert 0 < len(left) < 5 * len(dataset.train)        # killed part-way, the chunks kept
 
     embedded = counting_caption_embeddings(monkeypatch)
     result = search.search_text("a dog", 5, by="captions", **settings_kwargs)
     assert len(embedded) == len(left) and result.hits       # only what was missing
     finished = DbManager.open(db.db_dir)
-    assert finished.missing_caption_rows == [] and check_db(db.db_dir) == []
-    human = [n for n, c in enumerate(finished.captions) if c["source"] == "human"]
+    assert finished.missing_caption_rows() == [] and check_db(db.db_dir) == []
+    human = [e for e in finished.entries() if e.source == "human"]
     from models import load_models
     fresh = load_models(config.resolve(**settings_kwargs)).caption_embedder.embed_captions(
-        [finished.captions[n]["caption"] for n in human])
-    assert np.allclose(finished.caption_vectors[human], fresh, atol=1e-5)
+        [e.caption for e in human])
+    assert np.allclose(finished.caption_rows().vectors[[e.row for e in human]], fresh,
+                       atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["image", "text"])
