@@ -122,9 +122,10 @@ def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int]
     load = round(load_seconds + time.perf_counter() - clock, 4)
     samples = [dataset.experiment_sample(i) for i in indices]
     selection = Selection.of(settings)
+    references = {s.image_id: s.captions for s in samples}   # the leak guard's, for corpora
     captioned = pipeline.caption_batch(
         models, [(s.image_id, lambda s=s: dataset.load_image(s)) for s in samples], memory,
-        selection=selection)
+        selection=selection, references=lambda image_id: references.get(image_id, ()))
     timings = {"load": load, **{stage: round(seconds / len(indices), 4)
                                 for stage, seconds in captioned.seconds.items()}}
     if captioned.first_token is not None:

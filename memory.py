@@ -51,6 +51,9 @@ def initialize(settings: config.Settings) -> tuple["Flickr8k", "DbManager"]:
     training pool. The database is checked against the settings' models, split and
     caption prompts before any model loads."""
     from db_manager import DbManager
+    if settings.retrieve == "captions":
+        from caption_datastore import check_settings
+        check_settings(settings)          # a missing corpus file before any model loads
     dataset = load_dataset(settings)
     db_dir = Path(settings.db_dir).expanduser().resolve()
     wanted = identity(settings, dataset)
