@@ -11,7 +11,10 @@ ExperimentResult.to_json():
   experiment_index, image_id      which image (index into the experiment split)
   generated_caption               the VLM's caption
   original_caption(s)             its human references (the first, and all)
-  similar_images                  [{rank, image_id, score, captions}] the neighbours
+  similar_images                  [{rank, image_id, score, captions}] the neighbours;
+                                  RETRIEVE "captions": one per retrieved caption, with
+                                  "source": "memory" (a caption of image_id) or "FILE:LINE"
+                                  of a corpus (image_id "")
   prompt                          the prompt built from the neighbours' captions
   model_prompt                    the text the VLM was given: the prompt in its family's
                                   form (chat template, "Question: ... Answer:", a task
@@ -68,6 +71,9 @@ class ExperimentResult(Mapping[str, Any]):
     result_path: str | None = None
     context_used: bool = True
     model_prompt: str | None = None
+    # RETRIEVE "captions" under the leak guard: corpus captions left out as identical
+    # to one of the references (recorded only where some were)
+    identical_excluded: int = 0
 
     @property
     def original_caption(self) -> str:
@@ -85,6 +91,8 @@ class ExperimentResult(Mapping[str, Any]):
             "config": dict(self.config), "versions": dict(self.versions),
             "timings": dict(self.timings), "batch_size": self.batch_size,
             "timestamp": self.timestamp}
+        if self.identical_excluded:
+            record["identical_excluded"] = self.identical_excluded
         if self.result_path is not None:
             record["result_path"] = self.result_path
         return record
@@ -140,7 +148,8 @@ def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int]
                                   record.neighbours, record.prompt, shared["config"],
                                   shared["versions"], dict(timings), len(indices), "",
                                   context_used=record.context_used,
-                                  model_prompt=record.model_prompt)
+                                  model_prompt=record.model_prompt,
+                                  identical_excluded=record.identical_excluded)
         results.append(save(result, db, record, models.captioner.name,
                             Path(settings.results_dir)))
     return results

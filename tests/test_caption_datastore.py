@@ -241,3 +241,34 @@ def test_a_corpus_alone_informs_the_captioner_with_no_images(caption_settings, t
             n.captions[0]
         assert f"- {n.captions[0]}" in record.prompt
     assert record.prompt_captions == tuple(n.captions[0] for n in record.neighbours)
+
+
+def test_a_batch_run_retrieving_captions_records_them_and_what_the_guard_left_out(
+        caption_settings, tmp_path):
+    import batch_runner
+    from models import load_dataset
+    dataset = load_dataset(config.resolve(**caption_settings))
+    reference = dataset.experiment_sample(0).captions[1]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(f"{reference.upper()}\n" + "\n".join(
+        captions_for(i)[0] for i in range(16)) + "\n")
+    # python main.py --indices 0-3 --retrieve captions --caption-datastore corpus.txt
+    summary = batch_runner.run_batch([0, 1, 2, 3], "captions", **caption_settings,
+                                     caption_datastore=str(corpus))
+    assert summary["finished"] == 4 and summary["settings"]["retrieve"] == "captions"
+    assert summary["identical_excluded"]["captions"] >= 1
+    first = summary["items"][0]
+    assert first["identical_excluded"] == 2     # its reference in capitals, and its first
+    # caption among the corpus's first caption of every photo
+    for item in summary["items"]:
+        shown = [n["captions"][0] for n in item["similar_images"]]
+        assert reference.upper() not in shown and len(shown) == 5
+        for n in item["similar_images"]:
+            assert n["source"] == "memory" or n["source"].startswith(f"{corpus}:")
+            assert n["image_id"] != item["image_id"]
+            assert f"- {n['captions'][0]}" in item["prompt"]
+    csv = (tmp_path / "results" / "runs" / "captions" / "summary.csv").read_text()
+    for n in first["similar_images"]:          # the neighbours column: where each came from
+        assert f"{n['image_id'] or n['source']}:{n['score']:.4f}" in csv
+    with pytest.raises(UserError, match="retrieve='captions', not 'images'"):
+        batch_runner.run_batch([0], "captions", **{**caption_settings, "retrieve": "images"})
