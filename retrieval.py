@@ -204,7 +204,8 @@ def nearest_captions(store: "CaptionDatastore", memory: Memory, image_id: str,
     the image's CLIP vector by image-text cosine, picked by the selection's method over
     their text vectors; one Neighbour per caption, ranks 1..k in prompt order.
 
-    Never a caption of the image itself. Under the leak guard (the selection's
+    Each caption text once (the best-scoring of its copies). Never a caption of the
+    image itself. Under the leak guard (the selection's
     near-duplicate threshold, on in batch runs) neither the captions of memory rows at
     or above it to the image, nor a corpus caption identical to one of `references`
     (normalised; counted in `identical_excluded`). A growing memory's rows added in
@@ -225,10 +226,15 @@ def nearest_captions(store: "CaptionDatastore", memory: Memory, image_id: str,
     for i in added:          # an added row replaces the datastore's captions of its id
         exclude.update(store.keys_of(i))
     wanted = select.candidates
-    # (score, order, text, image id, source, vector)
-    found = store.search(vector, wanted, exclude)   # image_id: the entry's key
-    rows = [(h.score, n, e.text, e.image_id, e.source, store.vector(h.image_id))
-            for n, (h, e) in enumerate((h, store.entry(h.image_id)) for h in found)]
+    looked = wanted
+    while True:      # one row per distinct caption: a repeated one would waste a line
+        found = store.search(vector, looked, exclude)   # image_id: the entry's key
+        # (score, order, text, image id, source, vector)
+        rows = [(h.score, n, e.text, e.image_id, e.source, store.vector(h.image_id))
+                for n, (h, e) in enumerate((h, store.entry(h.image_id)) for h in found)]
+        if len(_distinct(rows)) >= wanted or len(found) < looked:
+            break
+        looked *= 2
     extra = [(i, text) for i in added if i != image_id and i not in twins
              for text in memory.captions_of(i)]
     if extra and embed_texts is not None:
@@ -237,7 +243,7 @@ def nearest_captions(store: "CaptionDatastore", memory: Memory, image_id: str,
         rows += [(float(s), len(found) + n, text, i, "memory", v)
                  for n, ((i, text), s, v) in enumerate(zip(extra, scores, vectors))]
     rows.sort(key=lambda r: (-r[0], r[1]))
-    rows = rows[:wanted]
+    rows = _distinct(rows)[:wanted]
     chosen = list(range(len(rows)))
     if select.method != "top" and len(rows) > select.k:
         caption_vectors = np.stack([r[5] for r in rows]).astype(np.float32)
@@ -259,6 +265,20 @@ def nearest_captions(store: "CaptionDatastore", memory: Memory, image_id: str,
 def no_retrieval(memory: Memory, image_id: str, vector: Any) -> Context:
     """A retriever that finds nothing: the plain prompt (PROMPT_TEMPLATE_NO_CONTEXT)."""
     return Context(())
+
+
+def _distinct(rows: list[tuple]) -> list[tuple]:
+    """Rows (score, order, text, ...) with the first of each caption text (compared as
+    caption_datastore.normalise does: case, spaces and a final full stop aside)."""
+    from caption_datastore import normalise
+    seen: set[str] = set()
+    kept = []
+    for row in rows:
+        text = normalise(row[2])
+        if text not in seen:
+            seen.add(text)
+            kept.append(row)
+    return kept
 
 
 def retriever(models: "Models", selection: Selection | None = None,
