@@ -68,6 +68,15 @@ THUMBNAILS = thumbnails.ThumbnailCache()
 
 Progress = Callable[[float, str], None]
 
+# Markdown tables (metrics, neighbours): Gradio lets their text break anywhere, so a
+# column squeezed by a long path beside it read "sc/or/e", "0.0/00/0". Headers and
+# right-aligned numbers never wrap; text (a long path too) still wraps in its column.
+PAGE_CSS = """
+.prose table th, .prose table td[align="right"], .prose table td[style*="right"] {
+  white-space: nowrap;
+}
+"""
+
 
 # --- shared helpers ----------------------------------------------------------------
 
@@ -228,14 +237,14 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
     """
     import pipeline
     from memory import Memory, save_caption
-    from models import load_models
+    from models import experiment_count, load_models
 
     settings = _resolve(settings)
     upload: Upload | None = None
     index: int | None = None
     if isinstance(image_or_index, numbers.Number) and not isinstance(image_or_index, bool):
         index = _whole_number(image_or_index, "experiment image index", 0,
-                              settings.experiment_samples - 1)
+                              experiment_count(settings) - 1)
     else:
         upload = read_upload(image_or_index)
     start = time.perf_counter()
@@ -302,7 +311,7 @@ def search_image_tab(upload: "str | os.PathLike | bytes | Image.Image | None", k
     """Images of the memory most similar to an uploaded image (search.search_images).
 
     Returns {"query" (a thumbnail file), "hits" [(thumbnail file, "#rank · score
-    · image")], "rows" [[rank, score, image_id]], "source", "model", "indexed"}.
+    · image")], "rows" [[rank, score, image_id]], "source", "model", "indexed", "notes"}.
     """
     import search
     settings = _resolve(settings)
@@ -324,7 +333,8 @@ def search_image_tab(upload: "str | os.PathLike | bytes | Image.Image | None", k
                     for h in result.hits]
     return {"query": _thumbnail(checked.image), "hits": hits,
             "rows": [[h.rank, round(h.score, 4), h.image_id] for h in result.hits],
-            "source": result.source, "model": result.model, "indexed": result.indexed}
+            "source": result.source, "model": result.model, "indexed": result.indexed,
+            "notes": result.notes}
 
 
 def search_text_tab(query: str | None, k: int = 5, settings: config.Settings | None = None,
@@ -364,8 +374,9 @@ def search_text_tab(query: str | None, k: int = 5, settings: config.Settings | N
 
 # --- Runs ------------------------------------------------------------------------
 
-RUN_COLUMNS = ["#", "image", "status", "generated caption", "reference captions", "BLEU-4",
-               "CIDEr-D"]
+RUN_METRICS = ("BLEU-4", "CIDEr-D", "CLIPScore", "RefCLIPScore")   # per image, in the table
+RUN_COLUMNS = ["#", "image", "status", "generated caption", "reference captions",
+               *RUN_METRICS]
 
 
 def list_runs(settings: config.Settings | None = None) -> list[str]:
@@ -383,14 +394,12 @@ def runs_tab(run_dir: str | os.PathLike | None, settings: config.Settings | None
     """A run directory (a name under RESULTS_DIR/runs, or a path) for the page.
 
     Returns {"run", "path", "header" (markdown), "metrics" (markdown, from
-    metrics.format_report), "ablation" (a file or None: RESULTS_DIR/ablation.png, from
-    `python -m bench.ablation`), "ablation_table" (RESULTS_DIR/ablation.md or None),
-    "columns", "rows" (one per experiment: generated vs reference captions),
-    "gallery" [(thumbnail file, "#index generated … / reference …")] for `page`, "page",
-    "pages"}.
+    metrics.format_report), "ablation" (a file or None), "ablation_table" (markdown or
+    None) and "ablation_note" (markdown or None): see run_ablation; "columns", "rows"
+    (one per experiment: generated vs reference captions), "gallery" [(thumbnail file,
+    "#index generated … / reference …")] for `page`, "page", "pages"}.
     """
     import metrics
-    from PIL import Image
 
     settings = _resolve(settings)
     if not run_dir:
@@ -416,23 +425,7 @@ def runs_tab(run_dir: str | os.PathLike | None, settings: config.Settings | None
               + f" · VLM `{_model_label(run_settings.get('vlm_model_name', '?'))}`, "
                 f"k={run_settings.get('top_k_similar', '?')}, "
                 f"memory {run_settings.get('memory', '?')} · `{path}`")
-    ablation_file = Path(settings.results_dir) / "ablation.png"
-    ablation = None
-    if ablation_file.exists():
-        def chart() -> "Image.Image":
-            with Image.open(ablation_file) as opened:
-                return opened.convert("RGB")
-        try:  # a copy in THUMBNAILS: bench.ablation may rewrite the file while it is shown
-            ablation = THUMBNAILS.file_for(thumbnails.source_key("ablation", str(ablation_file)),
-                                           chart)
-        except OSError as exc:
-            log.warning("cannot show %s: %s", ablation_file, exc)
-    table_file = Path(settings.results_dir) / "ablation.md"
-    try:
-        ablation_table = table_file.read_text() if table_file.exists() else None
-    except (OSError, UnicodeDecodeError) as exc:
-        log.warning("cannot show %s: %s", table_file, exc)
-        ablation_table = None
+    ablation = run_ablation(path, settings, items, run_settings.get("vlm_model_name"))
     rows = []
     for item in items:
         scores = item.get("metrics") or {}
@@ -440,7 +433,7 @@ def runs_tab(run_dir: str | os.PathLike | None, settings: config.Settings | None
                      item.get("generated_caption") or f"(failed: {item.get('error', '?')})",
                      " | ".join(item.get("original_captions", [])),
                      *(round(scores[m], 4) if isinstance(scores.get(m), (int, float)) else ""
-                       for m in ("BLEU-4", "CIDEr-D"))])
+                       for m in RUN_METRICS)])
     pages = max(1, math.ceil(len(items) / per_page))
     page = min(max(1, _whole_number(page, "page")), pages)
     shown = items[(page - 1) * per_page:page * per_page]
@@ -460,8 +453,64 @@ def runs_tab(run_dir: str | os.PathLike | None, settings: config.Settings | None
         gallery.append((_image_of(item.get("image_id", "?"), settings, dataset), text))
     return {"run": summary.get("run", path.name), "path": str(path), "header": header,
             "metrics": metrics.format_report(summary.get("metrics") or {}),
-            "ablation": ablation, "ablation_table": ablation_table, "columns": RUN_COLUMNS,
-            "rows": rows, "gallery": gallery, "page": page, "pages": pages}
+            **ablation, "columns": RUN_COLUMNS, "rows": rows, "gallery": gallery,
+            "page": page, "pages": pages}
+
+
+def run_ablation(run_path: Path, settings: config.Settings, items: list[dict[str, Any]],
+                 vlm: str | None) -> dict[str, Any]:
+    """The ablation chart of a run, if there is one: `python -m bench.ablation` output
+    (ablation.png, .md, .json) in the run's folder or in RESULTS_DIR whose ablation.json
+    lists exactly the run's images and VLM, never another run's. Returns {"ablation"
+    (the chart, a file or None), "ablation_table" (markdown or None), "ablation_note"
+    (markdown: the chart's heading, or why an ablation found is not this run's, or
+    None when there is none)}."""
+    from PIL import Image
+
+    from batch_runner import indices_spec
+    image_ids = {item.get("image_id") for item in items}
+    indices = sorted(i for i in (item.get("experiment_index") for item in items)
+                     if isinstance(i, int))
+    found = {"ablation": None, "ablation_table": None, "ablation_note": None}
+    for folder in dict.fromkeys([run_path, Path(settings.results_dir)]):
+        png, report = folder / "ablation.png", None
+        if not png.is_file():
+            continue
+        try:
+            report = json.loads((folder / "ablation.json").read_text())
+        except (OSError, ValueError):
+            pass
+        ids = (report or {}).get("image_ids")
+        its_vlm = ((report or {}).get("models") or {}).get("vlm")
+        if ids is not None and set(ids) == image_ids and its_vlm == vlm:
+            def chart() -> "Image.Image":
+                with Image.open(png) as opened:
+                    return opened.convert("RGB")
+            try:  # a copy in THUMBNAILS: bench.ablation may rewrite the file while shown
+                found["ablation"] = THUMBNAILS.file_for(
+                    thumbnails.source_key("ablation", str(png)), chart)
+            except OSError as exc:
+                log.warning("cannot show %s: %s", png, exc)
+                continue
+            try:
+                table = folder / "ablation.md"
+                found["ablation_table"] = table.read_text() if table.exists() else None
+            except (OSError, UnicodeDecodeError) as exc:
+                log.warning("cannot show %s: %s", table, exc)
+            found["ablation_note"] = (
+                f"**Ablations over this run's {len(image_ids)} images** "
+                + ("" if report.get("complete") else "(in progress) ")
+                + f"· `{png}`")
+            return found
+        if found["ablation_note"] is None:
+            what = ("images it does not list (no readable ablation.json)" if ids is None else
+                    f"{len(ids)} images ({report.get('indices_requested', '?')})"
+                    + (f" with VLM `{_model_label(str(its_vlm))}`" if its_vlm != vlm else ""))
+            found["ablation_note"] = (
+                f"`{png}` is an ablation over {what}, not this run's {len(image_ids)} "
+                f"images: `python -m bench.ablation --indices {indices_spec(indices)} "
+                f"--out-dir {run_path}` charts this run's.")
+    return found
 
 
 # --- the page --------------------------------------------------------------------
@@ -518,7 +567,8 @@ def build_ui(settings: config.Settings | None = None):
 
     settings = _resolve(settings)
     k = settings.top_k_similar
-    last_index = settings.experiment_samples - 1
+    from models import experiment_count
+    last_index = experiment_count(settings) - 1
 
     def progress_of(progress) -> Progress:
         return lambda fraction, text: progress(fraction, desc=text)
@@ -555,8 +605,9 @@ def build_ui(settings: config.Settings | None = None):
             r = search_image_tab(upload, top, settings, progress_of(progress))
         except Exception as exc:  # noqa: BLE001
             return _error_text(exc), None, None, None
+        notes = "".join(f"\n\n**Note:** {note}" for note in r["notes"])
         return (f"{len(r['hits'])} of {r['indexed']} images in {r['source']} "
-                f"(`{_model_label(r['model'])}`)"), r["query"], r["hits"], r["rows"]
+                f"(`{_model_label(r['model'])}`){notes}"), r["query"], r["hits"], r["rows"]
 
     # track_tqdm: the first text search after a first run embeds the memory's
     # captions (minutes on a CPU); its progress bar shows on the page
@@ -573,9 +624,11 @@ def build_ui(settings: config.Settings | None = None):
         try:
             r = runs_tab(run, settings, page or 1)
         except Exception as exc:  # noqa: BLE001
-            return (_error_text(exc), None, gr.Image(value=None, visible=False),
-                    gr.Markdown(visible=False), None, None, gr.Number(value=1))
+            return (_error_text(exc), None, gr.Markdown(visible=False),
+                    gr.Image(value=None, visible=False), gr.Markdown(visible=False), None,
+                    None, gr.Number(value=1))
         return (r["header"], r["metrics"],
+                gr.Markdown(value=r["ablation_note"], visible=r["ablation_note"] is not None),
                 gr.Image(value=r["ablation"], visible=r["ablation"] is not None),
                 gr.Markdown(value=r["ablation_table"], visible=r["ablation_table"] is not None),
                 r["rows"], r["gallery"],
@@ -594,8 +647,8 @@ def build_ui(settings: config.Settings | None = None):
             empty = (f"No runs yet in `{Path(settings.results_dir) / 'runs'}`: make one with "
                      "`python main.py --all` or `python main.py --indices 0-49`.")
             return (gr.Dropdown(choices=[], value=None), empty, None,
-                    gr.Image(value=None, visible=False), gr.Markdown(visible=False), None, None,
-                    gr.Number(value=1))
+                    gr.Markdown(visible=False), gr.Image(value=None, visible=False),
+                    gr.Markdown(visible=False), None, None, gr.Number(value=1))
         return (gr.Dropdown(choices=runs, value=runs[0]), *on_run(runs[0], 1))
 
     models = dict(concurrency_id="models", concurrency_limit=1)
@@ -683,9 +736,13 @@ def build_ui(settings: config.Settings | None = None):
             text_hits = gr.Gallery(label="Results (rank · score · found by · who: caption)",
                                    columns=5, height=300, object_fit="contain",
                                    fit_columns=False, elem_id="search-text-results")
+            # fixed widths for the short columns: numbers and names never wrap, the
+            # caption takes the rest and wraps between words
             text_rows = gr.Dataframe(headers=["rank", "score", "image", "caption by", "caption",
                                               "found by"],
-                                     interactive=False, wrap=True, elem_id="search-text-table")
+                                     interactive=False, wrap=True, elem_id="search-text-table",
+                                     column_widths=["64px", "80px", "220px", "110px", "46%",
+                                                    "140px"])
             for trigger in (go_text.click, text_query.submit):
                 trigger(on_search_text, [text_query, text_k, text_by],
                         [text_status, text_hits, text_rows], **models)
@@ -701,19 +758,23 @@ def build_ui(settings: config.Settings | None = None):
                                      "or `--indices`.", elem_id="runs-header")
             with gr.Row():
                 run_metrics = gr.Markdown(elem_id="runs-metrics", scale=3)
-                ablation = gr.Image(label="Ablations (RESULTS_DIR/ablation.png, "
-                                          "python -m bench.ablation)",
-                                    interactive=False, visible=False, scale=2,
-                                    elem_id="runs-ablation")
+                with gr.Column(scale=2):
+                    # the chart's heading above it, not a label laid over its title
+                    ablation_note = gr.Markdown(visible=False, elem_id="runs-ablation-note")
+                    ablation = gr.Image(show_label=False, interactive=False, visible=False,
+                                        elem_id="runs-ablation")
             ablation_table = gr.Markdown(visible=False, elem_id="runs-ablation-table")
             run_gallery = gr.Gallery(label="Generated vs reference captions", columns=6,
                                      height=320, object_fit="contain", fit_columns=False,
                                      elem_id="runs-gallery")
             run_rows = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, wrap=True,
                                     max_height=480, elem_id="runs-table",
-                                    column_widths=["5%", "15%", "7%", "29%", "34%", "5%", "5%"])
-            run_outputs = [run_header, run_metrics, ablation, ablation_table, run_rows,
-                           run_gallery, run_page]
+                                    # a metric column as wide as its header
+                                    column_widths=["48px", "220px", "72px", "17%", "21%",
+                                                   *(f"{round(8.5 * len(m) + 30)}px"
+                                                     for m in RUN_METRICS)])
+            run_outputs = [run_header, run_metrics, ablation_note, ablation, ablation_table,
+                           run_rows, run_gallery, run_page]
             run.input(lambda name: on_run(name, 1), run, run_outputs)
             for trigger in (run_page.submit, run_page.input):
                 trigger(on_run, [run, run_page], run_outputs)
@@ -763,7 +824,7 @@ def serve(settings: config.Settings, host: str = DEFAULT_HOST, port: int = DEFAU
     try:
         page.launch(server_name=host, server_port=port, share=False, inbrowser=False,
                     show_error=False, ssr_mode=False, max_file_size=MAX_UPLOAD_BYTES,
-                    theme=_theme(), footer_links=[], mcp_server=False, pwa=False, quiet=True,
+                    theme=_theme(), css=PAGE_CSS, footer_links=[], mcp_server=False, pwa=False, quiet=True,
                     prevent_thread_lock=True)
     except OSError:
         raise UserError(f"cannot listen on {host}:{port} (in use, or not an address of this "

@@ -23,8 +23,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
-import orjson
-
 from errors import UserError
 
 _BUFFER = 1 << 20
@@ -32,6 +30,7 @@ _BUFFER = 1 << 20
 
 def dumps(data: Any, indent: bool = False) -> bytes:
     """JSON bytes (numpy arrays become lists) the way every file of the project is written."""
+    import orjson  # here, not at the top: bench/gpu.py runs on GPU machines without it
     option = orjson.OPT_SERIALIZE_NUMPY | (orjson.OPT_INDENT_2 if indent else 0)
     return orjson.dumps(data, option=option)
 
@@ -55,12 +54,15 @@ def _user_write(path: Path, data: bytes) -> None:
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes | Iterable[bytes],
-                       sync_folder: bool = True) -> int:
+                       sync_folder: bool = True, durable: bool = True) -> int:
     """Replace `path` with `data` (bytes, or an iterable of chunks, streamed) atomically.
 
     Returns the size written. With `sync_folder=False` the caller fsyncs the folder
     itself (`fsync_dir`): the database tells an error of the rename (nothing
-    changed) from one after it (the new file is in place).
+    changed) from one after it (the new file is in place). With `durable=False`
+    nothing is fsynced (about 10 ms a file saved on an ext4 disk): readers still
+    see the old file or the whole new one, but a power cut may lose it. For
+    caches that are remade when lost (thumbnails.py).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -75,7 +77,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes | Iterable[bytes],
                     buffer.clear()
             _write_all(fd, buffer)
             size += len(buffer)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -83,7 +86,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes | Iterable[bytes],
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    if sync_folder:
+    if sync_folder and durable:
         fsync_dir(path.parent)
     return size
 

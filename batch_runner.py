@@ -8,7 +8,9 @@
 A run lives in RESULTS_DIR/runs/<run-name>/:
   manifest.json   settings, versions, indices, start and end times
   items/N.json    one file per finished (or failed) experiment, written atomically
-  summary.json    corpus metrics + one record per image
+  summary.json    corpus metrics (with the CLIP of CLIPScore in metrics.clip_score;
+                  per domain too where the collection gives domains: NoCaps)
+                  + one record per image
   summary.csv     one row per image: id, captions, references, neighbours, metrics, timings
 
 Resuming: re-running the same command skips every index with a finished item
@@ -28,10 +30,10 @@ import logging
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import config
-from errors import UserError
+from errors import UsageError, UserError
 
 log = logging.getLogger("batch")
 
@@ -43,15 +45,31 @@ def parse_indices(spec: str, samples: int) -> list[int]:
         part = part.strip()
         match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
         if not match:
-            raise UserError(f"--indices: {part!r} is not N or N-M (e.g. 0-49,100)")
+            raise UsageError(f"--indices: {part!r} is not N or N-M (e.g. 0-49,100)")
         first = int(match.group(1))
         last = int(match.group(2)) if match.group(2) is not None else first
         if last < first:
-            raise UserError(f"--indices: range {part!r} runs backwards")
+            raise UsageError(f"--indices: range {part!r} runs backwards")
         if last >= samples:
             raise UserError(f"--indices: {last} is out of range: choose 0 to {samples - 1}")
         indices.extend(range(first, last + 1))
     return list(dict.fromkeys(indices))
+
+
+def indices_spec(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5" (parse_indices' inverse, for messages and commands)."""
+    parts: list[str] = []
+    run: list[int] = []
+    for i in indices:
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [i]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
 
 
 def default_run_name(settings: config.Settings) -> str:
@@ -85,7 +103,11 @@ def run_batch(indices: list[int], run_name: str | None = None,
     if todo:
         dataset, db = initialize(settings)
         memory = Memory.from_db(db, growing=policy == "growing")
+        # the bar counts this run's experiments; those finished before and those
+        # that failed are shown beside it
         bar = tqdm(total=len(todo), desc="captioning", unit="caption", smoothing=0.1)
+        counts = {"done_before": len(indices) - len(todo), "failed": 0}
+        bar.set_postfix(counts, refresh=False)
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start:start + settings.batch_size]
             for record in experiment.run_experiments(dataset, db, batch, settings, memory):
@@ -95,6 +117,8 @@ def run_batch(indices: list[int], run_name: str | None = None,
                 if item["status"] == "failed":
                     log.warning("experiment %d (%s) failed: %s", record.experiment_index,
                                 record.image_id, record.error)
+                    counts["failed"] += 1
+                    bar.set_postfix(counts, refresh=False)
             bar.update(len(batch))
         bar.close()
     manifest["finished"] = _now()
@@ -164,8 +188,8 @@ def read_items(run_dir: Path) -> list[dict[str, Any]]:
 
 def summarize(run_dir: str | Path, settings: config.Settings | None = None,
               **overrides: Any) -> dict[str, Any]:
-    """summary.json + summary.csv of a run directory, with caption metrics."""
-    import metrics
+    """summary.json + summary.csv of a run directory, with caption metrics (overall,
+    and per domain where the items have one)."""
     from models import load_models
 
     run_dir = Path(run_dir)
@@ -174,17 +198,18 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
     manifest = _read_manifest(run_dir / "manifest.json")
     items = read_items(run_dir)
     ok = [i for i in items if i.get("status") == "ok"]
-    embedder = None
+    embedder = clip = None
     if ok:
         settings = config.settings_of(settings, overrides)
-        embedder = load_models(settings.replace(
-            caption_embedding_model=manifest["settings"]["caption_embedding_model"])
-        ).caption_embedder
-    scores = metrics.evaluate_captions(
-        {str(i["experiment_index"]): i["generated_caption"] for i in ok},
-        {str(i["experiment_index"]): i["original_captions"] for i in ok},
-        caption_embedder=embedder) if ok else {"skipped": {"all": "no finished experiments"}}
+        run_settings = _run_settings(settings, manifest)
+        embedder = load_models(run_settings).caption_embedder
+        clip = _clip_scorer(run_settings, ok)
+    scores = _score(ok, embedder, clip)
     per_image = scores.pop("per_image", {})
+    # NoCaps-style collections: the metrics of each domain's images besides the overall ones
+    by_domain = {domain: {k: v for k, v in _score([i for i in ok if i.get("domain") == domain],
+                                                  embedder, clip).items() if k != "per_image"}
+                 for domain in sorted({i["domain"] for i in ok if i.get("domain")})}
     for item in items:
         item["metrics"] = per_image.get(str(item["experiment_index"]), {})
     failed = [i for i in items if i.get("status") != "ok"]
@@ -192,6 +217,7 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
     summary = {"run": manifest["run"], "settings": manifest["settings"],
                "experiments": len(items), "finished": len(ok), "failed": len(failed),
                "metrics": scores,
+               **({"metrics_by_domain": by_domain} if by_domain else {}),
                "near_duplicates": _near_duplicates(manifest, ok,
                                                    config.settings_of(settings, overrides)),
                "seconds_per_caption": round(sum(seconds) / len(seconds), 4) if seconds else None,
@@ -216,6 +242,86 @@ def _identical_excluded(manifest: dict[str, Any], ok: list[dict[str, Any]]) -> d
                                    "images": sum(1 for c in counts if c)}}
 
 
+def _score(items: list[dict[str, Any]], embedder, clip) -> dict[str, Any]:
+    """metrics.evaluate_captions over finished items, keyed by experiment index."""
+    import metrics
+    if not items:
+        return {"skipped": {"all": "no finished experiments"}}
+    return metrics.evaluate_captions(
+        {str(i["experiment_index"]): i["generated_caption"] for i in items},
+        {str(i["experiment_index"]): i["original_captions"] for i in items},
+        caption_embedder=embedder, clip_scorer=clip)
+
+
+def format_by_domain(by_domain: dict[str, dict[str, Any]]) -> str:
+    """One row per domain: its images and corpus metrics (markdown)."""
+    import metrics
+    names = [m for m in metrics.CORPUS_METRICS if any(m in r for r in by_domain.values())]
+    lines = ["### Caption metrics by domain", "",
+             "| domain | images | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    for domain, result in by_domain.items():
+        cells = [f"{result[m]:.4f}" if m in result else "-" for m in names]
+        lines.append(f"| {domain} | {result.get('images', 0)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# The run's own models and data (from its manifest) for scoring it: the data set and
+# split its images come from, the CLIP whose vectors retrieval made.
+_RUN_SETTINGS = ("dataset_name", "experiment_samples", "random_seed", "split",
+                 "memory_dataset", "clip_model_name", "caption_embedding_model", "dtype")
+
+
+def _run_settings(settings: config.Settings, manifest: dict[str, Any]) -> config.Settings:
+    recorded = manifest["settings"]
+    return settings.replace(**{k: recorded[k] for k in _RUN_SETTINGS
+                               if k in recorded and k.upper() in config.defaults()})
+
+
+def _clip_scorer(settings: config.Settings, ok: list[dict[str, Any]]):
+    """CLIPScore's scorer for a run's finished items (keyed by experiment index): when
+    METRIC_CLIP_MODEL is the run's CLIP, its loaded model and the image vectors retrieval
+    stored in DB_DIR; images without one are opened from the run's data set."""
+    import clip_score
+    from models import load_dataset, load_models
+    image_ids = {str(i["experiment_index"]): i["image_id"] for i in ok}
+    retrieval, vectors = None, {}
+    if settings.metric_clip_model == settings.clip_model_name:
+        try:
+            retrieval = load_models(settings).image_embedder
+        except UserError:  # scorer_for says why in the skip line
+            retrieval = None
+        vectors = _stored_image_vectors(settings, set(image_ids.values()))
+
+    def image_of(key: str):
+        dataset = load_dataset(settings)
+        sample = dataset.get(image_ids[key])
+        if sample is None:
+            raise UserError(f"image {image_ids[key]} of the run is not in the data set "
+                            f"{settings.dataset_name}")
+        return dataset.load_image(sample)
+
+    return clip_score.scorer_for(settings, retrieval=retrieval, image_of=image_of,
+                                 known_vector=lambda key: vectors.get(image_ids[key]))
+
+
+def _stored_image_vectors(settings: config.Settings, image_ids: set[str]) -> dict[str, Any]:
+    """The CLIP vectors DB_DIR holds for `image_ids` (experiments store theirs), if its
+    CLIP is METRIC_CLIP_MODEL."""
+    from db_manager import DbManager
+    db_dir = Path(settings.db_dir)
+    if not db_dir.is_dir():
+        return {}
+    try:
+        db = DbManager.open(db_dir)
+    except UserError as exc:
+        log.warning("image vectors of %s not reused for CLIPScore: %s", db_dir, exc)
+        return {}
+    if db.needs_seed or db.state.clip_model != settings.metric_clip_model:
+        return {}
+    return {image_id: db.image_vectors[n] for n, image_id in enumerate(db.image_ids)
+            if image_id in image_ids}
+
+
 def _near_duplicates(manifest: dict[str, Any], ok: list[dict[str, Any]],
                      settings: config.Settings) -> dict[str, Any] | None:
     """How many finished images have a near-duplicate in the training pool of DB_DIR:
@@ -238,7 +344,8 @@ def _near_duplicates(manifest: dict[str, Any], ok: list[dict[str, Any]],
 
 CSV_COLUMNS = ("experiment_index", "image_id", "status", "error", "generated_caption",
                "references", "neighbours", "context_used", "BLEU-4", "CIDEr-D", "ROUGE-L",
-               "embedding_similarity", "seconds_total", "seconds_generate")
+               "embedding_similarity", "CLIPScore", "RefCLIPScore", "seconds_total",
+               "seconds_generate")
 
 
 def _write_csv(path: Path, items: list[dict[str, Any]]) -> None:
@@ -254,7 +361,8 @@ def _write_csv(path: Path, items: list[dict[str, Any]]) -> None:
             "; ".join(f"{n.get('image_id') or n.get('source')}:{n['score']:.4f}"
                       for n in item.get("similar_images", [])),
             item.get("context_used", ""),
-            *(scores.get(m, "") for m in ("BLEU-4", "CIDEr-D", "ROUGE-L", "embedding_similarity")),
+            *(scores.get(m, "") for m in ("BLEU-4", "CIDEr-D", "ROUGE-L", "embedding_similarity",
+                                          "CLIPScore", "RefCLIPScore")),
             timings.get("total", ""), timings.get("generate", "")])
     write_text_atomic(path, out.getvalue())
 
@@ -296,6 +404,8 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
         lines.append(f"{identical['captions']} corpus captions identical to a reference kept "
                      f"out of the prompts of {identical['images']} images")
     lines.append(metrics.format_report(summary["metrics"]))
+    if summary.get("metrics_by_domain"):
+        lines += ["", format_by_domain(summary["metrics_by_domain"])]
     return "\n".join(lines)
 
 

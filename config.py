@@ -6,7 +6,15 @@ lowest to highest precedence, by
   2. a command-line flag       --<name-in-kebab-case>  (--top-k-similar 3)
   3. a keyword argument        run_experiment(top_k_similar=3)
 Values are parsed to the type of the default; an unknown name or a value of
-the wrong type is a one-line error. Importing this module does no work.
+the wrong type is a one-line error (with the closest name). Importing this
+module does no work.
+
+Each entry point resolves its settings once, `config.resolve(context, **given)`,
+into a typed frozen `Settings` (one field per constant below, lower-case) with
+every "auto" made a value for that entry point (CONTEXTS) and, where DB_DIR
+already holds a database, what it records used for the settings not given.
+The objects made from them (models.Models, retrieval.Selection, ...) carry them;
+no code asks "is this auto?" later.
 """
 
 from __future__ import annotations
@@ -30,20 +38,41 @@ log = logging.getLogger("config")
 Changes = Any
 
 # --- data --------------------------------------------------------------------
-# Hugging Face hub id of a Flickr8K copy with 5 captions per image, or a local
-# folder in the Kaggle (Images/ + captions.txt), original (Flicker8k_Dataset/ +
-# Flickr8k.token.txt) or Karpathy (dataset_flickr8k.json + images) layout.
+# The captioned image collection: a Hugging Face hub id (a table with an image
+# column and caption columns), or a local folder or caption file in one of the
+# layouts collection_formats.py reads: Flickr8K's Kaggle (Images/ + captions.txt)
+# and original (Flicker8k_Dataset/ + Flickr8k.token.txt), Karpathy's split files
+# (dataset_coco.json, dataset_flickr30k.json, dataset_flickr8k.json + images),
+# COCO-style caption annotations (captions_*.json, NoCaps' *_captions.json +
+# images) or a plain folder of images with captions.jsonl or captions.csv.
 DATASET_NAME: Changes = "jxie/flickr8k"
-# Images held out for experiments; the rest of Flickr8K is the training pool.
+# Images held out for experiments under SPLIT "seeded"; the rest of the collection
+# is the training pool (the memory).
 EXPERIMENT_SAMPLES: Changes = 400
-# Which experiment image `python main.py` captions (0 .. EXPERIMENT_SAMPLES-1).
+# Which experiment image `python main.py` captions (0 .. the split's experiment images - 1).
 EXPERIMENT_IMAGE_INDEX = 0
-# Seed of the experiment/training split. The split depends on this alone.
+# Seed of the "seeded" split. That split depends on this alone.
 RANDOM_SEED: Changes = 42
+# Which images are experiment images and which the memory: "seeded" (EXPERIMENT_SAMPLES
+# images drawn by RANDOM_SEED, the rest the memory), "karpathy" (the collection's
+# test split in file order; the memory its train + restval, val in neither: the
+# benchmarks' standard split), "all" (every image, in file order; the memory comes
+# from MEMORY_DATASET) or the name of a split the collection ships (val, validation,
+# val2014, ...; the memory its training splits).
+SPLIT: Changes = "seeded"
+# Another collection whose training images (train + restval; all of them where it
+# names no split) and captions are the memory, e.g. coco/ for NoCaps; "" = the
+# memory comes from DATASET_NAME. Its ids are prefixed with its name ("coco:...").
+MEMORY_DATASET: Changes = ""
 
 # --- models ------------------------------------------------------------------
 # Image embedder for retrieval: any CLIP or SigLIP checkpoint (hub id or path).
 CLIP_MODEL_NAME: Changes = "openai/clip-vit-base-patch32"
+# CLIP checkpoint of the CLIPScore and RefCLIPScore metrics (clip_score.py); the
+# default is the paper's. When it is CLIP_MODEL_NAME, retrieval's image vectors are
+# reused. Not a `Changes` setting: it changes no caption, only scores, and every
+# summary computes all its scores with one model, recorded beside them ("clip_score").
+METRIC_CLIP_MODEL = "openai/clip-vit-base-patch32"
 # Captioner (hub id or path), of one of the families vlm_captioner.FAMILIES knows
 # from its config's model type (README, "Captioners"): chat models with a chat
 # template (SmolVLM, SmolVLM2, Idefics3, Qwen2-VL / Qwen2.5-VL, LLaVA) get the
@@ -270,9 +299,11 @@ class _SettingsMethods:
 
     def results(self, data_set: bool = True) -> dict[str, Any]:
         """The settings that change results (see `Changes`), by lower-case name;
-        without the data set's (DATASET_NAME, EXPERIMENT_SAMPLES) for collections,
-        which caption their own images."""
-        skip = () if data_set else ("DATASET_NAME", "EXPERIMENT_SAMPLES")
+        without the data set's (DATASET_NAME, EXPERIMENT_SAMPLES, SPLIT, MEMORY_DATASET)
+        for collections, which caption their own images (their memory is the
+        database's, checked there)."""
+        skip = () if data_set else ("DATASET_NAME", "EXPERIMENT_SAMPLES", "SPLIT",
+                                    "MEMORY_DATASET")
         return {name.lower(): getattr(self, name.lower()) for name in result_settings()
                 if name not in skip}
 
@@ -452,6 +483,9 @@ def _check(values: dict[str, Any]) -> None:
     for name in ("TOP_K_SIMILAR", "CAPTIONS_PER_NEIGHBOUR", "VLM_IMAGE_LONGEST_EDGE"):
         if values[name] < 0:
             raise UserError(f"{flag(name)} must be 0 or more, got {values[name]}")
+    if not values["SPLIT"].strip():
+        raise UserError("--split must be seeded, karpathy, all or the name of a split the "
+                        "data set ships (e.g. test)")
     if values["TEMPERATURE"] <= 0:
         raise UserError(f"--temperature must be positive, got {values['TEMPERATURE']}")
     device = values["DEVICE"]

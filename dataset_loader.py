@@ -1,104 +1,159 @@
-"""Flickr8K: load it (hub or local folder), keep every caption, split it.
+"""Captioned image collections: load one (a local folder or file in any layout
+collection_formats.py reads, or a hub table), keep every caption, and split it
+into experiment images and the memory.
 
-The only module that imports `datasets`. Three local layouts are recognised:
+The only module that imports `datasets`. Splits (SPLIT):
 
-* Kaggle:    Images/ + captions.txt        (CSV with header ``image,caption``)
-* original:  Flicker8k_Dataset/ (or Flickr8k_Dataset/) + Flickr8k.token.txt
-             (lines ``NAME.jpg#N<TAB>caption``)
-* Karpathy:  dataset_flickr8k.json + a folder of the images
+* "seeded": every image id is hashed with RANDOM_SEED and the EXPERIMENT_SAMPLES
+  smallest hashes are the experiment images, in hash order; the rest is the
+  memory. Load order, machine and Python version do not change it.
+* "karpathy": the collection's `test` images are the experiment images, in file
+  order; its `train` + `restval` images are the memory (`val` is in neither).
+* "all": every image, in file order, is an experiment image; the memory comes
+  from MEMORY_DATASET.
+* any other name: the images of the split of that name the collection ships, in
+  file order; the memory is its training images (train, restval, train2014, ...).
 
-The split depends on RANDOM_SEED and the image ids alone: every image id is
-hashed with the seed and the EXPERIMENT_SAMPLES smallest hashes are the
-experiment images, in hash order. Load order, machine and Python version do
-not change it.
+MEMORY_DATASET names another collection whose training images (all of them where
+it names no split) are the memory instead. Their ids are prefixed with that
+collection's name and a colon ("coco:COCO_train2014_000000000009.jpg"): two
+collections may share file names (img_001.jpg), a memory row must never be taken
+for an experiment image, and `get` must find which collection's file to open.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
-import json
 import logging
 import numbers
 import os
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from collection_formats import Sample, load_local
 from errors import UserError, hf_token, hub_errors, looks_like_path
+
+__all__ = ["Collection", "Sample", "check_index", "collection_label", "load_and_split_dataset",
+           "load_collection", "load_hub", "load_local", "open_image", "samples_from_table",
+           "split_key", "to_rgb"]
 
 log = logging.getLogger(__name__)
 
 MAX_SIDE = 4096           # JPEGs larger than this are decoded at 1/2, 1/4 or 1/8 scale
 MAX_PIXELS = 64_000_000  # other images larger than this are refused
-IMAGE_DIRS = ("Images", "images", "Flicker8k_Dataset", "Flickr8k_Dataset", "Flickr8k_Images", ".")
-KAGGLE_CAPTIONS = "captions.txt"
-ORIGINAL_CAPTIONS = "Flickr8k.token.txt"
-KARPATHY_CAPTIONS = "dataset_flickr8k.json"
 # Hub columns that may hold captions, in order of preference.
 CAPTION_LIST_COLUMNS = ("captions", "sentences", "raw", "sentences_raw")
 CAPTION_COLUMNS = ("caption", "text", "sentence")
 ID_COLUMNS = ("image_filename", "filename", "file_name", "image_name", "image_id", "img_id")
 
-
-@dataclass(frozen=True)
-class Sample:
-    """One image and all its human captions. `source` is a file path or a hub row."""
-
-    image_id: str
-    captions: tuple[str, ...]
-    source: str | int
+SPLITS = ("seeded", "karpathy", "all")   # SPLIT's fixed values; any other is a split's name
+# The splits a collection's memory is built from: Karpathy's train and restval, and
+# names that start with "train" (COCO's train2014, a hub table's train).
+MEMORY_SPLITS = ("train", "restval")
 
 
-class Flickr8k:
-    """A loaded, split Flickr8K: `experiment` and `train` lists of Samples."""
+def is_memory_split(name: str) -> bool:
+    return name in MEMORY_SPLITS or name.startswith("train")
+
+
+class Collection:
+    """A loaded collection split into `experiment` images and the memory's `train`
+    images (lists of Samples). `memory`: the (name, samples, hub rows) of another
+    collection whose images are the memory, ids prefixed (memory_samples)."""
 
     def __init__(self, name: str, samples: list[Sample], experiment_samples: int, seed: int,
-                 hub_rows: Any = None):
-        if experiment_samples >= len(samples):
-            raise UserError(
-                f"--experiment-samples {experiment_samples} leaves no training pool: "
-                f"the data set {name!r} has only {len(samples)} images")
+                 hub_rows: Any = None, *, split: str = "seeded",
+                 memory: tuple[str, list[Sample], Any] | None = None):
         self.name = name
         self.seed = seed
+        self.split = split
+        self.memory_name = memory[0] if memory else ""
         self._hub_rows = hub_rows
-        order = sorted(samples, key=lambda s: split_key(s.image_id, seed))
-        self.experiment: list[Sample] = order[:experiment_samples]
-        self.train: list[Sample] = sorted(order[experiment_samples:], key=lambda s: s.image_id)
+        self._memory_rows = memory[2] if memory else None
+        self.experiment, self.train = _split(name, samples, experiment_samples, seed, split,
+                                             memory is not None)
+        if memory:
+            self.train = memory[1]
         self._by_id = {s.image_id: s for s in samples}
+        self._memory_by_id = {s.image_id: s for s in memory[1]} if memory else {}
 
     def __repr__(self) -> str:
-        return (f"Flickr8k({self.name!r}, experiment={len(self.experiment)}, "
-                f"train={len(self.train)}, seed={self.seed})")
+        memory = f", memory={self.memory_name!r}" if self.memory_name else ""
+        return (f"Collection({self.name!r}, split={self.split!r}, experiment="
+                f"{len(self.experiment)}, train={len(self.train)}, seed={self.seed}{memory})")
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the split: changes when the seed or any image id changes."""
-        h = hashlib.sha256(f"{self.seed}|".encode())
+        """Identifies the split: changes when the split, its seed (seeded), the memory's
+        collection or any image id changes. The seeded split of one collection keeps
+        the value it had before other splits existed."""
+        if self.split == "seeded" and not self.memory_name:
+            h = hashlib.sha256(f"{self.seed}|".encode())
+        else:  # the memory by its ids' prefix: "coco/" and /data/coco are one collection
+            seed = self.seed if self.split == "seeded" else ""
+            memory = memory_prefix(self.memory_name) if self.memory_name else ""
+            h = hashlib.sha256(f"{self.split}|{seed}|{memory}|".encode())
         for group in (self.experiment, self.train):
             h.update("\n".join(s.image_id for s in group).encode() + b"\x00")
         return h.hexdigest()[:16]
 
+    @property
+    def domains(self) -> list[str]:
+        """The experiment images' domains, sorted ([] where the annotations give none)."""
+        return sorted({s.domain for s in self.experiment if s.domain})
+
     def experiment_sample(self, index: int) -> Sample:
-        """The experiment image at `index` (0 .. EXPERIMENT_SAMPLES-1)."""
+        """The experiment image at `index` (0 .. len(experiment)-1)."""
         check_index(index, len(self.experiment))
         return self.experiment[index]
 
     def get(self, image_id: str) -> Sample | None:
-        return self._by_id.get(image_id)
+        """Any image of the collection, or of the memory's collection, by id."""
+        return self._by_id.get(image_id) or self._memory_by_id.get(image_id)
 
     def load_image(self, sample: Sample) -> Image.Image:
         """The sample's image as RGB."""
         if isinstance(sample.source, int):
-            cell = self._hub_rows[sample.source]
+            rows = self._memory_rows if sample.image_id in self._memory_by_id else self._hub_rows
+            cell = rows[sample.source]
             data = cell.get("bytes")
             return open_image(io.BytesIO(data) if data else cell["path"], name=sample.image_id)
         return open_image(sample.source)
+
+
+def _split(name: str, samples: list[Sample], n: int, seed: int, split: str,
+           other_memory: bool) -> tuple[list[Sample], list[Sample]]:
+    """(experiment, train) of `samples` for SPLIT `split` (see the module's docstring)."""
+    if split == "seeded":
+        if n > len(samples) or n == len(samples) and not other_memory:
+            raise UserError(
+                f"--experiment-samples {n} leaves no training pool: "
+                f"the data set {name!r} has only {len(samples)} images")
+        order = sorted(samples, key=lambda s: split_key(s.image_id, seed))
+        return order[:n], sorted(order[n:], key=lambda s: s.image_id)
+    if split == "all":
+        if not other_memory:
+            raise UserError(f"--split all makes every image of {name!r} an experiment image: "
+                            "give --memory-dataset NAME, the collection the memory is built from")
+        return list(samples), []
+    shipped = sorted({s.split for s in samples if s.split})
+    wanted = "test" if split == "karpathy" else split
+    experiment = [s for s in samples if s.split == wanted]
+    if not experiment:
+        names = ", ".join(shipped) if shipped else "none (use --split seeded or all)"
+        raise UserError(f"--split {split}: the data set {name!r} has no {wanted!r} images; "
+                        f"the splits it ships: {names}")
+    train = [s for s in samples if s.split != wanted and is_memory_split(s.split)]
+    if not train and not other_memory:
+        raise UserError(f"--split {split}: the data set {name!r} has no training images "
+                        f"({', '.join(MEMORY_SPLITS)}) for the memory; give --memory-dataset NAME")
+    return experiment, train
 
 
 def check_index(index: Any, experiment_samples: int) -> None:
@@ -164,161 +219,91 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_and_split_dataset(dataset_name: str | None = None, experiment_samples: int | None = None,
-                           seed: int | None = None) -> Flickr8k:
-    """Load Flickr8K from a local folder or the hub and split it deterministically."""
+                           seed: int | None = None, *, split: str | None = None,
+                           memory_dataset: str | None = None) -> Collection:
+    """Load a collection (DATASET_NAME: a local folder or caption file, or a hub id)
+    and split it by SPLIT, with the memory from MEMORY_DATASET ("": the same
+    collection); None takes config.py's setting."""
     import config
     name = config.DATASET_NAME if dataset_name is None else dataset_name
     n = config.EXPERIMENT_SAMPLES if experiment_samples is None else experiment_samples
     seed = config.RANDOM_SEED if seed is None else seed
+    split = config.SPLIT if split is None else split
+    memory_dataset = config.MEMORY_DATASET if memory_dataset is None else memory_dataset
+    samples, rows = load_collection(name)
+    memory = None
+    if memory_dataset and collection_label(memory_dataset) != collection_label(name):
+        memory = (memory_dataset, *memory_samples(memory_dataset))
+    return Collection(name, samples, n, seed, rows, split=split, memory=memory)
+
+
+def load_collection(name: str) -> tuple[list[Sample], Any]:
+    """(samples in file order, the hub image column or None) of a local folder or
+    caption file, or of a hub data set."""
     path = Path(name).expanduser()
-    if path.is_dir():
-        samples = load_local(path)
-        return Flickr8k(name, samples, n, seed)
     if path.exists():
-        raise UserError(f"data set {name!r} is a file; point --dataset-name at the folder holding it")
+        return load_local(path), None
     if looks_like_path(name):
         raise UserError(f"data set folder not found: {name}")
-    samples, rows = load_hub(name)
-    return Flickr8k(name, samples, n, seed, hub_rows=rows)
+    return load_hub(name)
 
 
-# --- local folders ----------------------------------------------------------
-
-def load_local(root: Path) -> list[Sample]:
-    """Samples of a Flickr8K folder in the Kaggle, original or Karpathy layout."""
-    found = _find_caption_file(root)
-    if found is None:
-        raise UserError(
-            f"no Flickr8K captions in {root}: expected {KAGGLE_CAPTIONS} (Kaggle), "
-            f"{ORIGINAL_CAPTIONS} (original) or {KARPATHY_CAPTIONS} (Karpathy)")
-    kind, caption_file = found
-    reader = {"kaggle": _read_kaggle, "original": _read_original, "karpathy": _read_karpathy}[kind]
-    try:
-        captions = reader(caption_file)
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{caption_file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if not captions:
-        raise UserError(f"{caption_file} holds no usable captions")
-    image_dir = _find_image_dir(root, caption_file.parent, list(captions))
-    samples, missing = [], 0
-    for image_id, caps in captions.items():
-        file = image_dir / image_id
-        if not file.is_file():
-            missing += 1
-            continue
-        samples.append(Sample(image_id, tuple(caps), str(file)))
-    if missing:
-        log.warning("%d of %d captioned images are missing from %s and were skipped",
-                    missing, len(captions), image_dir)
-    if not samples:
-        raise UserError(f"none of the images named in {caption_file} are in {image_dir}")
-    log.info("loaded %d images with %d captions from %s (%s layout)", len(samples),
-             sum(len(s.captions) for s in samples), root, kind)
-    return samples
+def collection_label(name: str) -> str:
+    """A collection as databases record it: a local one by its absolute path (a later
+    command from another folder finds it from the database alone), a hub id as it is."""
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else name
 
 
-def _find_caption_file(root: Path) -> tuple[str, Path] | None:
-    candidates = [root] + sorted(p for p in root.iterdir() if p.is_dir())
-    for folder in candidates:
-        for kind, file in (("kaggle", KAGGLE_CAPTIONS), ("original", ORIGINAL_CAPTIONS),
-                           ("karpathy", KARPATHY_CAPTIONS)):
-            if (folder / file).is_file():
-                return kind, folder / file
-    return None
+def memory_prefix(name: str) -> str:
+    """What the ids of another collection's images start with in a memory:
+    "coco:" for the folder coco/, "org--data:" for the hub id org/data."""
+    local = Path(name).expanduser()
+    short = local.resolve().name if local.exists() else name.replace("/", "--")
+    return f"{short}:"
 
 
-def _find_image_dir(root: Path, caption_dir: Path, image_ids: list[str]) -> Path:
-    """The first candidate folder holding any of the captioned images (some may be missing)."""
-    for base in dict.fromkeys((root, caption_dir, root.parent)):
-        for name in IMAGE_DIRS:
-            # the original zip nests Flicker8k_Dataset/ once more
-            for folder in (base / name, base / name / name):
-                if folder.is_dir() and any((folder / i).is_file() for i in image_ids):
-                    return folder.resolve()
-    raise UserError(f"image folder not found in {root}: looked for {image_ids[0]} and the other "
-                    f"{len(image_ids) - 1} captioned images in "
-                    + ", ".join(n for n in IMAGE_DIRS if n != "."))
-
-
-def _add(captions: dict[str, list[str]], image_id: str, caption: str) -> None:
-    caption = " ".join(caption.split())
-    if image_id and caption:
-        captions[image_id.strip()].append(caption)
-
-
-def _read_kaggle(file: Path) -> dict[str, list[str]]:
-    captions: dict[str, list[str]] = defaultdict(list)
-    with open(file, newline="", encoding="utf-8-sig") as f:
-        rows = csv.reader(f)
-        header = [h.strip().lower() for h in next(rows, [])]
-        if header[:2] != ["image", "caption"]:
-            raise UserError(f"{file}: expected the header 'image,caption', got {','.join(header)!r}")
-        bad = []
-        for row in rows:
-            if len(row) >= 2 and row[0].strip() and ",".join(row[1:]).strip():
-                _add(captions, row[0], ",".join(row[1:]))
-            elif row:
-                bad.append(rows.line_num)
-    _warn_skipped(file, bad)
-    return captions
-
-
-def _read_original(file: Path) -> dict[str, list[str]]:
-    captions: dict[str, list[str]] = defaultdict(list)
-    bad = []
-    with open(file, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            key, sep, caption = line.partition("\t")
-            if not sep or "#" not in key or not caption.strip():
-                bad.append(line_no)
-                continue
-            _add(captions, key.rsplit("#", 1)[0], caption)
-    _warn_skipped(file, bad, "expected 'NAME.jpg#N<TAB>caption'")
-    return captions
-
-
-def _warn_skipped(file: Path, bad_lines: list[int], expected: str = "") -> None:
-    """Malformed lines are skipped and counted; the rest of the file is still used."""
-    if bad_lines:
-        shown = ", ".join(map(str, bad_lines[:5])) + (", ..." if len(bad_lines) > 5 else "")
-        log.warning("%s: skipped %d malformed line(s) (line %s)%s", file, len(bad_lines), shown,
-                    f"; {expected}" if expected else "")
-
-
-def _read_karpathy(file: Path) -> dict[str, list[str]]:
-    captions: dict[str, list[str]] = defaultdict(list)
-    try:
-        data = json.loads(file.read_text(encoding="utf-8-sig"))
-        for image in data["images"]:
-            for sentence in image.get("sentences", []):
-                raw = sentence.get("raw") or " ".join(sentence.get("tokens", []))
-                _add(captions, image["filename"], raw)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError: bad JSON/UTF-8
-        raise UserError(f"{file} is not a Karpathy split file: {type(exc).__name__}: {exc}") from None
-    return captions
+def memory_samples(name: str) -> tuple[list[Sample], Any]:
+    """The memory images of collection `name` (its training splits, or every image
+    where it names none), ids prefixed (memory_prefix), and its hub image column."""
+    samples, rows = load_collection(name)
+    train = [s for s in samples if is_memory_split(s.split)]
+    if not train:
+        if any(s.split for s in samples):
+            log.info("memory data set %s has no training split (%s): all its %d images "
+                     "are the memory", name, ", ".join(MEMORY_SPLITS), len(samples))
+        train = samples
+    prefix = memory_prefix(name)
+    return [replace(s, image_id=prefix + s.image_id) for s in train], rows
 
 
 # --- hub -----------------------------------------------------------------------
 
 def load_hub(name: str) -> tuple[list[Sample], Any]:
-    """Samples of a hub data set (all splits together) and its undecoded image column."""
+    """Samples of a hub data set (all splits together, each sample knowing its split)
+    and its undecoded image column."""
     import datasets
-    with hub_errors("data set", name, "--dataset-name (a hub id or a local Flickr8K folder)"):
+    with hub_errors("data set", name, "--dataset-name (a hub id, or a local folder or "
+                    "caption file)"):
         loaded = datasets.load_dataset(name, token=hf_token())
-    parts = list(loaded.values()) if isinstance(loaded, datasets.DatasetDict) else [loaded]
+    if not isinstance(loaded, datasets.DatasetDict):
+        return samples_from_table(loaded, name)
+    parts = list(loaded.values())
     table = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    return samples_from_table(table, name)
+    splits = [split for split, part in loaded.items() for _ in range(len(part))]
+    return samples_from_table(table, name, splits)
 
 
-def samples_from_table(table: Any, name: str = "data set") -> tuple[list[Sample], Any]:
-    """Samples from a `datasets.Dataset` in any of the common Flickr8K schemas.
+def samples_from_table(table: Any, name: str = "data set", splits: list[str] | None = None
+                       ) -> tuple[list[Sample], Any]:
+    """Samples from a `datasets.Dataset` in any of the common captioned-image schemas.
 
     Image column: the first of type Image (or one called image/img). Captions:
     caption_0..caption_N, a list column (captions, sentences) or one caption per
     row (caption, text), grouped by image. The id is a file-name column, else
-    the image's file name, else a hash of its bytes.
+    the image's file name, else a hash of its bytes. A sample's split is its
+    row's in `splits` (the hub split it came from), else a "split" column's;
+    its domain a "domain" column's.
     """
     import datasets
     columns = list(table.column_names)
@@ -344,14 +329,21 @@ def samples_from_table(table: Any, name: str = "data set") -> tuple[list[Sample]
                 for value in table[list_col])
     else:
         rows = ([value] for value in table[single_col])
+    if splits is None and "split" in columns:
+        splits = [str(v or "") for v in table["split"]]
+    domains = [str(v or "") for v in table["domain"]] if "domain" in columns else None
     captions: dict[str, list[str]] = defaultdict(list)
     first_row: dict[str, int] = {}
     for row, (image_id, row_captions) in enumerate(zip(ids, rows)):
-        image_id = str(image_id).strip()  # the key _add files the captions under
+        image_id = str(image_id).strip()
         first_row.setdefault(image_id, row)
         for caption in row_captions:
-            _add(captions, image_id, caption or "")
-    samples = [Sample(i, tuple(captions[i]), first_row[i]) for i in first_row if captions[i]]
+            caption = " ".join(str(caption or "").split())
+            if image_id and caption:
+                captions[image_id].append(caption)
+    samples = [Sample(i, tuple(captions[i]), row, splits[row] if splits else "",
+                      domains[row] if domains else "")
+               for i, row in first_row.items() if captions[i]]
     return samples, images
 
 

@@ -16,7 +16,8 @@ import db_journal
 from atomic_files import write_bytes_atomic
 from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, FILES, FORMATS, IMAGE_DB, JOURNAL,
                        NEW_WORK, PROMPT_FIELDS, REPAIR, STATE, VERSION, WORK, DbState, as_ranges,
-                       check_unique, headers, image_entry, map_vectors, new_rows, read_state)
+                       check_seals, check_unique, headers, image_entry, map_vectors, new_rows,
+                       read_state, settle)
 from errors import UserError
 
 
@@ -54,6 +55,11 @@ def check_db(db_dir: str | os.PathLike) -> list[str]:
         if (db_dir / name).exists() and (db_dir / name).stat().st_size != state.bytes[name]:
             problems.append(f"{db_dir / name} is {(db_dir / name).stat().st_size} bytes, the "
                             f"last committed write left {state.bytes[name]}")
+    if not problems:
+        try:
+            check_seals(db_dir, state)
+        except UserError as exc:
+            problems.append(str(exc))
     if parsed is not None and not problems:
         try:
             images, captions = new_rows(db_dir, None, state)
@@ -136,7 +142,9 @@ def repair_db(db_dir: str | os.PathLike) -> list[str]:
                 db_dir / IMAGE_DB, headers(state)[IMAGE_DB],
                 (image_entry(i, v) for i, v in zip(images, image_vectors)))[0]
             sizes.update(db_journal.write_caption_files(db_dir, work, state, captions))
-            write_bytes_atomic(work / STATE, state.but(bytes=sizes).to_json())
+            state = db_journal.resealed(db_dir, state, state.but(bytes=sizes))
+            write_bytes_atomic(work / STATE, state.to_json())
+            settle(state)
             done.append(f"rebuilt the three JSON files from the working copy ({json_problem})")
         else:
             raise UserError(f"cannot repair {db_dir}: the JSON files are damaged ({json_problem}) "

@@ -23,6 +23,10 @@ so that a rerun's caption and vector usually fit where the old ones were.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
+import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -79,6 +83,10 @@ class DbIdentity:
     # (memory.for_database fills CAPTION_DOCUMENT_PROMPT "" for them).
     query_prompt: str | None = None
     document_prompt: str | None = None
+    # SPLIT and MEMORY_DATASET (a local one by its absolute path), recorded like the seed
+    # (last, so that positional DbIdentity(...) calls keep their meaning)
+    split_name: str | None = None
+    memory_dataset: str | None = None
 
 
 # Caption prompts, in state.json and the caption_embeddings.json header (when recorded).
@@ -110,13 +118,20 @@ class DbState:
     # Caption rows with no vector yet, as [start, end) ranges (human captions are
     # embedded when something first needs them); () for every database before.
     unembedded: tuple[tuple[int, int], ...] = ()
+    split_name: str | None = None           # SPLIT and MEMORY_DATASET, when recorded
+    memory_dataset: str | None = None
+    # Per JSON file, what the last save left (see `seal`): {"stat": [size, mtime_ns,
+    # ctime_ns, inode], "crc": one CRC-32 per SEAL_BLOCK bytes, as hex}; {} for
+    # databases from before, sealed at their first open.
+    seals: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def but(self, **changes: Any) -> "DbState":
         """A copy with `changes`."""
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> bytes:
-        return dumps({**dataclasses.asdict(self), "bytes": dict(self.bytes)}, indent=True)
+        return dumps({**dataclasses.asdict(self), "bytes": dict(self.bytes),
+                      "seals": {k: dict(v) for k, v in self.seals.items()}}, indent=True)
 
     @property
     def embedded(self) -> int:
@@ -147,6 +162,17 @@ def as_ranges(rows) -> tuple[tuple[int, int], ...]:
 
 def generated_caption_id(image_id: str, vlm_model: str) -> str:
     return f"{image_id}#gen:{vlm_model}"
+
+
+def generated_caption_entry(image_id: str, caption: str, vlm_model: str, timestamp: str,
+                            experiment_index: int | None = None, **more: Any) -> dict[str, Any]:
+    """captions.json's entry of a generated caption: an experiment's (with its index),
+    a captioned folder's or the web page's, or an imported one (`more`: imported_from)."""
+    entry = {"id": generated_caption_id(image_id, vlm_model), "image_id": image_id,
+             "caption": caption, "source": "generated", "model": vlm_model}
+    if experiment_index is not None:
+        entry["experiment_index"] = experiment_index
+    return {**entry, **more, "timestamp": timestamp}
 
 
 def read_state(path: Path) -> DbState:
@@ -219,7 +245,10 @@ def read_jsonl(path: Path, start: int, end: int) -> list[dict[str, Any]]:
             blob = f.read(end - start)
         if len(blob) != end - start:
             raise ValueError("file is shorter than committed")
-        return [orjson.loads(line) for line in blob.splitlines()]
+        # One parse of the lines as a JSON array: 3x faster than a parse per line at
+        # COCO's 566,747 captions (a line holds no raw newline: JSON escapes it).
+        body = blob.rstrip(b"\n").replace(b"\n", b",")
+        return orjson.loads(b"[" + body + b"]")
     except (OSError, ValueError) as exc:
         raise UserError(f"working copy file {path} is damaged ({exc}); {REPAIR}") from None
 
@@ -235,22 +264,32 @@ def map_vectors(path: Path, rows: int, dim: int) -> np.ndarray:
     return np.memmap(path, dtype=np.float32, mode="r", shape=(rows, dim)).view(np.ndarray)
 
 
-def new_rows(db_dir: Path, old: DbState | None, new: DbState) -> tuple[list[dict], list[dict]]:
-    """The image entries and caption entries committed after `old` (all, if None)."""
+def new_rows(db_dir: Path, old: DbState | None, new: DbState, captions: bool = True
+             ) -> tuple[list[dict], list[dict]]:
+    """The image entries and caption entries committed after `old` (all, if None);
+    `captions=False`: the image entries only (the captions are read when needed)."""
     work = db_dir / WORK
     start = old.bytes if old is not None else {}
     images = read_jsonl(work / IMAGE_META, start.get(f"{WORK}/{IMAGE_META}", 0),
                         new.bytes[f"{WORK}/{IMAGE_META}"])
+    if len(images) != new.images - (old.images if old else 0):
+        raise UserError(f"the working copy in {work} does not match its state; {REPAIR}")
+    return images, read_caption_rows(db_dir, old, new) if captions else []
+
+
+def read_caption_rows(db_dir: Path, old: DbState | None, new: DbState) -> list[dict]:
+    """The caption entries committed after `old` (all, if None)."""
+    work = db_dir / WORK
+    start = old.bytes if old is not None else {}
     captions = read_jsonl(work / CAPTION_META, start.get(f"{WORK}/{CAPTION_META}", 0),
                           new.bytes[f"{WORK}/{CAPTION_META}"])
-    if len(images) != new.images - (old.images if old else 0) or \
-            len(captions) != new.captions - (old.captions if old else 0):
+    if len(captions) != new.captions - (old.captions if old else 0):
         raise UserError(f"the working copy in {work} does not match its state; {REPAIR}")
-    return images, captions
+    return captions
 
 
 def check_json_end(path: Path, size: int) -> None:
-    """Cheap check that a JSON file is as the last commit left it."""
+    """Cheap check that a JSON file has the size and closing bytes the last commit left."""
     try:
         actual = path.stat().st_size
         with open(path, "rb") as f:
@@ -261,6 +300,92 @@ def check_json_end(path: Path, size: int) -> None:
     if actual != size or end != TAIL:
         raise UserError(f"database file {path} is corrupt or was changed by another program "
                         f"({actual} bytes, the last save left {size}); {REPAIR}")
+
+
+# --- seals: is each JSON file exactly as the last save left it? -----------------------------
+# A save records each JSON file's stat (size, mtime, ctime, inode) and a CRC-32 of
+# every SEAL_BLOCK bytes, updating only the blocks it wrote. A start compares the
+# stat only (no reading); when it differs (the file was touched, or the folder
+# copied) the CRCs decide, and a match re-records the stat.
+
+SEAL_BLOCK = 1 << 20
+# The file clock's tick (Linux: CLOCK_REALTIME_COARSE); a save waits until it has
+# passed, so that any later change gives the file another mtime/ctime.
+_TICK_NS = int(time.clock_getres(5) * 1e9) if sys.platform == "linux" else 20_000_000
+
+
+def _stat(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _crcs(path: Path, blocks: list[int] | None = None) -> dict[int, str]:
+    """CRC-32 (8 hex digits) of SEAL_BLOCK-sized blocks of `path` (all if None)."""
+    out: dict[int, str] = {}
+    with open(path, "rb") as f:
+        if blocks is None:
+            while chunk := f.read(SEAL_BLOCK):
+                out[len(out)] = "%08x" % zlib.crc32(chunk)
+            return out
+        for n in blocks:
+            f.seek(n * SEAL_BLOCK)
+            out[n] = "%08x" % zlib.crc32(f.read(SEAL_BLOCK))
+    return out
+
+
+def seal(path: Path, old: Mapping[str, Any] | None = None,
+         changed: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+    """What a save left in `path`: its stat and block CRCs. With the `old` seal and
+    the byte ranges [start, end) written since (None: unknown), only the blocks
+    those touch, and any beyond the old end, are read again."""
+    stat = _stat(path)
+    count = -(-stat[0] // SEAL_BLOCK)
+    if old is None or changed is None or "crc" not in old:
+        crc = "".join(_crcs(path).values())
+    else:
+        blocks = [old["crc"][8 * n:8 * n + 8] for n in range(min(count, len(old["crc"]) // 8))]
+        stale = {n for start, end in changed
+                 for n in range(start // SEAL_BLOCK, -(-end // SEAL_BLOCK))}
+        stale |= set(range(max(0, -(-old["stat"][0] // SEAL_BLOCK) - 1), count))
+        for n, value in _crcs(path, sorted(b for b in stale if b < count)).items():
+            if n < len(blocks):
+                blocks[n] = value
+            else:  # past the old end: blocks come in order
+                blocks.append(value)
+        crc = "".join(blocks)
+    return {"stat": stat, "crc": crc}
+
+
+def settle(state: DbState) -> None:
+    """Wait, after a save, until the file clock has ticked past the times its seals
+    record (at most two ticks, usually not at all: the commit's fsyncs take longer),
+    so that a change made after the save returns cannot leave the same mtime and
+    ctime behind, however few bytes it changes."""
+    newest = max((max(s["stat"][1], s["stat"][2]) for s in state.seals.values()), default=0)
+    wait = newest + 2 * _TICK_NS - time.time_ns()
+    if wait > 0:
+        time.sleep(wait / 1e9)
+
+
+def check_seals(db_dir: Path, state: DbState) -> DbState | None:
+    """UserError (one line) unless every JSON file is exactly as the last save left
+    it. Reads nothing while a file's stat is the recorded one; else compares the
+    block CRCs. Returns the state with fresh seals to record when some had to be
+    re-made (a copied folder, a touched file, a database sealed by no save yet),
+    else None."""
+    fresh = dict(state.seals)
+    for name in FILES:
+        path = db_dir / name
+        check_json_end(path, state.bytes[name])
+        old = state.seals.get(name)
+        if old is not None and _stat(path) == list(old["stat"]):
+            continue
+        now = seal(path)
+        if old is not None and now["crc"] != old["crc"]:
+            raise UserError(f"database file {path} was changed by another program since the "
+                            f"last save (same size, other bytes); {REPAIR}")
+        fresh[name] = now
+    return state.but(seals=fresh) if fresh != dict(state.seals) else None
 
 
 def as_vectors(x: np.ndarray, rows: int) -> np.ndarray:
@@ -293,5 +418,5 @@ def path_of(db_dir: Path, name: str) -> Path:
 
 
 __all__ = ["DbIdentity", "DbState", "as_ranges", "FILES", "IMAGE_DB", "CAPTION_DB", "CAPTION_EMBEDDING_DB",
-           "generated_caption_id", "read_state", "headers", "new_rows", "map_vectors",
-           "check_json_end"]
+           "generated_caption_id", "read_state", "headers", "new_rows", "read_caption_rows",
+           "map_vectors", "check_json_end", "seal", "settle", "check_seals", "SEAL_BLOCK"]

@@ -43,7 +43,8 @@ from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, CAPTION_META, CAPTION_S
                        CAPTION_TEXT, CAPTION_VECTORS, FILES, IMAGE_DB, IMAGE_META, IMAGE_TEXT,
                        IMAGE_VECTORS, JOURNAL, LOCK, NEW_WORK, REPAIR, SLOT_FILES, STATE, TAIL,
                        WORK, DbState, as_ranges, caption_entry, caption_vector_entry, headers,
-                       image_entry, json_head, map_vectors, new_rows, read_jsonl, read_state)
+                       check_seals, image_entry, json_head, map_vectors, new_rows, read_jsonl,
+                       read_state, seal, settle)
 from errors import UserError
 
 log = logging.getLogger(__name__)
@@ -160,16 +161,38 @@ def write(db_dir: Path, state: DbState, record: dict[str, Any],
     journal = db_dir / WORK / JOURNAL
     journal_size = journal.stat().st_size if journal.exists() else 0
     undo: dict[str, bytes] = {}
+    state = check_seals(db_dir, state) or state  # never build on a file changed meanwhile
     try:
         append(journal, journal_line(record))
-        new = apply(db_dir, state, record, captions, undo)
+        new = resealed(db_dir, state, apply(db_dir, state, record, captions, undo), record)
         write_bytes_atomic(db_dir / WORK / STATE, new.to_json(), sync_folder=False)  # commit
     except BaseException:
         with contextlib.suppress(Exception):
             _rollback(db_dir, state, record, captions, undo)
             truncate(journal, journal_size)
         raise
+    settle(new)
     return new
+
+
+def resealed(db_dir: Path, old: DbState, new: DbState,
+             record: dict[str, Any] | None = None) -> DbState:
+    """`new` with the seals of the JSON files `record` changed since `old` (all of
+    them, re-read whole, without a record)."""
+    seals = dict(old.seals)
+    for name in FILES:
+        changed: list[tuple[int, int]] | None = []
+        if record is None or (record.get("replace") is not None and record["spans"] is None
+                              and name in CAPTION_TEXT):
+            changed = None  # rewritten whole
+        elif new.bytes[name] != old.bytes[name]:  # appended over the closing bytes
+            changed.append((old.bytes[name] - len(TAIL), new.bytes[name]))
+        if record is not None and record.get("spans") and name in SLOT_FILES:
+            start, length = record["spans"][SLOT_FILES.index(name)]
+            changed.append((start, start + length))
+        if changed != [] or name not in seals:
+            seals[name] = seal(db_dir / name, seals.get(name), changed)
+    return new.but(seals=seals)
 
 
 def finish(db_dir: Path) -> None:
@@ -312,26 +335,29 @@ def recover(db_dir: Path) -> list[str]:
         captions = new_rows(db_dir, None, state)[1]
     else:
         build_slots(db_dir, state)
-    write_bytes_atomic(db_dir / WORK / STATE, apply(db_dir, state, pending, captions, {}).to_json(),
-                       sync_folder=False)
+    new = resealed(db_dir, state, apply(db_dir, state, pending, captions, {}))
+    write_bytes_atomic(db_dir / WORK / STATE, new.to_json(), sync_folder=False)
     finish(db_dir)
+    settle(new)
     if "embed" in pending:
         notes.append(f"completed the interrupted saving of {len(pending['captions'])} caption "
                      "vectors")
     elif pending.get("replace") is not None:
-        caption = pending["caption"]
-        notes.append(f"completed the interrupted save of experiment "
-                     f"{caption.get('experiment_index')} ({caption['image_id']}): its entries "
-                     "are all present now")
-    elif len(pending["images"]) <= 1 and len(pending["captions"]) == 1:
-        caption = pending["captions"][0]
-        notes.append(f"completed the interrupted save of experiment "
-                     f"{caption.get('experiment_index')} ({caption['image_id']}): its three "
+        notes.append(f"completed the interrupted save of {_which(pending['caption'])}: its "
                      "entries are all present now")
+    elif len(pending["images"]) <= 1 and len(pending["captions"]) == 1:
+        notes.append(f"completed the interrupted save of {_which(pending['captions'][0])}: "
+                     "its three entries are all present now")
     else:
         notes.append(f"completed an interrupted batch of {len(pending['images'])} images and "
                      f"{len(pending['captions'])} captions: all its entries are present now")
     return notes
+
+
+def _which(caption: dict[str, Any]) -> str:
+    """A generated caption's image, for the user: "experiment 7 (x.jpg)" or "x.jpg"."""
+    index = caption.get("experiment_index")
+    return caption["image_id"] if index is None else f"experiment {index} ({caption['image_id']})"
 
 
 def cut_to_state(db_dir: Path, state: DbState, keep_captions: bool = False) -> None:
@@ -446,9 +472,12 @@ def create(db_dir: Path, state: DbState, image_ids: list[str], kinds: list[str],
     write_bytes_atomic(new / STATE, state.to_json())
     for name in FILES:
         move_into_place(new / "json" / name, db_dir / name)
+    state = resealed(db_dir, state, state)
+    write_bytes_atomic(new / STATE, state.to_json())
     (new / "json").rmdir()
     shutil.rmtree(db_dir / WORK, ignore_errors=True)
     move_into_place(new, db_dir / WORK)
+    settle(state)
     return state
 
 
@@ -581,5 +610,5 @@ def _read(path: Path, offset: int, size: int) -> bytes:
 
 
 __all__ = ["locked", "append_record", "embed_record", "replace_record", "write", "finish", "recover",
-           "cut_to_state", "create", "clean_interrupted_create", "write_json_file",
+           "cut_to_state", "create", "resealed", "clean_interrupted_create", "write_json_file",
            "write_caption_files", "build_slots"]

@@ -11,7 +11,7 @@ captions.json
     {"format": "recap-captions", "version": 1, "dataset": name, "split": fingerprint,
      "entries": [{"id", "image_id", "caption", "source": "human"},
                  {"id", "image_id", "caption", "source": "generated", "model": VLM name,
-                  "experiment_index", "timestamp"}]}
+                  "experiment_index" (experiments only), "timestamp"}]}
 caption_embeddings.json
     {"format": "recap-caption-embeddings", "version": 1, "model": embedder name, "dim": D,
      "entries": [{"id" (a captions.json id), "image_id", "embedding": [D floats]}]}
@@ -41,8 +41,10 @@ that a database's models are the ones the settings ask for (`check_models`).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -50,14 +52,15 @@ import numpy as np
 import orjson
 
 import db_journal
-from atomic_files import write_json_atomic, write_text_atomic  # noqa: F401  (older imports)
+from atomic_files import write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: F401
 from db_check import backup_db, check_db, describe_db, import_json, repair_db
 from db_format import (CAPTION_DB, CAPTION_EMBEDDING_DB, CAPTION_VECTORS, FILES, IMAGE_DB,
                        CAPTION_META, IMAGE_VECTORS, JOURNAL, NEW_WORK, STATE, WORK, DbIdentity,
                        DbState,
-                       as_vectors, check_dim, check_json_end, check_unique, generated_caption_id,
-                       map_vectors, new_rows, read_state)
-from errors import UserError
+                       as_vectors, check_dim, check_seals, check_unique,
+                       generated_caption_entry, generated_caption_id,
+                       map_vectors, new_rows, read_caption_rows, read_state)
+from errors import DatabaseConflict, UserError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,8 @@ class DbManager:
         self.state: DbState | None = None
         self.image_ids: list[str] = []
         self.image_kinds: list[str] = []
-        self.captions: list[dict[str, Any]] = []
+        # The caption entries, read on first use (see `captions`); None: not read yet
+        self._captions: list[dict[str, Any]] | None = []
         self.image_vectors = np.zeros((0, 0), dtype=np.float32)
         # One row per caption; zeros for a caption without a vector (missing_caption_rows)
         self.caption_vectors = np.zeros((0, 0), dtype=np.float32)
@@ -102,7 +106,7 @@ class DbManager:
         if not db.needs_seed:
             db._check_identity()
             log.info("database %s: %d images, %d captions", db.db_dir, len(db.image_ids),
-                     len(db.captions))
+                     db.state.captions)
         return db
 
     def _open_locked(self) -> None:
@@ -148,7 +152,8 @@ class DbManager:
         if self.state.split != want.split:
             raise UserError(f"database {self.db_dir} was built with split {self.state.split!r}, "
                             f"not {want.split!r}: use another --db-dir for these settings, or "
-                            "set --dataset-name / --random-seed / --experiment-samples back")
+                            "set --dataset-name / --split / --memory-dataset / --random-seed / "
+                            "--experiment-samples back")
         if want.query_prompt is not None and want.document_prompt is not None:
             self.check_caption_prompts(want.query_prompt, want.document_prompt)
 
@@ -181,26 +186,57 @@ class DbManager:
         """Caption rows (indices into `captions`) without a vector yet."""
         return self.state.missing_rows() if self.state else []
 
+    @property
+    def captions(self) -> list[dict[str, Any]]:
+        """Every caption entry ({"id", "image_id", "caption", "source", ...}), in row
+        order. Read from the working copy on first use: opening a COCO-sized memory
+        (566,747 captions, ~2 s to parse) need not wait for them, and an image search
+        never reads them."""
+        if self._captions is None:
+            self._captions, self._caption_pos = [], {}
+            self._add_captions(read_caption_rows(self.db_dir, None, self.state), 0)
+        return self._captions
+
+    def _add_captions(self, entries: list[dict[str, Any]], first: int) -> None:
+        """Index caption rows first, first + 1, ... (by id, and by image once built)."""
+        self._captions += entries
+        # dict.update builds the index in C: a COCO memory has 566,747 captions
+        self._caption_pos.update(zip(map(itemgetter("id"), entries), itertools.count(first)))
+        if self._by_image is not None:
+            for entry in entries:
+                self._by_image.setdefault(entry["image_id"], []).append(entry)
+
+    def _caption_index(self) -> dict[str, int]:
+        """Caption id -> row (reading the captions first if they are not yet)."""
+        self.captions  # noqa: B018
+        return self._caption_pos
+
     def has_caption(self, caption_id: str) -> bool:
         """Whether a caption with this id (e.g. generated_caption_id(...)) is stored."""
-        return caption_id in self._caption_pos
+        return caption_id in self._caption_index()
 
     def captions_of(self, image_id: str) -> list[str]:
         """Human captions of an image; its generated captions if it has none."""
         if self._by_image is None:
-            self._by_image = {}
-            for entry in self.captions:
+            captions, self._by_image = self.captions, {}  # read them first (they index it)
+            for entry in captions:
                 self._by_image.setdefault(entry["image_id"], []).append(entry)
         entries = self._by_image.get(image_id, [])
         human = [c["caption"] for c in entries if c["source"] == "human"]
         return human or [c["caption"] for c in entries]
 
     def _load(self, state: DbState | None = None) -> None:
-        """Read the working copy; cheap checks that the JSON files are what state.json says."""
+        """Read the working copy, after checking that the JSON files are exactly as the
+        last save left them (their stat; their bytes only if that changed)."""
         state = state or read_state(self.work / STATE)
-        for name in FILES:
-            check_json_end(self.db_dir / name, state.bytes[name])
-        self.image_ids, self.image_kinds, self.captions = [], [], []
+        fresh = check_seals(self.db_dir, state)
+        if fresh is not None:  # same bytes, new stat (a copied folder, a touched file)
+            state = fresh
+            try:
+                write_bytes_atomic(self.work / STATE, state.to_json())
+            except OSError as exc:  # read-only: the bytes are checked again next time
+                log.info("database %s: could not record its files' stat (%s)", self.db_dir, exc)
+        self.image_ids, self.image_kinds, self._captions = [], [], None
         self.state = None
         self._adopt(state)
         self.needs_seed = False
@@ -208,24 +244,22 @@ class DbManager:
     def _adopt(self, state: DbState) -> None:
         """Extend the in-memory copy with the rows committed after self.state."""
         old = self.state
-        images, captions = new_rows(self.db_dir, old, state)
+        # captions not read yet (a full load): left to the first use of `captions`
+        read = self._captions is not None
+        images, captions = new_rows(self.db_dir, old, state, captions=read)
         self.state = state
         self.image_ids += [e["image_id"] for e in images]
         self.image_kinds += [e["kind"] for e in images]
-        self.captions += captions
         self.image_vectors = map_vectors(self.work / IMAGE_VECTORS, state.images, state.image_dim)
         self.caption_vectors = map_vectors(self.work / CAPTION_VECTORS, state.captions,
                                            state.caption_dim)
         if old is None:  # a full load
             self._image_pos, self._caption_pos, self._by_image = {}, {}, None
         # Index only the new rows, so an append costs the same at 1k or 100k entries.
-        for n in range(old.images if old else 0, len(self.image_ids)):
-            self._image_pos[self.image_ids[n]] = n
-        for n in range(old.captions if old else 0, len(self.captions)):
-            entry = self.captions[n]
-            self._caption_pos[entry["id"]] = n
-            if self._by_image is not None:
-                self._by_image.setdefault(entry["image_id"], []).append(entry)
+        self._image_pos.update(zip(map(itemgetter("image_id"), images),
+                                   itertools.count(old.images if old else 0)))
+        if read:
+            self._add_captions(captions, old.captions if old else 0)
 
     def _refresh(self) -> None:
         """Merge what other processes committed since we loaded (call under the lock)."""
@@ -283,6 +317,7 @@ class DbManager:
                             captions=len(captions), unembedded=unembedded,
                             random_seed=ident.random_seed,
                             experiment_samples=ident.experiment_samples,
+                            split_name=ident.split_name, memory_dataset=ident.memory_dataset,
                             **({"query_prompt": ident.query_prompt,
                                 "document_prompt": ident.document_prompt}
                                if ident.query_prompt is not None
@@ -291,28 +326,28 @@ class DbManager:
                               image_vectors, [dict(c) for c in captions], caption_vectors)
             self._load()
         log.info("created database %s: %d images, %d captions", self.db_dir,
-                 len(self.image_ids), len(self.captions))
+                 len(self.image_ids), self.state.captions)
 
     def add_experiment(self, image_id: str, image_vector: np.ndarray, caption: str,
                        caption_vector: np.ndarray, vlm_model: str, experiment_index: int | None,
                        timestamp: str) -> None:
         """Append an experiment image's embedding and generated caption (or replace the
-        caption this VLM gave it before), durably and atomically across the three files."""
+        caption this VLM gave it before), durably and atomically across the three files.
+        `experiment_index=None`: an image that is no experiment (a captioned folder's),
+        whose entry has no "experiment_index"."""
         if self.needs_seed:
             raise RuntimeError("seed the database first")
         image_vector = as_vectors(image_vector, 1)[0]
         caption_vector = as_vectors(caption_vector, 1)[0]
-        entry = {"id": generated_caption_id(image_id, vlm_model), "image_id": image_id,
-                 "caption": caption, "source": "generated", "model": vlm_model,
-                 **({} if experiment_index is None else {"experiment_index": experiment_index}),
-                 "timestamp": timestamp}
+        entry = generated_caption_entry(image_id, caption, vlm_model, timestamp,
+                                        experiment_index)
         with db_journal.locked(self.db_dir):
             self._recover()
             self._refresh()
             state = self.state
             check_dim(image_vector, state.image_dim, IMAGE_DB)
             check_dim(caption_vector, state.caption_dim, CAPTION_EMBEDDING_DB)
-            row = self._caption_pos.get(entry["id"])
+            row = self._caption_index().get(entry["id"])
             if row is not None:
                 self._write(db_journal.replace_record(self.db_dir, state, row, entry,
                                                       caption_vector))
@@ -354,7 +389,8 @@ class DbManager:
             self._refresh()  # what other processes added counts as already stored
             state = self.state
             new_images = [n for n, i in enumerate(image_ids) if i not in self._image_pos]
-            new_captions = [n for n, c in enumerate(captions) if c["id"] not in self._caption_pos]
+            known = self._caption_index()
+            new_captions = [n for n, c in enumerate(captions) if c["id"] not in known]
             if image_vectors is not None:
                 check_dim(image_vectors[0], state.image_dim, IMAGE_DB)
             if caption_vectors is not None:
@@ -421,7 +457,8 @@ class DbManager:
 # exists uses them unless told otherwise (config.resolve).
 RECORDED = (("clip_model", "CLIP_MODEL_NAME"), ("caption_model", "CAPTION_EMBEDDING_MODEL"),
             ("dataset", "DATASET_NAME"), ("random_seed", "RANDOM_SEED"),
-            ("experiment_samples", "EXPERIMENT_SAMPLES"),
+            ("experiment_samples", "EXPERIMENT_SAMPLES"), ("split_name", "SPLIT"),
+            ("memory_dataset", "MEMORY_DATASET"),
             ("query_prompt", "CAPTION_QUERY_PROMPT"),
             ("document_prompt", "CAPTION_DOCUMENT_PROMPT"))
 # A captioned collection's result-changing settings, beside its database.
@@ -460,9 +497,10 @@ def recorded_settings(values: Mapping[str, Any], given: frozenset[str] = frozens
     if state.document_prompt is None:  # made before prompts were recorded: none
         document = values["CAPTION_DOCUMENT_PROMPT"]
         if "CAPTION_DOCUMENT_PROMPT" in given and document not in ("auto", ""):
-            raise UserError(f"database {db_dir} was built before caption prompts were "
-                            f"recorded, with no document (caption) prompt, not {document!r}: "
-                            "leave --caption-document-prompt out, or use another --db-dir")
+            raise DatabaseConflict(
+                f"database {db_dir} was built before caption prompts were recorded, with no "
+                f"document (caption) prompt, not {document!r}: leave "
+                "--caption-document-prompt out, or use another --db-dir")
         found["CAPTION_DOCUMENT_PROMPT"] = ""
     manifest = db_dir / SETTINGS_FILE
     if manifest.is_file():
@@ -478,7 +516,7 @@ def recorded_settings(values: Mapping[str, Any], given: frozenset[str] = frozens
 
 # Recorded for people, not adopted by a folder's commands: the data set's, and where
 # files go (a folder database keeps its own results).
-_DATA_SET = ("DATASET_NAME", "RANDOM_SEED", "EXPERIMENT_SAMPLES")
+_DATA_SET = ("DATASET_NAME", "RANDOM_SEED", "EXPERIMENT_SAMPLES", "SPLIT", "MEMORY_DATASET")
 _NOT_ADOPTED = ("DB_DIR", "RESULTS_DIR", "CACHE_DIR", "LOG_LEVEL", "DEVICE", "DTYPE",
                 "BATCH_SIZE")
 
@@ -492,8 +530,8 @@ def _check_given_models(db_dir: Path, state: DbState, values: Mapping[str, Any],
     if wrong:
         built = " and ".join(f"{what} {found!r}, not {wanted!r}" for what, found, wanted, _ in wrong)
         options = " and ".join(option for *_, option in wrong)
-        raise UserError(f"database {db_dir} was built with {built}: use another "
-                        f"--db-dir for these settings, or set {options} back")
+        raise DatabaseConflict(f"database {db_dir} was built with {built}: use another "
+                               f"--db-dir for these settings, or set {options} back")
 
 
 def _newest_captioner(captions_meta: Path) -> str | None:
@@ -516,5 +554,6 @@ def _newest_captioner(captions_meta: Path) -> str | None:
 
 
 __all__ = ["DbManager", "DbIdentity", "DbState", "FILES", "IMAGE_DB", "CAPTION_DB",
-           "CAPTION_EMBEDDING_DB", "JOURNAL", "generated_caption_id", "check_db", "describe_db",
+           "CAPTION_EMBEDDING_DB", "JOURNAL", "generated_caption_id",
+           "generated_caption_entry", "check_db", "describe_db",
            "repair_db", "backup_db"]

@@ -18,18 +18,35 @@ from typing import Iterator
 
 
 class UserError(Exception):
-    """A problem the user can fix; its message says how."""
+    """A problem the user can fix; its message says how. A command line exits 1 (2
+    where it was found while reading the options), unless the class says otherwise."""
+
+
+class UsageError(UserError):
+    """Options that conflict, are missing or are empty (`--all` with `--indices`, an
+    empty `--text`): a command line exits 2, as for an option it does not know."""
+
+    exit_code = 2
+
+
+class DatabaseConflict(UserError):
+    """Settings that contradict what the database records (another model): found while
+    the settings are resolved, but not a usage error, so it exits 1, not 2."""
+
+    exit_code = 1
 
 
 def cli_failure(prog: str, exc: BaseException, code: int = 1,
                 interrupted: str = "interrupted") -> int:
     """What a command-line program prints for what stopped it (one line on stderr, no
-    traceback), and its exit code: 130 for Ctrl-C, else `code` (2: bad options)."""
+    traceback), and its exit code: 130 for Ctrl-C, the error's own `exit_code` (2 for
+    a UsageError, 1 for a DatabaseConflict), else `code` (2 where the options
+    themselves could not be read)."""
     if isinstance(exc, KeyboardInterrupt):
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
     print(f"{prog}: error: {exc}", file=sys.stderr)
-    return code
+    return getattr(exc, "exit_code", code)
 
 
 def hf_token() -> str | None:
@@ -56,7 +73,7 @@ def hub_errors(what: str, name: str, setting: str) -> Iterator[None]:
     except UserError:
         raise
     except Exception as exc:  # hub, HTTP, OS and config errors all look different
-        raise UserError(_describe(exc, what, name, setting)) from exc
+        raise UserError(describe_failure(exc, what, name, setting)) from exc
 
 
 HUB_PROBE_TIMEOUT = 3.0  # seconds: a hub that does not answer by then counts as unreachable
@@ -120,7 +137,8 @@ def _quiet_hub_logs() -> Iterator[None]:
                 logger.setLevel(_hub_level)
 
 
-def _describe(exc: Exception, what: str, name: str, setting: str) -> str:
+def describe_failure(exc: Exception, what: str, name: str, setting: str) -> str:
+    """The one line for a failed load of `name` (a hub id or a local path)."""
     kind = type(exc).__name__
     text = str(exc)
     if looks_like_path(name):

@@ -21,6 +21,8 @@ ExperimentResult.to_json():
                                   prompt such as "<CAPTION>", BLIP/GIT's caption prefix)
   context_used                    false when the retrieved captions did not reach the
                                   VLM (BLIP, GIT, PaliGemma, Florence-2; no neighbours)
+  domain                          the image's domain, where its collection gives one
+                                  (NoCaps: in-domain, near-domain, out-domain)
   config                          every setting (lower-case), the memory policy and
                                   near-duplicate threshold used (the cosine, 0 = off),
                                   resolved_device, resolved_dtype
@@ -47,7 +49,7 @@ from retrieval import Neighbour, Selection
 from errors import UserError
 
 if TYPE_CHECKING:
-    from dataset_loader import Flickr8k
+    from dataset_loader import Collection
     from db_manager import DbManager
 
 
@@ -71,6 +73,7 @@ class ExperimentResult(Mapping[str, Any]):
     result_path: str | None = None
     context_used: bool = True
     model_prompt: str | None = None
+    domain: str = ""                     # the image's domain where its collection gives one
     # RETRIEVE "captions" under the leak guard: corpus captions left out as identical
     # to one of the references (recorded only where some were)
     identical_excluded: int = 0
@@ -91,6 +94,8 @@ class ExperimentResult(Mapping[str, Any]):
             "config": dict(self.config), "versions": dict(self.versions),
             "timings": dict(self.timings), "batch_size": self.batch_size,
             "timestamp": self.timestamp}
+        if self.domain:
+            record["domain"] = self.domain
         if self.identical_excluded:
             record["identical_excluded"] = self.identical_excluded
         if self.result_path is not None:
@@ -108,7 +113,7 @@ class ExperimentResult(Mapping[str, Any]):
         return len(self.to_json())
 
 
-def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int],
+def run_experiments(dataset: "Collection", db: "DbManager", indices: Sequence[int],
                     settings: config.Settings, memory: Memory | None = None,
                     load_seconds: float = 0.0, models: Models | None = None
                     ) -> list[ExperimentResult | pipeline.Failure]:
@@ -148,7 +153,7 @@ def run_experiments(dataset: "Flickr8k", db: "DbManager", indices: Sequence[int]
                                   record.neighbours, record.prompt, shared["config"],
                                   shared["versions"], dict(timings), len(indices), "",
                                   context_used=record.context_used,
-                                  model_prompt=record.model_prompt,
+                                  model_prompt=record.model_prompt, domain=sample.domain,
                                   identical_excluded=record.identical_excluded)
         results.append(save(result, db, record, models.captioner.name,
                             Path(settings.results_dir)))

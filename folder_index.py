@@ -106,6 +106,7 @@ def update_index(cache: str | os.PathLike, embedder, items: Mapping[str, str],
             except UserError as exc:
                 log.warning("skipping unreadable image: %s", exc)
                 update.skipped.append(image_id)
+                yield None  # counted on the bar, not embedded
                 continue
             embedded.append(image_id)
             yield image

@@ -226,17 +226,25 @@ class ImageEmbedder:
               progress: bool = False) -> np.ndarray:
         """(N, D) float32 unit vectors for `images`, batch_size at a time.
 
-        `images` may be a generator that decodes files. With `overlap` (on GPUs),
+        `images` may be a generator that decodes files, and may hold None for an
+        image that could not be read: not embedded, but counted on the bar (shown
+        as unreadable), which so ends at `total`. With `overlap` (on GPUs),
         reading and preprocessing run in a background thread one batch ahead, so
         they overlap the forward pass (PIL and the tensor ops release the GIL).
         """
         chunks = []
         batches = self._pixel_batches(images)
+        unreadable = 0
         with tqdm(total=total, desc="embedding images", unit="img",
                   disable=not progress) as bar:
-            for pixels in prefetch(batches, depth=2) if self.overlap else batches:
-                chunks.append(l2_normalise(self._encode(pixels).float().cpu().numpy()))
-                bar.update(len(pixels))
+            for pixels, count, missing in (prefetch(batches, depth=2) if self.overlap
+                                           else batches):
+                if pixels is not None:
+                    chunks.append(l2_normalise(self._encode(pixels).float().cpu().numpy()))
+                if missing:
+                    unreadable += missing
+                    bar.set_postfix(unreadable=unreadable, refresh=False)
+                bar.update(count)
         if not chunks:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.concatenate(chunks)
@@ -284,15 +292,20 @@ class ImageEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.concatenate(chunks)
 
-    def _pixel_batches(self, images: Iterable[Image.Image]) -> Iterator[torch.Tensor]:
-        batch = []
+    def _pixel_batches(self, images: Iterable[Image.Image | None]
+                       ) -> Iterator[tuple[torch.Tensor | None, int, int]]:
+        """(pixels of up to batch_size images, items consumed, of them None)."""
+        batch, missing = [], 0
         for image in images:
+            if image is None:
+                missing += 1
+                continue
             batch.append(image)
             if len(batch) == self.batch_size:
-                yield self._pixels(batch)
-                batch = []
-        if batch:
-            yield self._pixels(batch)
+                yield self._pixels(batch), len(batch) + missing, missing
+                batch, missing = [], 0
+        if batch or missing:
+            yield self._pixels(batch) if batch else None, len(batch) + missing, missing
 
     @property
     def key(self) -> str:
@@ -376,6 +389,7 @@ def embed_pool(embedder: ImageEmbedder, ids: Sequence[str], load: Callable[[str]
             except UserError as exc:
                 skipped.append(image_id)
                 log.warning("skipping unreadable training image: %s", exc)
+                yield None  # counted on the bar, not embedded
                 continue
             kept.append(image_id)
             yield image

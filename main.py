@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import config
-from errors import UserError, cli_failure
+from errors import UsageError, UserError, cli_failure
 
 log = logging.getLogger("main")
 
@@ -87,8 +87,9 @@ def _run_one(settings: config.Settings, index: int | None = None, dataset=None, 
     experiment.check_writable(Path(settings.results_dir))  # fail before the slow work
     start = time.perf_counter()
     if dataset is None or db is None:
-        from dataset_loader import check_index
-        check_index(index, settings.experiment_samples)  # before any slow loading
+        if settings.split == "seeded":  # its size is known before any slow loading
+            from dataset_loader import check_index
+            check_index(index, settings.experiment_samples)
         dataset, db = initialize(settings)
     dataset.experiment_sample(index)
     models = load_models(settings).load_all()
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "Every setting of config.py is a flag below.")
     batch = parser.add_argument_group("many experiments (see batch_runner.py)")
     batch.add_argument("--all", action="store_true",
-                       help="run every experiment index 0 .. EXPERIMENT_SAMPLES-1 (resumable)")
+                       help="run every experiment image of the split (0 .. EXPERIMENT_SAMPLES-1 "
+                            "for --split seeded; resumable)")
     batch.add_argument("--indices", metavar="SPEC", help="run a subset, e.g. 0-49,100")
     batch.add_argument("--run-name", metavar="NAME",
                        help="run directory under RESULTS_DIR/runs/ (default: VLM and k)")
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                               "search.py --text ... --images-dir DIR)")
     actions.add_argument("--no-retrieval", action="store_true",
                          help="with --caption-folder: plain prompt, no neighbours' captions")
+    actions.add_argument("--quiet", action="store_true",
+                         help="with --caption-folder: the summary only, not each caption")
     actions.add_argument("--check-db", action="store_true",
                          help="validate the databases in DB_DIR and print a report")
     actions.add_argument("--embed-captions", action="store_true",
@@ -176,22 +180,27 @@ def main(argv: list[str] | None = None) -> int:
             print(near_duplicates.find(settings, args.threshold).table())
             return 0
         if args.threshold is not None:
-            raise UserError("--threshold goes with --near-duplicates; the guard of "
-                            "experiments is --near-duplicate-threshold")
+            raise UsageError("--threshold goes with --near-duplicates; the guard of "
+                             "experiments is --near-duplicate-threshold")
         if args.caption_folder:
             import caption_folder as folders
             summary = folders.caption_folder(args.caption_folder, settings,
                                              not args.no_retrieval)
+            if summary["captions"] and not args.quiet:
+                print(folders.format_captions(summary["captions"]))
             print(f"captioned {summary['captioned']} of {summary['images']} images in "
                   f"{summary['folder']} ({summary['already_captioned']} done before, "
-                  f"{len(summary['failed'])} failed); search them with\n"
+                  f"{len(summary['failed'])} failed); all its captions: {summary['csv']}; "
+                  "search them with\n"
                   f"  python search.py --text \"...\" --images-dir {args.caption_folder}")
             return 1 if summary["failed"] else 0
         if args.all or args.indices or args.evaluate:
             return _batch(args, settings)
         if args.no_retrieval:
-            raise UserError("--no-retrieval goes with --caption-folder; for an experiment "
-                            "without retrieval use --top-k-similar 0")
+            raise UsageError("--no-retrieval goes with --caption-folder; for an experiment "
+                             "without retrieval use --top-k-similar 0")
+        if args.quiet:
+            raise UsageError("--quiet goes with --caption-folder")
         result = _run_one(settings)
     # OSError: disk full, permissions: nothing a traceback would explain better
     except (UserError, OSError, KeyboardInterrupt) as exc:
@@ -219,9 +228,11 @@ def _batch(args, settings: config.Settings) -> int:
         summary = batch_runner.summarize(run_dir, settings)
     else:
         if args.all and args.indices:
-            raise UserError("give --all or --indices, not both")
-        indices = (list(range(settings.experiment_samples)) if args.all else
-                   batch_runner.parse_indices(args.indices, settings.experiment_samples))
+            raise UsageError("give --all or --indices, not both")
+        from models import experiment_count
+        count = experiment_count(settings)  # the split's experiment images
+        indices = (list(range(count)) if args.all else
+                   batch_runner.parse_indices(args.indices, count))
         summary = batch_runner.run_batch(indices, args.run_name, settings=settings)
         run_dir = Path(settings.results_dir) / "runs" / summary["run"]
     print(batch_runner.format_summary(summary, run_dir))
@@ -232,11 +243,11 @@ def _embed_captions(settings: config.Settings) -> int:
     """--embed-captions: the memory (built first if DB_DIR has none) with a vector for
     every caption, so that the first text search need not make them."""
     from memory import caption_embedder_for, embed_missing_captions, initialize
-    start = time.perf_counter()
-    _, db = initialize(settings)
+    _, db = initialize(settings, captioner=False)
+    # the job's one duration is its bar's (and the log line after it)
     done = embed_missing_captions(caption_embedder_for(settings, db), db)
     print(f"{db.db_dir}: every one of its {len(db.captions)} captions has a vector ("
-          f"{done} embedded now, {time.perf_counter() - start:.0f} s); text search is ready")
+          f"{done} embedded now); text search is ready")
     return 0
 
 

@@ -11,10 +11,10 @@ Nothing here writes a database but through db_manager.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+import availability
 import config
 from errors import UserError
 from models import Models, cached, load_dataset, load_models
@@ -22,38 +22,44 @@ from models import Models, cached, load_dataset, load_models
 if TYPE_CHECKING:
     import numpy as np
 
-    from dataset_loader import Flickr8k
+    from dataset_loader import Collection
     from db_manager import DbManager
     from pipeline import Captioned
 
 log = logging.getLogger("memory")
 
-def identity(settings: config.Settings, dataset: "Flickr8k"):
+def identity(settings: config.Settings, dataset: "Collection"):
     """What the database in DB_DIR must have been built with, for these settings:
     models, split and the caption model's prompts (finished by config.resolve)."""
+    from dataset_loader import collection_label
     from db_manager import DbIdentity
-    name = settings.dataset_name
-    local = Path(name).expanduser()
     return DbIdentity(clip_model=settings.clip_model_name,
                       caption_model=settings.caption_embedding_model,
                       # a local folder by its absolute path: a later command from
                       # another folder (search.py) finds it from the database alone
-                      dataset=str(local.resolve()) if local.is_dir() else name,
+                      dataset=collection_label(settings.dataset_name),
                       split=dataset.fingerprint, random_seed=settings.random_seed,
                       experiment_samples=settings.experiment_samples,
                       query_prompt=settings.caption_query_prompt,
-                      document_prompt=settings.caption_document_prompt)
+                      document_prompt=settings.caption_document_prompt,
+                      split_name=settings.split,
+                      memory_dataset=settings.memory_dataset and collection_label(
+                          settings.memory_dataset))
 
 
-def initialize(settings: config.Settings) -> tuple["Flickr8k", "DbManager"]:
+def initialize(settings: config.Settings, captioner: bool = True
+               ) -> tuple["Collection", "DbManager"]:
     """The data set and the database manager for `settings` (one per DB_DIR and
     models in a process, reused); on a first run the memory is built from the
-    training pool. The database is checked against the settings' models, split and
-    caption prompts before any model loads."""
+    training pool. First every model (the captioner too, unless `captioner` is
+    false) and the data set must be available: one line names all that are not.
+    The database is checked against the settings' models, split and caption
+    prompts before any model loads."""
     from db_manager import DbManager
     if settings.retrieve == "captions":
         from caption_datastore import check_settings
         check_settings(settings)          # a missing corpus file before any model loads
+    availability.require(settings, availability.PARTS if captioner else availability.PARTS[:3])
     dataset = load_dataset(settings)
     db_dir = Path(settings.db_dir).expanduser().resolve()
     wanted = identity(settings, dataset)
@@ -65,7 +71,7 @@ def initialize(settings: config.Settings) -> tuple["Flickr8k", "DbManager"]:
     return dataset, db
 
 
-def seed_memory(models: Models, dataset: "Flickr8k", db: "DbManager") -> None:
+def seed_memory(models: Models, dataset: "Collection", db: "DbManager") -> None:
     """First run: the training pool's image embeddings and captions. Not their
     captions' vectors: captioning reads image vectors alone, so those are made when
     something first needs them (embed_missing_captions)."""
@@ -89,7 +95,7 @@ def seed_memory(models: Models, dataset: "Flickr8k", db: "DbManager") -> None:
 # Captions per journaled write when the memory's captions get their vectors: a killed
 # run loses at most this much work (~40 s with BGE-base on 2 CPU cores).
 EMBED_CHUNK = 2048
-# Captions embedded first to time the rest.
+# The first captions are embedded alone, so that the bar shows a rate and an ETA at once.
 _PROBE = 64
 
 
@@ -98,7 +104,8 @@ def embed_missing_captions(embedder, db: "DbManager", chunk: int | None = None) 
     training pool's human captions) theirs, once, with `embedder` (the caption model
     the database was built with: caption_embedder_for). Saved in journaled chunks, so
     a killed run keeps what it saved and the next call does the rest. Returns how many
-    captions got a vector (0: none was missing)."""
+    captions got a vector (0: none was missing). The bar times the whole job; the
+    closing log line gives the same duration."""
     import os
 
     import numpy as np
@@ -112,28 +119,23 @@ def embed_missing_captions(embedder, db: "DbManager", chunk: int | None = None) 
                         "--embed-captions` once where it is")
     texts = [db.captions[row]["caption"] for row in rows]
     step = chunk or EMBED_CHUNK
-    start = time.perf_counter()
-    probe = embedder.embed_captions(texts[:min(_PROBE, step)])
-    rate = len(probe) / max(time.perf_counter() - start, 1e-9)
     log.info("embedding %d captions of the memory once (the training pool's human captions "
-             "have no vectors yet) with %s: about %s at %.0f captions/s", len(rows),
-             getattr(embedder, "name", "the caption model"), _duration(len(rows) / rate), rate)
+             "have no vectors yet) with %s", len(rows),
+             getattr(embedder, "name", "the caption model"))
     saved = 0
-    with tqdm(total=len(rows), initial=len(probe), unit="caption",
-              desc="embedding captions") as bar:
+    with tqdm(total=len(rows), unit="caption", desc="embedding captions") as bar:
         for begin in range(0, len(rows), step):
             end = min(begin + step, len(rows))
-            fresh = embedder.embed_captions(texts[max(begin, len(probe)):end])
-            vectors = np.concatenate([probe, fresh]) if begin == 0 else fresh
-            saved += db.add_caption_vectors(rows[begin:end], vectors)
-            bar.update(len(fresh))
-    log.info("embedded %d captions in %.1f s (%.0f captions/s); saved in %s", len(rows),
-             time.perf_counter() - start, len(rows) / (time.perf_counter() - start), db.db_dir)
+            cuts = [begin] + ([_PROBE] if begin < _PROBE < end else []) + [end]
+            vectors = []
+            for a, b in zip(cuts, cuts[1:]):
+                vectors.append(embedder.embed_captions(texts[a:b]))
+                bar.update(b - a)
+            saved += db.add_caption_vectors(rows[begin:end], np.concatenate(vectors))
+        elapsed = bar.format_dict["elapsed"]
+    log.info("embedded %d captions in %s (%.0f captions/s); saved in %s", len(rows),
+             tqdm.format_interval(elapsed), len(rows) / max(elapsed, 1e-9), db.db_dir)
     return saved
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def caption_embedder_for(settings: config.Settings, db: "DbManager"):

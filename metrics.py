@@ -16,8 +16,13 @@ segment -- the corpus METEOR pools the statistics, so it is not their mean):
   best precision and the best recall over the references; mean over images.
 * CIDEr-D -- tf-idf weighted 1..4-gram cosine similarity to the consensus of the
   references, with clipping and a length penalty (details below); mean over images.
-* SPICE -- F-score of scene-graph tuples (objects, attributes, relations); only with
-  `spice=True`, and it needs Stanford CoreNLP, which pycocoevalcap downloads on first use.
+* SPICE -- F-score of scene-graph tuples (objects, attributes, relations); it needs
+  Stanford CoreNLP 3.6.0's two jars in pycocoevalcap's spice/lib folder (README,
+  "Comparing with published numbers"): by default it runs when they are there and is
+  skipped, saying where to put them, when they are not; `spice=True` tries anyway
+  (pycocoevalcap then downloads them, which needs a network), `spice=False` never.
+* CLIPScore, RefCLIPScore -- CLIP image-caption and caption-reference similarity
+  (clip_score.py), with `clip_scorer`; mean over images.
 * embedding similarity -- cosine between the generated caption's sentence embedding
   and each reference's, best and mean over the references; mean over images.
 
@@ -57,9 +62,10 @@ made up. Embedding similarity uses the captions as written (not tokenised); leng
 vocabulary count tokens as the metrics see them.
 
 SPICE runs pycocoevalcap's Spice in a child process (killed with its JVM after
-SPICE_TIMEOUT_S): its first use downloads Stanford CoreNLP 3.6.0 (no timeout) into
-pycocoevalcap's package folder, which fails offline, and it keeps temporary files and an
-LMDB cache in that folder too (spice/tmp, spice/cache).
+SPICE_TIMEOUT_S). With `spice=True` and no jars, its first use downloads Stanford CoreNLP
+3.6.0 (no timeout) into pycocoevalcap's package folder, which fails offline; it keeps
+temporary files and an LMDB cache in that folder too (spice/tmp, spice/cache), so the
+folder must be writable. SPICE 1.0 is built for Java 8 (Java 17+ fails in its parser).
 
 pycocoevalcap is imported lazily, so importing this module does no work. Nothing is
 printed: the Python scorers run silently (no stdout redirection, which would not be
@@ -80,12 +86,16 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from errors import UserError
 
+if TYPE_CHECKING:
+    from clip_score import ClipScorer, Unavailable
+
 BLEU_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")
-CORPUS_METRICS = BLEU_METRICS + ("METEOR", "ROUGE-L", "CIDEr-D", "SPICE")
+CLIP_METRICS = ("CLIPScore", "RefCLIPScore")   # clip_score.NAMES (kept here: no import)
+CORPUS_METRICS = BLEU_METRICS + ("METEOR", "ROUGE-L", "CIDEr-D", "SPICE") + CLIP_METRICS
 
 PTB_TIMEOUT_S = 600.0
 METEOR_TIMEOUT_S = 900.0
@@ -99,23 +109,28 @@ PTB_PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "
 # --------------------------------------------------------------------------- public API
 
 def evaluate_captions(generated: Mapping[Any, str], references: Mapping[Any, Sequence[str]], *,
-                      caption_embedder=None, spice: bool = False) -> dict:
+                      caption_embedder=None, spice: bool | None = None,
+                      clip_scorer: "ClipScorer | Unavailable | None" = None) -> dict:
     """Score `generated` ({image_id: caption}) against `references` ({image_id: [captions]}).
 
     Returns a dict with the corpus scores present among CORPUS_METRICS ("BLEU-1".."BLEU-4",
-    "METEOR", "ROUGE-L", "CIDEr-D", "SPICE"), and
-    "per_image" {id: {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE",
-    "embedding_similarity" (best reference), "embedding_similarity_mean"}} (floats, for
-    whichever were computed),
+    "METEOR", "ROUGE-L", "CIDEr-D", "SPICE", "CLIPScore", "RefCLIPScore"), and
+    "per_image" {id: {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE", "CLIPScore",
+    "RefCLIPScore", "embedding_similarity" (best reference), "embedding_similarity_mean"}}
+    (floats, for whichever were computed),
     "embedding_similarity" {"max", "mean", "model"} when `caption_embedder` is given,
+    "clip_score" {"model", "prefix", "weight", "precision", "image_vectors"} (what
+    CLIPScore was computed with) when `clip_scorer` scored,
     "length", "vocabulary", "skipped" {metric: reason}, "images" (number scored),
     "not_evaluated" {"no_references": [ids], "empty_caption": [ids]},
     "references_without_caption" (reference images with no generated caption),
     "tokenizer" (which tokenisation was used) and "seconds" (time per stage).
 
     `caption_embedder` is anything with `embed_captions(list[str]) -> (N, D)` unit vectors
-    (e.g. caption_embedder.CaptionEmbedder). `spice=True` tries SPICE and reports why it
-    failed rather than raising.
+    (e.g. caption_embedder.CaptionEmbedder). `spice`: None runs SPICE when Stanford
+    CoreNLP's jars are installed, True tries it anyway, False skips it; a failure is
+    reported, not raised. `clip_scorer` (clip_score.scorer_for) gives CLIPScore and
+    RefCLIPScore; a clip_score.Unavailable says why they are skipped.
     """
     gen, refs = _check_inputs(generated, references)
     timings: dict[str, float] = {}
@@ -204,9 +219,12 @@ def evaluate_captions(generated: Mapping[Any, str], references: Mapping[Any, Seq
             skipped["METEOR"] = f"METEOR failed: {type(exc).__name__}: {_first_line(str(exc))}"
         timings["METEOR"] = time.perf_counter() - t0
 
-    # ---- SPICE (java + Stanford CoreNLP, downloaded on first use)
-    if not spice:
+    # ---- SPICE (java + Stanford CoreNLP, which pycocoevalcap downloads on first use)
+    missing_jars = spice is None and _spice_jars_missing()
+    if spice is False:
         skipped["SPICE"] = "not requested (spice=False)"
+    elif missing_jars:
+        skipped["SPICE"] = missing_jars
     elif java is None:
         skipped["SPICE"] = "java is not on PATH (SPICE is a java program)"
     else:
@@ -232,6 +250,24 @@ def evaluate_captions(generated: Mapping[Any, str], references: Mapping[Any, Seq
             caption_embedder, ids, [gen[i] for i in ids], [refs[i] for i in ids], per_image)
         timings["embedding_similarity"] = time.perf_counter() - t0
 
+    # ---- CLIPScore, RefCLIPScore (raw captions, as the reference code embeds them)
+    if clip_scorer is None:
+        skipped["CLIPScore"] = skipped["RefCLIPScore"] = "no CLIP model given (clip_scorer)"
+    elif not hasattr(clip_scorer, "score"):   # clip_score.Unavailable
+        skipped["CLIPScore"] = skipped["RefCLIPScore"] = (
+            f"METRIC_CLIP_MODEL {clip_scorer.model!r} is not available: {clip_scorer.reason}")
+    else:
+        t0 = time.perf_counter()
+        try:
+            scores = clip_scorer.score(ids, [gen[i] for i in ids], [refs[i] for i in ids])
+        except UserError as exc:   # e.g. an image that cannot be opened any more
+            skipped["CLIPScore"] = skipped["RefCLIPScore"] = f"CLIPScore failed: {exc}"
+        else:
+            store("CLIPScore", scores.clip_score.mean(), scores.clip_score)
+            store("RefCLIPScore", scores.ref_clip_score.mean(), scores.ref_clip_score)
+            result["clip_score"] = clip_scorer.describe(scores.reused, len(ids))
+        timings["CLIPScore"] = time.perf_counter() - t0
+
     result["length"] = _length_stats(hyp_tok, ref_tok)
     result["vocabulary"] = _vocabulary_stats(ids, gen, refs, hyp_tok, ref_tok)
     result["per_image"] = per_image
@@ -253,6 +289,11 @@ def format_report(result: dict) -> str:
                      f"| {emb['max']:.4f} |")
         lines.append(f"| embedding similarity, mean over references | {emb['mean']:.4f} |")
     lines.append("")
+    clip = result.get("clip_score")
+    if clip:
+        lines.append(f"CLIPScore, RefCLIPScore: {clip['model']} ({clip['precision']}), "
+                     f"captions prefixed \"{clip['prefix']}\", w = {clip['weight']:g}; image "
+                     f"vectors: {clip['image_vectors']}.")
     if result.get("tokenizer"):
         lines.append(f"Tokenisation: {result['tokenizer']}.")
     length = result.get("length")
@@ -489,11 +530,29 @@ with open(sys.argv[2], "w") as f:
 """
 
 
+SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+
+
+def spice_lib_dir() -> str:
+    """The folder where pycocoevalcap's SPICE looks for Stanford CoreNLP's jars."""
+    return os.path.join(_package_dir(), "spice", "lib")
+
+
+def _spice_jars_missing() -> str:
+    """Why SPICE cannot run by default (its jars are not installed), or ""."""
+    lib = spice_lib_dir()
+    missing = [jar for jar in SPICE_JARS if not os.path.isfile(os.path.join(lib, jar))]
+    if not missing:
+        return ""
+    return (f"Stanford CoreNLP 3.6.0 is not installed: put {' and '.join(missing)} in {lib} "
+            "(README, 'Comparing with published numbers')")
+
+
 def _spice(gts: dict, res: dict) -> tuple[float, list[float]]:
     """pycocoevalcap's Spice in a child process (its CoreNLP download has no timeout and
     it prints), killed with its JVM after SPICE_TIMEOUT_S."""
     import json
-    corenlp = os.path.join(_package_dir(), "spice", "lib", "stanford-corenlp-3.6.0.jar")
+    corenlp = os.path.join(spice_lib_dir(), SPICE_JARS[0])
     hint = "" if os.path.exists(corenlp) else (
         " (SPICE needs Stanford CoreNLP 3.6.0, which pycocoevalcap downloads into its package "
         "folder on first use; that needs network access to nlp.stanford.edu)")

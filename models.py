@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import config
 
 if TYPE_CHECKING:
-    from dataset_loader import Flickr8k
+    from dataset_loader import Collection
 
 
 # One object of each kind, reused by later calls in the same process. Asking for
@@ -108,11 +108,23 @@ def load_models(settings: config.Settings) -> Models:
     return Models(settings)
 
 
-def load_dataset(settings: config.Settings) -> "Flickr8k":
-    """DATASET_NAME split by EXPERIMENT_SAMPLES and RANDOM_SEED, once per process."""
+def load_dataset(settings: config.Settings) -> "Collection":
+    """DATASET_NAME split by SPLIT (EXPERIMENT_SAMPLES, RANDOM_SEED), the memory from
+    MEMORY_DATASET, once per process."""
     from dataset_loader import load_and_split_dataset
-    key = (settings.dataset_name, settings.experiment_samples, settings.random_seed)
-    return cached("dataset", key, lambda: load_and_split_dataset(*key))
+    key = (settings.dataset_name, settings.experiment_samples, settings.random_seed,
+           settings.split, settings.memory_dataset)
+    return cached("dataset", key, lambda: load_and_split_dataset(
+        *key[:3], split=settings.split, memory_dataset=settings.memory_dataset))
+
+
+def experiment_count(settings: config.Settings) -> int:
+    """How many experiment images the settings' split has (--all runs them all):
+    EXPERIMENT_SAMPLES for the seeded split, without loading anything; else the
+    collection's (loaded once per process)."""
+    if settings.split == "seeded":
+        return settings.experiment_samples
+    return len(load_dataset(settings).experiment)
 
 
 def versions() -> dict[str, str]:

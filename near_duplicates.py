@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import config
+from atomic_files import atomic_writer
 from errors import UserError
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def find(settings: config.Settings | None = None, threshold: float | None = None
     if threshold is None:
         threshold = settings.near_duplicate_threshold or config.AUTO_BATCH_THRESHOLD
     threshold = check_threshold(threshold)
-    dataset, db = initialize(settings)
+    dataset, db = initialize(settings, captioner=False)
     models = load_models(settings)
     samples = list(dataset.experiment)
     index_of = {s.image_id: n for n, s in enumerate(samples)}
@@ -144,7 +145,9 @@ def plot_pairs(report: Report, load_image, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     shown = sorted(report.pairs, key=lambda p: -p.cosine)[:FIGURE_PAIRS]
-    fig, axes = plt.subplots(len(shown), 2, figsize=(6, 2.6 * len(shown)), squeeze=False)
+    # constrained layout: the title and every image's label get their own room
+    fig, axes = plt.subplots(len(shown), 2, figsize=(6, 2.6 * len(shown)), squeeze=False,
+                             layout="constrained")
     for row, pair in zip(axes, shown):
         for ax, image_id, title in ((row[0], pair.image_id,
                                      f"experiment {pair.experiment_index}: {pair.image_id}"),
@@ -159,16 +162,12 @@ def plot_pairs(report: Report, load_image, path: str | os.PathLike) -> Path:
             ax.axis("off")
     fig.suptitle(f"{len(report.pairs)} near-duplicate pairs (CLIP cosine >= "
                  f"{report.threshold:g}), the {len(shown)} closest", fontsize=9)
-    fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=90, format="png")
-        os.replace(tmp, path)
+        with atomic_writer(path, suffix=".png") as out:
+            fig.savefig(out, dpi=90, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -24,8 +24,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+import availability
 import config
-from errors import UserError, cli_failure
+from errors import UsageError, UserError, cli_failure
 
 log = logging.getLogger("search")
 
@@ -69,13 +70,16 @@ class SearchResult:
 
 def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise UserError(f"--topk must be a positive integer, got {k!r}")
+        raise UsageError(f"--topk must be a positive integer, got {k!r}")
 
 
-def _check_k_fits(k: int, available: int, what: str) -> None:
-    if k > available:
-        raise UserError(f"--topk {k} is more than the {available} {what} searched; "
-                        f"choose 1 to {available}")
+def fit_k(k: int, available: int, what: str, notes: list[str]) -> int:
+    """`k`, or all `available` results when there are fewer (with a note saying so):
+    asking for the top 5 of 3 photos gives the 3."""
+    if k <= available:
+        return k
+    notes.append(f"top {k} asked, only {available} {what} searched: showing all {available}")
+    return available
 
 
 def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
@@ -94,6 +98,7 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
     if images_dir is not None:
         files = scan_folder(images_dir)  # before loading a model: a bad folder fails fast
         root = Path(images_dir).expanduser().resolve()
+        availability.require(settings, (), [_image_need(settings, backbone)])
         embedder = _image_embedder(settings, backbone)
         ids, vectors, update = update_index(
             index_path(settings.db_dir, "folder", str(root), embedder.key), embedder, files,
@@ -104,7 +109,8 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
         path_of = lambda image_id: str(root / image_id)  # noqa: E731
         load = lambda hit: open_image(hit.path)  # noqa: E731
     else:
-        db, dataset, settings = open_memory(settings)
+        db, dataset, settings = open_memory(
+            settings, lambda settings, db: [_image_need(settings, backbone)])
         embedder = _image_embedder(settings, backbone)
         if embedder.name == db.state.clip_model:
             ids, vectors, note = db.image_ids, db.image_vectors, ""
@@ -117,12 +123,30 @@ def search_images(query: str, k: int = 5, *, images_dir: str | None = None,
         source = f"image database {Path(settings.db_dir).resolve()}"
         path_of = lambda image_id: memory_path(dataset, settings, image_id)  # noqa: E731
         load = lambda hit: memory_image(dataset, settings, hit.image_id)  # noqa: E731
-    _check_k_fits(k, len(ids), "images")
+    notes: list[str] = []
+    k = fit_k(k, len(ids), "images", notes)
     search_index = SearchIndex.from_vectors(ids, vectors, backend=index)
     found = search_index.search(embedder.embed([query_image]), k)[0]
     hits = [Hit(n.rank, n.image_id, round(n.score, 6), path=path_of(n.image_id)) for n in found]
     return SearchResult("image", str(query), source, embedder.name, hits, len(ids), note,
-                        _load=load)
+                        notes=notes, _load=load)
+
+
+def _image_need(settings: config.Settings, backbone: str) -> availability.Need:
+    """The image model a search with `backbone` loads."""
+    from image_embedder import backbone_model_name
+    name = backbone_model_name(backbone, settings.clip_model_name)
+    if name == settings.clip_model_name:
+        return availability.needs(settings, ("image",))[0]
+    return availability.Need("image model", name, "--backbone")
+
+
+def _text_parts(by: str, captioned: bool) -> tuple[str, ...]:
+    """The models (availability.PARTS) a text search `by` loads."""
+    if by == "auto":
+        by = "captions" if captioned else "clip"
+    return {"captions": ("caption",), "clip": ("image",), "both": ("caption", "image"),
+            "clip-captions": ("image",)}[by]
 
 
 def _image_embedder(settings: config.Settings, backbone: str):
@@ -151,7 +175,8 @@ UNKNOWN_TOKENS_WARNING = 0.1
 
 
 def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str = "auto",
-                settings: config.Settings | None = None, **overrides: Any) -> SearchResult:
+                index: str = "numpy", settings: config.Settings | None = None,
+                **overrides: Any) -> SearchResult:
     """Images that match the words `text`, from the pipeline's memory or any folder.
 
     `by`: "captions" (the best caption per image, embedded with the caption model
@@ -162,7 +187,9 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
     "clip-captions": the captions RETRIEVE "captions" retrieves from (the caption
     datastore: the memory's captions and/or CAPTION_DATASTORE's), ranked by CLIP
     text-text cosine, one hit per caption (a corpus caption's image_id is its FILE:LINE).
-    Each hit says which ranking found it (`found_by`, `ranks`).
+    Each hit says which ranking found it (`found_by`, `ranks`). `index` is the
+    search backend of each ranking (INDEX_BACKENDS); "both" ranks every image,
+    as the fusion needs.
     """
     from dataset_loader import open_image
     from db_manager import DbManager
@@ -172,9 +199,9 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
 
     _check_k(k)
     if not text.strip():
-        raise UserError("--text is empty")
+        raise UsageError("--text is empty")
     if by not in TEXT_BY:
-        raise UserError(f"--text-by must be one of {', '.join(TEXT_BY)}, got {by!r}")
+        raise UsageError(f"--text-by must be one of {', '.join(TEXT_BY)}, got {by!r}")
     settings = config.settings_of(settings, overrides, "search", folder=images_dir)
     if images_dir is not None:
         from folder_index import scan_folder
@@ -185,6 +212,7 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
         captioned = not db.needs_seed and bool(db.captions)
         if captioned:  # searched with the models it was captioned with
             db.check_models(settings.clip_model_name, settings.caption_embedding_model)
+        availability.require(settings, _text_parts(by, captioned))
         source = f"{root}"
         path_of = lambda image_id: str(root / image_id)  # noqa: E731
         load = lambda hit: open_image(hit.path)  # noqa: E731
@@ -198,7 +226,8 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
                 lambda image_id: open_image(root / image_id))
             return embedder, ids, vectors, str(update)
     else:
-        db, dataset, settings = open_memory(settings)
+        db, dataset, settings = open_memory(settings, lambda settings, db: availability.needs(
+            settings, _text_parts(by, bool(db.captions))))
         captioned = bool(db.captions)
         source = f"memory {Path(settings.db_dir).resolve()}"
         path_of = lambda image_id: memory_path(dataset, settings, image_id)  # noqa: E731
@@ -217,13 +246,15 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
         raise UserError(f"{images_dir} has no captions yet: run `python main.py "
                         f"--caption-folder {images_dir}` first, or search with --text-by clip")
     rankings: dict[str, list[tuple[str, float]]] = {}
+    searched: dict[str, int] = {}  # images each ranking searched
+    depth = None if by == "both" else k  # fusion needs every image's rank
     models, notes, note = [], [], ""
     best_caption: dict[str, dict[str, Any]] = {}
     if by in ("captions", "both"):
         embedder = caption_embedder_for(settings, db)
         embed_missing_captions(embedder, db)  # a first search after a first run
-        rankings["captions"], best_caption = _caption_ranking(db, embedder.embed_queries(
-            [text])[0])
+        rankings["captions"], best_caption, searched["captions"] = _caption_ranking(
+            db, embedder.embed_queries([text])[0], depth, index)
         models.append(embedder.name)
         unknown = embedder.unknown_fraction(text)
         if unknown >= UNKNOWN_TOKENS_WARNING:
@@ -235,13 +266,15 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
         embedder, ids, vectors, note = image_rows()
         if not len(ids):
             raise UserError(f"no images to search in {source}")
-        rankings["clip"] = _vector_ranking(ids, vectors, embedder.embed_texts([text])[0])
+        rankings["clip"] = _vector_ranking(ids, vectors, embedder.embed_texts([text])[0],
+                                           depth, index)
+        searched["clip"] = len(ids)
         models.append(embedder.name)
     for line in notes:
         log.warning("%s", line)
     fused = _fuse(rankings)
-    what = "captioned images" if by == "captions" else "images"
-    _check_k_fits(k, len(fused), what)
+    indexed = searched[by] if by in searched else len(fused)
+    k = fit_k(k, indexed, "captioned images" if by == "captions" else "images", notes)
     hits = []
     for rank, (image_id, score, ranks) in enumerate(fused[:k], start=1):
         entry = best_caption.get(image_id)
@@ -252,7 +285,7 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
                         found_by="+".join(ranks), ranks=ranks))
     kind = {"captions": "captions of", "clip": "images of", "both": "images and captions of"}
     return SearchResult("text", text, f"{kind[by]} {source}", " + ".join(models), hits,
-                        len(fused), note, by=by, notes=notes, _load=load)
+                        indexed, note, by=by, notes=notes, _load=load)
 
 
 def _datastore_search(text: str, k: int, settings: config.Settings, db, source: str,
@@ -265,7 +298,6 @@ def _datastore_search(text: str, k: int, settings: config.Settings, db, source: 
     check_settings(settings)
     models = load_models(settings)
     store = datastore_for(models, Memory.from_db(db, growing=True))
-    _check_k_fits(k, len(store), "captions")
     query = models.image_embedder.embed_texts([text])[0]
     hits = []
     for found in store.search(query, k):
@@ -283,25 +315,37 @@ def _datastore_search(text: str, k: int, settings: config.Settings, db, source: 
                         _load=load)
 
 
-def _caption_ranking(db, query) -> tuple[list[tuple[str, float]], dict[str, dict[str, Any]]]:
-    """Every captioned image by its best caption's score (best first, ties by row),
-    and that caption's entry per image."""
-    import numpy as np
-    scores = np.asarray(db.caption_vectors @ query, dtype=np.float32)
-    ranking, best = [], {}
-    for row in np.lexsort((np.arange(len(scores)), -scores)):
-        entry = db.captions[row]
-        if entry["image_id"] not in best:
-            best[entry["image_id"]] = entry
-            ranking.append((entry["image_id"], float(scores[row])))
-    return ranking, best
+def _caption_ranking(db, query, k: int | None, index: str
+                     ) -> tuple[list[tuple[str, float]], dict[str, dict[str, Any]], int]:
+    """The `k` best captioned images (all when k is None) by their best caption's
+    score (best first, ties by row), that caption's entry per image, and how many
+    images have captions."""
+    from similarity_search import SearchIndex
+    ids = [entry["id"] for entry in db.captions]  # unique in a database
+    entries = dict(zip(ids, db.captions))
+    captioned = len({entry["image_id"] for entry in db.captions})
+    captions = SearchIndex.from_vectors(ids, db.caption_vectors, backend=index)
+    k = captioned if k is None else min(k, captioned)
+    want = min(len(entries), k * -(-len(entries) // max(1, captioned)))  # captions per image
+    while True:  # widen until the best captions hold k images
+        ranking, best = [], {}
+        for hit in captions.search(query, want)[0]:
+            entry = entries[hit.image_id]
+            if entry["image_id"] not in best:
+                best[entry["image_id"]] = entry
+                ranking.append((entry["image_id"], hit.score))
+        if len(ranking) >= k or want >= len(entries):
+            return ranking[:k], best, captioned
+        want = min(len(entries), 2 * want)
 
 
-def _vector_ranking(ids, vectors, query) -> list[tuple[str, float]]:
-    """Every image by the cosine of its vector with `query` (best first, ties by row)."""
-    import numpy as np
-    scores = np.asarray(vectors @ query, dtype=np.float32)
-    return [(ids[n], float(scores[n])) for n in np.lexsort((np.arange(len(scores)), -scores))]
+def _vector_ranking(ids, vectors, query, k: int | None, index: str) -> list[tuple[str, float]]:
+    """The `k` images (all when k is None) by the cosine of their vector with `query`
+    (best first, ties by row)."""
+    from similarity_search import SearchIndex
+    hits = SearchIndex.from_vectors(ids, vectors, backend=index).search(
+        query, len(ids) if k is None else k)[0]
+    return [(hit.image_id, hit.score) for hit in hits]
 
 
 def _fuse(rankings: dict[str, list[tuple[str, float]]]) -> list[tuple[str, float, dict]]:
@@ -323,9 +367,12 @@ def _fuse(rankings: dict[str, list[tuple[str, float]]]) -> list[tuple[str, float
     return fused
 
 
-def open_memory(settings: config.Settings):
+def open_memory(settings: config.Settings, needs: Callable[[config.Settings, Any], list[
+        availability.Need]] | None = None):
     """(db, dataset, settings) of the pipeline's memory in DB_DIR (settings resolved
-    there use its models and data set where none were given)."""
+    there use its models and data set where none were given). The data set and what
+    `needs(settings, db)` lists must be available before the data set loads
+    (availability.require)."""
     from models import load_dataset
     from db_manager import DbManager
     db = DbManager.open(settings.db_dir)
@@ -333,6 +380,7 @@ def open_memory(settings: config.Settings):
         raise UserError(f"no database in {settings.db_dir}: run `python main.py` first, "
                         "or search a folder with --images-dir")
     db.check_models(settings.clip_model_name, settings.caption_embedding_model)
+    availability.require(settings, ("dataset",), needs(settings, db) if needs else ())
     dataset = load_dataset(settings)  # loaded once per process
     if dataset.fingerprint != db.state.split:
         raise UserError(f"the database in {settings.db_dir} was built from another data set or "
@@ -403,7 +451,8 @@ def plot_results(result: SearchResult, path: str | Path, show: bool = False) -> 
 
     _use_fonts_for(result.query + "".join(h.caption or "" for h in result.hits))
     panels = len(result.hits) + 1
-    fig, axes = plt.subplots(1, panels, figsize=(3 * panels, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(3 * panels, 3.6), squeeze=False,
+                             layout="constrained")  # titles and captions never overlap
     axes = axes[0]
     if result.mode == "image":
         from dataset_loader import open_image
@@ -430,7 +479,6 @@ def plot_results(result: SearchResult, path: str | Path, show: bool = False) -> 
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -513,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
                            "hub id / local path (default clip)")
     # similarity_search.BACKENDS, spelled out so that --help does not import numpy
     what.add_argument("--index", choices=INDEX_BACKENDS, default="numpy",
-                      help="search backend: numpy (default) or faiss (exact, float32), "
+                      help="search backend of image and text search: numpy (default) "
+                           "or faiss (exact, float32), "
                            "faiss-fp16 (float16 codes, faster on large indexes), ivfpq or "
                            "hnsw (approximate, for millions of images); all but numpy need "
                            "faiss-cpu")
@@ -523,12 +572,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, settings = config.parse_cli(parser, argv, "search",
                                           folder=lambda args: args.images_dir)
-        if not (args.query or args.text):
-            raise UserError("give --query IMAGE or --text TEXT")
+        if args.query is None and args.text is None:
+            raise UsageError("give --query IMAGE or --text TEXT")
+        if args.text is not None and not args.text.strip():
+            raise UsageError("--text is empty: give the words to search for")
         try:
             k = int(args.topk)
         except ValueError:
-            raise UserError(f"--topk must be a positive integer, got {args.topk!r}") from None
+            raise UsageError(f"--topk must be a positive integer, got {args.topk!r}") from None
     except UserError as exc:
         return cli_failure("search.py", exc, code=2)
     config.configure_logging(settings)
@@ -538,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
                                    backbone=args.backbone, index=args.index, settings=settings)
         else:
             result = search_text(args.text, k, images_dir=args.images_dir, by=args.text_by,
-                                 settings=settings)
+                                 index=args.index, settings=settings)
         figure = args.plot or Path(settings.results_dir) / (
             f"search_{datetime.now():%Y%m%d_%H%M%S}.png")
         result.figure = str(plot_results(result, figure, show=args.show))

@@ -1,7 +1,9 @@
 """Cosine top-k over L2-normalised vectors: exact, or approximate for large collections.
 
-`top_k` is the pure function the pipeline uses for one query. `SearchIndex`
-wraps it for many queries and for saving/loading an index. Which backend
+`search_exact` is the one exact search: `top_k` (the pipeline's memory, one
+query), `SearchIndex`'s numpy backend and search.py's image and text rankings
+all go through it. `SearchIndex` adds the other backends, many queries and
+saving/loading an index. Which backend
 (numbers for 1M x 512 on 2 cores in BENCHMARKS.md, bench/search.py and bench/ann.py):
 
 * ``numpy`` (default): exact float32, one matrix product per batch of queries.
@@ -77,29 +79,47 @@ class Neighbour:
     score: float     # cosine similarity
 
 
-def top_k(query: np.ndarray, vectors: np.ndarray, ids: Sequence[str], k: int,
-          exclude: Collection[str] = ()) -> list[Neighbour]:
-    """The `k` rows of `vectors` most similar to `query`, best first.
+def search_exact(queries: np.ndarray, vectors: np.ndarray, ids: Sequence[str], k: int,
+                 banned: Sequence[Collection[int]] | None = None) -> list[list[Neighbour]]:
+    """The `k` rows of `vectors` most similar to each query, best first: exact cosine
+    top-k, the one implementation every exact search of the project calls.
 
-    `query` (D,) and `vectors` (N, D) are unit vectors, so the dot product is
-    the cosine similarity. Rows whose id is in `exclude` (the query image
-    itself) are never returned. Equal scores are ordered by row, so the
-    result is the same on every run. Fewer than `k` rows give fewer results.
+    `queries` (Q, D) or one (D,) and `vectors` (N, D) are unit vectors, so the dot
+    product is the cosine similarity. `banned[q]` holds row numbers query q must
+    never return. Equal scores are ordered by row, so the result is the same on
+    every run. Fewer than `k` rows give fewer results; k >= N ranks every row.
     """
     vectors = np.asarray(vectors)
-    query = np.asarray(query, dtype=vectors.dtype if vectors.size else np.float32).reshape(-1)
-    _check_shapes(query, vectors, ids)
+    queries = np.asarray(queries, dtype=vectors.dtype if vectors.size else np.float32)
+    queries = queries[None] if queries.ndim == 1 else queries
+    _check_shapes(queries, vectors, ids)
+    banned = banned if banned is not None else [()] * len(queries)
+    if len(banned) != len(queries):
+        raise ValueError(f"{len(banned)} banned sets for {len(queries)} queries")
     if k <= 0 or len(vectors) == 0:
-        return []
+        return [[] for _ in queries]
+    # One matrix product for the whole batch, much faster than Q products. For one
+    # query numpy computes it as a matrix-vector product: the same float32 scores,
+    # bit for bit, as `vectors @ query`.
+    scores = queries @ vectors.T
+    return [_best(row, ids, k, b) for row, b in zip(scores, banned)]
+
+
+def top_k(query: np.ndarray, vectors: np.ndarray, ids: Sequence[str], k: int,
+          exclude: Collection[str] = ()) -> list[Neighbour]:
+    """`search_exact` for one query (D,), never returning a row whose id is in
+    `exclude` (the query image itself)."""
+    vectors = np.asarray(vectors)
+    query = np.asarray(query).reshape(-1)
     banned = [n for n, image_id in enumerate(ids) if image_id in exclude] if exclude else []
-    return _best(vectors @ query, ids, k, banned)
+    return search_exact(query, vectors, ids, k, [banned])[0]
 
 
-def _check_shapes(query: np.ndarray, vectors: np.ndarray, ids: Sequence[str]) -> None:
+def _check_shapes(queries: np.ndarray, vectors: np.ndarray, ids: Sequence[str]) -> None:
     if len(ids) != len(vectors):
         raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
-    if len(vectors) and vectors.shape[1] != query.shape[-1]:
-        raise ValueError(f"query has dimension {query.shape[-1]}, vectors {vectors.shape[1]}")
+    if len(vectors) and vectors.shape[1] != queries.shape[-1]:
+        raise ValueError(f"query has dimension {queries.shape[-1]}, vectors {vectors.shape[1]}")
 
 
 def _best(scores: np.ndarray, ids: Sequence[str], k: int, banned: Collection[int] = (),
@@ -110,16 +130,21 @@ def _best(scores: np.ndarray, ids: Sequence[str], k: int, banned: Collection[int
     rows = np.arange(len(scores)) if rows is None else np.asarray(rows)
     if banned:
         scores[np.isin(rows, list(banned))] = -np.inf
-    k = min(k, int(np.isfinite(scores).sum()))
+    finite = int(np.isfinite(scores).sum())
+    k = min(k, finite)
     if k <= 0:
         return []
-    # argpartition-style selection finds the k best in O(N); a stable sort orders
-    # them. Rows tied with the k-th score may straddle the cut, so take them all.
-    kth = np.partition(scores, len(scores) - k)[len(scores) - k]
-    candidates = np.flatnonzero(scores >= kth)
+    if k == finite:  # every row that may be returned: no selection to make
+        candidates = np.flatnonzero(np.isfinite(scores))
+    else:
+        # argpartition-style selection finds the k best in O(N); a stable sort orders
+        # them. Rows tied with the k-th score may straddle the cut, so take them all.
+        kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+        candidates = np.flatnonzero(scores >= kth)
     order = candidates[np.lexsort((rows[candidates], -scores[candidates]))][:k]
-    return [Neighbour(rank=r + 1, image_id=ids[rows[i]], score=float(scores[i]))
-            for r, i in enumerate(order)]
+    # Python ints and floats in one step each (a full ranking makes N records)
+    return [Neighbour(rank, ids[row], score) for rank, (row, score)
+            in enumerate(zip(rows[order].tolist(), scores[order].tolist()), start=1)]
 
 
 def ann_params(backend: str, n: int, dim: int, **given: int) -> dict[str, int]:
@@ -154,7 +179,7 @@ class SearchIndex:
         self.ids: list[str] = []
         self.params: dict[str, int] = {}         # ANN settings in use, once built
         self._given = {name: int(value) for name, value in params.items()}
-        self._rows: dict[str, list[int]] = {}   # id -> rows, to exclude ids without a scan
+        self._rows: dict[str, list[int]] | None = None  # id -> rows, made by the first exclude
         self._chunks: list[np.ndarray] = []
         self._matrix: np.ndarray | None = np.zeros((0, dim), dtype=np.float32)
         self._faiss = None                       # ANN backends: built by the first add
@@ -219,8 +244,9 @@ class SearchIndex:
             self._faiss.add(np.ascontiguousarray(vectors))
 
     def _append(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        for n, image_id in enumerate(ids, start=len(self.ids)):
-            self._rows.setdefault(image_id, []).append(n)
+        if self._rows is not None:
+            for n, image_id in enumerate(ids, start=len(self.ids)):
+                self._rows.setdefault(image_id, []).append(n)
         self.ids.extend(ids)
         if self._matrix is not None and len(self._matrix):
             self._chunks = [self._matrix]
@@ -271,19 +297,23 @@ class SearchIndex:
             raise ValueError(f"queries have dimension {queries.shape[1]}, the index {self.dim}")
         if k <= 0 or not self.ids:
             return [[] for _ in queries]
-        banned = [[row for image_id in ex for row in self._rows.get(image_id, ())]
-                  for ex in exclude]
+        banned = [self._rows_of(ex) for ex in exclude]
         if self.backend in ANN_BACKENDS and self._faiss is not None:
             return self._search_ann(queries, k, banned)
         if self._faiss is not None:
             return [self._search_faiss(q, k, b) for q, b in zip(queries, banned)]
-        return self._search_exact(queries, k, banned)
+        return search_exact(queries, self.vectors, self.ids, k, banned)
 
-    def _search_exact(self, queries: np.ndarray, k: int,
-                      banned: list[list[int]]) -> list[list[Neighbour]]:
-        # One matrix-matrix product for the whole batch: much faster than Q products.
-        scores = queries @ self.vectors.T
-        return [_best(row, self.ids, k, b) for row, b in zip(scores, banned)]
+    def _rows_of(self, exclude: Collection[str]) -> list[int]:
+        """The rows of the ids in `exclude`, without a scan (the map is made once,
+        by the first search that excludes anything)."""
+        if not exclude:
+            return []
+        if self._rows is None:
+            self._rows = {}
+            for n, image_id in enumerate(self.ids):
+                self._rows.setdefault(image_id, []).append(n)
+        return [row for image_id in exclude for row in self._rows.get(image_id, ())]
 
     def _search_ann(self, queries: np.ndarray, k: int,
                     banned: list[list[int]]) -> list[list[Neighbour]]:
@@ -293,7 +323,7 @@ class SearchIndex:
         rerank = self.params.get("rerank", 0)
         want = max(k + max(map(len, banned)), rerank)
         if want >= len(self.ids):  # (nearly) every row: a scan is complete and cheap
-            return self._search_exact(queries, k, banned)
+            return search_exact(queries, self.vectors, self.ids, k, banned)
         scores, rows = self._faiss.search(np.ascontiguousarray(queries), want)
         results = []
         for query, score, row, ban in zip(queries, scores, rows, banned):

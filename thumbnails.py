@@ -33,6 +33,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from atomic_files import write_bytes_atomic
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -62,21 +64,6 @@ def pixels_key(image: "Image.Image", *parts: object) -> str:
     h = hashlib.sha256(repr((image.mode, image.size, parts)).encode())
     h.update(image.tobytes())
     return h.hexdigest()
-
-
-def _write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the whole new
-    one, never a part: a temporary file in the same folder, then a rename.
-    (A stand-in for atomic_files.write_bytes_atomic, which is on another branch.)"""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def encode(image: "Image.Image", format: str = FORMAT) -> bytes:
@@ -148,7 +135,8 @@ class ThumbnailCache:
                 with self._lock:
                     folder = self._ensure_folder()
                 path = folder / f"{key[:40]}.{self.format}"
-                _write_bytes_atomic(path, data)
+                # whole or not at all for a reader; no fsync: the cache dies with the process
+                write_bytes_atomic(path, data, durable=False)
                 with self._lock:
                     self._files[key] = (path, len(data))
                     self._bytes += len(data)

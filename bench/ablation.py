@@ -9,7 +9,8 @@ same metrics, in one table.
     python -m bench.ablation --vlm-model-name HuggingFaceTB/SmolVLM-256M-Instruct --json
 
 Writes OUT_DIR/ablation.md (the machine, the settings, one table row per variant:
-BLEU-1, BLEU-4, METEOR, ROUGE-L, CIDEr-D, embedding similarity, verbatim copies,
+BLEU-1, BLEU-4, METEOR, ROUGE-L, CIDEr-D, CLIPScore, RefCLIPScore, embedding similarity,
+verbatim copies,
 captions/s, s/caption), OUT_DIR/ablation.json (the raw numbers, and every variant's
 prompts, neighbours, captions and per-image scores) and OUT_DIR/ablation.png (grouped
 bars of CIDEr-D and BLEU-4 per variant). OUT_DIR is --out-dir, default RESULTS_DIR.
@@ -92,9 +93,11 @@ seeded per generate call), so a second run would give the same captions.
 Scoring: metrics.evaluate_captions (COCO caption evaluation, pycocoevalcap) on the
 same experiment images for every variant, each generated caption against all of its
 image's human references (5 in Flickr8K), corpus scores; embedding similarity is
-the cosine to the best reference with CAPTION_EMBEDDING_MODEL. CIDEr-D takes its
-idf from the references of the images evaluated together, so only rows over the same
-images compare. A caption that failed (empty, or generation raised) is not scored:
+the cosine to the best reference with CAPTION_EMBEDDING_MODEL; CLIPScore and
+RefCLIPScore (clip_score.py) use METRIC_CLIP_MODEL, with the queries' retrieval image
+vectors when it is CLIP_MODEL_NAME (skipped, "—", where that model is not available).
+CIDEr-D takes its idf from the references of the images evaluated together, so only
+rows over the same images compare. A caption that failed (empty, or generation raised) is not scored:
 the "images" column counts the scored ones and the failures are listed. A metric
 that could not be computed shows "—" with the reason from metrics' "skipped".
 "copies" is the share of captions that repeat one of the captions in their prompt
@@ -149,8 +152,9 @@ from typing import Any, Sequence
 
 import config  # noqa: E402
 import pipeline  # noqa: E402  (cheap: it imports torch only when a model is needed)
+from batch_runner import indices_spec  # noqa: E402,F401  (also this module's, as before)
 from memory import Memory, caption_vector_lookup, embed_missing_captions, initialize
-from models import load_models, versions
+from models import experiment_count, load_models, versions
 from retrieval import Context, Neighbour, Retriever, Selection, nearest
 from experiment import check_writable  # noqa: E402
 from errors import UserError, cli_failure  # noqa: E402
@@ -162,7 +166,8 @@ DEFAULT_IMAGES = 50               # default subset: the first 50 experiment imag
 ALL = "all"                       # captions per neighbour: every caption
 MD_NAME, JSON_NAME, PNG_NAME = "ablation.md", "ablation.json", "ablation.png"
 REAL_COMMAND = "python -m bench.ablation --indices 0-399"
-TABLE_METRICS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+TABLE_METRICS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "CLIPScore",
+                 "RefCLIPScore")
 CHART_METRICS = ("CIDEr-D", "BLEU-4")
 # Salts of the per-image random streams, so two variants never share a draw.
 _SALT = {"random": 1}
@@ -363,22 +368,6 @@ def default_indices(samples: int) -> list[int]:
     return list(range(min(DEFAULT_IMAGES, samples)))
 
 
-def indices_spec(indices: Sequence[int]) -> str:
-    """[0, 1, 2, 5] -> "0-2,5"."""
-    parts: list[str] = []
-    run: list[int] = []
-    for i in indices:
-        if run and i == run[-1] + 1:
-            run.append(i)
-            continue
-        if run:
-            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [i]
-    if run:
-        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(parts)
-
-
 # --- the shared work: data, models, query images, training pool ---------------------------
 
 @dataclass
@@ -434,6 +423,19 @@ class _Shared:
         self.train_ids = [self.db.image_ids[n] for n in train]
         self.train_vectors = np.asarray(self.db.image_vectors[train], dtype=np.float32)
         self._caption_vector_of = caption_vector_lookup(self.db)
+        self._clip_scorer = None
+
+    def clip_scorer(self):
+        """CLIPScore's scorer for every variant (items keyed by experiment index): the
+        queries' images, and their retrieval vectors when METRIC_CLIP_MODEL is the CLIP."""
+        if self._clip_scorer is None:
+            import clip_score
+            by_key = {str(q.index): q for q in self.queries}
+            self._clip_scorer = clip_score.scorer_for(
+                self.settings, retrieval=self.image_embedder,
+                image_of=lambda key: by_key[key].image,
+                known_vector=lambda key: by_key[key].vector)
+        return self._clip_scorer
 
     def memory(self, growing: bool) -> Memory:
         """The training pool; growing: the images captioned join it (in this process only)."""
@@ -620,15 +622,16 @@ def diversity(items: Sequence[dict[str, Any]], memory: Memory, threshold: float
 
 # --- scoring ------------------------------------------------------------------------------
 
-def score(items: Sequence[dict[str, Any]], caption_embedder, references_key: str = "references"
-          ) -> dict[str, Any]:
-    """metrics.evaluate_captions over the items that have a caption."""
+def score(items: Sequence[dict[str, Any]], caption_embedder, references_key: str = "references",
+          clip_scorer=None) -> dict[str, Any]:
+    """metrics.evaluate_captions over the items that have a caption; CLIPScore and
+    RefCLIPScore with `clip_scorer` (_Shared.clip_scorer)."""
     import metrics
     ok = [i for i in items if i.get("caption")]
     return metrics.evaluate_captions(
         {str(i["experiment_index"]): i["caption"] for i in ok},
         {str(i["experiment_index"]): i[references_key] for i in ok},
-        caption_embedder=caption_embedder)
+        caption_embedder=caption_embedder, clip_scorer=clip_scorer)
 
 
 def copied_prompt_caption(items: Sequence[dict[str, Any]]) -> float | None:
@@ -666,13 +669,13 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
 
     settings = config.settings_of(settings, overrides, "batch")
     names = select_variants(variants)
+    count = experiment_count(settings)
     if indices is None:
-        indices = default_indices(settings.experiment_samples)
+        indices = default_indices(count)
     if not indices:
         raise UserError("no experiment images chosen")
     # checked like --indices; index order (the growing memory depends on it)
-    indices = sorted(parse_indices(",".join(str(int(i)) for i in indices),
-                                   settings.experiment_samples))
+    indices = sorted(parse_indices(",".join(str(int(i)) for i in indices), count))
     out = Path(settings.results_dir if out_dir is None else out_dir).expanduser()
     check_writable(out)
     plans = [resolve_plan(VARIANTS[n], settings) for n in names]
@@ -707,7 +710,8 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
             record = {"name": plan.name, "description": VARIANTS[plan.name].description,
                       "definition": plan.definition(), "summary": plan.summary(),
                       "same_as": None, **run_variant(plan, shared, progress)}
-            result = score(record["items"], shared.caption_embedder)
+            result = score(record["items"], shared.caption_embedder,
+                           clip_scorer=shared.clip_scorer())
             per_image = result.get("per_image", {})
             for item in record["items"]:
                 item["metrics"] = per_image.get(str(item["experiment_index"]), {})
@@ -723,7 +727,8 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
         report["total_seconds"] = round(time.perf_counter() - overall, 2)
         if plan.context == "oracle" or (plan.name == "baseline" and
                                         any(p.context == "oracle" for p in plans)):
-            report["oracle_comparison"] = _oracle_comparison(report, shared.caption_embedder)
+            report["oracle_comparison"] = _oracle_comparison(report, shared.caption_embedder,
+                                                             shared.clip_scorer())
         write_outputs(report, files)
     report["complete"] = True
     report["total_seconds"] = round(time.perf_counter() - overall, 2)
@@ -762,7 +767,8 @@ def _new_report(settings: config.Settings, shared: _Shared, names: list[str],
     }
 
 
-def _oracle_comparison(report: dict[str, Any], caption_embedder) -> dict[str, Any] | None:
+def _oracle_comparison(report: dict[str, Any], caption_embedder, clip_scorer=None
+                       ) -> dict[str, Any] | None:
     """Baseline's captions scored the oracle's way (against the held-out reference), so the
     oracle row has a like-for-like partner."""
     rows = {v["name"]: v for v in report["variants"]}
@@ -772,7 +778,7 @@ def _oracle_comparison(report: dict[str, Any], caption_embedder) -> dict[str, An
     held = {i["experiment_index"]: i["references"] for i in oracle["items"]}
     items = [{**i, "held_out": held[i["experiment_index"]]} for i in baseline["items"]
              if i["experiment_index"] in held]
-    result = score(items, caption_embedder, references_key="held_out")
+    result = score(items, caption_embedder, references_key="held_out", clip_scorer=clip_scorer)
     return {"baseline_against_held_out_reference": _metrics_record(result)}
 
 
@@ -890,11 +896,17 @@ def render_markdown(report: dict[str, Any]) -> str:
                       if isinstance(v["metrics"].get("embedding_similarity"), dict)), None)
     tokenizer = next((v["metrics"].get("tokenizer") for v in variants
                       if v["metrics"].get("tokenizer")), None)
+    clip = next((v["metrics"]["clip_score"] for v in variants
+                 if isinstance(v["metrics"].get("clip_score"), dict)), None)
     lines += [
         "Scoring: metrics.evaluate_captions (pycocoevalcap), corpus scores over the images "
         "above, each caption against all of its image's references (the oracle: see its "
         "note). Embedding similarity: cosine to the best reference"
-        + (f" with `{emb_model}`" if emb_model else "") + ". Copies: share of captions that "
+        + (f" with `{emb_model}`" if emb_model else "") + "."
+        + (f" CLIPScore: 2.5 x max(cos, 0) of the image and the caption with `{clip['model']}` "
+           f"({clip['precision']}), captions prefixed \"{clip['prefix']}\"; RefCLIPScore: its "
+           "harmonic mean with the best caption-reference cosine." if clip else "")
+        + " Copies: share of captions that "
         "repeat a caption of their own prompt verbatim (lowercased, punctuation removed). "
         f"Scenes: mean distinct scenes among an image's neighbours (neighbours linked by CLIP "
         f"image cosines above DEDUP_THRESHOLD {s['dedup_threshold']:g} are one scene). Words: "
@@ -942,7 +954,8 @@ def plot_chart(report: dict[str, Any], path: str | os.PathLike) -> Path:
     names = [v["name"] for v in variants]
     x = np.arange(len(names))
     width = 0.8 / len(CHART_METRICS)
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(names) + 2.5), 4.8))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(names) + 2.5), 4.8),
+                           layout="constrained")
     top = 0.0
     for n, metric in enumerate(CHART_METRICS):
         values = [v["metrics"].get(metric) for v in variants]
@@ -964,7 +977,6 @@ def plot_chart(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=9, loc="upper right")
-    fig.tight_layout()
     path = Path(path)
     try:
         with atomic_writer(path, suffix=".png") as f:
@@ -1016,9 +1028,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.all and args.indices:
             raise UserError("give --all or --indices, not both")
         from batch_runner import parse_indices
-        indices = (list(range(settings.experiment_samples)) if args.all else
-                   parse_indices(args.indices, settings.experiment_samples) if args.indices
-                   else default_indices(settings.experiment_samples))
+        count = experiment_count(settings)
+        indices = (list(range(count)) if args.all else
+                   parse_indices(args.indices, count) if args.indices
+                   else default_indices(count))
     except UserError as exc:
         return cli_failure("ablation", exc, code=2)
     config.configure_logging(settings)

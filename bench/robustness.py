@@ -247,7 +247,8 @@ def plot_chart(results: Mapping[str, Mapping[str, Mapping[str, float]]],
     variants = list(next(iter(results.values())))
     x = np.arange(len(variants))
     width = 0.8 / len(backbones)
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * len(variants) + 2), 4.8))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * len(variants) + 2), 4.8),
+                           layout="constrained")
     for n, backbone in enumerate(backbones):
         ax.bar(x - 0.4 + width * (n + 0.5), [results[backbone][v]["recall@1"] for v in variants],
                width, label=labels[backbone])
@@ -258,7 +259,6 @@ def plot_chart(results: Mapping[str, Mapping[str, Mapping[str, float]]],
     ax.set_title(f"Retrieval robustness: recall@1 over {images} images")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=9, ncol=min(4, len(backbones)), loc="upper center")
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from errors import UserError
+from errors import UsageError, UserError, cli_failure
 
 log = logging.getLogger("scale")
 
@@ -35,7 +35,7 @@ def build_index(out_dir: str | os.PathLike, backend: str = "numpy", key: str = "
     from similarity_search import SearchIndex
 
     if key not in ("path", "id"):
-        raise UserError(f"--key must be path or id, got {key!r}")
+        raise UsageError(f"--key must be path or id, got {key!r}")
     if not Path(out_dir).is_dir():
         raise UserError(f"no such folder {out_dir}")
     ids, chunks = [], []
@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         index = build_index(args.out_dir, args.backend, args.key, **params)
         index.save(args.out)
     except (UserError, OSError) as exc:
-        print(f"scale.build_index: error: {exc}", file=sys.stderr)
-        return 1
+        return cli_failure("scale.build_index", exc)
     settings = ", ".join(f"{k}={v}" for k, v in index.params.items())
     print(f"indexed {len(index)} images ({index.dim}-d, {args.backend}"
           f"{': ' + settings if settings else ''}) into {args.out}")

@@ -23,10 +23,18 @@ training pool only. --no-retrieval uses the plain prompt and needs no database.
 
 Ids are file paths relative to --root (default: the folder part of --images).
 Resuming: the ids in OUT_DIR's shards are skipped, so running the same command
-again continues a stopped job; a killed job leaves only complete shards. An
-image that cannot be read or captioned is recorded in OUT_DIR/failures/ and the
-job goes on (a batch that fails is retried, then tried image by image); the
-next run retries it. Settings that change captions must match the first run.
+again continues a stopped job; a killed job leaves only complete shards. The
+driver writes a shard every --shard-size finished images (default 500) or
+--shard-seconds after the oldest unwritten one (default 60), whichever comes
+first, and images travel through the stages in blocks of one caption batch, so
+a stopped job keeps all but about its last minute of work. If the Ray head node
+is lost, the driver writes what it holds and ends with one line saying to run
+the same command again, just before Ray itself would end it (Ray's
+gcs_rpc_server_reconnect_timeout_s, 60 s by default, during which Ray logs its
+own reconnection errors). An image that cannot be read or captioned is recorded
+in OUT_DIR/failures/ and the job goes on (a batch that fails is retried, then
+tried image by image); the next run retries it. Settings that change captions
+must match the first run.
 """
 
 from __future__ import annotations
@@ -36,13 +44,16 @@ import hashlib
 import io
 import logging
 import os
+import socket
 import sys
+import threading
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import config
-from errors import UserError, cli_failure
+from errors import UsageError, UserError, cli_failure
 
 log = logging.getLogger("scale")
 
@@ -51,6 +62,12 @@ STAGES = ("embed", "caption", "text")
 # Share of one GPU per actor with --num-gpus: one actor of each stage fits a GPU.
 GPU_SHARE = {"embed": 0.15, "caption": 0.7, "text": 0.15}
 INSTALL = "pip install -r requirements-scale.txt"
+PROG = "scale.caption_collection"
+# Ray ends a driver whose GCS (head node) has not answered for this many seconds
+# (its gcs_rpc_server_reconnect_timeout_s, default 60, RAY_<name> overrides it) ...
+RAY_GCS_TIMEOUT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
+# ... and our watchdog speaks this many seconds before it does.
+HEAD_LOST_MARGIN = 5.0
 
 
 def import_ray():
@@ -419,8 +436,9 @@ def caption_collection(images: str, out_dir: str | os.PathLike, *, retrieval: bo
                        gpus_per_actor: dict[str, float | None] | None = None,
                        cpus_per_actor: float | None = None,
                        batch_sizes: dict[str, int | None] | None = None,
-                       shard_size: int = 5000, block_size: int | None = None,
-                       retries: int = 2, settings: config.Settings | None = None,
+                       shard_size: int | None = None, shard_seconds: float | None = None,
+                       block_size: int | None = None, retries: int = 2,
+                       settings: config.Settings | None = None,
                        **overrides: Any) -> dict[str, Any]:
     """Caption every image `images` names into Parquet shards in `out_dir` (resumable).
 
@@ -429,16 +447,25 @@ def caption_collection(images: str, out_dir: str | os.PathLike, *, retrieval: bo
     DB_DIR was built with fill the ones not given.
     `actors`, `gpus_per_actor` and `batch_sizes` are keyed by stage ("embed",
     "caption", "text"); unset entries follow --num-gpus (see _plan) and
-    BATCH_SIZE. Returns a summary: images, already_done, captioned, failed,
-    shards, out_dir.
+    BATCH_SIZE. A shard is written every `shard_size` finished images (default
+    shards.SHARD_SIZE) or `shard_seconds` after the oldest unwritten one (default
+    shards.SHARD_SECONDS), whichever comes first; input blocks hold `block_size`
+    images (default: one caption batch), the unit in which finished images reach
+    the driver. Returns a summary: images, already_done, captioned, failed, shards,
+    out_dir.
     """
     from scale import shards
 
+    shard_size = shards.SHARD_SIZE if shard_size is None else shard_size
+    shard_seconds = shards.SHARD_SECONDS if shard_seconds is None else shard_seconds
+
     settings = config.settings_of(settings, overrides, "collection")
     if shard_size < 1 or (block_size is not None and block_size < 1):
-        raise UserError("--shard-size and --block-size must be at least 1")
+        raise UsageError("--shard-size and --block-size must be at least 1")
+    if not shard_seconds > 0:
+        raise UsageError(f"--shard-seconds must be more than 0, got {shard_seconds:g}")
     if retries < 0:
-        raise UserError("--retries must be 0 or more")
+        raise UsageError("--retries must be 0 or more")
     ray = import_ray()
     root, files = list_images(images, root)
     out = Path(out_dir).expanduser()
@@ -466,19 +493,27 @@ def caption_collection(images: str, out_dir: str | os.PathLike, *, retrieval: bo
             init_ray(ray, address, num_cpus)
             plan = _plan(ray, num_gpus, actors or {}, gpus_per_actor or {}, cpus_per_actor,
                          local)
-            sizes = {"embed": 4 * settings.batch_size, "caption": settings.batch_size,
-                     "text": 4 * settings.batch_size}
-            sizes.update({k: v for k, v in (batch_sizes or {}).items() if v})
-            writer = shards.ShardWriter(out, run, shard_size, models)
+            # One caption batch per call of every stage and per input block: a Ray task
+            # hands its rows on only when its whole input is done, so larger blocks or
+            # batches would hold finished captions back from the shards.
+            given = {k: v for k, v in (batch_sizes or {}).items() if v}
+            sizes = dict.fromkeys(STAGES, given.get("caption") or settings.batch_size)
+            sizes.update(given)
+            writer = shards.ShardWriter(out, run, shard_size, models, seconds=shard_seconds)
             failures = shards.FailureLog(out, run)
             dataset = _dataset(ray, todo, settings, memory, plan, sizes,
-                               block_size or max(1, min(shard_size, 1000)), retries)
+                               block_size or sizes["caption"], retries)
+            watchdog = watch_head(ray.get_runtime_context().gcs_address,
+                                  lambda address, seconds: _head_lost(writer, out, address,
+                                                                      seconds))
             try:
                 _drain(dataset, writer, failures, len(todo))
             except Exception as exc:  # a stage that could not start (model missing, ...)
                 if isinstance(exc, UserError):
                     raise
                 raise UserError(_explain(exc, out)) from None
+            finally:
+                watchdog.set()
             summary.update(captioned=writer.written, failed=failures.count,
                            shards=len(writer.shards), failures_file=str(failures.path))
         shards.finish_manifest(out, manifest, {k: summary[k] for k in ("captioned", "failed")})
@@ -511,20 +546,75 @@ def _dataset(ray, todo: list[tuple[str, str]], settings: config.Settings, memory
 
 
 def _drain(dataset, writer, failures, total: int) -> None:
-    """Run the pipeline; finished rows to shards, failed ones to the failure log."""
+    """Run the pipeline; finished rows to shards, failed ones to the failure log. Rows
+    that came back are written even when the pipeline stops (error, Ctrl-C)."""
     import pyarrow.compute as pc
     seen = 0
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        failed = pc.is_valid(batch.column("error"))
-        bad = batch.filter(failed)
-        failures.add(bad.column("id").to_pylist(), bad.column("path").to_pylist(),
-                     bad.column("error").to_pylist())
-        writer.add(batch.filter(pc.invert(failed)))
-        seen += batch.num_rows
-    writer.close()
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            failed = pc.is_valid(batch.column("error"))
+            bad = batch.filter(failed)
+            failures.add(bad.column("id").to_pylist(), bad.column("path").to_pylist(),
+                         bad.column("error").to_pylist())
+            writer.add(batch.filter(pc.invert(failed)))
+            seen += batch.num_rows
+    finally:
+        writer.close()
     if seen != total:
         log.warning("%d of %d images came back from the pipeline; run again for the rest",
                     seen, total)
+
+
+def head_lost_after() -> float:
+    """Seconds without an answer from the GCS after which the watchdog gives up: just
+    before Ray would end the driver itself."""
+    try:
+        ray_timeout = float(os.environ.get(RAY_GCS_TIMEOUT_ENV, "60"))
+    except ValueError:
+        ray_timeout = 60.0
+    return max(1.0, ray_timeout - HEAD_LOST_MARGIN)
+
+
+def watch_head(address: str, on_lost: Callable[[str, float], None],
+               after: float | None = None, every: float = 1.0) -> threading.Event:
+    """Probe the GCS at `address` ("host:port", the Ray head node) every `every`
+    seconds in a daemon thread; once it has refused or not answered for `after`
+    seconds (default head_lost_after()), call on_lost(address, seconds) and stop.
+    Set the returned event to stop watching."""
+    after = head_lost_after() if after is None else after
+    host, _, port = address.rpartition(":")
+    stop = threading.Event()
+
+    def probe() -> None:
+        down_since = None
+        while not stop.wait(every):
+            try:
+                with socket.create_connection((host.strip("[]"), int(port)),
+                                              timeout=min(2.0, after)):
+                    down_since = None
+            except OSError:
+                now = time.monotonic()
+                down_since = down_since or now
+                if now - down_since >= after and not stop.is_set():
+                    on_lost(address, now - down_since)
+                    return
+
+    threading.Thread(target=probe, daemon=True, name="ray-head-watchdog").start()
+    return stop
+
+
+def _head_lost(writer, out: Path, address: str, seconds: float) -> None:
+    """The head node is gone and Ray is about to end this process without a word of
+    ours: write what came back, say how to resume, and exit 1."""
+    try:
+        writer.flush()
+        kept = f"the {writer.written} images finished in this job are in {out / 'shards'}"
+    except Exception as exc:  # noqa: BLE001 - the line below must still be said
+        kept = f"the shards written so far are in {out / 'shards'} ({exc})"
+    print(f"{PROG}: error: lost the Ray head node (its GCS at {address} has not answered "
+          f"for {seconds:.0f} s); {kept}: run the same command again to continue once the "
+          "cluster is back", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _explain(exc: BaseException, out: Path) -> str:
@@ -555,8 +645,11 @@ def parse_args(argv: list[str] | None = None):
                      help="ids are paths relative to this (default: the folder part of --images)")
     job.add_argument("--no-retrieval", action="store_true",
                      help="plain prompt, no neighbours' captions (needs no database)")
-    job.add_argument("--shard-size", type=int, default=5000, metavar="N",
-                     help="images per Parquet shard (default 5000)")
+    job.add_argument("--shard-size", type=int, metavar="N",
+                     help="images per Parquet shard at most (default 500)")
+    job.add_argument("--shard-seconds", type=float, metavar="S",
+                     help="a shard is also written this long after the oldest finished "
+                          "image not yet in one (default 60): what a stopped job can lose")
     job.add_argument("--retries", type=int, default=2, metavar="N",
                      help="retries of a failed embedding batch before it is split (default 2)")
     ray_group = parser.add_argument_group("Ray")
@@ -572,7 +665,8 @@ def parse_args(argv: list[str] | None = None):
                            help="CPUs reserved per actor and read task (default: min(1, "
                                 "cluster CPUs / 4))")
     ray_group.add_argument("--block-size", type=int, metavar="N",
-                           help="images per input block (default min(shard size, 1000))")
+                           help="images per input block (default: the caption batch size; "
+                                "finished images reach the driver a block at a time)")
     for stage, what in (("embed", "CLIP image embedding"), ("caption", "retrieval + VLM"),
                         ("text", "caption embedding")):
         ray_group.add_argument(f"--{stage}-actors", type=int, metavar="N",
@@ -580,17 +674,17 @@ def parse_args(argv: list[str] | None = None):
         ray_group.add_argument(f"--{stage}-gpus", type=float, metavar="F",
                                help=f"GPUs per {what} actor (default {GPU_SHARE[stage]:g} "
                                     "with --num-gpus, else 0)")
-        default = "BATCH_SIZE" if stage == "caption" else "4 x BATCH_SIZE"
+        default = "BATCH_SIZE" if stage == "caption" else "the caption batch size"
         ray_group.add_argument(f"--{stage}-batch-size", type=int, metavar="N",
                                help=f"images per {what} call (default {default})")
     args, settings = config.parse_cli(parser, argv, "collection")
     if not args.images or not args.out:
-        raise UserError("give --images SPEC and --out OUT_DIR")
+        raise UsageError("give --images SPEC and --out OUT_DIR")
     return args, settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    prog = "scale.caption_collection"
+    prog = PROG
     try:
         args, settings = parse_args(argv)
     except UserError as exc:
@@ -604,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
             gpus_per_actor={s: getattr(args, f"{s}_gpus") for s in STAGES},
             cpus_per_actor=args.cpus_per_actor,
             batch_sizes={s: getattr(args, f"{s}_batch_size") for s in STAGES},
-            shard_size=args.shard_size, block_size=args.block_size, retries=args.retries,
+            shard_size=args.shard_size, shard_seconds=args.shard_seconds,
+            block_size=args.block_size, retries=args.retries,
             settings=settings)
     except (UserError, OSError, KeyboardInterrupt) as exc:
         return cli_failure(prog, exc, interrupted="interrupted (finished shards are kept; "

@@ -20,7 +20,10 @@ metadata "recap" names the three models, as manifest.json does:
 A shard is written to a hidden temporary file, fsynced and renamed: a killed
 job leaves complete shards only (and perhaps a hidden temporary file, which
 readers ignore and the next job deletes). The ids of the shards are the ids
-that are done; every other id is (re)done by the next job.
+that are done; every other id is (re)done by the next job. A shard is written
+every SHARD_SIZE finished images or SHARD_SECONDS after the oldest finished image
+not yet in a shard, whichever comes first, so a stopped job loses at most its
+last SHARD_SECONDS of finished work (plus the images Ray was still working on).
 
 Nothing here imports Ray or torch; pyarrow is imported where it is used.
 """
@@ -31,6 +34,8 @@ import contextlib
 import json
 import logging
 import os
+import threading
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +53,12 @@ SHARDS = "shards"
 FAILURES = "failures"
 LOCK = ".lock"
 METADATA_KEY = b"recap"
+# Images per shard at most (--shard-size): a shard is written as soon as this many
+# images are finished ...
+SHARD_SIZE = 500
+# ... or this many seconds after the oldest finished image not yet in a shard
+# (--shard-seconds), whichever comes first: what a stopped job can lose.
+SHARD_SECONDS = 60.0
 # Rows per journaled database write when importing (about 15 MB of journal for
 # 512-d image and 768-d caption vectors).
 IMPORT_ROWS = 1000
@@ -220,34 +231,69 @@ def remove_temporary_files(out_dir: Path) -> int:
 
 
 class ShardWriter:
-    """Collects finished rows and writes every `shard_size` of them as one shard."""
+    """Collects finished rows and writes them as shards: every `shard_size` rows, and
+    whatever is buffered once its oldest row has waited `seconds` (checked by a
+    background thread, so rows never wait for the next batch to arrive).
 
-    def __init__(self, out_dir: Path, run: str, shard_size: int, models: dict[str, str]):
+    Thread-safe; `close` (or `flush`) writes what is left."""
+
+    def __init__(self, out_dir: Path, run: str, shard_size: int, models: dict[str, str],
+                 seconds: float | None = SHARD_SECONDS):
         self.folder = out_dir / SHARDS
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.run, self.shard_size = run, shard_size
+        self.run, self.shard_size, self.seconds = run, shard_size, seconds
         self.metadata = {METADATA_KEY: json.dumps({"models": models, "run": run}).encode()}
         self.pending: list[Any] = []
         self.rows = 0          # buffered
         self.written = 0       # rows in shards
         self.shards: list[Path] = []
+        self._oldest: float | None = None     # time.monotonic() the oldest buffered row came
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._timer = None
+        if seconds:
+            self._timer = threading.Thread(target=self._flush_when_due, daemon=True,
+                                           name="shard-timer")
+            self._timer.start()
 
     def add(self, table) -> None:
-        if table.num_rows:
+        if not table.num_rows:
+            return
+        with self._lock:
             self.pending.append(table.select(schema().names).cast(schema()))
             self.rows += table.num_rows
-        while self.rows >= self.shard_size:
-            self._flush(self.shard_size)
+            if self._oldest is None:
+                self._oldest = time.monotonic()
+            while self.rows >= self.shard_size:
+                self._flush(self.shard_size)
+
+    def flush(self) -> None:
+        """Write every buffered row now."""
+        with self._lock:
+            if self.rows:
+                self._flush(self.rows)
 
     def close(self) -> None:
-        if self.rows:
-            self._flush(self.rows)
+        self._closed.set()
+        if self._timer is not None and self._timer is not threading.current_thread():
+            self._timer.join()
+        self.flush()
+
+    def _flush_when_due(self) -> None:
+        tick = min(1.0, self.seconds / 4)
+        while not self._closed.wait(tick):
+            with self._lock:
+                if self.rows and time.monotonic() - self._oldest >= self.seconds:
+                    self._flush(self.rows)
 
     def _flush(self, rows: int) -> None:
+        """Write the first `rows` buffered rows as one shard (call under the lock)."""
         import pyarrow as pa
         table = pa.concat_tables(self.pending)
         self.pending = [table.slice(rows)] if table.num_rows > rows else []
         self.rows = table.num_rows - rows
+        # a remainder is only left by `add`, and came with the table it just added
+        self._oldest = time.monotonic() if self.rows else None
         path = self.folder / f"part-{self.run}-{len(self.shards):05d}.parquet"
         write_table_atomic(table.slice(0, rows).replace_schema_metadata(self.metadata), path)
         self.shards.append(path)
@@ -302,7 +348,7 @@ def import_parquet(out_dir: str | os.PathLike, db_dir: str | os.PathLike,
     """
     from tqdm.auto import tqdm
 
-    from db_manager import DbManager, generated_caption_id
+    from db_manager import DbManager, generated_caption_entry
 
     out = Path(out_dir).expanduser()
     if not out.is_dir():
@@ -340,9 +386,8 @@ def import_parquet(out_dir: str | os.PathLike, db_dir: str | os.PathLike,
             part = table.slice(start, IMPORT_ROWS)
             image_ids = part.column("path").to_pylist()
             stamp = now()
-            captions = [{"id": generated_caption_id(image_id, vlm), "image_id": image_id,
-                         "caption": caption, "source": "generated", "model": vlm,
-                         "imported_from": source, "timestamp": stamp}
+            captions = [generated_caption_entry(image_id, caption, vlm, stamp,
+                                                imported_from=source)
                         for image_id, caption in zip(image_ids, part.column("caption").to_pylist())]
             added = db.add_images(image_ids, matrix(part.column("image_embedding")), captions,
                                   matrix(part.column("caption_embedding")), kind="imported")

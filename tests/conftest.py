@@ -134,6 +134,7 @@ def flickr_dir(tmp_path_factory) -> str:
 def settings_kwargs(tiny_clip, tiny_vlm, minilm, flickr_dir, tmp_path) -> dict:
     """Keyword overrides that run the whole pipeline on tiny models in tmp_path."""
     return dict(dataset_name=flickr_dir, experiment_samples=4, clip_model_name=tiny_clip,
+                metric_clip_model=tiny_clip,  # as by default: CLIPScore's CLIP is retrieval's
                 vlm_model_name=tiny_vlm, caption_embedding_model=minilm,
                 max_new_tokens=8, batch_size=4, device="cpu",
                 db_dir=str(tmp_path / "db"), results_dir=str(tmp_path / "results"),

@@ -1,4 +1,6 @@
-"""Flickr8K-shaped folders with real JPEG files, in the three on-disk layouts."""
+"""Captioned-image folders with real image files: Flickr8K in its three layouts, Karpathy
+split files (COCO with its train2014/val2014 folders), COCO/NoCaps caption annotations
+and plain folders with captions.jsonl or captions.csv."""
 
 from __future__ import annotations
 
@@ -119,4 +121,97 @@ def make_scenes_flickr(root: str | Path, views: Sequence[int]) -> Path:
             lines += [f'{scene_name(scene, view)},"{c}"' if "," in c else
                       f"{scene_name(scene, view)},{c}" for c in words[view:] + words[:view]]
     (root / "captions.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+# --- other collections: Karpathy split files, COCO/NoCaps annotations, plain folders -------
+
+def coco_name(i: int, folder: str = "train2014") -> str:
+    return f"COCO_{folder}_{i:012d}.jpg"
+
+
+def make_karpathy(root: str | Path, splits: Sequence[str], dataset: str = "coco",
+                  image_size: tuple[int, int] = (120, 90)) -> Path:
+    """A Karpathy split file dataset_{dataset}.json beside its images: image i is in
+    split splits[i]. COCO's images are in train2014/ (train, restval) and val2014/ (val,
+    test), named by `filepath`, as Karpathy's file does; the others in images/."""
+    root = Path(root)
+    images, sid = [], 0
+    for i, split in enumerate(splits):
+        entry: dict = {"split": split, "imgid": i, "sentids": list(range(sid, sid + 5))}
+        if dataset == "coco":
+            folder = "train2014" if split in ("train", "restval") else "val2014"
+            entry.update(filepath=folder, filename=coco_name(i, folder), cocoid=i)
+            file = root / folder / entry["filename"]
+        else:
+            entry["filename"] = image_name(i)
+            file = root / "images" / image_name(i)
+        entry["sentences"] = [{"raw": c, "tokens": c.lower().split(), "imgid": i,
+                               "sentid": sid + n} for n, c in enumerate(captions_for(i))]
+        sid += 5
+        file.parent.mkdir(parents=True, exist_ok=True)
+        make_image(i, image_size).save(file, quality=90)
+        images.append(entry)
+    (root / f"dataset_{dataset}.json").write_text(json.dumps({"images": images,
+                                                              "dataset": dataset}))
+    return root
+
+
+NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
+
+
+def nocaps_name(i: int) -> str:
+    return f"{i * 2654435761 % 2**32:08x}{i:08x}.jpg"
+
+
+def make_coco_captions(root: str | Path, n_images: int, file: str = "nocaps_val_4500_captions.json",
+                       domains: bool = True, image_dir: str = "images", first: int = 100,
+                       captions_per_image: int = 10, image_size: tuple[int, int] = (120, 90)
+                       ) -> Path:
+    """COCO-style caption annotations (`file`) beside `image_dir`/: NoCaps validation's
+    shape by default (10 captions per image, each image's domain in turn in-, near-,
+    out-domain). Image k is make_image(first + k), with ids from 1000."""
+    root = Path(root)
+    (root / image_dir).mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for k in range(n_images):
+        i = first + k
+        entry = {"id": 1000 + k, "file_name": nocaps_name(i), "height": image_size[1],
+                 "width": image_size[0]}
+        if domains:
+            entry["domain"] = NOCAPS_DOMAINS[k % 3]
+        images.append(entry)
+        make_image(i, image_size).save(root / image_dir / entry["file_name"], quality=90)
+        words = captions_for(i)
+        annotations += [{"id": len(annotations), "image_id": 1000 + k,
+                         "caption": words[n % 5] + ("" if n < 5 else " again")}
+                        for n in range(captions_per_image)]
+    (root / file).parent.mkdir(parents=True, exist_ok=True)
+    (root / file).write_text(json.dumps({"images": images, "annotations": annotations}))
+    return root
+
+
+def make_plain(root: str | Path, n_images: int, kind: str = "jsonl", first: int = 200,
+               splits: Sequence[str] | None = None, image_size: tuple[int, int] = (120, 90)
+               ) -> Path:
+    """A plain folder: photos/ (image k = make_image(first + k), some in a subfolder)
+    and captions.jsonl or captions.csv with one row per caption (5 per image), the
+    image's path relative to the folder, and a split column when `splits` is given."""
+    import csv
+    root = Path(root)
+    rows = []
+    for k in range(n_images):
+        i = first + k
+        name = f"photos/{'more/' if k % 2 else ''}pic_{k:03d}.png"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        make_image(i, image_size).save(root / name)
+        rows += [{"image": name, "caption": c, **({"split": splits[k]} if splits else {})}
+                 for c in captions_for(i)]
+    if kind == "jsonl":
+        (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        with open(root / "captions.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     return root

@@ -76,7 +76,7 @@ def test_registry_resolves_and_dedupes():
     assert plans["retrieve-captions"].k == 5 and plans["retrieve-captions"].corpus is None
     assert plans["retrieve-captions-corpus"].corpus == ""     # no --caption-datastore given
     assert plans["cpn=all"].per_neighbour == ablation.ALL
-    growing = config.resolve(memory="growing")
+    growing = config.resolve("batch", memory="growing")
     assert ablation.resolve_plan(ablation.VARIANTS["baseline"], growing).memory == "growing"
     assert len({p.signature for p in plans.values()}) == len(plans) - 3
     # selections: the pipeline's, each variant its own; "auto" guards near-dup-guard only
@@ -84,7 +84,7 @@ def test_registry_resolves_and_dedupes():
     assert (plans["mmr"].selection, plans["dedup"].selection) == ("mmr", "dedup")
     assert plans["near-dup-guard"].near_duplicate_threshold == 0.95
     assert plans["baseline"].near_duplicate_threshold == plans["mmr"].near_duplicate_threshold == 0
-    given = config.resolve(near_duplicate_threshold=0.9, neighbour_selection="dedup")
+    given = config.resolve("batch", near_duplicate_threshold=0.9, neighbour_selection="dedup")
     plans = {name: ablation.resolve_plan(v, given) for name, v in ablation.VARIANTS.items()}
     assert plans["baseline"].near_duplicate_threshold == 0.9 == plans["mmr"].near_duplicate_threshold
     assert plans["near-dup-guard"].signature == plans["dedup"].signature  # = baseline now
@@ -208,9 +208,15 @@ def test_grid_runs_every_variant_on_the_same_images(settings_kwargs, tmp_path, n
     md = files["md"].read_text()
     table = _rows(md)
     assert list(table) == GRID
-    assert "| variant | images | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | " \
-           "embedding similarity |" in md
-    assert all(len(cells) == 13 for cells in table.values())
+    assert "| variant | images | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | CLIPScore | " \
+           "RefCLIPScore | embedding similarity |" in md
+    assert all(len(cells) == 15 for cells in table.values())
+    # CLIPScore / RefCLIPScore: a column each, from the CLIP of retrieval (its query vectors)
+    assert table["baseline"][7] == f"{rows['baseline']['metrics']['CLIPScore']:.4f}"
+    assert table["baseline"][8] == f"{rows['baseline']['metrics']['RefCLIPScore']:.4f}"
+    assert rows["baseline"]["metrics"]["clip_score"]["image_vectors"] == \
+        "4 of 4 reused from retrieval"
+    assert f"with `{settings_kwargs['clip_model_name']}` (float32)" in md
     assert "| copies | scenes | words |" in md
     assert table["baseline"][4].startswith("— ")          # METEOR skipped, with a footnote
     assert f"METEOR: {METEOR_SKIPPED}" in md
@@ -385,3 +391,14 @@ def test_caption_rows_retrieve_from_the_memory_and_from_a_corpus_at_the_same_k(
     assert rows["retrieve-captions-corpus"]["definition"]["caption_datastore"] == str(corpus)
     table = _rows((tmp_path / "out" / "ablation.md").read_text())
     assert list(table) == names
+
+
+def test_the_chart_title_never_covers_its_bars_or_labels(monkeypatch, tmp_path):
+    # results/ablation.png, as the web page's Runs tab shows it
+    from figure_checks import overlaps, saved_figures
+    figures = saved_figures(monkeypatch)
+    report = {"indices": [0, 1, 2, 3], "complete": False, "variants": [
+        {"name": name, "metrics": {"CIDEr-D": 0.1 * n, "BLEU-4": None if n == 2 else 0.05}}
+        for n, name in enumerate(ablation.VARIANTS)]}
+    ablation.plot_chart(report, tmp_path / "ablation.png")
+    assert overlaps(figures[-1]) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import socket
@@ -52,7 +53,7 @@ def prepared(tiny_clip, tiny_vlm, minilm, flickr_dir, tmp_path_factory) -> Path:
     a finished batch run over experiments 0 and 1 (results/runs/demo/)."""
     root = tmp_path_factory.mktemp("app")
     kwargs = dict(dataset_name=flickr_dir, experiment_samples=4, clip_model_name=tiny_clip,
-                  vlm_model_name=tiny_vlm, caption_embedding_model=minilm, max_new_tokens=8,
+                  metric_clip_model=tiny_clip, vlm_model_name=tiny_vlm, caption_embedding_model=minilm, max_new_tokens=8,
                   batch_size=4, device="cpu", db_dir=str(root / "db"),
                   results_dir=str(root / "results"), cache_dir=str(root / "cache"))
     main.initialize_system(**kwargs)
@@ -151,7 +152,7 @@ def test_save_to_memory_appends_one_entry(memory, settings, photo):
     entry = db.captions[-1]
     assert entry["id"] == generated_caption_id(r["image_id"], settings.vlm_model_name)
     assert entry["image_id"] == r["image_id"] and entry["caption"] == r["caption"]
-    assert entry["source"] == "generated" and entry["experiment_index"] == -1
+    assert entry["source"] == "generated" and "experiment_index" not in entry  # an upload
     assert db.image_ids[-1] == r["image_id"] and db.image_kinds[-1] == "experiment"
     assert (Path(settings.db_dir) / app.UPLOADS / r["image_id"]).exists()
 
@@ -262,8 +263,9 @@ def test_search_tabs_use_search_py(memory, settings):
         app.search_text_tab("   ", 3, settings)
     with pytest.raises(UserError, match="k must be 1 to 50, got 0"):
         app.search_text_tab("a dog", 0, settings)
-    with pytest.raises(UserError, match="is more than the 12 images"):
-        app.search_image_tab(sample.source, 40, settings)
+    whole = app.search_image_tab(sample.source, 40, settings)   # more than the memory holds
+    assert len(whole["rows"]) == whole["indexed"] == 12
+    assert whole["notes"] == ["top 40 asked, only 12 images searched: showing all 12"]
 
 
 # --- the pictures ------------------------------------------------------------------
@@ -292,7 +294,7 @@ def test_pictures_are_files_written_once_with_the_bytes_gradio_showed(memory, se
 
 # --- Runs ----------------------------------------------------------------------------
 
-def test_runs_tab_shows_metrics_captions_and_the_ablation_chart(prepared, memory, settings):
+def test_runs_tab_shows_metrics_and_captions(prepared, memory, settings):
     assert app.list_runs(settings) == []
     add_demo_run(prepared, settings)
     (Path(settings.results_dir) / "runs" / "unfinished").mkdir()
@@ -300,25 +302,68 @@ def test_runs_tab_shows_metrics_captions_and_the_ablation_chart(prepared, memory
     assert set(app.list_runs(settings)) == {"demo", "unfinished"}
     r = app.runs_tab("demo", settings)
     assert "BLEU-4" in r["metrics"] and "CIDEr-D" in r["metrics"] and "2 finished" in r["header"]
-    assert r["ablation"] is None and r["ablation_table"] is None
+    assert r["ablation"] is None and r["ablation_table"] is None and r["ablation_note"] is None
     assert r["pages"] == 1 and len(r["gallery"]) == 2
     assert [row[0] for row in r["rows"]] == [0, 1] and r["columns"] == app.RUN_COLUMNS
     first = memory.experiment_sample(0)
     assert r["rows"][0][1] == first.image_id and r["rows"][0][4] == " | ".join(first.captions)
     assert r["rows"][0][3] and r["gallery"][0][1].startswith("#0 generated: ")
+    assert "| CLIPScore |" in r["metrics"] and "| RefCLIPScore |" in r["metrics"]
+    assert r["columns"][-2:] == ["CLIPScore", "RefCLIPScore"]
+    assert all(isinstance(row[-1], float) and isinstance(row[-2], float) for row in r["rows"])
     assert Image.open(r["gallery"][0][0]).size[0] > 50
 
-    make_image(7, (300, 200)).save(Path(settings.results_dir) / "ablation.png")
-    (Path(settings.results_dir) / "ablation.md").write_text("| variant | CIDEr-D |\n|---|---|\n")
     paged = app.runs_tab(str(Path(settings.results_dir) / "runs" / "demo"), settings,
                          page=2, per_page=1)
-    assert Image.open(paged["ablation"]).size == (300, 200)
-    assert paged["ablation_table"].startswith("| variant")
     assert paged["pages"] == 2 and paged["gallery"][0][1].startswith("#1 ")
     with pytest.raises(UserError, match="has no summary yet"):
         app.runs_tab("unfinished", settings)
     with pytest.raises(UserError, match="is not a run directory"):
         app.runs_tab("nothing-here", settings)
+
+
+def write_ablation(folder: Path, dataset, indices: list[int], vlm: str) -> Path:
+    """What `python -m bench.ablation --indices ... --out-dir folder` leaves: the chart,
+    the table and ablation.json naming the images (experiments `indices`) and the VLM."""
+    from bench import ablation
+    report = {"indices": indices, "indices_requested": ablation.indices_spec(indices),
+              "image_ids": [dataset.experiment_sample(i).image_id for i in indices],
+              "models": {"vlm": vlm}, "complete": True,
+              "variants": [{"name": name, "metrics": {"CIDEr-D": 0.2 + n / 10, "BLEU-4": 0.1}}
+                           for n, name in enumerate(["baseline", "no-retrieval", "nn-copy"])]}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ablation.json").write_text(json.dumps(report))
+    (folder / "ablation.md").write_text(f"| variant | CIDEr-D |\n|---|---|\n| baseline | "
+                                        f"{len(indices)} images |\n")
+    return ablation.plot_chart(report, folder / "ablation.png")
+
+
+def test_the_runs_tab_shows_only_the_ablation_chart_of_the_run_shown(prepared, memory,
+                                                                     settings):
+    run = add_demo_run(prepared, settings)                # experiments 0 and 1
+    results = Path(settings.results_dir)
+    make_image(7, (300, 200)).save(results / "ablation.png")       # whose? no ablation.json
+    r = app.runs_tab("demo", settings)
+    assert r["ablation"] is None and r["ablation_table"] is None
+    assert "no readable ablation.json" in r["ablation_note"]
+    # `python -m bench.ablation --indices 0-3`: another run's images, not shown beside it
+    write_ablation(results, memory, [0, 1, 2, 3], settings.vlm_model_name)
+    r = app.runs_tab("demo", settings)
+    assert r["ablation"] is None and r["ablation_table"] is None
+    assert r["ablation_note"] == (
+        f"`{results / 'ablation.png'}` is an ablation over 4 images (0-3), not this run's 2 "
+        f"images: `python -m bench.ablation --indices 0-1 --out-dir {run}` charts this run's.")
+    # ... as that command does: now the run's own chart, with its heading
+    write_ablation(run, memory, [0, 1], settings.vlm_model_name)
+    r = app.runs_tab("demo", settings)
+    assert Image.open(r["ablation"]).size == Image.open(run / "ablation.png").size
+    assert r["ablation_table"].endswith("| baseline | 2 images |\n")
+    assert r["ablation_note"].startswith("**Ablations over this run's 2 images** ·")
+    # the same images captioned by another VLM are another run's too
+    write_ablation(run, memory, [0, 1], "HuggingFaceTB/SmolVLM-256M-Instruct")
+    r = app.runs_tab("demo", settings)
+    assert r["ablation"] is None and "over 2 images (0-1) with VLM `" in r["ablation_note"]
+    assert "SmolVLM-256M-Instruct" in r["ablation_note"]
 
 
 # --- the program ---------------------------------------------------------------------
@@ -399,6 +444,56 @@ def shoot(page, path: Path) -> None:
     page.screenshot(path=str(path), full_page=True)
 
 
+# Each cell of a table (Markdown th/td, a Dataframe's th and gridcells) as laid out: its
+# text, whether it is a header, on how many lines its text runs, whether it is cut off,
+# and its width.
+CELLS = """(selector) => {
+  const lines = (cell) => {
+    const tops = [];
+    const walk = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+    while (walk.nextNode()) {
+      if (!walk.currentNode.textContent.trim()) continue;
+      const range = document.createRange();
+      range.selectNodeContents(walk.currentNode);
+      for (const r of range.getClientRects()) {
+        if (r.width > 0 && !tops.some(t => Math.abs(t - r.top) < r.height / 2)) tops.push(r.top);
+      }
+    }
+    return tops.length;
+  };
+  const cells = ["th", "td", "[role=gridcell]"].map(c => `${selector} ${c}`).join(", ");
+  const shown = [...document.querySelectorAll(cells)].filter(
+    cell => cell.checkVisibility({checkOpacity: true, checkVisibilityCSS: true}));
+  const edge = document.querySelector(selector).getBoundingClientRect().right;
+  return shown.map(cell => ({
+    text: cell.innerText.trim(), header: cell.tagName === "TH", lines: lines(cell),
+    cut: cell.scrollWidth > cell.clientWidth + 1
+         || cell.getBoundingClientRect().right > edge + 1,
+    width: Math.round(cell.getBoundingClientRect().width)}));
+}"""
+
+
+def unreadable_cells(page, selector: str) -> list[dict]:
+    """The cells of the table(s) under `selector` that a reader sees broken: a header or
+    a one-word cell (a number, a file name) wrapped onto several lines ("sc/or/e",
+    "0./99/4"), or any cell cut off (by its own width, or reaching past the component's
+    edge). Long captions may wrap, between words."""
+    cells = [c for c in page.evaluate(CELLS, selector) if c["text"]]
+    assert cells, f"no table cells under {selector}"
+    return [c for c in cells if c["cut"] or (c["lines"] > 1 and (c["header"] or
+                                                                  " " not in c["text"]))]
+
+
+# Whether anything is drawn over the top of the picture under `selector` (where a
+# chart's title is): the element at a few points along its top edge is the picture.
+UNCOVERED_TOP = """(selector) => {
+  const img = document.querySelector(`${selector} img`);
+  const box = img.getBoundingClientRect();
+  return [0.1, 0.3, 0.5, 0.7, 0.9].every(x =>
+    document.elementFromPoint(box.left + x * box.width, box.top + 6) === img);
+}"""
+
+
 def upload(page, component: str, path: Path) -> None:
     """Put a file into a gr.File component and wait until the page shows it."""
     page.locator(f"{component} input[type=file]").set_input_files(str(path))
@@ -408,7 +503,10 @@ def upload(page, component: str, path: Path) -> None:
 @pytest.mark.needs_chromium
 def test_browser_end_to_end(prepared, memory, settings, pipeline_env, photo, tmp_path):
     from playwright.sync_api import sync_playwright
-    add_demo_run(prepared, settings)                           # a run to browse
+    run = add_demo_run(prepared, settings)                     # a run to browse (2 images)
+    # an ablation over 4 images in RESULTS_DIR (another run's), and the run's own
+    write_ablation(Path(settings.results_dir), memory, [0, 1, 2, 3], settings.vlm_model_name)
+    write_ablation(run, memory, [0, 1], settings.vlm_model_name)
     expected = app.caption_tab(str(photo), settings=settings)  # what the page must show
     k = settings.top_k_similar
     served_memory(settings)
@@ -420,7 +518,7 @@ def test_browser_end_to_end(prepared, memory, settings, pipeline_env, photo, tmp
     try:
         with sync_playwright() as playwright:
             browser = _launch_chromium(playwright)
-            page = browser.new_page(viewport={"width": 1360, "height": 900})
+            page = browser.new_page()                 # Playwright's default window, 1280x720
             page.set_default_timeout(60_000)
             try:
                 page.goto(url)
@@ -446,6 +544,7 @@ def test_browser_end_to_end(prepared, memory, settings, pipeline_env, photo, tmp
                 assert expected["neighbours"][0][1] in page.inner_text("#caption-neighbours")
                 assert "not saved" in page.inner_text("#caption-status")
                 assert expected["prompt"] == page.input_value("#caption-prompt textarea")
+                assert unreadable_cells(page, "#caption-references") == []
                 shoot(page, shots / "caption.png")
 
                 # Search by image
@@ -453,6 +552,8 @@ def test_browser_end_to_end(prepared, memory, settings, pipeline_env, photo, tmp
                 upload(page, "#search-image-upload", photo)
                 page.click("#search-image-button")
                 page.locator("#search-image-results .thumbnail-item img").nth(4).wait_for()
+                page.locator("#search-image-table [role=gridcell]").first.wait_for()
+                assert unreadable_cells(page, "#search-image-table") == []
                 shoot(page, shots / "search-image.png")
 
                 # Search by text
@@ -461,6 +562,8 @@ def test_browser_end_to_end(prepared, memory, settings, pipeline_env, photo, tmp
                 page.click("#search-text-button")
                 page.locator("#search-text-results .thumbnail-item img").nth(4).wait_for()
                 assert "human" in page.inner_text("#search-text-results")
+                page.locator("#search-text-table [role=gridcell]").first.wait_for()
+                assert unreadable_cells(page, "#search-text-table") == []
                 shoot(page, shots / "search-text.png")
                 # ... ranked by captions and CLIP fused, with a Korean query
                 page.locator("#search-text-by").get_by_label("both").check()
@@ -474,6 +577,14 @@ def test_browser_end_to_end(prepared, memory, settings, pipeline_env, photo, tmp
                 page.get_by_text("Caption metrics (2 images)").wait_for()
                 page.locator("#runs-gallery .thumbnail-item img").nth(1).wait_for()
                 assert "BLEU-4" in page.inner_text("#runs-metrics")
+                # the chart beside the run is the run's own, its title not under a label
+                page.locator("#runs-ablation img").wait_for()
+                assert "2 finished" in page.inner_text("#runs-header")
+                assert "over this run's 2 images" in page.inner_text("#runs-ablation-note")
+                assert page.evaluate(UNCOVERED_TOP, "#runs-ablation")
+                page.locator("#runs-table [role=gridcell]").first.wait_for()
+                assert unreadable_cells(page, "#runs-table") == []
+                assert unreadable_cells(page, "#runs-metrics") == []
                 shoot(page, shots / "runs.png")
             except BaseException:
                 page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)

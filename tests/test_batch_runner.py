@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import batch_runner
+import config
 import main
 from errors import UserError
 
@@ -151,17 +152,41 @@ def test_killed_run_resumes_with_every_index_exactly_once(pipeline_env, settings
     assert len(generated) == len(set(generated)) == 4
 
 
-def test_cli_all_and_evaluate(settings_kwargs, capsys):
+def test_cli_all_and_evaluate(settings_kwargs, capsys, monkeypatch):
     args = [f"--{k.replace('_', '-')}={v}" for k, v in settings_kwargs.items()]
     assert main.main(args + ["--indices", "0-1", "--run-name", "cli"]) == 0
     out = capsys.readouterr().out
     assert "run cli: 2 finished, 0 failed" in out and "BLEU-4" in out
     run_dir = Path(settings_kwargs["results_dir"]) / "runs" / "cli"
+    # CLIPScore / RefCLIPScore: corpus and per image, their CLIP recorded beside them, the
+    # images' vectors those retrieval stored (METRIC_CLIP_MODEL is the run's CLIP)
+    data = json.loads((run_dir / "summary.json").read_text())
+    clip = settings_kwargs["clip_model_name"]
+    assert {"CLIPScore", "RefCLIPScore"} <= set(data["metrics"])
+    assert data["metrics"]["clip_score"]["model"] == clip
+    assert data["metrics"]["clip_score"]["image_vectors"] == "2 of 2 reused from retrieval"
+    assert all({"CLIPScore", "RefCLIPScore"} <= set(i["metrics"]) for i in data["items"])
+    rows = list(csv.DictReader((run_dir / "summary.csv").open()))
+    assert rows[0]["CLIPScore"] != "" and rows[0]["RefCLIPScore"] != ""
+
+    import image_embedder
+    embedded = []
+    monkeypatch.setattr(image_embedder.ImageEmbedder, "embed",
+                        lambda self, images, *a, **k: embedded.append(self.name))
     (run_dir / "summary.json").unlink()
     assert main.main(args + ["--evaluate", str(run_dir)]) == 0
-    assert (run_dir / "summary.json").exists()
-    assert main.main(args + ["--all", "--indices", "1"]) == 1
-    assert "not both" in capsys.readouterr().err
+    assert (run_dir / "summary.json").exists() and embedded == []   # nothing embedded again
+    out = capsys.readouterr().out
+    assert f"| CLIPScore | {data['metrics']['CLIPScore']:.4f} |" in out
+    assert f"| RefCLIPScore | {data['metrics']['RefCLIPScore']:.4f} |" in out
+    assert f"CLIPScore, RefCLIPScore: {clip} (float32)" in out
+    # usage errors exit 2, as an unknown option does (README)
+    assert main.main(args + ["--all", "--indices", "1"]) == 2
+    assert "give --all or --indices, not both" in capsys.readouterr().err
+    assert main.main(args + ["--indices", "0-x"]) == 2
+    assert "--indices: '0-x' is not N or N-M" in capsys.readouterr().err
+    assert main.main(args + ["--quiet"]) == 2
+    assert "--quiet goes with --caption-folder" in capsys.readouterr().err
     assert main.main(args + ["--evaluate", str(run_dir / "nothing")]) == 1
 
 
@@ -201,7 +226,8 @@ def test_growing_memory_gives_the_same_neighbours_at_any_batch_size(twins, tmp_p
 
 def test_resuming_with_another_precision_is_refused(settings_kwargs):
     batch_runner.run_batch([0], "precision", **settings_kwargs)
-    with pytest.raises(UserError, match="was started with dtype='auto', not 'bfloat16'"):
+    auto = config.resolve("batch", **settings_kwargs).dtype   # what "auto" is on this machine
+    with pytest.raises(UserError, match=f"was started with dtype='{auto}', not 'bfloat16'"):
         batch_runner.run_batch([1], "precision", **{**settings_kwargs, "dtype": "bfloat16"})
     with pytest.raises(UserError, match="vlm_attn_implementation='', not 'eager'"):
         batch_runner.run_batch([1], "precision", **{**settings_kwargs,
@@ -247,3 +273,79 @@ def test_every_captioner_family_runs_all_batched_like_single(settings_kwargs, ti
     assert {r["context_used"] for r in rows} == {str(FAMILIES[family])}
     shown = batch_runner.format_summary(four, run_dir)
     assert ("context_used: false" in shown) is not FAMILIES[family]
+
+
+# --- the field's benchmarks: standard splits, a memory from another collection -------------
+
+@pytest.fixture
+def nocaps_and_coco(tmp_path) -> tuple[str, str]:
+    """A NoCaps-shaped validation set (3 images, one per domain) and a Karpathy COCO
+    (6 train/restval images for the memory, 2 val, 3 test)."""
+    from fake_flickr import make_coco_captions, make_karpathy
+    nocaps = make_coco_captions(tmp_path / "nocaps", 3)
+    coco = make_karpathy(tmp_path / "coco", ("train", "test", "restval", "val", "train", "test",
+                                             "train", "val", "restval", "test", "train"))
+    return str(nocaps), str(coco)
+
+
+def test_nocaps_with_a_coco_memory_reports_each_domain_and_refuses_another_split(
+        settings_kwargs, nocaps_and_coco, capsys):
+    """python main.py --dataset-name nocaps/ --split all --memory-dataset coco/ --all"""
+    import config
+    import search
+    nocaps, coco = nocaps_and_coco
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in settings_kwargs.items()
+            if k not in ("dataset_name", "experiment_samples")]
+    benchmark = ["--dataset-name", nocaps, "--split", "all", "--memory-dataset", coco]
+    assert main.main(args + benchmark + ["--all", "--run-name", "nocaps"]) == 0
+    out = capsys.readouterr().out
+    assert "run nocaps: 3 finished, 0 failed" in out        # every NoCaps image, none left over
+    assert "Caption metrics by domain" in out
+    assert all(f"| {d} | 1 |" in out for d in ("in-domain", "near-domain", "out-domain"))
+
+    run_dir = Path(settings_kwargs["results_dir"]) / "runs" / "nocaps"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sorted(summary["metrics_by_domain"]) == ["in-domain", "near-domain", "out-domain"]
+    assert all(r["images"] == 1 and "BLEU-4" in r for r in summary["metrics_by_domain"].values())
+    assert [i["domain"] for i in summary["items"]] == ["in-domain", "near-domain", "out-domain"]
+    neighbours = {n["image_id"] for i in summary["items"] for n in i["similar_images"]}
+    assert neighbours and all(n.startswith("coco:") for n in neighbours)   # COCO's memory only
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["settings"]["split"] == "all"
+    assert manifest["settings"]["memory_dataset"] == coco
+    assert summary["items"][0]["config"]["split"] == "all"          # and in each result
+
+    # search.py, given no data-set settings, reopens the memory from the database and
+    # shows its images from the memory collection's own folder
+    bare = {k: v for k, v in settings_kwargs.items() if k not in ("dataset_name",
+                                                                  "experiment_samples")}
+    db, dataset, settings = search.open_memory(config.resolve(**bare))
+    assert settings.split == "all" and settings.memory_dataset == str(Path(coco).resolve())
+    memory_ids = [i for i, kind in zip(db.image_ids, db.image_kinds) if kind == "train"]
+    assert len(memory_ids) == 6 and all(i.startswith("coco:") for i in memory_ids)
+    path = Path(search.memory_path(dataset, settings, memory_ids[0]))
+    assert path.is_file() and path.parent.parent == Path(coco).resolve()    # coco/train2014/
+    assert search.memory_image(dataset, settings, memory_ids[0]).size == (120, 90)
+
+    # resuming the run with another split, or the database with another memory, is refused
+    assert main.main(args + ["--dataset-name", nocaps, "--split", "nocaps_val_4500",
+                             "--memory-dataset", coco, "--all", "--run-name", "nocaps"]) == 1
+    assert "with split='all', not 'nocaps_val_4500'" in capsys.readouterr().err
+    assert main.main(args + ["--dataset-name", coco, "--split", "karpathy", "--all",
+                             "--run-name", "coco"]) == 1
+    err = capsys.readouterr().err
+    assert "was built with split" in err and "--split / --memory-dataset" in err
+
+
+def test_karpathy_split_runs_the_test_images(settings_kwargs, nocaps_and_coco):
+    _, coco = nocaps_and_coco
+    kwargs = {**settings_kwargs, "dataset_name": coco, "split": "karpathy"}
+    summary = batch_runner.run_batch([0, 2], "k", **kwargs)
+    from dataset_loader import load_local
+    split = {s.image_id: s.split for s in load_local(Path(coco))}
+    assert [split[i["image_id"]] for i in summary["items"]] == ["test"] * 2
+    assert all(i["image_id"].startswith("COCO_val2014_") for i in summary["items"])
+    neighbours = {n["image_id"] for i in summary["items"] for n in i["similar_images"]}
+    assert {split[n] for n in neighbours} <= {"train", "restval"}    # val in neither
+    assert main.main([f"--{k.replace('_', '-')}={v}" for k, v in kwargs.items()]
+                     + ["--indices", "3"]) == 1                       # 3 test images: 0-2

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset_loader import (Flickr8k, Sample, load_and_split_dataset, load_local, open_image,
+from dataset_loader import (Collection, Sample, load_and_split_dataset, load_local, open_image,
                             samples_from_table, to_rgb)
 from errors import UserError
 from fake_flickr import captions_for, image_name, make_flickr, make_image
@@ -173,7 +173,7 @@ def test_first_captioned_image_missing_still_loads_the_rest(tmp_path, caplog, la
 
 def test_split_of_known_ids_is_unchanged():
     """The split is stored with every database: changing the rule invalidates them all."""
-    d = Flickr8k("t", synthetic(20), 4, 42)
+    d = Collection("t", synthetic(20), 4, 42)
     assert ids(d.experiment) == ["img_012.jpg", "img_006.jpg", "img_003.jpg", "img_019.jpg"]
     assert d.fingerprint == "9db306a46b093b21"
 
@@ -193,11 +193,11 @@ def test_split_is_the_same_in_a_fresh_process_with_another_hash_seed(layout_dirs
 
 def test_split_does_not_depend_on_sample_order():
     samples = synthetic(40)
-    reference = Flickr8k("t", samples, 10, 42)
+    reference = Collection("t", samples, 10, 42)
     shuffled = samples[:]
     for seed in range(3):
         random.Random(seed).shuffle(shuffled)
-        d = Flickr8k("t", shuffled, 10, 42)
+        d = Collection("t", shuffled, 10, 42)
         assert ids(d.experiment) == ids(reference.experiment)
         assert ids(d.train) == ids(reference.train)
         assert d.fingerprint == reference.fingerprint
@@ -205,13 +205,13 @@ def test_split_does_not_depend_on_sample_order():
 
 def test_different_seed_gives_a_different_split():
     samples = synthetic(40)
-    assert set(ids(Flickr8k("t", samples, 10, 42).experiment)) != set(
-        ids(Flickr8k("t", samples, 10, 43).experiment))
+    assert set(ids(Collection("t", samples, 10, 42).experiment)) != set(
+        ids(Collection("t", samples, 10, 43).experiment))
 
 
 def test_experiment_and_train_are_disjoint_and_cover_all_images():
     samples = synthetic(40)
-    d = Flickr8k("t", samples, 10, 42)
+    d = Collection("t", samples, 10, 42)
     assert not set(ids(d.experiment)) & set(ids(d.train))
     assert set(ids(d.experiment)) | set(ids(d.train)) == set(ids(samples))
     assert len(d.experiment) + len(d.train) == len(samples)
@@ -219,26 +219,26 @@ def test_experiment_and_train_are_disjoint_and_cover_all_images():
 
 @pytest.mark.parametrize("n", [1, 10, 39])
 def test_experiment_has_exactly_experiment_samples_images(n):
-    assert len(Flickr8k("t", synthetic(40), n, 42).experiment) == n
+    assert len(Collection("t", synthetic(40), n, 42).experiment) == n
 
 
 def test_fingerprint_changes_with_the_seed():
     samples = synthetic(20)
-    assert Flickr8k("t", samples, 4, 1).fingerprint != Flickr8k("t", samples, 4, 2).fingerprint
+    assert Collection("t", samples, 4, 1).fingerprint != Collection("t", samples, 4, 2).fingerprint
 
 
 def test_fingerprint_changes_with_the_image_ids():
     samples = synthetic(20)
-    base = Flickr8k("t", samples, 4, 42).fingerprint
+    base = Collection("t", samples, 4, 42).fingerprint
     renamed = samples[:-1] + [Sample("other.jpg", ("c",), "x")]
-    assert Flickr8k("t", samples[:-1], 4, 42).fingerprint != base
-    assert Flickr8k("t", renamed, 4, 42).fingerprint != base
+    assert Collection("t", samples[:-1], 4, 42).fingerprint != base
+    assert Collection("t", renamed, 4, 42).fingerprint != base
 
 
 @pytest.mark.parametrize("n", [20, 25])
 def test_experiment_samples_leaving_no_training_pool_is_an_error(n):
     with pytest.raises(UserError) as excinfo:
-        Flickr8k("my-data", synthetic(20), n, 42)
+        Collection("my-data", synthetic(20), n, 42)
     message = user_error(excinfo)
     assert str(n) in message and "only 20 images" in message and "my-data" in message
 
@@ -249,19 +249,19 @@ def test_experiment_samples_too_large_for_a_local_folder_is_an_error(layout_dirs
 
 
 def test_experiment_sample_returns_the_experiment_images_in_order():
-    d = Flickr8k("t", synthetic(20), 4, 42)
+    d = Collection("t", synthetic(20), 4, 42)
     assert [d.experiment_sample(i) for i in range(4)] == d.experiment
 
 
 def test_get_finds_any_image_by_id():
-    d = Flickr8k("t", synthetic(20), 4, 42)
+    d = Collection("t", synthetic(20), 4, 42)
     assert d.get("img_005.jpg").captions == ("caption 5",)
     assert d.get("missing.jpg") is None
 
 
 @pytest.mark.parametrize("index", [-1, 4, 100])
 def test_experiment_sample_out_of_range_is_an_error_with_the_range(index):
-    d = Flickr8k("t", synthetic(20), 4, 42)
+    d = Collection("t", synthetic(20), 4, 42)
     with pytest.raises(UserError) as excinfo:
         d.experiment_sample(index)
     message = user_error(excinfo)
@@ -270,7 +270,7 @@ def test_experiment_sample_out_of_range_is_an_error_with_the_range(index):
 
 @pytest.mark.parametrize("index", ["3", 2.0, True, None])
 def test_experiment_sample_non_integer_index_is_an_error(index):
-    d = Flickr8k("t", synthetic(20), 4, 42)
+    d = Collection("t", synthetic(20), 4, 42)
     with pytest.raises(UserError) as excinfo:
         d.experiment_sample(index)
     assert "must be an integer" in user_error(excinfo) and repr(index) in str(excinfo.value)
@@ -300,7 +300,7 @@ def test_folder_without_a_caption_file_is_an_error(tmp_path):
     with pytest.raises(UserError) as excinfo:
         load_and_split_dataset(str(tmp_path), 4, 42)
     message = user_error(excinfo)
-    assert "no Flickr8K captions" in message
+    assert "no captions in" in message
     assert all(f in message for f in ("captions.txt", "Flickr8k.token.txt", "dataset_flickr8k.json"))
 
 
@@ -386,7 +386,7 @@ def test_numbered_caption_columns_with_image_paths_use_the_file_names_as_ids(tmp
     samples, rows = samples_from_table(table, "jxie-like")
     assert [(s.image_id, s.captions, s.source) for s in samples] == [
         (image_name(i), tuple(captions_for(i)), i) for i in range(3)]
-    d = Flickr8k("jxie-like", samples, 1, 42, hub_rows=rows)
+    d = Collection("jxie-like", samples, 1, 42, hub_rows=rows)
     for i, sample in enumerate(samples):
         assert_same_picture(d.load_image(sample), i)
 
@@ -401,7 +401,7 @@ def test_numbered_caption_columns_with_image_bytes_use_stable_hash_ids():
     assert len(set(ids(samples))) == 2
     assert all(re.fullmatch(r"[0-9a-f]{20}\.jpg", i) for i in ids(samples))
     assert [s.captions for s in samples] == [("first a", "second a"), ("first b", "second b")]
-    d = Flickr8k("t", samples, 1, 42, hub_rows=rows)
+    d = Collection("t", samples, 1, 42, hub_rows=rows)
     assert_same_picture(d.load_image(samples[1]), 1)
 
 
@@ -410,7 +410,7 @@ def assert_three_fixture_samples(table, name: str) -> None:
     samples, rows = samples_from_table(table, name)
     assert [(s.image_id, s.captions) for s in samples] == [
         (image_name(i), tuple(captions_for(i))) for i in range(3)]
-    d = Flickr8k(name, samples, 1, 42, hub_rows=rows)
+    d = Collection(name, samples, 1, 42, hub_rows=rows)
     for i, sample in enumerate(samples):
         assert_same_picture(d.load_image(sample), i)
 
@@ -438,7 +438,7 @@ def test_one_caption_per_row_is_grouped_by_image(column):
     assert len(samples) == 3
     assert [s.captions for s in samples] == [tuple(captions_for(i)) for i in range(3)]
     assert [s.source for s in samples] == [0, 1, 2]
-    d = Flickr8k("naveengo-like", samples, 1, 42, hub_rows=rows)
+    d = Collection("naveengo-like", samples, 1, 42, hub_rows=rows)
     for i, sample in enumerate(samples):
         assert_same_picture(d.load_image(sample), i)
 
@@ -695,7 +695,7 @@ def test_caption_file_that_is_not_utf8_is_an_error(tmp_path):
 
 
 def test_numpy_integer_index_is_accepted():
-    split = Flickr8k("synthetic", synthetic(20), 4, 42)
+    split = Collection("synthetic", synthetic(20), 4, 42)
     assert split.experiment_sample(np.int64(2)) == split.experiment[2]
 
 
@@ -738,10 +738,142 @@ def test_split_is_a_partition_that_ignores_order(ids, seed, data):
     samples = [Sample(i, ("a caption",), f"/{n}.jpg") for n, i in enumerate(sorted(ids))]
     n = data.draw(st.integers(1, len(samples) - 1))
     shuffled = data.draw(st.permutations(samples))
-    a, b = Flickr8k("x", samples, n, seed), Flickr8k("x", list(shuffled), n, seed)
+    a, b = Collection("x", samples, n, seed), Collection("x", list(shuffled), n, seed)
     assert [s.image_id for s in a.experiment] == [s.image_id for s in b.experiment]
     assert [s.image_id for s in a.train] == [s.image_id for s in b.train]
     assert a.fingerprint == b.fingerprint
     assert len(a.experiment) == n
     assert {s.image_id for s in a.experiment} | {s.image_id for s in a.train} == ids
     assert not {s.image_id for s in a.experiment} & {s.image_id for s in a.train}
+
+
+# --- standard splits and a memory from another collection ----------------------------------
+
+def karpathy_coco(tmp_path: Path, splits=("train", "test", "restval", "val", "test", "train",
+                                         "val", "restval", "train", "test")) -> Path:
+    from fake_flickr import make_karpathy
+    return make_karpathy(tmp_path / "coco", splits)
+
+
+def test_karpathy_split_is_test_for_experiments_and_train_restval_for_the_memory(tmp_path):
+    root = karpathy_coco(tmp_path)
+    d = load_and_split_dataset(str(root), 400, 42, split="karpathy")   # EXPERIMENT_SAMPLES unused
+    files = {s.image_id: s.split for s in load_local(root)}
+    assert [files[i] for i in ids(d.experiment)] == ["test"] * 3
+    assert ids(d.experiment) == [i for i in files if files[i] == "test"]          # file order
+    assert sorted(files[i] for i in ids(d.train)) == ["restval"] * 2 + ["train"] * 3
+    assert not {files[i] for i in ids(d.experiment + d.train)} & {"val"}           # in neither
+    assert d.experiment_sample(2) is d.experiment[2]
+    with pytest.raises(UserError, match="choose 0 to 2"):
+        d.experiment_sample(3)
+
+
+def test_a_named_split_is_its_images_in_file_order(tmp_path):
+    d = load_and_split_dataset(str(karpathy_coco(tmp_path)), 4, 42, split="val")
+    assert [s.split for s in d.experiment] == ["val", "val"]
+    assert {s.split for s in d.train} == {"train", "restval"}
+
+
+def test_original_flickr8k_split_lists_make_the_karpathy_split(tmp_path):
+    root = fresh(tmp_path, "original", 6)
+    lists = {"trainImages": [0, 1, 2], "devImages": [3], "testImages": [4, 5]}
+    for name, images in lists.items():
+        (root / "Flickr8k_text" / f"Flickr_8k.{name}.txt").write_text(
+            "".join(image_name(i) + "\n" for i in images))
+    d = load_and_split_dataset(str(root), 1, 42, split="karpathy")
+    assert ids(d.experiment) == [image_name(4), image_name(5)]
+    assert set(ids(d.train)) == {image_name(i) for i in (0, 1, 2)}
+
+
+def test_hub_splits_are_kept_for_the_karpathy_split(monkeypatch):
+    import datasets
+    parts = {}
+    for k, split in enumerate(("train", "validation", "test")):
+        images = range(4 * k, 4 * k + 4)
+        parts[split] = hub_table({f"caption_{n}": [captions_for(i)[n] for i in images]
+                                  for n in range(5)}, [jpeg_bytes(make_image(i)) for i in images])
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, **kw: datasets.DatasetDict(parts))
+    d = load_and_split_dataset("owner/name", 3, 42, split="karpathy")
+    assert [s.captions for s in d.experiment] == [tuple(captions_for(i)) for i in range(8, 12)]
+    assert {s.split for s in d.train} == {"train"} and len(d.train) == 4
+    assert_same_picture(d.load_image(d.experiment[1]), 9)
+
+
+@pytest.mark.parametrize("split, message", [
+    ("karpathy", "has no 'test' images; the splits it ships: none (use --split seeded or all)"),
+    ("all", "--split all makes every image of"),
+    ("validation", "has no 'validation' images"),
+])
+def test_a_split_the_collection_cannot_give_is_one_line_naming_it(layout_dirs, split, message):
+    with pytest.raises(UserError) as excinfo:
+        load_and_split_dataset(str(layout_dirs["kaggle"]), 4, 42, split=split)
+    assert message in user_error(excinfo)
+
+
+def test_a_named_split_lists_the_splits_the_collection_ships(tmp_path):
+    with pytest.raises(UserError) as excinfo:
+        load_and_split_dataset(str(karpathy_coco(tmp_path)), 4, 42, split="testing")
+    assert "the splits it ships: restval, test, train, val" in user_error(excinfo)
+
+
+def test_split_all_with_a_memory_from_another_collection(tmp_path):
+    from fake_flickr import make_coco_captions
+    nocaps = make_coco_captions(tmp_path / "nocaps", 6)
+    coco = karpathy_coco(tmp_path)
+    d = load_and_split_dataset(str(nocaps), 4, 42, split="all", memory_dataset=str(coco))
+    assert ids(d.experiment) == ids(load_local(nocaps))           # every image, in file order
+    coco_train = [s for s in load_local(coco) if s.split in ("train", "restval")]
+    assert ids(d.train) == ["coco:" + s.image_id for s in coco_train]   # prefixed, distinct
+    assert not set(ids(d.train)) & set(ids(d.experiment))
+    assert d.get(d.train[0].image_id).captions == coco_train[0].captions
+    assert Path(d.get(d.train[0].image_id).source) == Path(coco_train[0].source)
+    assert_same_picture(d.load_image(d.train[0]), 0)
+    assert d.domains == ["in-domain", "near-domain", "out-domain"]
+
+
+def test_memory_ids_stay_distinct_when_two_collections_share_file_names(tmp_path):
+    a = make_flickr(tmp_path / "a", "kaggle", 6)
+    b = make_flickr(tmp_path / "b", "kaggle", 6)           # the same file names
+    d = load_and_split_dataset(str(a), 6, 42, memory_dataset=str(b))
+    assert set(ids(d.experiment)) == expected_ids(6)
+    assert set(ids(d.train)) == {"b:" + i for i in expected_ids(6)}
+    assert d.get(image_name(0)).source.startswith(str(a.resolve()))
+    assert d.get("b:" + image_name(0)).source.startswith(str(b.resolve()))
+
+
+def test_memory_from_a_hub_table_opens_its_own_rows(monkeypatch, tmp_path):
+    import datasets
+    tables = {name: hub_table({"caption": [f"{name} {i}" for i in images]},
+                              [jpeg_bytes(make_image(i)) for i in images])
+              for name, images in (("org/photos", range(0, 4)), ("org/memory", range(10, 13)))}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, **kw: tables[name])
+    d = load_and_split_dataset("org/photos", 4, 42, memory_dataset="org/memory")
+    assert len(d.experiment) == 4 and all(i.startswith("org--memory:") for i in ids(d.train))
+    memory = next(s for s in d.train if s.captions == ("org/memory 11",))
+    assert_same_picture(d.load_image(memory), 11)          # row 1 of the memory's table
+    photo = next(s for s in d.experiment if s.captions == ("org/photos 1",))
+    assert_same_picture(d.load_image(photo), 1)           # row 1 of the collection's
+
+
+def test_the_same_collection_as_memory_dataset_is_no_other_memory(layout_dirs):
+    kaggle = str(layout_dirs["kaggle"])
+    same = load_and_split_dataset(kaggle, 4, 42, memory_dataset=kaggle + "/")
+    plain = load_and_split_dataset(kaggle, 4, 42)
+    assert ids(same.train) == ids(plain.train) and same.fingerprint == plain.fingerprint
+
+
+def test_fingerprint_names_the_split_and_the_memory(tmp_path, monkeypatch):
+    root = str(karpathy_coco(tmp_path))
+    seeded = load_and_split_dataset(root, 3, 42)
+    karpathy = load_and_split_dataset(root, 3, 42, split="karpathy")
+    test = load_and_split_dataset(root, 3, 42, split="test")           # the same images
+    other_seed = load_and_split_dataset(root, 3, 7, split="karpathy")
+    assert len({seeded.fingerprint, karpathy.fingerprint, test.fingerprint}) == 3
+    assert other_seed.fingerprint == karpathy.fingerprint   # the seed draws nothing here
+    flickr = make_flickr(tmp_path / "flickr", "kaggle", 6)
+    with_memory = load_and_split_dataset(root, 3, 42, split="karpathy", memory_dataset=str(flickr))
+    assert with_memory.fingerprint != karpathy.fingerprint
+    # the memory named another way (relative, trailing slash) is the same split
+    monkeypatch.chdir(tmp_path)
+    assert load_and_split_dataset(root, 3, 42, split="karpathy",
+                                  memory_dataset="flickr/").fingerprint == with_memory.fingerprint

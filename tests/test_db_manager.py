@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import db_check
+import db_format
 import db_journal
 import db_manager
 from db_manager import (CAPTION_DB, CAPTION_EMBEDDING_DB, FILES, IMAGE_DB, WORK, DbIdentity,
@@ -241,6 +242,69 @@ def test_truncated_file_is_an_error_naming_it_and_the_fix(tmp_path, name):
         DbManager.open(tmp_path, IDENTITY)
     assert snapshot(tmp_path) == before
     assert any(name in p for p in check_db(tmp_path))
+
+
+def test_an_edit_that_keeps_the_size_is_refused_at_start(tmp_path):
+    # `python main.py` after changing one word of captions.json (same byte count)
+    add(seeded(tmp_path), caption="a pagoda by a lake")
+    path = tmp_path / CAPTION_DB
+    path.write_bytes(path.read_bytes().replace(b"pagoda", b"PAGODA"))
+    before = snapshot(tmp_path), (tmp_path / WORK / "state.json").read_bytes()
+    with pytest.raises(UserError, match=r"captions.json was changed by another program since "
+                                        r"the last save.*--repair-db") as error:
+        DbManager.open(tmp_path, IDENTITY)
+    assert "\n" not in str(error.value)
+    assert (snapshot(tmp_path), (tmp_path / WORK / "state.json").read_bytes()) == before
+    assert any("changed by another program" in p for p in check_db(tmp_path))
+
+
+def test_the_start_up_check_reads_no_json_file_while_their_stat_is_unchanged(tmp_path,
+                                                                            monkeypatch):
+    add(seeded(tmp_path))
+    read = []
+    monkeypatch.setattr(db_format, "_crcs", lambda *a: read.append(a) or {})
+    DbManager.open(tmp_path, IDENTITY)
+    assert read == []
+
+
+def test_a_copied_database_is_checked_by_content_and_opens(tmp_path):
+    # cp -r memory/ copy/ : new inodes and times, same bytes
+    db = seeded(tmp_path / "memory")
+    add(db)
+    shutil.copytree(tmp_path / "memory", tmp_path / "copy")
+    copy = DbManager.open(tmp_path / "copy", IDENTITY)
+    assert copy.image_ids == db.image_ids
+    add(copy, image_id="second.jpg", seed=3)   # the seals it re-made keep working
+    assert check_db(tmp_path / "copy") == []
+    assert "second.jpg" in DbManager.open(tmp_path / "copy", IDENTITY).image_ids
+
+
+def test_saves_keep_the_seals_current_across_appends_reruns_and_rewrites(tmp_path):
+    db = seeded(tmp_path)
+    add(db)
+    add(db, caption="a shorter rerun")                    # in place
+    add(db, caption="a much longer rerun " * 40)          # the caption files rewritten whole
+    db.add_images(["big.jpg"], unit(1, 4, 9), [{"id": "big.jpg#0", "image_id": "big.jpg",
+                  "caption": "x" * (3 << 20), "source": "human"}], unit(1, 5, 9))
+    state = DbManager.open(tmp_path, IDENTITY).state
+    for name in FILES:
+        assert state.seals[name] == db_format.seal(tmp_path / name), name
+    path = tmp_path / CAPTION_DB                            # an edit past the first block
+    blob = bytearray(path.read_bytes())
+    blob[(2 << 20) + 5] ^= 0x20
+    path.write_bytes(bytes(blob))
+    with pytest.raises(UserError, match="changed by another program"):
+        DbManager.open(tmp_path, IDENTITY)
+
+
+def test_a_database_saved_before_seals_gets_them_at_its_first_open(tmp_path):
+    add(seeded(tmp_path))
+    state_path = tmp_path / WORK / "state.json"
+    state = orjson.loads(state_path.read_bytes())
+    state.pop("seals")
+    state_path.write_bytes(orjson.dumps(state))
+    assert DbManager.open(tmp_path, IDENTITY).state.seals.keys() == set(FILES)
+    assert set(orjson.loads(state_path.read_bytes())["seals"]) == set(FILES)
 
 
 MALFORMED = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -287,8 +288,10 @@ def test_main_py_without_network_ends_in_one_line(tmp_path, flickr_dir, args, wh
     assert out.returncode == 1
     lines = out.stderr.splitlines()
     assert len(lines) == 1, out.stderr
-    assert lines[0].startswith(f"main.py: error: {what} 'someorg/not-cached' is not in the "
-                               "local Hugging Face cache and the hub cannot be reached")
+    # every model missing is named too (the defaults are not cached here), before any loads
+    assert re.match(r"main.py: error: [34] missing, nothing loaded: ", lines[0])
+    assert (f"{what} 'someorg/not-cached' is not in the local Hugging Face cache and the hub "
+            "cannot be reached") in lines[0]
     assert "hf download someorg/not-cached" in lines[0]
 
 

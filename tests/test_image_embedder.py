@@ -66,6 +66,18 @@ def test_embed_accepts_a_generator(embedder, reference):
     np.testing.assert_allclose(got, reference, atol=1e-5)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_bar_counts_unreadable_images_and_ends_at_its_total(embedder, images, reference,
+                                                                overlap, monkeypatch, capsys):
+    # a folder of 6 where 2 cannot be read: the bar reads 6/6 (100%) with unreadable=2
+    monkeypatch.setattr(embedder, "overlap", overlap)
+    items = [images[0], None, *images[1:4], None]
+    got = embedder.embed(iter(items), total=len(items), progress=True)
+    np.testing.assert_allclose(got, reference[:4], atol=1e-5)
+    final = capsys.readouterr().err.rstrip().split("\r")[-1]
+    assert "100%" in final and "6/6" in final and "unreadable=2" in final, final
+
+
 def test_embed_of_no_images_is_an_empty_model_dim_array(embedder):
     got = embedder.embed([])
     assert got.shape == (0, embedder.dim)
@@ -76,11 +88,11 @@ def test_embed_reads_the_next_batch_while_the_model_runs(embedder, monkeypatch):
     # The generator is read by the prefetch thread: the first image of batch 2 is
     # read before the model has finished batch 1 (decoding overlaps the forward).
     events = []
-    original = embedder._encode
+    original = embedder.model.get_image_features     # the model's forward (transformers' API)
 
-    def slow_encode(pixels):
+    def slow_forward(**inputs):
         time.sleep(0.2)
-        out = original(pixels)
+        out = original(**inputs)
         events.append("encoded")
         return out
 
@@ -88,7 +100,7 @@ def test_embed_reads_the_next_batch_while_the_model_runs(embedder, monkeypatch):
         for i in range(N_IMAGES):
             events.append(f"read {i}")
             yield make_image(i)
-    monkeypatch.setattr(embedder, "_encode", slow_encode)
+    monkeypatch.setattr(embedder.model, "get_image_features", slow_forward)
     monkeypatch.setattr(embedder, "overlap", True)  # the default on GPUs
     embedder.embed(images())
     assert events.index(f"read {embedder.batch_size}") < events.index("encoded")
@@ -224,23 +236,30 @@ def load(image_id: str):
 
 @pytest.fixture
 def count_forward(monkeypatch):
-    """Wrap an embedder's `_encode` so each test can see whether the model ran."""
+    """Wrap an embedder's model forward (transformers' get_image_features for CLIP-like
+    models, forward for plain backbones) so each test can see whether the model ran,
+    and on how many images."""
     def wrap(embedder: ImageEmbedder) -> list[int]:
         calls = []
-        original = embedder._encode
+        name = _forward_of(embedder)
+        original = getattr(embedder.model, name)
 
-        def counting(batch):
-            calls.append(len(batch))
-            return original(batch)
-        monkeypatch.setattr(embedder, "_encode", counting)
+        def counting(*args, **inputs):
+            calls.append(len(inputs["pixel_values"]))
+            return original(*args, **inputs)
+        monkeypatch.setattr(embedder.model, name, counting)
         return calls
     return wrap
 
 
+def _forward_of(embedder: ImageEmbedder) -> str:
+    return "get_image_features" if embedder.uses_image_features else "forward"
+
+
 def _model_must_not_run(monkeypatch, embedder):
-    def fail(batch):
+    def fail(*args, **inputs):
         raise AssertionError("the model ran although the cache should have been used")
-    monkeypatch.setattr(embedder, "_encode", fail)
+    monkeypatch.setattr(embedder.model, _forward_of(embedder), fail)
 
 
 def test_embed_pool_returns_ids_and_their_embeddings(embedder, tmp_path):

@@ -258,10 +258,29 @@ def test_line_breaks_inside_a_caption_do_not_shift_the_others(no_meteor):
 
 # --------------------------------------------------------------------------- SPICE
 
-def test_spice_is_skipped_unless_asked(no_meteor):
+def test_spice_without_its_jars_is_skipped_saying_where_they_go(no_meteor, monkeypatch,
+                                                                 tmp_path):
+    # pycocoevalcap's wheel ships no Stanford CoreNLP: by default SPICE then says where
+    # the two jars go, and does not try the download (which fails offline)
+    monkeypatch.setattr(metrics, "spice_lib_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(metrics, "_spice", lambda gts, res: pytest.fail("SPICE was run"))
     result = metrics.evaluate_captions(GEN, REFS)
     assert "SPICE" not in result
-    assert result["skipped"]["SPICE"] == "not requested (spice=False)"
+    assert result["skipped"]["SPICE"] == (
+        "Stanford CoreNLP 3.6.0 is not installed: put stanford-corenlp-3.6.0.jar and "
+        f"stanford-corenlp-3.6.0-models.jar in {tmp_path} (README, 'Comparing with published "
+        "numbers')")
+    assert metrics.evaluate_captions(GEN, REFS, spice=False)["skipped"]["SPICE"] == \
+        "not requested (spice=False)"
+
+
+@needs_java
+def test_spice_runs_by_default_when_its_jars_are_there(no_meteor, monkeypatch, tmp_path):
+    for jar in metrics.SPICE_JARS:
+        (tmp_path / jar).write_bytes(b"")
+    monkeypatch.setattr(metrics, "spice_lib_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(metrics, "_spice", lambda gts, res: (0.5, [0.5] * len(res)))
+    assert metrics.evaluate_captions(GEN, REFS)["SPICE"] == 0.5
 
 
 @needs_java
@@ -427,8 +446,10 @@ def test_format_report(corpus_result):
     assert report.startswith("### Caption metrics (4 images)")
     assert f"| CIDEr-D | {corpus_result['CIDEr-D']:.4f} |" in report
     assert "| BLEU-4 |" in report and "| ROUGE-L |" in report
-    assert "| SPICE | not requested (spice=False) |" in report
-    assert "| SPICE |" not in report.split("| skipped |")[0]  # no number for a skipped metric
+    if "SPICE" not in corpus_result:   # skipped (no CoreNLP jars here): the reason, no number
+        assert f"| SPICE | {corpus_result['skipped']['SPICE']} |" in report
+        assert "| SPICE |" not in report.split("| skipped |")[0]
+    assert "| CLIPScore | no CLIP model given (clip_scorer) |" in report
     assert "Tokenisation:" in report and "Length (tokens)" in report
 
 

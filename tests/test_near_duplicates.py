@@ -144,3 +144,38 @@ def test_pairs_of_hand_made_vectors():
     assert pairs == [near_duplicates.Pair(7, "q0", "a", pytest.approx(1.0))]
     with pytest.raises(UserError, match="--threshold must be a cosine"):
         near_duplicates.check_threshold(0)
+
+
+def test_the_figure_title_never_covers_a_label_or_an_image(monkeypatch, tmp_path):
+    # near_duplicates.png: a title, then one row per pair (the 12 closest), each image
+    # with its label; photos landscape and portrait, as Flickr's are
+    from fake_flickr import make_image
+    from figure_checks import overlaps, saved_figures
+    figures = saved_figures(monkeypatch)
+    pairs = tuple(near_duplicates.Pair(n, f"100026820{n}_693b08cb0e.jpg",
+                                       f"10{n}2536888_bd8b8ee4d4.jpg", 0.99 - n / 1000)
+                  for n in range(near_duplicates.FIGURE_PAIRS + 1))
+    report = near_duplicates.Report(0.95, "openai/clip-vit-base-patch32", 40, 100, pairs)
+    sizes = iter([(500, 375), (375, 500), (500, 333), (333, 500)] * len(pairs))
+    path = near_duplicates.plot_pairs(report, lambda image_id: make_image(7, next(sizes)),
+                                      tmp_path / "near_duplicates.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert overlaps(figures[-1]) == []
+
+
+def test_the_figure_replaces_the_old_one_whole(tmp_path):
+    from PIL import Image
+    path = tmp_path / "results" / near_duplicates.FIGURE_NAME
+    path.parent.mkdir()
+    path.write_bytes(b"an old figure")
+    report = near_duplicates.Report(0.95, "clip", 2, 4, (
+        near_duplicates.Pair(0, "a.jpg", "b.jpg", 0.99),
+        near_duplicates.Pair(1, "c.jpg", "gone.jpg", 0.97)))
+
+    def load(image_id):
+        if image_id == "gone.jpg":
+            raise UserError("no such image")          # drawn as unreadable, not fatal
+        return Image.new("RGB", (32, 24), "red")
+    assert near_duplicates.plot_pairs(report, load, path) == path
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert [p.name for p in path.parent.iterdir()] == [near_duplicates.FIGURE_NAME]

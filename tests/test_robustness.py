@@ -177,3 +177,13 @@ def test_bad_options_exit_2(tmp_path, capsys):
     assert "--images-dir" in _one_error_line(capsys.readouterr().err)
     assert main(["--images-dir", str(tmp_path), "--limit", "1"]) == 2
     assert "--limit" in _one_error_line(capsys.readouterr().err)
+
+
+def test_the_chart_title_never_covers_its_bars_or_labels(monkeypatch, tmp_path):
+    from figure_checks import overlaps, saved_figures
+    figures = saved_figures(monkeypatch)
+    results = {b: {v: {"recall@1": 0.5 + n / 20, "recall@5": 0.9} for n, v in
+                   enumerate(VARIANTS)} for b in ("clip", "siglip")}
+    robustness.plot_chart(results, {"clip": "CLIP ViT-B/32", "siglip": "SigLIP"}, 40,
+                          tmp_path / "chart.png")
+    assert overlaps(figures[-1]) == []

@@ -4,11 +4,14 @@ killed job, failures, --import-parquet and an index from the shards.
 One local Ray session (2 CPUs) serves the whole file; each pipeline run costs
 about 15-20 s here, most of it starting the actors (torch imports)."""
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +27,12 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from scale import shards  # noqa: E402
 from scale.build_index import build_index  # noqa: E402
-from scale.caption_collection import caption_collection, list_images, run_isolated  # noqa: E402
+from scale.caption_collection import (  # noqa: E402
+    caption_collection,
+    list_images,
+    run_isolated,
+    watch_head,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 N_IMAGES = 10          # readable images of the collection, plus one corrupt JPEG
@@ -142,6 +150,8 @@ def test_a_failing_batch_is_retried_then_split():
     (["--images", "{photos}"], "give --images SPEC and --out OUT_DIR"),
     (["--images", "{photos}", "--out", "{out}", "--shard-size", "0"],
      "--shard-size and --block-size must be at least 1"),
+    (["--images", "{photos}", "--out", "{out}", "--shard-seconds", "0"],
+     "--shard-seconds must be more than 0"),
 ])
 def test_bad_input_is_one_line(args, message, env, tmp_path, capsys):
     from scale.caption_collection import main as cli
@@ -158,6 +168,57 @@ def test_without_ray_it_says_how_to_install_it(env, tmp_path, capsys, monkeypatc
     assert cli(cli_args(env["kw"], "--images", str(env["photos"]),
                         "--out", str(tmp_path / "out"))) == 1
     assert "pip install -r requirements-scale.txt" in error_line(capsys.readouterr().err)
+
+
+def finished(ids: list[str]):
+    """A table of finished rows, as the pipeline's last stage hands them to the driver."""
+    import pyarrow as pa
+    n = len(ids)
+    return pa.table({"id": ids, "path": [f"/p/{i}" for i in ids],
+                     "image_embedding": [[1.0, 0.0]] * n, "caption": ["a dog"] * n,
+                     "caption_embedding": [[0.0, 1.0]] * n, "neighbours": [[]] * n})
+
+
+def test_a_shard_is_written_every_n_images_or_every_interval(tmp_path):
+    # python -m scale.caption_collection ... --shard-size 4 --shard-seconds 0.5
+    writer = shards.ShardWriter(tmp_path, "run", shard_size=4, models={}, seconds=0.5)
+    writer.add(finished(["a", "b", "c", "d", "e", "f"]))       # 4 written at once, 2 wait
+    assert [len(read(p)) for p in shards.shard_paths(tmp_path)] == [4]
+    writer.add(finished(["g"]))
+    deadline = time.monotonic() + 30
+    while len(shards.shard_paths(tmp_path)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)                                       # no new rows needed: a timer
+    assert [len(read(p)) for p in shards.shard_paths(tmp_path)] == [4, 3]
+    writer.add(finished(["h"]))
+    writer.close()                                             # the rest, at the end
+    assert shards.written_ids(tmp_path) == set("abcdefgh") and writer.written == 8
+    assert shards.SHARD_SIZE <= 1000 and shards.SHARD_SECONDS <= 60   # the defaults
+
+
+def read(path: Path) -> list[str]:
+    return shards.read_shard(path, ["id"]).column("id").to_pylist()
+
+
+def test_a_lost_head_node_is_noticed_while_ray_would_still_wait(monkeypatch):
+    import socket
+    head = socket.socket()
+    head.bind(("127.0.0.1", 0))
+    head.listen()
+    address = "127.0.0.1:%d" % head.getsockname()[1]
+    lost = []
+    stop = watch_head(address, lambda a, seconds: lost.append((a, seconds)), after=0.3,
+                      every=0.05)
+    time.sleep(0.6)
+    assert lost == []                                          # the head answers
+    head.close()                                               # the head node is gone
+    deadline = time.monotonic() + 30
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    assert lost and lost[0][0] == address and lost[0][1] >= 0.3
+    monkeypatch.delenv("RAY_gcs_rpc_server_reconnect_timeout_s", raising=False)
+    from scale.caption_collection import head_lost_after
+    assert head_lost_after() == 55                             # before Ray's 60 s
 
 
 # --- the Ray pipeline ------------------------------------------------------------------
@@ -219,14 +280,17 @@ def test_resuming_with_other_settings_is_refused(env, collection):
 
 
 def test_killed_job_resumes_and_writes_every_id_exactly_once(env, ray_address, tmp_path):
+    # fewer images than the default shard size: the job still writes a shard every
+    # --shard-seconds, so a kill keeps what was finished before the last interval
     photos = make_collection(tmp_path / "many", 24, first=300)
+    assert 24 < shards.SHARD_SIZE
     out = tmp_path / "out"
     command = [sys.executable, "-m", "scale.caption_collection", "--images", str(photos),
-               "--out", str(out), "--address", ray_address, "--shard-size", "1",
+               "--out", str(out), "--address", ray_address, "--shard-seconds", "0.5",
                "--caption-batch-size", "1", *cli_args(env["kw"])]
     job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600          # starting the actors is slow on a busy machine
     while not shards.shard_paths(out) and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     job.send_signal(signal.SIGKILL)
@@ -328,7 +392,13 @@ def test_index_from_the_shards_finds_what_an_index_of_the_arrays_finds(collectio
     index = build_index(out, backend)
     reference = SearchIndex.from_vectors(paths, vectors, backend=backend)
     assert len(index) == N_IMAGES
-    assert index.search(vectors, 3) == reference.search(vectors, 3)
+    got, want = index.search(vectors, 3), reference.search(vectors, 3)
+    # the same neighbours; scores equal to float32 rounding (a memory-mapped index and an
+    # in-memory one may multiply in another order)
+    assert [[(n.rank, n.image_id) for n in q] for q in got] == \
+        [[(n.rank, n.image_id) for n in q] for q in want]
+    np.testing.assert_allclose([[n.score for n in q] for q in got],
+                               [[n.score for n in q] for q in want], atol=1e-6)
     exact = SearchIndex.from_vectors(paths, vectors).search(vectors, 3)
     assert [[n.image_id for n in q] for q in index.search(vectors, 3)] == [
         [n.image_id for n in q] for q in exact]
@@ -353,3 +423,60 @@ def test_build_index_takes_ann_settings(collection, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli([str(out), "--out", str(tmp_path / "x"), "--param", "nprobe"])
     assert exc.value.code == 2
+
+
+def _ray_head(temp_dir: Path, env: dict) -> tuple[str, list]:
+    """`ray start --head` of its own (so that its loss does not touch the module's Ray):
+    its address and its processes (found by their session folder, to be ended by id)."""
+    import psutil
+    port = _free_port()
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
+                    f"--port={port}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+                    "--include-dashboard=false", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=180)
+    found = [p for p in psutil.process_iter(["cmdline"])
+             if any(str(temp_dir) in part for part in p.info["cmdline"] or [])]
+    return f"127.0.0.1:{port}", found + [c for p in found for c in p.children(recursive=True)]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_lost_head_node_ends_the_job_with_how_to_resume(env, tmp_path):
+    import psutil
+    # Ray gives up on a lost GCS after 12 s here (60 by default); the job speaks first
+    ray_env = {**os.environ, "RAY_gcs_rpc_server_reconnect_timeout_s": "12"}
+    temp_dir = Path("/tmp") / f"rh{os.getpid()}"   # Ray's socket paths must stay short
+    address, head = _ray_head(temp_dir, ray_env)
+    try:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "scale.caption_collection", "--images", str(env["photos"]),
+             "--out", str(tmp_path / "out"), "--address", address, *cli_args(env["kw"])],
+            cwd=ROOT, env=ray_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True)
+        timer = threading.Timer(180, job.kill)           # a hung job fails, not hangs
+        timer.start()
+        lines = []
+        for line in job.stderr:                            # until the pipeline runs
+            lines.append(line)
+            if "Running Dataset" in line:
+                break
+        gcs = [p for p in head if "gcs_server" in " ".join(p.cmdline())]
+        assert len(gcs) == 1, "".join(lines)[-3000:]
+        gcs[0].kill()                                      # the head node is lost
+        stderr = "".join(lines) + job.stderr.read()
+        job.wait()
+        timer.cancel()
+    finally:
+        for process in head:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert job.returncode == 1, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("scale.caption_collection: error: lost the Ray head node"), last
+    assert "run the same command again to continue" in last

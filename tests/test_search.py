@@ -1,5 +1,6 @@
 """search.py: image and text search over the memory and over folders, on tiny models."""
 
+import csv
 import io
 import json
 import sys
@@ -57,13 +58,15 @@ def test_folder_search_is_recursive_and_incremental(photos, settings_kwargs, mon
     assert first.hits[0].image_id == "b/c/p4.png" and first.indexed == 6
     assert first.index_update.startswith("0 unchanged, 6 new")
     import image_embedder
-    calls = []
-    real = image_embedder.ImageEmbedder._encode
+    calls = []    # images embedded, per call that embedded any
+    real = image_embedder.ImageEmbedder.embed
 
-    def counting(self, pixels):
-        calls.append(len(pixels))
-        return real(self, pixels)
-    monkeypatch.setattr(image_embedder.ImageEmbedder, "_encode", counting)
+    def counting(self, images, *args, **kwargs):
+        vectors = real(self, images, *args, **kwargs)
+        if len(vectors):
+            calls.append(len(vectors))
+        return vectors
+    monkeypatch.setattr(image_embedder.ImageEmbedder, "embed", counting)
     again = search.search_images(str(photos / "a/p1.jpg"), 2, images_dir=str(photos),
                                  **settings_kwargs)
     assert again.index_update.startswith("6 unchanged, 0 new") and calls == [1]  # only the query
@@ -152,6 +155,38 @@ def test_caption_folder_makes_a_folder_searchable_by_words(photos, settings_kwar
     assert not Path(settings_kwargs["db_dir"], "captions.json").exists()
 
 
+def test_caption_folder_prints_each_caption_and_writes_captions_csv(photos, settings_kwargs,
+                                                                   capsys):
+    # python main.py --caption-folder photos/
+    assert main.main(cli(settings_kwargs, "--caption-folder", str(photos),
+                         "--no-retrieval")) == 0
+    out = capsys.readouterr().out.splitlines()
+    from db_manager import DbManager
+    from folder_index import folder_db_dir
+    db_dir = folder_db_dir(settings_kwargs["db_dir"], photos)
+    captions = {c["image_id"]: c for c in DbManager.open(db_dir).captions}
+    assert len(captions) == 6
+    for image_id, entry in captions.items():   # each image on its line, with its caption
+        assert any(line.split() == [image_id] + entry["caption"].split() for line in out)
+        assert "experiment_index" not in entry  # folder images are no experiments
+    with open(db_dir / "captions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["image_id"]: r["caption"] for r in rows} == {
+        i: c["caption"] for i, c in captions.items()}
+    assert {r["model"] for r in rows} == {settings_kwargs["vlm_model_name"]}
+    assert str(db_dir / "captions.csv") in out[-2]
+    # a rerun captions nothing new: no caption lines, the table still lists all six
+    (photos / "a" / "new.png").write_bytes((photos / "a" / "p0.png").read_bytes())
+    assert main.main(cli(settings_kwargs, "--caption-folder", str(photos), "--no-retrieval",
+                         "--quiet")) == 0
+    out, err = capsys.readouterr()
+    assert "a/new.png" not in out and out.startswith("captioned 1 of 7 images")
+    bar = err.rstrip().split("\r")[-1]      # the bar counts this run's image, shows the rest
+    assert "100%" in bar and "1/1" in bar and "done_before=6" in bar, bar
+    with open(db_dir / "captions.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 7
+
+
 def test_caption_folder_with_retrieval_uses_the_memory(photos, memory, settings_kwargs):
     summary = main.caption_folder(str(photos), retrieval=True, **settings_kwargs)
     assert summary["captioned"] == 6 and summary["retrieval"]
@@ -177,15 +212,15 @@ def test_cli_table_figure_and_json(memory, settings_kwargs, tmp_path, capsys):
 @pytest.mark.parametrize("args, code, message", [
     (["--query", "/nonexistent.jpg"], 1, "image not found: /nonexistent.jpg"),
     (["--query", "{notes}"], 1, "could not be read"),
-    (["--query", "{img}", "--topk", "0"], 1, "--topk must be a positive integer, got 0"),
-    (["--query", "{img}", "--topk", "-3"], 1, "--topk must be a positive integer, got -3"),
+    (["--query", "{img}", "--topk", "0"], 2, "--topk must be a positive integer, got 0"),
+    (["--query", "{img}", "--topk", "-3"], 2, "--topk must be a positive integer, got -3"),
     (["--query", "{img}", "--topk", "abc"], 2, "--topk must be a positive integer, got 'abc'"),
-    (["--query", "{img}", "--topk", "1000000"], 1, "--topk 1000000 is more than the 6 images"),
     (["--query", "{img}", "--images-dir", "{empty}"], 1, "no images in"),
     (["--text", "x", "--images-dir", "{photos}", "--text-by", "captions"], 1,
      "has no captions yet: run `python main.py --caption-folder"),
     (["--text", "x", "--text-by", "words"], 2, "argument --text-by: invalid choice: 'words'"),
-    (["--text", "  "], 1, "--text is empty"),
+    (["--text", "  "], 2, "--text is empty"),
+    (["--text", ""], 2, "--text is empty"),
     ([], 2, "give --query IMAGE or --text TEXT"),
     (["--query", "{img}", "--text", "x"], 2, "not allowed with argument"),
     (["--query", "{img}", "--backbone", "/nonexistent/model"], 1,
@@ -203,6 +238,22 @@ def test_bad_input_is_one_line(args, code, message, photos, settings_kwargs, tmp
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and message in lines[0], err
+
+
+def test_a_topk_larger_than_the_collection_returns_all_of_it(photos, settings_kwargs, capsys):
+    # python search.py --query photos/a/p0.png --images-dir photos/ --topk 50   (6 photos)
+    assert search.main(cli(settings_kwargs, "--query", str(photos / "a/p0.png"),
+                           "--images-dir", str(photos), "--topk", "50")) == 0
+    out = capsys.readouterr().out
+    assert "note: top 50 asked, only 6 images searched: showing all 6" in out
+    result = search.search_images(str(photos / "a/p0.png"), 50, images_dir=str(photos),
+                                  **settings_kwargs)
+    assert [h.rank for h in result.hits] == [1, 2, 3, 4, 5, 6] and len(result.notes) == 1
+    text = search.search_text("a photo", 9, images_dir=str(photos), **settings_kwargs)
+    assert len(text.hits) == 6 and "showing all 6" in text.notes[0]
+    exact = search.search_images(str(photos / "a/p0.png"), 6, images_dir=str(photos),
+                                 **settings_kwargs)
+    assert len(exact.hits) == 6 and exact.notes == []
 
 
 def test_search_without_a_memory_says_how_to_make_one(settings_kwargs, photos):
@@ -323,6 +374,54 @@ def test_text_search_of_the_memory_by_captions_clip_or_both(clip_memory):
     assert both.indexed == len(dataset.train)
 
 
+def test_text_search_shows_the_top_of_the_full_ranking(clip_memory):
+    dataset, kwargs = clip_memory
+    text = captions_for(7)[0]
+    for by in ("captions", "clip"):
+        everything = search.search_text(text, len(dataset.train), by=by, **kwargs)
+        assert len(everything.hits) == everything.indexed == len(dataset.train)
+        for k in (1, 3, 5):
+            top = search.search_text(text, k, by=by, **kwargs)
+            assert top.indexed == everything.indexed
+            assert [(h.image_id, h.score, h.caption) for h in top.hits] == [
+                (h.image_id, h.score, h.caption) for h in everything.hits[:k]]
+
+
+@pytest.mark.parametrize("by", ["captions", "clip", "both"])
+def test_text_search_with_faiss_finds_what_numpy_finds(clip_memory, capsys, tmp_path,
+                                                       monkeypatch, by):
+    faiss = pytest.importorskip("faiss")
+    dataset, kwargs = clip_memory
+    text = captions_for(9)[0]
+    flat_indexes, real = [], faiss.IndexFlatIP
+    monkeypatch.setattr(faiss, "IndexFlatIP", lambda dim: flat_indexes.append(dim) or real(dim))
+    runs, built = {}, {}
+    for index in ("numpy", "faiss"):
+        flat_indexes.clear()
+        assert search.main(cli(kwargs, "--text", text, "--text-by", by, "--topk", "5",
+                               "--index", index, "--json", "--plot",
+                               str(tmp_path / f"{index}.png"))) == 0
+        runs[index], built[index] = json.loads(capsys.readouterr().out), len(flat_indexes)
+    assert built == {"numpy": 0, "faiss": 2 if by == "both" else 1}  # one index per ranking
+    numpy_hits, faiss_hits = runs["numpy"]["hits"], runs["faiss"]["hits"]
+    assert len(numpy_hits) == 5 and runs["faiss"]["indexed"] == runs["numpy"]["indexed"]
+    assert [(h["image_id"], h["caption"], h["ranks"]) for h in faiss_hits] == [
+        (h["image_id"], h["caption"], h["ranks"]) for h in numpy_hits]
+    assert [h["score"] for h in faiss_hits] == pytest.approx([h["score"] for h in numpy_hits],
+                                                             abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["faiss-fp16", "ivfpq", "hnsw"])
+def test_text_search_reaches_every_index_backend(clip_memory, backend):
+    pytest.importorskip("faiss")
+    dataset, kwargs = clip_memory
+    sample = dataset.train[4]
+    text = captions_for([image_name(i) for i in range(16)].index(sample.image_id))[0]
+    for by in ("captions", "clip"):
+        found = search.search_text(text, 3, by=by, index=backend, **kwargs)
+        assert found.hits[0].image_id == sample.image_id and len(found.hits) == 3
+
+
 def test_a_korean_query_works_end_to_end(clip_memory, tmp_path, capsys, monkeypatch, recwarn):
     dataset, kwargs = clip_memory
     figure = tmp_path / "ko.png"
@@ -425,7 +524,7 @@ def test_the_first_text_search_embeds_the_human_captions_once(settings_kwargs, m
 
 KILLED_SEARCH = """
 import time
-import caption_embedder, pipeline, search
+import caption_embedder, memory, search
 memory.EMBED_CHUNK = 8
 real = caption_embedder.CaptionEmbedder.embed_captions
 
@@ -490,3 +589,23 @@ def test_text_search_of_the_caption_datastore_by_clip(clip_memory, tmp_path):
     assert memory_hit.caption in dataset.get(memory_hit.image_id).captions
     table = search.format_table(result)
     assert f"{corpus}:1" in table and "corpus: a red kite over the sea" in table
+
+
+@pytest.mark.parametrize("mode", ["image", "text"])
+def test_the_figure_titles_never_cover_an_image_or_a_caption(mode, monkeypatch, tmp_path):
+    # python search.py ... --plot fig.png: the query, then each hit titled with its score
+    from figure_checks import overlaps, saved_figures
+    figures = saved_figures(monkeypatch)
+    query = tmp_path / "query.png"
+    make_image(5).save(query)
+    hits = [search.Hit(rank, f"10{rank}_a_long_flickr_style_file_name.jpg", 0.9 - rank / 50,
+                       caption="A dog, seen from far away, runs through the long grass of a "
+                               "field near the river .", caption_source="human",
+                       found_by="captions+clip")
+            for rank in range(1, 6)]
+    result = search.SearchResult(mode, str(query) if mode == "image" else
+                                 "a dog running through the grass by the river", "memory",
+                                 "model", hits, 12, by="both",
+                                 _load=lambda hit: make_image(hit.rank))
+    search.plot_results(result, tmp_path / "fig.png")
+    assert overlaps(figures[-1]) == []

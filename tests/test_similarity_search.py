@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from similarity_search import Neighbour, top_k
+from similarity_search import Neighbour, search_exact, top_k
 
 
 def unit(rows, dim=8, seed=0):
@@ -68,6 +68,25 @@ def test_dimension_and_id_mismatches_are_errors():
 def test_returns_neighbour_records():
     got = top_k(unit(1)[0], unit(3), list("abc"), 1)
     assert isinstance(got[0], Neighbour) and isinstance(got[0].score, float)
+
+
+def test_one_exact_search_serves_single_queries_batches_and_the_index():
+    vectors, ids = unit(50, seed=7), [f"img{i}" for i in range(50)]
+    vectors[[10, 30]] = vectors[20]                     # three tied rows
+    queries = np.stack([vectors[20], unit(1, seed=8)[0]])
+    banned = [[20], []]
+    got = search_exact(queries, vectors, ids, 4, banned)
+    assert [n.image_id for n in got[0][:2]] == ["img10", "img30"]      # ties in row order
+    alone = top_k(queries[0], vectors, ids, 4, exclude={"img20"})
+    assert [n.image_id for n in got[0]] == [n.image_id for n in alone]
+    np.testing.assert_allclose([n.score for n in got[0]], [n.score for n in alone], atol=1e-6)
+    assert search_exact(queries[1], vectors, ids, 4) == [top_k(queries[1], vectors, ids, 4)]
+    assert SearchIndex.from_vectors(ids, vectors).search(queries, 4, [{"img20"}, set()]) == got
+    everything = search_exact(queries[1], vectors, ids, 50)[0]       # k = N ranks every row
+    assert [n.image_id for n in everything] == brute_force(queries[1], vectors, ids, 50)
+    assert [n.rank for n in everything] == list(range(1, 51))
+    with pytest.raises(ValueError, match="1 banned sets for 2 queries"):
+        search_exact(queries, vectors, ids, 4, [[]])
 
 
 # --- SearchIndex ------------------------------------------------------------------
@@ -248,10 +267,12 @@ def test_ann_save_and_load_maps_the_index_instead_of_rebuilding_it(ann, corpus, 
                                                                      monkeypatch):
     ids, vectors, queries = corpus
     ann.save(tmp_path / "idx")
-    builds = []
-    real_build = similarity_search._new_ann_index
-    monkeypatch.setattr(similarity_search, "_new_ann_index",
-                        lambda *args: builds.append(args[0]) or real_build(*args))
+    import faiss
+    builds = []   # the ANN indexes built (their faiss constructors called)
+    for backend, name in (("hnsw", "IndexHNSWFlat"), ("ivfpq", "IndexIVFPQ")):
+        real = getattr(faiss, name)
+        monkeypatch.setattr(faiss, name, lambda *args, backend=backend, real=real:
+                            builds.append(backend) or real(*args))
     loaded = SearchIndex.load(tmp_path / "idx")  # the backend it was saved with
     assert builds == [] and loaded.backend == ann.backend and loaded.params == ann.params
     assert isinstance(loaded.vectors, np.memmap)

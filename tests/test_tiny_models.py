@@ -222,3 +222,22 @@ print(json.dumps(_caption(model, proc, _images()[3])))
     assert json.loads(res.stdout.strip().splitlines()[-1]) == expected_caption
     assert _files_digest(tmp_path / "clip") == _files_digest(clip_dir)
     assert _files_digest(tmp_path / "vlm") == _files_digest(vlm_dir)
+
+
+def test_the_instruct_size_is_smolvlm_instructs_architecture():
+    # bench/generate.py measures the default captioner at this size: 81 image tokens per
+    # 384-px tile and SmolVLM-Instruct's 2.25 B parameters (built on the meta device: no
+    # memory, no weights)
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    from tiny_models import SMOLVLM_SIZES
+    real = SMOLVLM_SIZES["instruct"]
+    vision = real["vision"]
+    assert (vision["image_size"] // vision["patch_size"]) ** 2 // real["scale_factor"] ** 2 == 81
+    config = Idefics3Config(vision_config=vision, text_config={**real["text"],
+                                                               "model_type": "llama"},
+                            scale_factor=real["scale_factor"], tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = Idefics3ForConditionalGeneration(config)
+    assert 2.2e9 < sum(p.numel() for p in model.parameters()) < 2.3e9

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 __all__ = ["make_tiny_clip", "fit_tiny_clip", "make_tiny_siglip", "make_tiny_resnet", "make_tiny_dinov2",
            "make_tiny_smolvlm", "make_tiny_blip", "make_tiny_git", "make_tiny_blip2",
            "make_tiny_instructblip", "make_tiny_florence2", "make_tiny_paligemma",
-           "CAPTIONER_BUILDERS", "SMOLVLM_CHAT_TEMPLATE", "CAPTION_WORDS"]
+           "make_bert_tokenizer", "CAPTIONER_BUILDERS", "SMOLVLM_CHAT_TEMPLATE", "CAPTION_WORDS"]
 
 # The real chat template shipped with HuggingFaceTB/SmolVLM-Instruct (v1).
 # Renders: "<|im_start|>User:<image>PROMPT<end_of_utterance>\nAssistant:"
@@ -373,6 +373,14 @@ SMOLVLM_SIZES = {
         text=dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
                   num_attention_heads=15, num_key_value_heads=5, vocab_size=49280),
         scale_factor=4, longest_edge=2048),
+    # SmolVLM-Instruct (2B): SigLIP so400m/384 (patch 14: 27x27 patches, 81 tokens per tile
+    # after the 3x pixel shuffle) + SmolLM2-1.7B; images resized to 4 tiles wide.
+    "instruct": dict(
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                    num_attention_heads=16, image_size=384, patch_size=14),
+        text=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                  num_attention_heads=32, num_key_value_heads=32, vocab_size=49155),
+        scale_factor=3, longest_edge=1536),
 }
 
 
@@ -487,7 +495,7 @@ CAPTIONER_IMAGE = 32   # their vision towers' input size (Florence-2: 64, its st
 _PUNCTUATION = ".,:;!?'\"-()"
 
 
-def _make_bert_tokenizer():
+def make_bert_tokenizer():
     """A WordPiece BertTokenizer (BLIP's and GIT's) over CAPTION_WORDS + single characters,
     so that any prompt tokenizes without [UNK]."""
     from transformers import BertTokenizer
@@ -562,7 +570,7 @@ def make_tiny_blip(path: str | Path) -> Path:
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = _make_bert_tokenizer()
+    tok = make_bert_tokenizer()
     config = BlipConfig(
         vision_config=_vision(),
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
@@ -589,7 +597,7 @@ def make_tiny_git(path: str | Path) -> Path:
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = _make_bert_tokenizer()
+    tok = make_bert_tokenizer()
     config = GitConfig(vision_config=_vision(), vocab_size=len(tok), hidden_size=32,
                        intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        max_position_embeddings=128, bos_token_id=tok.cls_token_id,
@@ -750,7 +758,7 @@ def make_tiny_instructblip(path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = _opt_tokenizer()
-    qformer_tok = _make_bert_tokenizer()
+    qformer_tok = make_bert_tokenizer()
     queries = 4
     processor = InstructBlipProcessor(
         image_processor=BlipImageProcessorPil(size={"height": CAPTIONER_IMAGE,
