@@ -277,7 +277,8 @@ def caption_tab(image_or_index: "int | str | os.PathLike | bytes | Image.Image |
             save_caption(db, record, models.captioner.name, experiment_index=index)
             timings["save_to_db"] = round(time.perf_counter() - clock, 4)
         _step(progress, 0.95, "loading the neighbours' pictures")
-        gallery = [(_image_of(n.image_id, settings, dataset),
+        gallery = [(_image_of(n.image_id, settings, dataset) if n.image_id else
+                    _placeholder(f"{Path(n.label).name[:40]}: a corpus caption"),
                     f"{n.score:.3f} · {n.captions[0] if n.captions else '(no caption)'}")
                    for n in record.neighbours]
     timings["total"] = round(time.perf_counter() - start, 4)
@@ -546,6 +547,12 @@ def _neighbours_text(similar: list[dict[str, Any]], per_neighbour: int) -> str:
     """The neighbours as a table: rank, score, image, the captions the prompt took."""
     if not similar:
         return "**Neighbours**: none (TOP_K_SIMILAR is 0): the prompt has no captions"
+    if any("source" in n for n in similar):     # RETRIEVE "captions": one caption each
+        rows = [f"| {n['rank']} | {n['score']:.3f} | `{n['image_id'] or n['source']}` | "
+                + n["captions"][0].replace("|", "/") + " |" for n in similar]
+        return ("**Retrieved captions** (CLIP image-text cosine)\n\n| # | score | from "
+                "(memory image, or corpus file:line) | caption |\n|---:|---:|---|---|\n"
+                + "\n".join(rows))
     rows = [f"| {n['rank']} | {n['score']:.3f} | `{n['image_id']}` | "
             + " / ".join(c.replace("|", "/") for c in n["captions"][:per_neighbour]) + " |"
             for n in similar]

@@ -224,10 +224,22 @@ def summarize(run_dir: str | Path, settings: config.Settings | None = None,
                # false: no caption of the run had the retrieved captions in its input
                # (a captioner of the image alone), so compare it as such
                "context_used": any(i.get("context_used", True) for i in ok) if ok else None,
+               **_identical_excluded(manifest, ok),
                "items": items}
     _write_json(run_dir / "summary.json", summary)
     _write_csv(run_dir / "summary.csv", items)
     return summary
+
+
+def _identical_excluded(manifest: dict[str, Any], ok: list[dict[str, Any]]) -> dict[str, Any]:
+    """RETRIEVE "captions" under the guard: the corpus captions left out of the run's
+    prompts as identical to a reference, in all and per image (nothing otherwise)."""
+    settings = manifest["settings"]
+    if settings.get("retrieve") != "captions" or not settings.get("near_duplicate_threshold"):
+        return {}
+    counts = [i.get("identical_excluded", 0) for i in ok]
+    return {"identical_excluded": {"captions": sum(counts),
+                                   "images": sum(1 for c in counts if c)}}
 
 
 def _score(items: list[dict[str, Any]], embedder, clip) -> dict[str, Any]:
@@ -347,7 +359,8 @@ def _write_csv(path: Path, items: list[dict[str, Any]]) -> None:
         writer.writerow([
             item["experiment_index"], item["image_id"], item.get("status"), item.get("error", ""),
             item.get("generated_caption", ""), " | ".join(item.get("original_captions", [])),
-            "; ".join(f"{n['image_id']}:{n['score']:.4f}" for n in item.get("similar_images", [])),
+            "; ".join(f"{n.get('image_id') or n.get('source')}:{n['score']:.4f}"
+                      for n in item.get("similar_images", [])),
             item.get("context_used", ""),
             *(scores.get(m, "") for m in ("BLEU-4", "CIDEr-D", "ROUGE-L", "embedding_similarity",
                                           "CLIPScore", "RefCLIPScore")),
@@ -387,6 +400,10 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
                      f"near-duplicate in the training pool (cosine >= {near['threshold']:g}; "
                      + ("kept out of their prompts)" if near["guarded"] else
                         "NOT guarded: their twins' captions may be in the prompts)"))
+    identical = summary.get("identical_excluded")
+    if identical:
+        lines.append(f"{identical['captions']} corpus captions identical to a reference kept "
+                     f"out of the prompts of {identical['images']} images")
     lines.append(metrics.format_report(summary["metrics"]))
     if summary.get("metrics_by_domain"):
         lines += ["", format_by_domain(summary["metrics_by_domain"])]

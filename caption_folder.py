@@ -53,6 +53,7 @@ def caption_folder(folder: str, settings: config.Settings, retrieval: bool = Tru
     from dataset_loader import open_image
     from db_manager import DbIdentity, DbManager, generated_caption_id
     from folder_index import folder_db_dir, scan_folder
+    from retrieval import no_retrieval
 
     files = scan_folder(folder)  # before any model loads: a bad folder fails at once
     root = Path(folder).expanduser().resolve()
@@ -92,7 +93,8 @@ def caption_folder(folder: str, settings: config.Settings, retrieval: bool = Tru
     for start in range(0, len(todo), settings.batch_size):
         chunk = todo[start:start + settings.batch_size]
         batch = pipeline.caption_batch(
-            models, [(i, lambda i=i: open_image(root / i)) for i in chunk], memory)
+            models, [(i, lambda i=i: open_image(root / i)) for i in chunk], memory,
+            retrieve=None if retrieval else no_retrieval)
         for record in batch.items:
             if isinstance(record, pipeline.Failure):  # unreadable, empty caption: go on
                 log.warning("skipping %s: %s", record.image_id, record.error)

@@ -145,6 +145,29 @@ DEDUP_THRESHOLD: Changes = 0.92
 # files record the value used (config.near_duplicate_threshold).
 NEAR_DUPLICATE_THRESHOLD: Changes = "auto"
 
+# What the prompt's captions are retrieved as:
+#   "images"   the TOP_K_SIMILAR memory images nearest to the image (CLIP image-image
+#              cosine), CAPTIONS_PER_NEIGHBOUR captions of each (the original design);
+#   "captions" the TOP_K_SIMILAR captions nearest to the image by CLIP image-text cosine
+#              (SmallCap's retrieval, Ramos et al. CVPR 2023), from the caption datastore:
+#              the memory's captions (human and generated) and/or CAPTION_DATASTORE's.
+#              A caption needs no image, so a corpus of captions alone can inform the
+#              captioner (another domain's descriptions, with no training).
+# NEIGHBOUR_SELECTION applies to both (over caption vectors for "captions"); so does the
+# leak guard: in batch runs the captions of the query and of its near-duplicate images
+# are never retrieved, nor a corpus caption identical to one of its references.
+RETRIEVE: Changes = "images"
+# A corpus of captions without images for RETRIEVE "captions": a .txt (one caption per
+# line), .jsonl or .csv (a "caption" column) or .parquet file; "" = none. Each
+# caption's CLIP text vector is made once and kept in DB_DIR/clip_text_vectors.
+CAPTION_DATASTORE: Changes = ""
+# RETRIEVE "captions" from CAPTION_DATASTORE alone, not the memory's captions too.
+CAPTION_DATASTORE_ONLY: Changes = False
+# How the caption datastore is searched: "numpy" (exact; right up to about a million
+# captions), "faiss" / "faiss-fp16" (exact / float16, pip install faiss-cpu), or the
+# approximate "ivfpq" / "hnsw" for corpora of millions (similarity_search.py).
+CAPTION_DATASTORE_INDEX: Changes = "numpy"
+
 # Prompt given to the VLM with the image. {context} is replaced by one
 # "- caption" line per retrieved caption.
 PROMPT_TEMPLATE: Changes = (
@@ -223,6 +246,8 @@ _CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "DTYPE": ("auto", "float32", "bfloat16", "float16"),
     "MEMORY": ("auto", "frozen", "growing"),
     "NEIGHBOUR_SELECTION": ("top", "mmr", "dedup", "sample"),
+    "RETRIEVE": ("images", "captions"),
+    "CAPTION_DATASTORE_INDEX": ("numpy", "faiss", "faiss-fp16", "ivfpq", "hnsw"),
     "LOG_LEVEL": ("DEBUG", "INFO", "WARNING", "ERROR"),
 })
 
@@ -471,6 +496,8 @@ def _check(values: dict[str, Any]) -> None:
         raise UserError(f"--device must be {_one_of('DEVICE')}, got {device!r}")
     for name, value in (("DTYPE", values["DTYPE"]), ("MEMORY", values["MEMORY"]),
                         ("NEIGHBOUR_SELECTION", values["NEIGHBOUR_SELECTION"]),
+                        ("RETRIEVE", values["RETRIEVE"]),
+                        ("CAPTION_DATASTORE_INDEX", values["CAPTION_DATASTORE_INDEX"]),
                         ("LOG_LEVEL", values["LOG_LEVEL"].upper())):
         if value not in _CHOICES[name]:
             raise UserError(f"{flag(name)} must be {_one_of(name)}, got {values[name]!r}")

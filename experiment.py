@@ -11,7 +11,10 @@ ExperimentResult.to_json():
   experiment_index, image_id      which image (index into the experiment split)
   generated_caption               the VLM's caption
   original_caption(s)             its human references (the first, and all)
-  similar_images                  [{rank, image_id, score, captions}] the neighbours
+  similar_images                  [{rank, image_id, score, captions}] the neighbours;
+                                  RETRIEVE "captions": one per retrieved caption, with
+                                  "source": "memory" (a caption of image_id) or "FILE:LINE"
+                                  of a corpus (image_id "")
   prompt                          the prompt built from the neighbours' captions
   model_prompt                    the text the VLM was given: the prompt in its family's
                                   form (chat template, "Question: ... Answer:", a task
@@ -71,6 +74,9 @@ class ExperimentResult(Mapping[str, Any]):
     context_used: bool = True
     model_prompt: str | None = None
     domain: str = ""                     # the image's domain where its collection gives one
+    # RETRIEVE "captions" under the leak guard: corpus captions left out as identical
+    # to one of the references (recorded only where some were)
+    identical_excluded: int = 0
 
     @property
     def original_caption(self) -> str:
@@ -90,6 +96,8 @@ class ExperimentResult(Mapping[str, Any]):
             "timestamp": self.timestamp}
         if self.domain:
             record["domain"] = self.domain
+        if self.identical_excluded:
+            record["identical_excluded"] = self.identical_excluded
         if self.result_path is not None:
             record["result_path"] = self.result_path
         return record
@@ -127,9 +135,10 @@ def run_experiments(dataset: "Collection", db: "DbManager", indices: Sequence[in
     load = round(load_seconds + time.perf_counter() - clock, 4)
     samples = [dataset.experiment_sample(i) for i in indices]
     selection = Selection.of(settings)
+    references = {s.image_id: s.captions for s in samples}   # the leak guard's, for corpora
     captioned = pipeline.caption_batch(
         models, [(s.image_id, lambda s=s: dataset.load_image(s)) for s in samples], memory,
-        selection=selection)
+        selection=selection, references=lambda image_id: references.get(image_id, ()))
     timings = {"load": load, **{stage: round(seconds / len(indices), 4)
                                 for stage, seconds in captioned.seconds.items()}}
     if captioned.first_token is not None:
@@ -144,7 +153,8 @@ def run_experiments(dataset: "Collection", db: "DbManager", indices: Sequence[in
                                   record.neighbours, record.prompt, shared["config"],
                                   shared["versions"], dict(timings), len(indices), "",
                                   context_used=record.context_used,
-                                  model_prompt=record.model_prompt, domain=sample.domain)
+                                  model_prompt=record.model_prompt, domain=sample.domain,
+                                  identical_excluded=record.identical_excluded)
         results.append(save(result, db, record, models.captioner.name,
                             Path(settings.results_dir)))
     return results

@@ -113,8 +113,11 @@ def _summary(result) -> str:
     lines = [f"experiment {result.experiment_index}: {result.image_id}",
              f"  generated: {result.generated_caption}",
              f"  reference: {result.original_caption}",
-             "  neighbours: " + ", ".join(f"{n.image_id} ({n.score:.3f})"
-                                          for n in result.similar_images),
+             ("  captions: " + "; ".join(f"{n.captions[0]!r} ({n.label}, {n.score:.3f})"
+                                         for n in result.similar_images)
+              if any(n.source for n in result.similar_images) else
+              "  neighbours: " + ", ".join(f"{n.image_id} ({n.score:.3f})"
+                                           for n in result.similar_images)),
              f"  time: {timings['total']:.1f} s (loading {timings['load']:.1f} s, "
              f"generation {timings['generate']:.1f} s)",
              f"  result: {result.result_path}"]

@@ -56,6 +56,9 @@ def initialize(settings: config.Settings, captioner: bool = True
     The database is checked against the settings' models, split and caption
     prompts before any model loads."""
     from db_manager import DbManager
+    if settings.retrieve == "captions":
+        from caption_datastore import check_settings
+        check_settings(settings)          # a missing corpus file before any model loads
     availability.require(settings, availability.PARTS if captioner else availability.PARTS[:3])
     dataset = load_dataset(settings)
     db_dir = Path(settings.db_dir).expanduser().resolve()

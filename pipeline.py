@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import config
 from errors import UserError
-from retrieval import Context, Neighbour, Retriever, Selection, nearest
+from retrieval import Context, Neighbour, Retriever, Selection, nearest, retriever  # noqa: F401
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -76,6 +76,9 @@ class Captioned:
     # and for a prompt that holds no captions.
     context_used: bool = True
     model_prompt: str | None = None      # the text the captioner was given, in its form
+    # RETRIEVE "captions" under the leak guard: corpus captions left out as identical
+    # to one of the image's references (retrieval.Context.identical_excluded)
+    identical_excluded: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,15 +134,18 @@ class _Stopwatch:
 
 def caption_batch(models: Models, items: Sequence[tuple[str, Any]], memory: Memory, *,
                   retrieve: Retriever | None = None, vectors: Sequence[Any] | None = None,
-                  embed_captions: bool = True, selection: Selection | None = None
+                  embed_captions: bool = True, selection: Selection | None = None,
+                  references: Callable[[str], Sequence[str]] | None = None
                   ) -> CaptionBatch:
     """The caption step for a batch: one record per (image_id, image or opener) of
     `items`, in order, a `Captioned` or a `Failure`.
 
-    `retrieve` finds each image's context (default: `nearest` with `selection`,
-    which defaults to the settings' for one experiment: TOP_K_SIMILAR neighbours by
-    NEIGHBOUR_SELECTION, never the image itself; batch evaluation runs pass
-    `Selection.of(settings)` of settings resolved for "batch"). With a growing memory each captioned image joins
+    `retrieve` finds each image's context (default: `retrieval.retriever`, as
+    RETRIEVE says: images or captions, with `selection`, which defaults to the
+    settings' for one experiment: TOP_K_SIMILAR by NEIGHBOUR_SELECTION, never the
+    image itself; batch evaluation runs pass `Selection.of(settings)` of settings
+    resolved for "batch", and `references`, an image id's human captions, which the
+    leak guard keeps out of retrieved corpus captions). With a growing memory each captioned image joins
     it, and an image is generated only after every earlier image it retrieves,
     so a batch gives exactly the neighbours one image at a time would.
     `vectors` (one per item) skips the image embedding (computed elsewhere);
@@ -148,8 +154,7 @@ def caption_batch(models: Models, items: Sequence[tuple[str, Any]], memory: Memo
     import numpy as np
     settings = models.settings
     if retrieve is None:
-        select = selection or Selection.of(settings)
-        retrieve = lambda m, image_id, vector: nearest(m, image_id, vector, select)  # noqa: E731
+        retrieve = retriever(models, selection, references)
     clock = _Stopwatch()
     records: list[Captioned | Failure | None] = [None] * len(items)
     images: dict[int, Any] = {}
@@ -189,7 +194,8 @@ def caption_batch(models: Models, items: Sequence[tuple[str, Any]], memory: Memo
                 records[n] = Captioned(
                     image_id, queries[n], context.neighbours, prompt, shown, caption,
                     context_used=bool(shown) and captioner.uses_context,
-                    model_prompt=captioner.model_prompt(prompt))
+                    model_prompt=captioner.model_prompt(prompt),
+                    identical_excluded=context.identical_excluded)
                 if memory.growing:
                     memory.set_caption(image_id, caption)
             else:

@@ -1,12 +1,16 @@
-"""Retrieval: an image's neighbours in the memory, chosen as the settings say.
+"""Retrieval: an image's context, chosen as the settings say: its neighbour images in
+the memory (RETRIEVE "images") or the captions nearest to it (RETRIEVE "captions").
 
-    from retrieval import Selection, nearest
+    from retrieval import Selection, nearest, nearest_captions, retriever
     context = nearest(memory, image_id, vector, Selection.of(settings))
     context.neighbours      # (Neighbour(rank, image_id, score, captions), ...)
+    retrieve = retriever(models, Selection.of(settings))   # what the caption step calls
+    context = retrieve(memory, image_id, vector)
 
-The exact search is similarity_search's (through Memory.search); how k neighbours
-are picked among the nearest rows (top, mmr, dedup, sample) is neighbour_selection's;
-the leak guard (NEAR_DUPLICATE_THRESHOLD) is applied here.
+The exact search is similarity_search's (through Memory.search, or a caption
+datastore's SearchIndex: caption_datastore.py); how k are picked among the nearest
+(top, mmr, dedup, sample) is neighbour_selection's; the leak guard
+(NEAR_DUPLICATE_THRESHOLD) is applied here.
 """
 
 from __future__ import annotations
@@ -19,21 +23,41 @@ import config
 if TYPE_CHECKING:
     import numpy as np
 
+    from caption_datastore import CaptionDatastore
     from memory import Memory
+    from models import Models
 
 
 @dataclass(frozen=True)
 class Neighbour:
-    """A memory row whose captions went into a prompt."""
+    """A memory row whose captions went into a prompt, or (RETRIEVE "captions") one
+    retrieved caption."""
 
     rank: int                    # 1 = most similar
-    image_id: str
+    image_id: str                # the memory row; "" for a caption of a corpus
     score: float                 # cosine similarity to the query
-    captions: tuple[str, ...]    # its captions as the memory gives them
+    captions: tuple[str, ...]    # its captions as the memory gives them; a caption: itself
+    # A retrieved caption's origin: "memory" (a caption of image_id) or "FILE:LINE" of
+    # a corpus; None for a retrieved image (its result records are as before).
+    source: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"rank": self.rank, "image_id": self.image_id, "score": round(self.score, 6),
-                "captions": list(self.captions)}
+        record = {"rank": self.rank, "image_id": self.image_id, "score": round(self.score, 6),
+                  "captions": list(self.captions)}
+        if self.source is not None:
+            record["source"] = self.source
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> "Neighbour":
+        """A neighbour as a result file records it (files without "source" too)."""
+        return cls(int(record["rank"]), record.get("image_id") or "", float(record["score"]),
+                   tuple(record.get("captions") or ()), record.get("source"))
+
+    @property
+    def label(self) -> str:
+        """Where it came from, for people: the image id, or a corpus's FILE:LINE."""
+        return self.image_id or (self.source or "")
 
 
 @dataclass(frozen=True)
@@ -45,6 +69,9 @@ class Context:
     captions: tuple[tuple[str, ...], ...] | None = None
     per_neighbour: int | None = None     # captions taken from each; None: CAPTIONS_PER_NEIGHBOUR
     looked_at: tuple[str, ...] | None = None   # memory ids read; None: the neighbours'
+    # RETRIEVE "captions" under the leak guard: corpus captions left out because they
+    # are one of the query's references (case and spaces normalised)
+    identical_excluded: int = 0
 
     @property
     def prompt_captions(self) -> tuple[tuple[str, ...], ...]:
@@ -151,3 +178,130 @@ def _stable_hash(text: str) -> int:
     """The same number for an image id in every process (str hashes are salted)."""
     import zlib
     return zlib.crc32(text.encode("utf-8"))
+
+
+def near_duplicates(memory: Memory, image_id: str, vector: "np.ndarray", threshold: float
+                    ) -> list[str]:
+    """Memory rows (never the image itself) with an image cosine of at least
+    `threshold` to `vector`: the rows the leak guard keeps out of a prompt."""
+    if threshold <= 0:
+        return []
+    looked = 16
+    while True:
+        found = memory.search(vector, looked, exclude=(image_id,))
+        near = [h.image_id for h in found if h.score >= threshold]
+        if len(near) < len(found) or len(found) < looked:
+            return near
+        looked *= 2
+
+
+def nearest_captions(store: "CaptionDatastore", memory: Memory, image_id: str,
+                     vector: "np.ndarray", select: Selection,
+                     references: Sequence[str] = (),
+                     embed_texts: Callable[[list[str]], "np.ndarray"] | None = None
+                     ) -> Context:
+    """RETRIEVE "captions": the captions of `store` (caption_datastore.py) nearest to
+    the image's CLIP vector by image-text cosine, picked by the selection's method over
+    their text vectors; one Neighbour per caption, ranks 1..k in prompt order.
+
+    Each caption text once (the best-scoring of its copies). Never a caption of the
+    image itself. Under the leak guard (the selection's
+    near-duplicate threshold, on in batch runs) neither the captions of memory rows at
+    or above it to the image, nor a corpus caption identical to one of `references`
+    (normalised; counted in `identical_excluded`). A growing memory's rows added in
+    this process take part with their captions (vectors from `embed_texts`); while
+    any is pending the context says it read them all, so the caption step captions
+    those first."""
+    import numpy as np
+
+    import neighbour_selection as choose
+    if select.k <= 0:
+        return Context(())
+    guard = select.near_duplicate_threshold
+    twins = set(near_duplicates(memory, image_id, vector, guard))
+    exclude = {key for i in twins | {image_id} for key in store.keys_of(i)}
+    identical = store.corpus_keys_like(references) if guard > 0 and references else []
+    exclude.update(identical)
+    added = [i for i in memory.added if i not in memory.pending] if memory.growing else []
+    for i in added:          # an added row replaces the datastore's captions of its id
+        exclude.update(store.keys_of(i))
+    wanted = select.candidates
+    looked = wanted
+    while True:      # one row per distinct caption: a repeated one would waste a line
+        found = store.search(vector, looked, exclude)   # image_id: the entry's key
+        # (score, order, text, image id, source, vector)
+        rows = [(h.score, n, e.text, e.image_id, e.source, store.vector(h.image_id))
+                for n, (h, e) in enumerate((h, store.entry(h.image_id)) for h in found)]
+        if len(_distinct(rows)) >= wanted or len(found) < looked:
+            break
+        looked *= 2
+    extra = [(i, text) for i in added if i != image_id and i not in twins
+             for text in memory.captions_of(i)]
+    if extra and embed_texts is not None:
+        vectors = embed_texts([text for _, text in extra])
+        scores = vectors @ np.asarray(vector, np.float32).reshape(-1)
+        rows += [(float(s), len(found) + n, text, i, "memory", v)
+                 for n, ((i, text), s, v) in enumerate(zip(extra, scores, vectors))]
+    rows.sort(key=lambda r: (-r[0], r[1]))
+    rows = _distinct(rows)[:wanted]
+    chosen = list(range(len(rows)))
+    if select.method != "top" and len(rows) > select.k:
+        caption_vectors = np.stack([r[5] for r in rows]).astype(np.float32)
+        if select.method == "mmr":
+            chosen = choose.mmr(vector, caption_vectors, select.k, select.mmr_lambda)
+        elif select.method == "dedup":
+            chosen = choose.dedup(caption_vectors, select.k, select.dedup_threshold)
+        elif select.method == "sample":
+            chosen = choose.sample(len(rows), select.k, np.random.default_rng(
+                [select.seed, _stable_hash(image_id)]))
+    neighbours = tuple(Neighbour(rank, rows[n][3], float(rows[n][0]), (rows[n][2],), rows[n][4])
+                       for rank, n in enumerate(chosen[:select.k], start=1))
+    read = tuple(dict.fromkeys([*(n.image_id for n in neighbours if n.image_id),
+                                *(memory.pending if memory.growing else ())]))
+    return Context(neighbours, per_neighbour=1, looked_at=read,
+                   identical_excluded=len(identical))
+
+
+def no_retrieval(memory: Memory, image_id: str, vector: Any) -> Context:
+    """A retriever that finds nothing: the plain prompt (PROMPT_TEMPLATE_NO_CONTEXT)."""
+    return Context(())
+
+
+def _distinct(rows: list[tuple]) -> list[tuple]:
+    """Rows (score, order, text, ...) with the first of each caption text (compared as
+    caption_datastore.normalise does: case, spaces and a final full stop aside)."""
+    from caption_datastore import normalise
+    seen: set[str] = set()
+    kept = []
+    for row in rows:
+        text = normalise(row[2])
+        if text not in seen:
+            seen.add(text)
+            kept.append(row)
+    return kept
+
+
+def retriever(models: "Models", selection: Selection | None = None,
+              references: Callable[[str], Sequence[str]] | None = None) -> Retriever:
+    """The retrieval the settings of `models` ask for (RETRIEVE), as the caption step
+    calls it: `nearest` images, or `nearest_captions` from the caption datastore
+    (caption_datastore.datastore_for, built on first use). `selection`: default the
+    settings'; `references(image_id)`: the query's human captions, for the leak
+    guard's check of corpus captions (batch evaluation runs)."""
+    select = selection or Selection.of(models.settings)
+    if models.settings.retrieve != "captions":
+        return lambda memory, image_id, vector: nearest(memory, image_id, vector, select)
+    from caption_datastore import datastore_for, text_vectors_for
+    stores: dict[int, tuple[Memory, Any]] = {}   # by memory (held, so ids stay unique)
+
+    def embed(texts: list[str]):
+        return text_vectors_for(models)(texts, progress=False)
+
+    def retrieve(memory: Memory, image_id: str, vector) -> Context:
+        if id(memory) not in stores:
+            stores[id(memory)] = (memory, datastore_for(models, memory))
+        store = stores[id(memory)][1]
+        return nearest_captions(store, memory, image_id, vector, select,
+                                references(image_id) if references else (), embed)
+
+    return retrieve

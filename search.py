@@ -149,7 +149,8 @@ def _text_parts(by: str, captioned: bool) -> tuple[str, ...]:
     """The models (availability.PARTS) a text search `by` loads."""
     if by == "auto":
         by = "captions" if captioned else "clip"
-    return {"captions": ("caption",), "clip": ("image",), "both": ("caption", "image")}[by]
+    return {"captions": ("caption",), "clip": ("image",), "both": ("caption", "image"),
+            "clip-captions": ("image",)}[by]
 
 
 def _image_embedder(settings: config.Settings, backbone: str):
@@ -166,7 +167,7 @@ def _image_embedder(settings: config.Settings, backbone: str):
         what="image model", setting="--backbone"))
 
 
-TEXT_BY = ("auto", "captions", "clip", "both")
+TEXT_BY = ("auto", "captions", "clip", "both", "clip-captions")
 # Reciprocal-rank fusion (Cormack et al., 2009): an image scores sum(1 / (RRF_K + rank))
 # over the rankings; 60 is the paper's constant, which damps the top ranks' weight.
 RRF_K = 60
@@ -186,7 +187,10 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
     and query prompt the database records: the memory, or a folder captioned with
     `main.py --caption-folder`), "clip" (the CLIP/SigLIP text embedding of `text`
     against the image vectors, no captions needed), "both" (reciprocal-rank fusion
-    of the two), or "auto": captions where the searched images have them, else clip.
+    of the two), or "auto": captions where the searched images have them, else clip;
+    "clip-captions": the captions RETRIEVE "captions" retrieves from (the caption
+    datastore: the memory's captions and/or CAPTION_DATASTORE's), ranked by CLIP
+    text-text cosine, one hit per caption (a corpus caption's image_id is its FILE:LINE).
     Each hit says which ranking found it (`found_by`, `ranks`). `index` is the
     search backend of each ranking (INDEX_BACKENDS); "both" ranks every image,
     as the fusion needs.
@@ -236,6 +240,11 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
         def image_rows():
             rows = db.image_rows()
             return _image_embedder(settings, "clip"), rows.ids, rows.vectors, ""
+    if by == "clip-captions":
+        if images_dir is not None:
+            raise UserError("--text-by clip-captions searches the caption datastore of the "
+                            "memory (and --caption-datastore): leave out --images-dir")
+        return _datastore_search(text, k, settings, db, source, path_of, load)
     if by == "auto":
         by = "captions" if captioned else "clip"
     if by in ("captions", "both") and not captioned:
@@ -282,6 +291,33 @@ def search_text(text: str, k: int = 5, *, images_dir: str | None = None, by: str
     kind = {"captions": "captions of", "clip": "images of", "both": "images and captions of"}
     return SearchResult("text", text, f"{kind[by]} {source}", " + ".join(models), hits,
                         indexed, note, by=by, notes=notes, _load=load)
+
+
+def _datastore_search(text: str, k: int, settings: config.Settings, db, source: str,
+                      path_of: Callable[[str], str | None], load) -> SearchResult:
+    """--text-by clip-captions: the captions of the caption datastore nearest to the
+    CLIP text vector of `text` (caption_datastore.datastore_for over every memory row)."""
+    from caption_datastore import check_settings, datastore_for
+    from memory import Memory
+    from models import load_models
+    check_settings(settings)
+    models = load_models(settings)
+    store = datastore_for(models, Memory.from_db(db, growing=True))
+    query = models.image_embedder.embed_texts([text])[0]
+    hits = []
+    for found in store.search(query, k):
+        entry = store.entry(found.image_id)
+        where = entry.image_id or entry.source
+        hits.append(Hit(found.rank, where, round(found.score, 6),
+                        path=path_of(entry.image_id) if entry.image_id else None,
+                        caption=entry.text, caption_source="corpus" if entry.file else "memory",
+                        found_by="clip-captions", ranks={"clip-captions": found.rank}))
+    corpus = f" and {settings.caption_datastore}" if settings.caption_datastore else ""
+    what = f"{settings.caption_datastore} (a corpus)" if settings.caption_datastore_only \
+        else f"captions of {source}{corpus}"
+    return SearchResult("text", text, what, models.image_embedder.name, hits, len(store),
+                        by="clip-captions",
+                        _load=load)
 
 
 def _caption_ranking(db, query, k: int | None, index: str
@@ -433,7 +469,10 @@ def plot_results(result: SearchResult, path: str | Path, show: bool = False) -> 
         axes[0].set_title("text query", fontsize=10)
     for ax, hit in zip(axes[1:], result.hits):
         try:
-            ax.imshow(result.load_image(hit))
+            if hit.caption_source == "corpus":   # --text-by clip-captions: no picture
+                ax.text(0.5, 0.5, "a corpus caption\n(no image)", ha="center", va="center")
+            else:
+                ax.imshow(result.load_image(hit))
         except UserError as exc:
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
             log.warning("%s", exc)
@@ -519,7 +558,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="text search: captions (caption embeddings), clip (CLIP's text "
                            "tower against the image vectors, no captions needed), both "
                            "(reciprocal-rank fusion), auto (default: captions where the "
-                           "searched images have them, else clip)")
+                           "searched images have them, else clip), clip-captions (the caption "
+                           "datastore of --retrieve captions, by CLIP text vectors: the "
+                           "memory's captions and/or --caption-datastore's)")
     what.add_argument("--backbone", default="clip", metavar="NAME",
                       help="image search: clip (CLIP_MODEL_NAME), siglip, resnet50, dinov2, or a "
                            "hub id / local path (default clip)")

@@ -47,12 +47,19 @@ PROMPT_TEMPLATE / PROMPT_TEMPLATE_NO_CONTEXT, exactly as the pipeline builds it)
                         share a generate call only while none of them retrieves another of
                         the same batch: the batch is cut just before such an image, so every
                         image sees exactly the memory a one-at-a-time run would give it.
-    image-to-caption    SmallCap's retrieval: all training captions ranked by CLIP
-                        image-text cosine (the query's CLIP image embedding against each
-                        caption's CLIP text embedding, both L2-normalised), the top k x cpn
-                        in the prompt (one per line, most similar first; captions of the
-                        query image itself excluded). The training captions are embedded
-                        once per run with CLIP's text tower (not cached on disk).
+    retrieve-captions   SmallCap's retrieval, the pipeline's RETRIEVE "captions"
+                        (retrieval.nearest_captions): the k training captions nearest to
+                        the image by CLIP image-text cosine (the query's CLIP image
+                        embedding against each caption's CLIP text embedding), chosen by
+                        NEIGHBOUR_SELECTION over their text vectors, one per prompt line.
+                        The captions' text vectors are made once and kept in
+                        DB_DIR/clip_text_vectors (caption_datastore.py).
+    retrieve-captions-corpus
+                        the same from the corpus of --caption-datastore FILE alone (no
+                        memory captions; CAPTION_DATASTORE_ONLY). Left out, with a
+                        warning, when no --caption-datastore is given.
+    image-to-caption    retrieve-captions with k x cpn captions: as many prompt lines as
+                        the baseline's.
     sample-k            k of the 2k most similar images sampled at random (default_rng
                         seeded with RANDOM_SEED and the image id), kept in similarity order,
                         cpn captions each (reported to reduce copying of tokens most
@@ -73,7 +80,8 @@ Every image→image variant retrieves through the pipeline's one retrieval
 (retrieval.nearest with a retrieval.Selection); the baseline follows NEIGHBOUR_SELECTION.
 For every variant the table also gives the mean number of distinct scenes among an
 image's neighbours (groups of neighbours linked by CLIP image cosines above
-DEDUP_THRESHOLD, neighbour_selection.scene_count) and of distinct words in the
+DEDUP_THRESHOLD, neighbour_selection.scene_count; for caption rows the memory images
+whose captions were retrieved, none for a corpus's) and of distinct words in the
 captions of its prompt, so the effect of a selection shows even where the caption
 scores of the models cannot be trusted.
 
@@ -106,14 +114,16 @@ the same held-out references, and the table's footnote gives both numbers.
 Time: each row's captions/s and s/caption are the wall time of the variant's own
 work (retrieval, prompt, generation; for growing memory also the memory updates),
 not of scoring. Work shared by all variants is done once, reported separately and
-not in any row: reading the images, one CLIP embedding pass over them, and for
-image-to-caption the CLIP text embedding of the training captions. Models are
+not in any row: reading the images, one CLIP embedding pass over them, and for the
+caption rows building their caption datastore (the CLIP text vectors of its captions,
+read from DB_DIR/clip_text_vectors or made once). Models are
 loaded once (models.load_models) for the whole grid, and every VLM variant goes through
 the pipeline's one caption step (pipeline.caption_batch) with its own retrieval.
 
-Nothing is written to DB_DIR or to RESULTS_DIR/experiment_*: the data set and the
-training-pool memory come from memory.initialize (which seeds DB_DIR on a
-first run, as any command would) and are only read.
+Nothing is written to DB_DIR (but the CLIP text vectors of caption datastores, made
+once) or to RESULTS_DIR/experiment_*: the data set and the training-pool memory come
+from memory.initialize (which seeds DB_DIR on a first run, as any command would) and
+are only read.
 
 Only numbers from the real pretrained checkpoints mean anything. The test suite runs
 this harness on tiny random-weight models and a generated data set: their numbers
@@ -170,13 +180,14 @@ class Variant:
     """A named variant. None means "the setting's value" (TOP_K_SIMILAR, ...)."""
 
     name: str
-    context: str                       # image | none | nn-copy | random | oracle | caption | sample
+    context: str                       # image | none | nn-copy | random | oracle | caption
     description: str
     k: int | None = None               # neighbours; None: TOP_K_SIMILAR
     per_neighbour: int | str | None = None   # captions per neighbour; None: CAPTIONS_PER_NEIGHBOUR
     memory: str | None = None          # frozen | growing; None: MEMORY (auto -> frozen)
     selection: str | None = None       # top | mmr | dedup | sample; None: NEIGHBOUR_SELECTION
     guard: bool = False                # the near-duplicate guard even when the setting is auto
+    corpus: bool = False               # caption rows: CAPTION_DATASTORE alone, not the memory's
 
 
 def _k_variant(k: int) -> Variant:
@@ -207,9 +218,15 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "baseline with the growing memory: earlier images of this variant (index order) "
             "join the memory with their generated captions (simulated in memory)",
             memory="growing"),
+    Variant("retrieve-captions", "caption",
+            "SmallCap's retrieval (RETRIEVE captions): the k training captions nearest to the "
+            "image by CLIP image-text cosine"),
+    Variant("retrieve-captions-corpus", "caption",
+            "retrieve-captions from the --caption-datastore corpus alone (no images)",
+            corpus=True),
     Variant("image-to-caption", "caption",
-            "SmallCap-style: the k x cpn training captions nearest to the image by CLIP "
-            "image-text cosine (the query's own captions excluded)"),
+            "retrieve-captions with k x cpn captions (as many prompt lines as the baseline)",
+            per_neighbour="lines"),
     Variant("sample-k", "image",
             "k of the 2k nearest images sampled at random (seeded), in similarity order, "
             "cpn captions each", selection="sample"),
@@ -234,12 +251,13 @@ class Plan:
     memory: str | None
     selection: str | None = None       # image -> image: the pipeline's NEIGHBOUR_SELECTION
     near_duplicate_threshold: float | None = None   # image -> image: the guard, 0 = off
+    corpus: str | None = None          # caption rows: the corpus read alone (else the memory's)
 
     @property
     def signature(self) -> tuple:
         """Equal for variants that make the same captions."""
         return (self.context, self.k, self.per_neighbour, self.memory, self.selection,
-                self.near_duplicate_threshold)
+                self.near_duplicate_threshold, self.corpus)
 
     @property
     def uses_vlm(self) -> bool:
@@ -248,7 +266,9 @@ class Plan:
     def definition(self) -> dict[str, Any]:
         return {"context": self.context, "k": self.k, "captions_per_neighbour": self.per_neighbour,
                 "memory": self.memory, "neighbour_selection": self.selection,
-                "near_duplicate_threshold": self.near_duplicate_threshold}
+                "near_duplicate_threshold": self.near_duplicate_threshold,
+                **({"caption_datastore": self.corpus or "memory"}
+                   if self.context == "caption" else {})}
 
     def summary(self) -> str:
         """The resolved definition in a few words, for the report."""
@@ -263,7 +283,10 @@ class Plan:
                          f", no image with cosine >= {self.near_duplicate_threshold:g}"
                          if self.near_duplicate_threshold else ""),
             "random": f"{self.k} random training images, {cpn} per neighbour",
-            "caption": f"image→caption (CLIP text), top {self.k} captions",
+            "caption": f"image→caption (CLIP text), {self.k} captions ({self._selected()}) "
+                       f"from {self.corpus or 'the training captions'}" + (
+                           f", no image with cosine >= {self.near_duplicate_threshold:g}"
+                           if self.near_duplicate_threshold else ""),
         }[self.context]
 
 
@@ -273,7 +296,7 @@ class Plan:
                 "sample": f"sampled from the top {2 * (self.k or 0)}"}[self.selection or "top"]
 
     def selection_for(self, settings: config.Settings) -> "Selection":
-        """The pipeline's retrieval for this image -> image plan."""
+        """The pipeline's selection for this image -> image or image -> caption plan."""
         return Selection(self.k or 0, self.selection or "top", settings.mmr_lambda,
                                   settings.dedup_threshold, self.near_duplicate_threshold or 0.0,
                                   settings.random_seed)
@@ -286,7 +309,8 @@ def resolve_plan(variant: Variant, settings: config.Settings) -> Plan:
            else variant.per_neighbour)
     memory = variant.memory or settings.memory
     context = variant.context
-    if context in ("image", "random", "caption") and (k == 0 or cpn == 0):
+    if context in ("image", "random", "caption") and (k == 0 or cpn == 0 or (
+            variant.per_neighbour == "lines" and settings.captions_per_neighbour == 0)):
         context = "none"  # no captions to show: build_prompt gives the plain prompt
     if context == "none":
         return Plan(variant.name, "none", 0, None, None)
@@ -296,14 +320,18 @@ def resolve_plan(variant: Variant, settings: config.Settings) -> Plan:
         return Plan(variant.name, "oracle", None, None, None)
     if context == "random":
         return Plan(variant.name, "random", k, cpn, "frozen")
-    if context == "caption":  # k x cpn captions, one per line
-        return Plan(variant.name, "caption", k * (cpn if cpn != ALL else 5), None, "frozen")
     # "auto" guards only the near-dup-guard row here, so it shows what the guard does;
-    # a threshold given guards every image -> image row.
+    # a threshold given guards every image -> image and image -> caption row.
     given = "NEAR_DUPLICATE_THRESHOLD" in settings.given
     guard = settings.near_duplicate_threshold if given else 0.0
     if variant.guard:
         guard = guard or config.AUTO_BATCH_THRESHOLD
+    if context == "caption":  # one caption per prompt line; image-to-caption: k x cpn lines
+        lines = k * settings.captions_per_neighbour if variant.per_neighbour == "lines" else k
+        corpus = settings.caption_datastore if variant.corpus else None
+        return Plan(variant.name, "caption", lines, 1, "frozen",
+                    variant.selection or settings.neighbour_selection, guard,
+                    corpus=corpus or ("" if variant.corpus else None))
     return Plan(variant.name, context, k, cpn, memory,
                 variant.selection or settings.neighbour_selection, guard)
 
@@ -393,7 +421,6 @@ class _Shared:
             raise UserError(f"the memory in {settings.db_dir} has no training images")
         self.train_ids = list(train.ids)
         self.train_vectors = np.asarray(train.vectors, dtype=np.float32)
-        self._caption_index = None
         self._caption_vector_of = caption_vector_lookup(self.db)
         self._clip_scorer = None
 
@@ -415,23 +442,20 @@ class _Shared:
                                ["train"] * len(self.train_ids), growing=growing,
                                caption_vector_of=self._caption_vector_of)
 
-    def caption_index(self):
-        """(row ids, caption texts, CLIP text embeddings, rows of each image) of every
-        training caption; embedded on first use, once per run."""
-        if self._caption_index is None:
-            start = time.perf_counter()
-            row_ids, texts, rows_of = [], [], {}
-            for image_id in self.train_ids:
-                for n, text in enumerate(self.db.captions_of(image_id)):
-                    rows_of.setdefault(image_id, set()).add(f"{image_id}#{n}")
-                    row_ids.append(f"{image_id}#{n}")
-                    texts.append(text)
-            log.info("embedding %d training captions with the CLIP text tower of %s",
-                     len(texts), self.settings.clip_model_name)
-            vectors = self.image_embedder.embed_texts(texts, progress=self.progress)
-            self._caption_index = (row_ids, dict(zip(row_ids, texts)), vectors, rows_of)
-            self.seconds["embed_training_captions"] = time.perf_counter() - start
-        return self._caption_index
+    def caption_models(self, plan: Plan):
+        """The models with the settings of a caption row (RETRIEVE "captions", its
+        datastore): the same loaded models, another view of the settings."""
+        corpus = {"caption_datastore": plan.corpus, "caption_datastore_only": True} \
+            if plan.corpus else {"caption_datastore": "", "caption_datastore_only": False}
+        return load_models(self.settings.replace(retrieve="captions", **corpus))
+
+    def caption_datastore(self, plan: Plan) -> None:
+        """Build (or read) a caption row's datastore once, in the shared time."""
+        from caption_datastore import datastore_for
+        start = time.perf_counter()
+        store = datastore_for(self.caption_models(plan), self.memory(growing=False))
+        key = f"caption_datastore ({plan.corpus or 'training captions'}, {len(store)})"
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
 
 
 # --- running one variant ------------------------------------------------------------------
@@ -457,9 +481,13 @@ def _references(plan: Plan, query: Query) -> tuple[list[str], int | None]:
 def retriever(plan: Plan, shared: _Shared, by_id: dict[str, Query]) -> Retriever:
     """How the variant's images find their context: the pipeline's retrieval
     (retrieval.nearest) or the variant's own, for the one caption step."""
-    from similarity_search import top_k
+    from retrieval import retriever as pipeline_retriever
 
-    selection = plan.selection_for(shared.settings) if plan.context == "image" else None
+    selection = plan.selection_for(shared.settings) \
+        if plan.context in ("image", "caption") else None
+    captions = pipeline_retriever(shared.caption_models(plan), selection, references=lambda
+                                  image_id: by_id[image_id].sample.captions) \
+        if plan.context == "caption" else None
 
     def neighbour(rank: int, image_id: str, score: float, captions) -> Neighbour:
         return Neighbour(rank, image_id, float(score), tuple(captions))
@@ -484,13 +512,8 @@ def retriever(plan: Plan, shared: _Shared, by_id: dict[str, Query]) -> Retriever
                           shared.train_vectors[pool[n]] @ vector,
                           shared.db.captions_of(shared.train_ids[pool[n]]))
                 for r, n in enumerate(rows)), per_neighbour=_per(plan.per_neighbour))
-        if plan.context == "caption":
-            row_ids, text_of, vectors, rows_of = shared.caption_index()
-            found = top_k(vector, vectors, row_ids, plan.k,
-                          exclude=rows_of.get(image_id, set()))
-            return Context(tuple(
-                neighbour(n.rank, n.image_id.rsplit("#", 1)[0], n.score, (text_of[n.image_id],))
-                for n in found), per_neighbour=1)
+        if plan.context == "caption":    # the pipeline's retrieval of captions
+            return captions(memory, image_id, vector)
         # image -> image: the pipeline's retrieval
         context = nearest(memory, image_id, vector, selection)
         return Context(context.neighbours, per_neighbour=_per(plan.per_neighbour))
@@ -503,6 +526,8 @@ def _neighbour_record(plan: Plan, n: Neighbour, memory: Memory | None
     record = {"rank": n.rank, "image_id": n.image_id, "score": round(n.score, 6)}
     if plan.context in ("caption", "nn-copy"):
         record["caption"] = n.captions[0] if n.captions else None
+    if n.source is not None:
+        record["source"] = n.source
     if plan.memory == "growing" and memory is not None:
         record["generated"] = n.image_id in memory.added
     return record
@@ -557,6 +582,8 @@ def run_variant(plan: Plan, shared: _Shared, progress: bool = False) -> dict[str
                                 neighbours=[_neighbour_record(plan, n, memory)
                                             for n in record.neighbours],
                                 caption=record.caption, context_used=record.context_used)
+                    if record.identical_excluded:
+                        item["identical_excluded"] = record.identical_excluded
                 items.append(item)
             bar.update(len(chunk))
     seconds = time.perf_counter() - start
@@ -578,8 +605,9 @@ def diversity(items: Sequence[dict[str, Any]], memory: Memory, threshold: float
     image cosines above `threshold`) and distinct words in its prompt's captions.
     Sets each item's "distinct_scenes" / "distinct_words" (None where it has none)."""
     from neighbour_selection import distinct_words, scene_count
-    for item in items:
-        ids = [n["image_id"] for n in item.get("neighbours") or []]
+    for item in items:   # caption rows: the memory images whose captions were retrieved
+        ids = list(dict.fromkeys(n["image_id"] for n in item.get("neighbours") or []
+                                 if n["image_id"]))
         item["distinct_scenes"] = scene_count(memory.vectors_of(ids), threshold) if ids \
             else None
         shown = item.get("prompt_captions")
@@ -650,6 +678,14 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
     out = Path(settings.results_dir if out_dir is None else out_dir).expanduser()
     check_writable(out)
     plans = [resolve_plan(VARIANTS[n], settings) for n in names]
+    if any(plan.corpus == "" for plan in plans):   # a corpus row without a corpus
+        named = {n.strip().lower() for v in variants or () for n in str(v).split(",")}
+        if "retrieve-captions-corpus" in named:
+            raise UserError("retrieve-captions-corpus needs --caption-datastore FILE (a "
+                            ".txt, .jsonl, .csv or .parquet of captions)")
+        log.warning("leaving out retrieve-captions-corpus: no --caption-datastore FILE given")
+        plans = [plan for plan in plans if plan.corpus != ""]
+        names = [plan.name for plan in plans]
 
     overall = time.perf_counter()
     shared = _Shared(settings, indices, progress)
@@ -669,7 +705,7 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
         else:
             log.info("variant %s (%d/%d): %s", plan.name, n, len(plans), plan.summary())
             if plan.context == "caption":
-                shared.caption_index()   # shared, once: not in the variant's own time
+                shared.caption_datastore(plan)   # shared, once: not in the variant's own time
             record = {"name": plan.name, "description": VARIANTS[plan.name].description,
                       "definition": plan.definition(), "summary": plan.summary(),
                       "same_as": None, **run_variant(plan, shared, progress)}
@@ -807,9 +843,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "- Shared work, done once and in no row's time: reading the images "
         f"{shared.get('load_images', 0):.1f} s, CLIP image embedding of the {images} images "
         f"{shared.get('embed_images', 0):.1f} s"
-        + (f", CLIP text embedding of the training captions (image-to-caption) "
-           f"{shared['embed_training_captions']:.1f} s" if "embed_training_captions" in shared
-           else "")
+        + "".join(f", {name.replace('_', ' ')} {seconds:.1f} s" for name, seconds
+                  in shared.items() if name.startswith("caption_datastore"))
         + f"; total wall time {report.get('total_seconds') or 0:.0f} s including scoring.",
         "",
         "> Only numbers from the real pretrained checkpoints mean anything. Numbers from "

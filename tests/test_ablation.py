@@ -67,12 +67,14 @@ def test_registry_resolves_and_dedupes():
     plans = {name: ablation.resolve_plan(v, settings) for name, v in ablation.VARIANTS.items()}
     assert {"baseline", "no-retrieval", "nn-copy", "random-neighbours", "oracle-references",
             "k=0", "k=1", "k=3", "k=5", "k=10", "cpn=1", "cpn=all", "memory=frozen",
-            "memory=growing", "image-to-caption", "sample-k", "mmr", "dedup",
-            "near-dup-guard"} == set(plans)
+            "memory=growing", "retrieve-captions", "retrieve-captions-corpus",
+            "image-to-caption", "sample-k", "mmr", "dedup", "near-dup-guard"} == set(plans)
     assert plans["baseline"].signature == plans["k=5"].signature == plans["memory=frozen"].signature
     assert plans["k=0"].signature == plans["no-retrieval"].signature
     assert plans["memory=growing"].memory == "growing" and plans["baseline"].memory == "frozen"
     assert plans["image-to-caption"].k == 10       # k x cpn captions
+    assert plans["retrieve-captions"].k == 5 and plans["retrieve-captions"].corpus is None
+    assert plans["retrieve-captions-corpus"].corpus == ""     # no --caption-datastore given
     assert plans["cpn=all"].per_neighbour == ablation.ALL
     growing = config.resolve("batch", memory="growing")
     assert ablation.resolve_plan(ablation.VARIANTS["baseline"], growing).memory == "growing"
@@ -353,6 +355,43 @@ def test_rows_of_a_chat_captioner_say_context_used_where_the_prompt_had_captions
     used = {v["name"]: v["context_used"] for v in report["variants"]}
     assert used == {"baseline": True, "no-retrieval": False}
     assert "without reading the retrieved captions" not in (tmp_path / ablation.MD_NAME).read_text()
+
+
+def test_caption_rows_retrieve_from_the_memory_and_from_a_corpus_at_the_same_k(
+        settings_kwargs, tmp_path, no_meteor, fitted_clip):
+    from fake_flickr import captions_for
+    kwargs = {**settings_kwargs, "clip_model_name": fitted_clip}
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(captions_for(i)[0] for i in range(16)) + "\n")
+    dataset, db = main.initialize_system(**kwargs)
+    with pytest.raises(UserError, match="retrieve-captions-corpus needs --caption-datastore"):
+        ablation.run_ablation(["retrieve-captions-corpus"], [0], out_dir=tmp_path, **kwargs)
+    # python -m bench.ablation --variants baseline retrieve-captions retrieve-captions-corpus
+    #     --caption-datastore corpus.txt --indices 0-3
+    names = ["baseline", "retrieve-captions", "retrieve-captions-corpus"]
+    report = ablation.run_ablation(names, [0, 1, 2, 3], out_dir=tmp_path / "out",
+                                   caption_datastore=str(corpus), **kwargs)
+    rows = {v["name"]: v for v in report["variants"]}
+    assert list(rows) == names and report["complete"]
+    train = {s.image_id for s in dataset.train}
+    for item in rows["retrieve-captions"]["items"]:
+        assert len(item["neighbours"]) == 5 == len(item["prompt_captions"])
+        for n in item["neighbours"]:
+            assert n["source"] == "memory" and n["image_id"] in train
+            assert n["caption"] in db.captions_of(n["image_id"])
+    lines = corpus.read_text().splitlines()
+    for item in rows["retrieve-captions-corpus"]["items"]:
+        assert len(item["neighbours"]) == 5 and item["distinct_scenes"] is None
+        for n in item["neighbours"]:
+            path, line = n["source"].rsplit(":", 1)
+            assert n["image_id"] == "" and path == str(corpus)
+            assert lines[int(line) - 1] == n["caption"]
+    for name in names:                 # the same columns for every row
+        assert rows[name]["distinct_words"] is not None
+    assert rows["retrieve-captions"]["distinct_scenes"] is not None
+    assert rows["retrieve-captions-corpus"]["definition"]["caption_datastore"] == str(corpus)
+    table = _rows((tmp_path / "out" / "ablation.md").read_text())
+    assert list(table) == names
 
 
 def test_the_chart_title_never_covers_its_bars_or_labels(monkeypatch, tmp_path):

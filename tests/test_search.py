@@ -571,6 +571,28 @@ def test_a_search_killed_while_embedding_keeps_what_it_saved_and_the_next_finish
                        atol=1e-5)
 
 
+def test_text_search_of_the_caption_datastore_by_clip(clip_memory, tmp_path):
+    dataset, kwargs = clip_memory
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"caption": "a red kite over the sea"}\n')
+    # python search.py --text "a red kite over the sea" --text-by clip-captions \
+    #     --caption-datastore corpus.jsonl
+    result = search.search_text("a red kite over the sea", 3, by="clip-captions",
+                                caption_datastore=str(corpus), **kwargs)
+    assert result.by == "clip-captions" and result.model == kwargs["clip_model_name"]
+    top = result.hits[0]
+    assert (top.image_id, top.caption, top.caption_source, top.path) == (
+        f"{corpus}:1", "a red kite over the sea", "corpus", None)
+    assert top.score == pytest.approx(1.0, abs=1e-5)
+    assert result.indexed == 1 + sum(len(dataset.get(s.image_id).captions)
+                                     for s in dataset.train)
+    memory_hit = result.hits[1]
+    assert memory_hit.caption_source == "memory" and memory_hit.path is not None
+    assert memory_hit.caption in dataset.get(memory_hit.image_id).captions
+    table = search.format_table(result)
+    assert f"{corpus}:1" in table and "corpus: a red kite over the sea" in table
+
+
 @pytest.mark.parametrize("mode", ["image", "text"])
 def test_the_figure_titles_never_cover_an_image_or_a_caption(mode, monkeypatch, tmp_path):
     # python search.py ... --plot fig.png: the query, then each hit titled with its score
