@@ -161,10 +161,10 @@ def test_caption_folder_prints_each_caption_and_writes_captions_csv(photos, sett
     assert main.main(cli(settings_kwargs, "--caption-folder", str(photos),
                          "--no-retrieval")) == 0
     out = capsys.readouterr().out.splitlines()
-    from db_manager import DbManager
     from folder_index import folder_db_dir
     db_dir = folder_db_dir(settings_kwargs["db_dir"], photos)
-    captions = {c["image_id"]: c for c in DbManager.open(db_dir).captions}
+    captions = {c["image_id"]: c for c in
+                json.loads((db_dir / "captions.json").read_text())["entries"]}
     assert len(captions) == 6
     for image_id, entry in captions.items():   # each image on its line, with its caption
         assert any(line.split() == [image_id] + entry["caption"].split() for line in out)
