@@ -53,7 +53,7 @@ VECTORS_DIR = "clip_text_vectors"
 TEXT_CHUNK = 4096
 # Texts embedded first to time the rest (the estimate in the log).
 _PROBE = 64
-CORPUS_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
+CORPUS_SUFFIXES = config.CORPUS_SUFFIXES
 CORPUS_PREFIX = "corpus:"
 
 
@@ -385,15 +385,3 @@ def datastore_for(models: "Models", memory: "Memory") -> CaptionDatastore:
         return build(every, text_vectors_for(models), settings.caption_datastore_index)
     return cached("caption_datastore", key, make)
 
-
-def check_settings(settings: config.Settings) -> None:
-    """UserError for a datastore setting that cannot work, before any model loads."""
-    if settings.caption_datastore_only and not settings.caption_datastore:
-        raise UserError("--caption-datastore-only needs --caption-datastore FILE")
-    if settings.caption_datastore:
-        path = Path(settings.caption_datastore).expanduser()
-        if not path.is_file():
-            raise UserError(f"--caption-datastore {path}: no such file")
-        if path.suffix.lower() not in CORPUS_SUFFIXES:
-            raise UserError(f"--caption-datastore {path}: expected a .txt, .jsonl, .csv or "
-                            ".parquet file")

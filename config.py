@@ -25,6 +25,7 @@ import functools
 import logging
 import os
 import re
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
@@ -250,12 +251,14 @@ _CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "CAPTION_DATASTORE_INDEX": ("numpy", "faiss", "faiss-fp16", "ivfpq", "hnsw"),
     "LOG_LEVEL": ("DEBUG", "INFO", "WARNING", "ERROR"),
 })
+# The corpus files CAPTION_DATASTORE reads (caption_datastore.read_corpus); no setting.
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 
 
 def defaults() -> dict[str, Any]:
     """Every setting with its default value, keyed by UPPER_CASE name."""
     return {k: v for k, v in globals().items()
-            if k.isupper() and k not in ("ENV_PREFIX", "CONTEXTS") and not k.startswith("_")}
+            if k.isupper() and k not in ("ENV_PREFIX", "CONTEXTS", "CORPUS_SUFFIXES") and not k.startswith("_")}
 
 
 # Where a command runs, as config.resolve's `context`: what an "auto" setting becomes.
@@ -511,6 +514,15 @@ def _check(values: dict[str, Any]) -> None:
     for name in ("MMR_LAMBDA", "DEDUP_THRESHOLD"):
         if not 0 <= values[name] <= 1:
             raise UserError(f"{flag(name)} must be between 0 and 1, got {values[name]}")
+    if values["CAPTION_DATASTORE_ONLY"] and not values["CAPTION_DATASTORE"]:
+        raise UserError("--caption-datastore-only needs --caption-datastore FILE")
+    if values["CAPTION_DATASTORE"]:  # a missing corpus before any model loads
+        path = Path(values["CAPTION_DATASTORE"]).expanduser()
+        if path.suffix.lower() not in CORPUS_SUFFIXES:
+            raise UserError(f"--caption-datastore {path}: expected a .txt, .jsonl, .csv or "
+                            ".parquet file")
+        if not path.is_file():
+            raise UserError(f"--caption-datastore {path}: no such file")
     threshold = values["NEAR_DUPLICATE_THRESHOLD"]
     if threshold != "auto" and _unit_number(threshold) is None:
         raise UserError("--near-duplicate-threshold must be auto or a cosine between 0 (off) "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import availability
 import config
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
     from dataset_loader import Collection
     from db_manager import DbManager
-    from pipeline import Captioned
 
 log = logging.getLogger("memory")
 
@@ -56,9 +55,6 @@ def initialize(settings: config.Settings, captioner: bool = True
     The database is checked against the settings' models, split and caption
     prompts before any model loads."""
     from db_manager import DbManager
-    if settings.retrieve == "captions":
-        from caption_datastore import check_settings
-        check_settings(settings)          # a missing corpus file before any model loads
     availability.require(settings, availability.PARTS if captioner else availability.PARTS[:3])
     dataset = load_dataset(settings)
     db_dir = Path(settings.db_dir).expanduser().resolve()
@@ -146,7 +142,17 @@ def caption_embedder_for(settings: config.Settings, db: "DbManager"):
     return embedder
 
 
-def save_caption(db: "DbManager", record: "Captioned", vlm_model: str,
+class CaptionedImage(Protocol):
+    """What save_caption stores (pipeline.Captioned is one): named here, so the memory
+    does not import the caption step that imports it."""
+
+    image_id: str
+    caption: str
+    vector: "np.ndarray"             # the image's (D,) CLIP vector
+    caption_vector: "np.ndarray"     # the caption's (D',) vector
+
+
+def save_caption(db: "DbManager", record: CaptionedImage, vlm_model: str,
                  experiment_index: int | None = None) -> str:
     """Save a captioned image (pipeline.Captioned: its CLIP vector, caption and caption
     vector) to `db`, the one way every entry point does (an experiment, a captioned

@@ -297,10 +297,9 @@ def _datastore_search(text: str, k: int, settings: config.Settings, db, source: 
                       path_of: Callable[[str], str | None], load) -> SearchResult:
     """--text-by clip-captions: the captions of the caption datastore nearest to the
     CLIP text vector of `text` (caption_datastore.datastore_for over every memory row)."""
-    from caption_datastore import check_settings, datastore_for
+    from caption_datastore import datastore_for
     from memory import Memory
     from models import load_models
-    check_settings(settings)
     models = load_models(settings)
     store = datastore_for(models, Memory.from_db(db, growing=True))
     query = models.image_embedder.embed_texts([text])[0]

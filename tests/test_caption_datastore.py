@@ -52,7 +52,11 @@ def test_a_corpus_that_cannot_be_read_is_one_clear_error(tmp_path):
         with pytest.raises(UserError, match=message):
             read_corpus(tmp_path / name)
     with pytest.raises(UserError, match="--caption-datastore-only needs --caption-datastore"):
-        caption_datastore.check_settings(config.resolve(caption_datastore_only=True))
+        config.resolve(caption_datastore_only=True)
+    with pytest.raises(UserError, match="missing.txt: no such file"):
+        config.resolve(caption_datastore=str(tmp_path / "missing.txt"))
+    with pytest.raises(UserError, match="expected a .txt"):
+        config.resolve(caption_datastore=str(tmp_path / "c.md"))
 
 
 def test_retrieve_is_a_result_changing_setting_with_two_values():
