@@ -76,6 +76,7 @@ threads.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -463,46 +464,71 @@ def fallback_tokenize(text: str) -> str:
 
 # --------------------------------------------------------------------------- java scorers
 
+# One METEOR JVM per process, started by the first call and kept: its start (loading
+# the paraphrase tables) costs ~9 s, a later call milliseconds, so a batch summary after
+# an ablation's dozen variants pays it once. A JVM that failed is closed, not reused.
+_meteor_lock = threading.Lock()
+_meteor_jvm = None
+
+
 def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
-    """pycocoevalcap's Meteor, with its JVM killed by a watchdog if it hangs and always closed."""
-    from pycocoevalcap.meteor.meteor import Meteor
+    """pycocoevalcap's Meteor on the process's JVM, killed by a watchdog if it hangs."""
+    global _meteor_jvm
     # "|||" separates fields in METEOR's protocol; pycocoevalcap strips it from the
     # hypothesis only.
     gts = {k: [r.replace("|||", "") for r in v] for k, v in gts.items()}
-    meteor = Meteor()
+    with _meteor_lock:
+        if _meteor_jvm is None or _meteor_jvm.meteor_p.poll() is not None:
+            from pycocoevalcap.meteor.meteor import Meteor
+            if _meteor_jvm is None:
+                atexit.register(_close_meteor)
+            _meteor_jvm = Meteor()
+        meteor = _meteor_jvm
+        proc = meteor.meteor_p
+        timed_out = threading.Event()
+
+        def kill() -> None:
+            timed_out.set()
+            proc.kill()
+
+        watchdog = threading.Timer(METEOR_TIMEOUT_S, kill)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return meteor.compute_score(gts, res)
+        except Exception:
+            # the JVM died by itself? (its stdout closes just before it is reaped)
+            died = not timed_out.is_set() and _exits_within(proc, 5.0)
+            err = proc.stderr.read().decode("utf-8", "replace") if died and proc.stderr else ""
+            _close_meteor()
+            if timed_out.is_set():
+                raise RuntimeError(f"no answer from the METEOR JVM in {METEOR_TIMEOUT_S:.0f} s"
+                                   ) from None
+            if died:
+                raise RuntimeError(f"the METEOR JVM exited ({proc.returncode}): "
+                                   f"{_last_line(err) or 'no message'}") from None
+            raise
+        finally:
+            watchdog.cancel()
+
+
+def _close_meteor() -> None:
+    """Close the process's METEOR JVM (at exit, or after a failure)."""
+    global _meteor_jvm
+    meteor, _meteor_jvm = _meteor_jvm, None
+    if meteor is None:
+        return
+    # Meteor.compute_score holds its lock without try/finally, and Meteor.__del__
+    # takes the same lock: after a failure, garbage collection would hang forever.
+    meteor.lock = threading.Lock()
     proc = meteor.meteor_p
-    timed_out = threading.Event()
-
-    def kill() -> None:
-        timed_out.set()
-        proc.kill()
-
-    watchdog = threading.Timer(METEOR_TIMEOUT_S, kill)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        score, scores = meteor.compute_score(gts, res)
-    except Exception:
-        if timed_out.is_set():
-            raise RuntimeError(f"no answer from the METEOR JVM in {METEOR_TIMEOUT_S:.0f} s") from None
-        if _exits_within(proc, 5.0):  # the JVM died (its stdout closes just before it is reaped)
-            err = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
-            raise RuntimeError(f"the METEOR JVM exited ({proc.returncode}): "
-                               f"{_last_line(err) or 'no message'}") from None
-        raise
-    finally:
-        watchdog.cancel()
-        # Meteor.compute_score holds its lock without try/finally, and Meteor.__del__
-        # takes the same lock: after a failure, garbage collection would hang forever.
-        meteor.lock = threading.Lock()
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            try:
-                stream.close()
-            except Exception:
-                pass
-        proc.kill()
-        proc.wait()
-    return score, scores
+    for stream in (proc.stdin, proc.stdout):
+        try:
+            stream.close()
+        except Exception:
+            pass
+    proc.kill()
+    proc.wait()
 
 
 def _exits_within(proc: subprocess.Popen, seconds: float) -> bool:

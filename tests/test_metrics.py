@@ -68,14 +68,6 @@ def _scores(result: dict) -> dict:
 
 
 @pytest.fixture
-def no_meteor(monkeypatch):
-    """Skip METEOR's ~6 s JVM start in tests that are not about METEOR."""
-    def fake(gts, res):
-        raise RuntimeError("not run in this test")
-    monkeypatch.setattr(metrics, "_meteor", fake)
-
-
-@pytest.fixture
 def no_java(monkeypatch):
     real_which = shutil.which
     monkeypatch.setattr(metrics.shutil, "which",
@@ -105,7 +97,7 @@ def test_import_does_no_work():
     assert out.stdout.strip() == "[]"
 
 
-def test_nothing_is_printed(capfd, no_meteor):
+def test_nothing_is_printed(capfd):
     metrics.evaluate_captions(GEN, REFS)
     out, err = capfd.readouterr()
     assert out == "" and err == ""
@@ -125,7 +117,7 @@ def test_identical_caption_scores_higher_cider_than_the_paraphrases(identical_re
     assert identical_result["CIDEr-D"] > corpus_result["CIDEr-D"] > 0
 
 
-def test_disjoint_captions_score_zero(no_meteor):
+def test_disjoint_captions_score_zero():
     gen = {"a": "purple elephants juggle", "b": "seven violins hum quietly tonight",
            "c": "quantum soup evaporates"}
     refs = {"a": ["a dog runs on the grass", "the dog is running"],
@@ -168,7 +160,7 @@ def test_cider_d_pinned_value_also_without_java(no_java):
     assert result["CIDEr-D"] == pytest.approx(PINNED_CIDER_D, rel=1e-9)
 
 
-def test_rouge_l_by_hand(no_meteor):
+def test_rouge_l_by_hand():
     # hypothesis: 6 tokens. ref 1: 8 tokens, LCS "a dog runs the grass" = 5 -> P 5/6, R 5/8.
     # ref 2: 3 tokens, LCS "a dog" = 2 -> P 2/6, R 2/3. pycocoevalcap takes the best
     # precision (5/6) and the best recall (2/3) separately, with beta = 1.2.
@@ -182,7 +174,7 @@ def test_rouge_l_by_hand(no_meteor):
     assert result["per_image"]["img"]["ROUGE-L"] == pytest.approx(expected, rel=1e-12)
 
 
-def test_cider_d_is_skipped_for_a_single_image(no_meteor):
+def test_cider_d_is_skipped_for_a_single_image():
     result = metrics.evaluate_captions({"img": "a dog runs"}, {"img": ["a dog runs fast"]})
     assert "CIDEr-D" not in result
     assert "idf" in result["skipped"]["CIDEr-D"]
@@ -213,7 +205,7 @@ def test_without_java_falls_back_and_skips_meteor(no_java):
 
 
 @needs_java
-def test_a_failing_java_tokenizer_falls_back_and_says_so(monkeypatch, no_meteor):
+def test_a_failing_java_tokenizer_falls_back_and_says_so(monkeypatch):
     def broken(sentences, java):
         raise RuntimeError("exit status 1: Error: could not find main class")
     monkeypatch.setattr(metrics, "_ptb_tokenize", broken)
@@ -245,7 +237,7 @@ def test_fallback_tokenize():
 
 
 @needs_java
-def test_line_breaks_inside_a_caption_do_not_shift_the_others(no_meteor):
+def test_line_breaks_inside_a_caption_do_not_shift_the_others():
     # The java tokenizer treats \r and U+2028 as line ends; unguarded, every later caption
     # would be scored against the wrong image.
     gen = {"a": "A dog\rruns on the grass", "b": "A man\u2028rides a bike", "c": "Two kids swim"}
@@ -258,7 +250,7 @@ def test_line_breaks_inside_a_caption_do_not_shift_the_others(no_meteor):
 
 # --------------------------------------------------------------------------- SPICE
 
-def test_spice_without_its_jars_is_skipped_saying_where_they_go(no_meteor, monkeypatch,
+def test_spice_without_its_jars_is_skipped_saying_where_they_go(monkeypatch,
                                                                  tmp_path):
     # pycocoevalcap's wheel ships no Stanford CoreNLP: by default SPICE then says where
     # the two jars go, and does not try the download (which fails offline)
@@ -275,7 +267,7 @@ def test_spice_without_its_jars_is_skipped_saying_where_they_go(no_meteor, monke
 
 
 @needs_java
-def test_spice_runs_by_default_when_its_jars_are_there(no_meteor, monkeypatch, tmp_path):
+def test_spice_runs_by_default_when_its_jars_are_there(monkeypatch, tmp_path):
     for jar in metrics.SPICE_JARS:
         (tmp_path / jar).write_bytes(b"")
     monkeypatch.setattr(metrics, "spice_lib_dir", lambda: str(tmp_path))
@@ -284,7 +276,7 @@ def test_spice_runs_by_default_when_its_jars_are_there(no_meteor, monkeypatch, t
 
 
 @needs_java
-def test_a_failing_spice_is_reported_not_raised(monkeypatch, no_meteor):
+def test_a_failing_spice_is_reported_not_raised(monkeypatch):
     # SPICE's first use downloads Stanford CoreNLP; the child process that runs it fails
     # offline. Replace it by one that fails the same way, without touching the network.
     monkeypatch.setattr(metrics, "_SPICE_SCRIPT",
@@ -296,7 +288,7 @@ def test_a_failing_spice_is_reported_not_raised(monkeypatch, no_meteor):
 
 
 @needs_java
-def test_a_hanging_spice_is_killed_and_reported(monkeypatch, no_meteor):
+def test_a_hanging_spice_is_killed_and_reported(monkeypatch):
     monkeypatch.setattr(metrics, "_SPICE_SCRIPT", "import time; time.sleep(60)")
     monkeypatch.setattr(metrics, "SPICE_TIMEOUT_S", 1.0)
     result = metrics.evaluate_captions(GEN, REFS, spice=True)
@@ -304,7 +296,7 @@ def test_a_hanging_spice_is_killed_and_reported(monkeypatch, no_meteor):
 
 
 @needs_java
-def test_spice_scores_are_read_back(monkeypatch, no_meteor):
+def test_spice_scores_are_read_back(monkeypatch):
     fake = ("import json, sys\n"
             "d = json.load(open(sys.argv[1]))\n"
             "n = len(d['res'])\n"
@@ -317,7 +309,7 @@ def test_spice_scores_are_read_back(monkeypatch, no_meteor):
 
 # --------------------------------------------------------------------------- embedding similarity
 
-def test_embedding_similarity_with_minilm_prefers_a_paraphrase(minilm, no_meteor):
+def test_embedding_similarity_with_minilm_prefers_a_paraphrase(minilm):
     from caption_embedder import CaptionEmbedder
     embedder = CaptionEmbedder(minilm)
     reference = ["A dog is running through the grass.", "A brown dog runs across a field."]
@@ -350,7 +342,7 @@ class _Fixed:
         return np.array([self.table[c] for c in captions], dtype=np.float32)
 
 
-def test_embedding_similarity_max_and_mean_are_cosines(no_meteor):
+def test_embedding_similarity_max_and_mean_are_cosines():
     s = np.sqrt(0.5)
     embedder = _Fixed({"hyp": [1, 0], "r1": [1, 0], "r2": [s, s], "r3": [0, 1]})
     result = metrics.evaluate_captions({"x": "hyp"}, {"x": ["r1", "r2", "r3"]},
@@ -362,13 +354,13 @@ def test_embedding_similarity_max_and_mean_are_cosines(no_meteor):
     assert result["per_image"]["x"]["embedding_similarity_mean"] == pytest.approx((1 + s) / 3)
 
 
-def test_embedding_similarity_is_skipped_without_an_embedder(no_meteor):
+def test_embedding_similarity_is_skipped_without_an_embedder():
     result = metrics.evaluate_captions(GEN, REFS)
     assert "embedding_similarity" not in result
     assert "caption_embedder" in result["skipped"]["embedding_similarity"]
 
 
-def test_an_embedder_returning_the_wrong_shape_is_an_error(no_meteor):
+def test_an_embedder_returning_the_wrong_shape_is_an_error():
     class Bad:
         def embed_captions(self, captions):
             return np.zeros((1, 4), dtype=np.float32)
@@ -378,7 +370,7 @@ def test_an_embedder_returning_the_wrong_shape_is_an_error(no_meteor):
 
 # --------------------------------------------------------------------------- coverage of the input
 
-def test_images_without_references_or_caption_are_reported(no_meteor):
+def test_images_without_references_or_caption_are_reported():
     gen = dict(GEN, **{"lonely.jpg": "a cat on a mat", "blank.jpg": "   ",
                        "empty_refs.jpg": "a bird"})
     refs = dict(REFS, **{"blank.jpg": ["a bird flies"], "empty_refs.jpg": ["", "  "],
@@ -424,7 +416,7 @@ def test_missing_pycocoevalcap_is_a_user_error(monkeypatch):
         metrics.evaluate_captions(GEN, REFS)
 
 
-def test_length_and_vocabulary(no_meteor):
+def test_length_and_vocabulary():
     gen = {"a": "A dog runs.", "b": "A man in a red shirt.", "c": "Two kids swim"}
     refs = {"a": ["A dog runs .", "A brown dog runs on grass"],
             "b": ["A man wears a red shirt"], "c": ["Children swim in a lake"],
