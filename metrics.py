@@ -368,7 +368,7 @@ def _tokenize_all(sentences: list[str], java: str | None) -> tuple[list[str], st
     """Tokenised sentences and a description of the tokenisation used."""
     if java is not None:
         try:
-            return _ptb_tokenize(sentences, java), \
+            return ptb_tokenize(sentences, java), \
                 "PTB tokenizer (Stanford CoreNLP 3.4.1, java) + COCO punctuation removal"
         except Exception as exc:
             why = f"the java PTB tokenizer failed ({type(exc).__name__}: {_first_line(str(exc))})"
@@ -387,7 +387,7 @@ def _package_dir() -> str:
     return list(spec.submodule_search_locations)[0]
 
 
-def _ptb_tokenize(sentences: list[str], java: str) -> list[str]:
+def ptb_tokenize(sentences: list[str], java: str) -> list[str]:
     """pycocoevalcap's PTBTokenizer command, fed through stdin, with its output checked."""
     from pycocoevalcap.tokenizer import ptbtokenizer
     jar = os.path.join(_package_dir(), "tokenizer", ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)

@@ -201,7 +201,7 @@ def test_bad_uploads_are_readable_errors_and_change_nothing(name, memory, settin
         with pytest.raises(UserError) as caught:
             handler()
         assert message in str(caught.value) and "Traceback" not in str(caught.value)
-        assert app._error_text(caught.value) == f"**Error:** {caught.value}"
+        assert app.error_text(caught.value) == f"**Error:** {caught.value}"
     assert snapshot(settings.db_dir, settings.results_dir) == before
 
 
@@ -215,7 +215,7 @@ def test_bad_choices_are_readable_errors(value, message, settings):
 
 
 def test_an_unexpected_error_shows_no_traceback(caplog):
-    text = app._error_text(RuntimeError("CUDA out of memory\n  at line 3"))
+    text = app.error_text(RuntimeError("CUDA out of memory\n  at line 3"))
     assert text == ("**Error:** unexpected RuntimeError: CUDA out of memory "
                     "(details in the server's log)")
     assert "CUDA out of memory" in caplog.text       # the details go to the server's log
@@ -289,9 +289,9 @@ def test_pictures_are_files_written_once_with_the_bytes_gradio_showed(memory, se
     old = Image.open(photo).convert("RGB")
     assert Path(first["query"]).read_bytes() == gradio_files.encode_pil_to_bytes(old, "webp")
 
-    missing = app._image_of("gone.jpg", settings, memory)
+    missing = app.thumbnail_of("gone.jpg", settings, memory)
     assert Image.open(missing).size == (app.THUMBNAIL, app.THUMBNAIL * 3 // 4)  # placeholder
-    assert app._image_of("gone.jpg", settings, memory) == missing
+    assert app.thumbnail_of("gone.jpg", settings, memory) == missing
 
 
 # --- Runs ----------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def test_without_java_falls_back_and_skips_meteor(no_java):
 def test_a_failing_java_tokenizer_falls_back_and_says_so(monkeypatch):
     def broken(sentences, java):
         raise RuntimeError("exit status 1: Error: could not find main class")
-    monkeypatch.setattr(metrics, "_ptb_tokenize", broken)
+    monkeypatch.setattr(metrics, "ptb_tokenize", broken)
     result = metrics.evaluate_captions(GEN, REFS)
     assert "the java PTB tokenizer failed" in result["tokenizer"]
     assert "could not find main class" in result["tokenizer"]
@@ -219,7 +219,7 @@ def test_a_failing_java_tokenizer_falls_back_and_says_so(monkeypatch):
 def test_our_ptb_call_tokenizes_like_pycocoevalcaps_ptbtokenizer():
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     theirs = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(ORDINARY_CAPTIONS)})
-    ours = metrics._ptb_tokenize(ORDINARY_CAPTIONS, JAVA)
+    ours = metrics.ptb_tokenize(ORDINARY_CAPTIONS, JAVA)
     assert ours == [theirs[i][0] for i in range(len(ORDINARY_CAPTIONS))]
     # The fallback agrees on ordinary captions.
     assert [metrics.fallback_tokenize(c) for c in ORDINARY_CAPTIONS] == ours
@@ -461,7 +461,7 @@ def init(self):  # a METEOR whose JVM dies at once, or never answers
 
 meteor.Meteor.__init__ = init
 metrics.shutil.which = lambda name, *a, **k: sys.executable  # "java is there"
-metrics._ptb_tokenize = lambda sentences, java: [s.lower() for s in sentences]
+metrics.ptb_tokenize = lambda sentences, java: [s.lower() for s in sentences]
 metrics.METEOR_TIMEOUT_S = 1.0
 result = metrics.evaluate_captions({"a": "a dog", "b": "a cat"},
                                    {"a": ["a dog runs"], "b": ["a cat sits"]})
