@@ -142,6 +142,36 @@ def settings_kwargs(tiny_clip, tiny_vlm, minilm, flickr_dir, tmp_path) -> dict:
 
 
 @pytest.fixture
+def run_main(monkeypatch, capsys, caplog):
+    """`python main.py ARGS` under the environment `env` (its RECAP_* settings), run in
+    this process so the tiny models load once per test process: a CompletedProcess
+    with the exit code, stdout, and stderr followed by the log lines. Tests that are
+    about a fresh process (imports, exit, the shell) start one instead."""
+    import logging
+    import subprocess
+
+    import main
+
+    def run(args, env) -> subprocess.CompletedProcess:
+        with monkeypatch.context() as m:
+            for key in [k for k in os.environ if k.startswith("RECAP_")]:
+                m.delenv(key)
+            for key, value in env.items():
+                if key.startswith("RECAP_"):
+                    m.setenv(key, value)
+            capsys.readouterr()
+            caplog.clear()
+            caplog.set_level(logging.INFO)           # LOG_LEVEL's default
+            try:
+                code = main.main(list(args))
+            except SystemExit as exc:                # argparse's own exits
+                code = exc.code
+            out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["main.py", *args], code, out, err + caplog.text)
+    return run
+
+
+@pytest.fixture
 def pipeline_env(settings_kwargs) -> dict:
     """The same settings as RECAP_* environment variables, for subprocess runs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECAP_")}

@@ -43,7 +43,7 @@ def error_line(stderr):
     return errors[0]
 
 
-def test_main_py_end_to_end(pipeline_env, settings_kwargs):
+def test_main_py_end_to_end(run_main, pipeline_env, settings_kwargs):
     db_dir, results = Path(settings_kwargs["db_dir"]), Path(settings_kwargs["results_dir"])
     first = run_cli(["--experiment-image-index", "1"], pipeline_env)
     assert first.returncode == 0, first.stderr
@@ -80,27 +80,27 @@ def test_main_py_end_to_end(pipeline_env, settings_kwargs):
     assert generated[0]["caption"] == r["generated_caption"]
     assert generated[0]["experiment_index"] == 1
 
-    again = run_cli(["--experiment-image-index", "1"], pipeline_env)
+    again = run_main(["--experiment-image-index", "1"], pipeline_env)
     assert again.returncode == 0, again.stderr
     assert db_counts(db_dir) == tuple(n + 1 for n in base)           # replaced, not duplicated
     assert len(list(results.glob("experiment_1_*.json"))) == 2       # history kept in results/
 
-    other = run_cli(["--experiment-image-index", "2", "--top-k-similar", "3"], pipeline_env)
+    other = run_main(["--experiment-image-index", "2", "--top-k-similar", "3"], pipeline_env)
     assert other.returncode == 0, other.stderr
     assert db_counts(db_dir) == tuple(n + 2 for n in base)
     r2 = json.loads(next(results.glob("experiment_2_*.json")).read_text())
     assert len(r2["similar_images"]) == 3 and r2["config"]["top_k_similar"] == 3
 
 
-def test_the_first_run_leaves_the_human_captions_vectors_to_embed_captions(pipeline_env,
+def test_the_first_run_leaves_the_human_captions_vectors_to_embed_captions(run_main, pipeline_env,
                                                                            settings_kwargs):
     db_dir, humans = Path(settings_kwargs["db_dir"]), TRAIN_IMAGES * CAPTIONS_PER_IMAGE
-    assert run_cli(["--experiment-image-index", "1"], pipeline_env).returncode == 0
-    check = run_cli(["--check-db"], pipeline_env)
+    assert run_main(["--experiment-image-index", "1"], pipeline_env).returncode == 0
+    check = run_main(["--check-db"], pipeline_env)
     assert check.returncode == 0 and f"{humans + 1} captions, 1 of them with vectors " \
         f"({humans} human captions get theirs at the first text search" in check.stdout
 
-    done = run_cli(["--embed-captions"], pipeline_env)
+    done = run_main(["--embed-captions"], pipeline_env)
     assert done.returncode == 0, done.stderr
     assert f"every one of its {humans + 1} captions has a vector ({humans} embedded now" \
         in done.stdout and "text search is ready" in done.stdout
@@ -112,8 +112,8 @@ def test_the_first_run_leaves_the_human_captions_vectors_to_embed_captions(pipel
     captions = json.loads((db_dir / CAPTION_DB).read_text())["entries"]
     embedded = json.loads((db_dir / CAPTION_EMBEDDING_DB).read_text())["entries"]
     assert sorted(e["id"] for e in embedded) == sorted(c["id"] for c in captions)
-    assert "(0 embedded now" in run_cli(["--embed-captions"], pipeline_env).stdout
-    check = run_cli(["--check-db"], pipeline_env)
+    assert "(0 embedded now" in run_main(["--embed-captions"], pipeline_env).stdout
+    check = run_main(["--check-db"], pipeline_env)
     assert f"{humans + 1} of them with vectors\n" in check.stdout and "all checks passed" in \
         check.stdout
 
@@ -206,24 +206,24 @@ def test_folder_without_captions_is_an_error(seeded_db, settings_kwargs, tmp_pat
     assert snapshot(seeded_db) == before
 
 
-def test_corrupt_database_is_an_error_on_the_command_line(seeded_db, pipeline_env):
+def test_corrupt_database_is_an_error_on_the_command_line(run_main, seeded_db, pipeline_env):
     (seeded_db / CAPTION_DB).write_bytes((seeded_db / CAPTION_DB).read_bytes()[:-40])
     before = snapshot(seeded_db)
-    out = run_cli([], pipeline_env)
+    out = run_main([], pipeline_env)
     assert out.returncode == 1
     assert "captions.json is corrupt" in error_line(out.stderr)
     assert snapshot(seeded_db) == before
 
 
-def test_bad_index_exits_non_zero_before_loading_anything(pipeline_env, settings_kwargs):
-    out = run_cli(["--experiment-image-index", "400"], pipeline_env)
+def test_bad_index_exits_non_zero_before_loading_anything(run_main, pipeline_env, settings_kwargs):
+    out = run_main(["--experiment-image-index", "400"], pipeline_env)
     assert out.returncode == 1
     assert "out of range: choose 0 to 3" in error_line(out.stderr)
     assert not Path(settings_kwargs["db_dir"]).exists()
 
 
-def test_unknown_environment_setting_is_an_error(pipeline_env):
-    out = run_cli([], {**pipeline_env, "RECAP_TOPK": "3"})
+def test_unknown_environment_setting_is_an_error(run_main, pipeline_env):
+    out = run_main([], {**pipeline_env, "RECAP_TOPK": "3"})
     assert out.returncode == 2
     assert "unknown setting RECAP_TOPK" in error_line(out.stderr)
 
@@ -346,16 +346,16 @@ def test_the_result_is_the_seeds_dict(settings_kwargs):
     assert r.get("no such key") is None and dict(r.items())["prompt"] == r.prompt
 
 
-def test_in_a_folder_with_a_database_every_command_needs_no_model_flags(
+def test_in_a_folder_with_a_database_every_command_needs_no_model_flags(run_main, 
         pipeline_env, settings_kwargs, tmp_path):
-    first = run_cli(["--experiment-image-index", "1"], pipeline_env)
+    first = run_main(["--experiment-image-index", "1"], pipeline_env)
     assert first.returncode == 0, first.stderr
     # only where things go: the data set and every model come from the database
     bare = {k: v for k, v in pipeline_env.items() if not k.startswith("RECAP_")}
     bare.update({"RECAP_DB_DIR": settings_kwargs["db_dir"],
                  "RECAP_RESULTS_DIR": settings_kwargs["results_dir"],
                  "RECAP_CACHE_DIR": settings_kwargs["cache_dir"], "RECAP_MAX_NEW_TOKENS": "8"})
-    again = run_cli(["--experiment-image-index", "2"], bare)
+    again = run_main(["--experiment-image-index", "2"], bare)
     assert again.returncode == 0, again.stderr
     assert "using the database's settings: " in again.stderr and "clip_model_name=" in \
         again.stderr and "vlm_model_name=" in again.stderr and "dataset_name=" in again.stderr
@@ -368,7 +368,7 @@ def test_in_a_folder_with_a_database_every_command_needs_no_model_flags(
                             text=True, timeout=300)
     assert search.returncode == 0, search.stderr
     assert json.loads(search.stdout)["model"] == settings_kwargs["clip_model_name"]
-    wrong = run_cli(["--experiment-image-index", "2", "--clip-model-name", "other/clip"], bare)
+    wrong = run_main(["--experiment-image-index", "2", "--clip-model-name", "other/clip"], bare)
     assert wrong.returncode == 1
     assert "was built with CLIP model" in error_line(wrong.stderr)
 
@@ -377,10 +377,10 @@ def test_in_a_folder_with_a_database_every_command_needs_no_model_flags(
     ("blip", ""), ("git", ""), ("blip-2", "Question: Captions of similar images: - "),
     ("instructblip", "Captions of similar images:\n- "), ("florence-2", "<CAPTION>"),
     ("paligemma", "caption en")])
-def test_main_py_captions_with_every_captioner_family(pipeline_env, settings_kwargs,
+def test_main_py_captions_with_every_captioner_family(run_main, pipeline_env, settings_kwargs,
                                                       tiny_captioner, family, model_prompt):
     env = {**pipeline_env, "RECAP_VLM_MODEL_NAME": tiny_captioner(family)}
-    done = run_cli(["--experiment-image-index", "2"], env)
+    done = run_main(["--experiment-image-index", "2"], env)
     assert done.returncode == 0, done.stderr
     assert "generated:" in done.stdout
     [result_file] = Path(settings_kwargs["results_dir"]).glob("experiment_2_*.json")
@@ -397,23 +397,23 @@ def test_main_py_captions_with_every_captioner_family(pipeline_env, settings_kwa
     assert r["similar_images"][0]["captions"][0] in r["prompt"]  # the prompt it would have had
 
 
-def test_main_py_with_a_checkpoint_of_no_family_is_one_line(pipeline_env, settings_kwargs,
+def test_main_py_with_a_checkpoint_of_no_family_is_one_line(run_main, pipeline_env, settings_kwargs,
                                                             tiny_clip):
     env = {**pipeline_env, "RECAP_VLM_MODEL_NAME": tiny_clip}
-    done = run_cli(["--experiment-image-index", "2"], env)
+    done = run_main(["--experiment-image-index", "2"], env)
     assert done.returncode == 1
     line = error_line(done.stderr)
     assert "no supported captioner family" in line and "florence-2" in line
 
 
-def test_main_py_offloads_the_vlm_under_a_memory_cap(pipeline_env, settings_kwargs, tiny_vlm):
+def test_main_py_offloads_the_vlm_under_a_memory_cap(run_main, pipeline_env, settings_kwargs, tiny_vlm):
     weights = sum(f.stat().st_size for f in Path(tiny_vlm).glob("*.safetensors"))
     env = {**pipeline_env, "RECAP_VLM_DEVICE_MAP": "auto",
            "RECAP_VLM_MAX_MEMORY": f"cpu={weights // 2}"}
-    done = run_cli(["--experiment-image-index", "2", "--log-level", "INFO"], env)
+    done = run_main(["--experiment-image-index", "2", "--log-level", "INFO"], env)
     assert done.returncode == 0, done.stderr
     assert "placed over cpu, disk" in done.stderr
-    whole = run_cli(["--experiment-image-index", "2", "--db-dir",
+    whole = run_main(["--experiment-image-index", "2", "--db-dir",
                      settings_kwargs["db_dir"] + "-whole"], pipeline_env)
     assert whole.returncode == 0, whole.stderr
     caption = [line for line in done.stdout.splitlines() if "generated:" in line]
