@@ -143,16 +143,16 @@ def settings_kwargs(tiny_clip, tiny_vlm, minilm, flickr_dir, tmp_path) -> dict:
 
 @pytest.fixture
 def run_main(monkeypatch, capsys, caplog):
-    """`python main.py ARGS` under the environment `env` (its RECAP_* settings), run in
-    this process so the tiny models load once per test process: a CompletedProcess
-    with the exit code, stdout, and stderr followed by the log lines. Tests that are
-    about a fresh process (imports, exit, the shell) start one instead."""
+    """`python main.py ARGS` (or `python PROGRAM.py ARGS`) under the environment `env`
+    (its RECAP_* settings), run in this process so the tiny models load once per test
+    process: a CompletedProcess with the exit code, stdout, and stderr followed by the
+    log lines. Tests that are about a fresh process (imports, a kill, the shell) start
+    one instead."""
+    import importlib
     import logging
     import subprocess
 
-    import main
-
-    def run(args, env) -> subprocess.CompletedProcess:
+    def run(args, env, program: str = "main") -> subprocess.CompletedProcess:
         with monkeypatch.context() as m:
             for key in [k for k in os.environ if k.startswith("RECAP_")]:
                 m.delenv(key)
@@ -163,11 +163,12 @@ def run_main(monkeypatch, capsys, caplog):
             caplog.clear()
             caplog.set_level(logging.INFO)           # LOG_LEVEL's default
             try:
-                code = main.main(list(args))
+                code = importlib.import_module(program).main(list(args))
             except SystemExit as exc:                # argparse's own exits
                 code = exc.code
             out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["main.py", *args], code, out, err + caplog.text)
+        return subprocess.CompletedProcess([f"{program}.py", *args], code, out,
+                                           err + caplog.text)
     return run
 
 

@@ -130,7 +130,8 @@ def test_batched_and_unbatched_greedy_captions_agree(settings_kwargs, tmp_path):
     assert [i["prompt"] for i in one["items"]] == [i["prompt"] for i in four["items"]]
 
 
-def test_killed_run_resumes_with_every_index_exactly_once(pipeline_env, settings_kwargs):
+def test_killed_run_resumes_with_every_index_exactly_once(pipeline_env, settings_kwargs,
+                                                         run_main):
     env = {**pipeline_env, "RECAP_BATCH_SIZE": "1", "RECAP_LOG_LEVEL": "WARNING"}
     items = Path(settings_kwargs["results_dir"]) / "runs" / "killed" / "items"
     proc = subprocess.Popen([sys.executable, "main.py", "--all", "--run-name", "killed"],
@@ -142,8 +143,7 @@ def test_killed_run_resumes_with_every_index_exactly_once(pipeline_env, settings
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 1 <= len(list(items.glob("*.json"))) < 4, "the run was not killed in the middle"
-    out = subprocess.run([sys.executable, "main.py", "--all", "--run-name", "killed"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = run_main(["--all", "--run-name", "killed"], env)     # the same command again
     assert out.returncode == 0, out.stderr
     assert "4 finished, 0 failed" in out.stdout
     assert sorted(int(p.stem) for p in items.glob("*.json")) == [0, 1, 2, 3]

@@ -363,9 +363,7 @@ def test_in_a_folder_with_a_database_every_command_needs_no_model_flags(run_main
                    .read_text())
     assert r["config"]["clip_model_name"] == settings_kwargs["clip_model_name"]
     assert r["config"]["vlm_model_name"] == settings_kwargs["vlm_model_name"]
-    search = subprocess.run([sys.executable, "search.py", "--text", "a dog", "--json",
-                             "--text-by", "clip"], cwd=ROOT, env=bare, capture_output=True,
-                            text=True, timeout=300)
+    search = run_main(["--text", "a dog", "--json", "--text-by", "clip"], bare, "search")
     assert search.returncode == 0, search.stderr
     assert json.loads(search.stdout)["model"] == settings_kwargs["clip_model_name"]
     wrong = run_main(["--experiment-image-index", "2", "--clip-model-name", "other/clip"], bare)

@@ -199,12 +199,9 @@ def test_a_database_built_with_other_prompts_is_refused(settings_kwargs, prompt_
 
 
 def test_a_caption_model_whose_prompts_changed_embeds_as_the_database_did(
-        settings_kwargs, prompt_minilm, pipeline_env, tmp_path):
+        settings_kwargs, prompt_minilm, pipeline_env, tmp_path, run_main):
     import json
     import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
     model = tmp_path / "model"
     shutil.copytree(prompt_minilm, model)
     kwargs = {**settings_kwargs, "caption_embedding_model": str(model)}
@@ -215,10 +212,8 @@ def test_a_caption_model_whose_prompts_changed_embeds_as_the_database_did(
     config_file.write_text(json.dumps(saved))
     env = {**pipeline_env, "RECAP_CAPTION_EMBEDDING_MODEL": str(model)}
 
-    def search(*more):
-        return subprocess.run([sys.executable, "search.py", "--text", "a dog", *more], env=env,
-                              cwd=Path(pipeline.__file__).parent, capture_output=True,
-                              text=True, timeout=300)
+    def search(*more):                  # python search.py --text "a dog" ...
+        return run_main(["--text", "a dog", *more], env, "search")
     out = search()                      # "auto": the prompts the database recorded
     assert out.returncode == 0, out.stderr
     assert "using the database's settings: " in out.stderr and \
