@@ -346,8 +346,8 @@ def test_the_result_is_the_seeds_dict(settings_kwargs):
     assert r.get("no such key") is None and dict(r.items())["prompt"] == r.prompt
 
 
-def test_in_a_folder_with_a_database_every_command_needs_no_model_flags(run_main, 
-        pipeline_env, settings_kwargs, tmp_path):
+def test_in_a_folder_with_a_database_every_command_needs_no_model_flags(
+        run_main, pipeline_env, settings_kwargs, monkeypatch):
     first = run_main(["--experiment-image-index", "1"], pipeline_env)
     assert first.returncode == 0, first.stderr
     # only where things go: the data set and every model come from the database
@@ -369,6 +369,18 @@ def test_in_a_folder_with_a_database_every_command_needs_no_model_flags(run_main
     wrong = run_main(["--experiment-image-index", "2", "--clip-model-name", "other/clip"], bare)
     assert wrong.returncode == 1
     assert "was built with CLIP model" in error_line(wrong.stderr)
+    # every entry point (the web page, bench/ablation.py, scale/, ...) resolves its
+    # settings the same way: the database's models, whatever its context
+    for key in [k for k in pipeline_env if k.startswith("RECAP_")]:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in bare.items():
+        if key.startswith("RECAP_"):
+            monkeypatch.setenv(key, value)
+    for context in config.CONTEXTS:
+        resolved = config.resolve(context)
+        for name in ("clip_model_name", "vlm_model_name", "caption_embedding_model",
+                     "dataset_name"):
+            assert getattr(resolved, name) == settings_kwargs[name], (context, name)
 
 
 @pytest.mark.parametrize("family, model_prompt", [
