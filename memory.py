@@ -278,6 +278,12 @@ class Memory:
         return [Hit(rank, image_id, score) for rank, (score, _, image_id)
                 in enumerate(hits[:k], start=1)]
 
+    def __contains__(self, image_id: object) -> bool:
+        """Whether `image_id` is a row (given or added)."""
+        if self._position is None:
+            self._position = {i: n for n, i in enumerate(self._ids)}
+        return image_id in self._added or image_id in self._position
+
     def vectors_of(self, ids: Sequence[str]) -> "np.ndarray":
         """(len(ids), D) vectors of rows by id (an added row's own vector)."""
         import numpy as np

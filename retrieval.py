@@ -180,21 +180,6 @@ def _stable_hash(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
-def near_duplicates(memory: Memory, image_id: str, vector: "np.ndarray", threshold: float
-                    ) -> list[str]:
-    """Memory rows (never the image itself) with an image cosine of at least
-    `threshold` to `vector`: the rows the leak guard keeps out of a prompt."""
-    if threshold <= 0:
-        return []
-    looked = 16
-    while True:
-        found = memory.search(vector, looked, exclude=(image_id,))
-        near = [h.image_id for h in found if h.score >= threshold]
-        if len(near) < len(found) or len(found) < looked:
-            return near
-        looked *= 2
-
-
 def nearest_captions(store: "CaptionDatastore", memory: Memory, image_id: str,
                      vector: "np.ndarray", select: Selection,
                      references: Sequence[str] = (),
@@ -218,8 +203,21 @@ def nearest_captions(store: "CaptionDatastore", memory: Memory, image_id: str,
     if select.k <= 0:
         return Context(())
     guard = select.near_duplicate_threshold
-    twins = set(near_duplicates(memory, image_id, vector, guard))
-    exclude = {key for i in twins | {image_id} for key in store.keys_of(i)}
+    query = np.asarray(vector, np.float32).reshape(-1)
+    twin: dict[str, bool] = {image_id: True}    # memory row -> kept out by the guard
+
+    def kept_out(row: str | None) -> bool:
+        """The image itself, or (under the guard) a row at or above it to the image. Only
+        the rows whose captions come up are compared, not the whole memory: the guard
+        costs a few dot products, not a second scan of every image."""
+        if row is None:                          # a corpus caption
+            return False
+        if row not in twin:
+            twin[row] = guard > 0 and row in memory and \
+                float(memory.vectors_of([row])[0] @ query) >= guard
+        return twin[row]
+
+    exclude = set(store.keys_of(image_id))
     identical = store.corpus_keys_like(references) if guard > 0 and references else []
     exclude.update(identical)
     added = [i for i in memory.added if i not in memory.pending] if memory.growing else []
@@ -231,15 +229,15 @@ def nearest_captions(store: "CaptionDatastore", memory: Memory, image_id: str,
         found = store.search(vector, looked, exclude)   # image_id: the entry's key
         # (score, order, text, image id, source, vector)
         rows = [(h.score, n, e.text, e.image_id, e.source, store.vector(h.image_id))
-                for n, (h, e) in enumerate((h, store.entry(h.image_id)) for h in found)]
+                for n, (h, e) in enumerate((h, store.entry(h.image_id)) for h in found)
+                if not kept_out(e.image_id)]
         if len(_distinct(rows)) >= wanted or len(found) < looked:
             break
         looked *= 2
-    extra = [(i, text) for i in added if i != image_id and i not in twins
-             for text in memory.captions_of(i)]
+    extra = [(i, text) for i in added if not kept_out(i) for text in memory.captions_of(i)]
     if extra and embed_texts is not None:
         vectors = embed_texts([text for _, text in extra])
-        scores = vectors @ np.asarray(vector, np.float32).reshape(-1)
+        scores = vectors @ query
         rows += [(float(s), len(found) + n, text, i, "memory", v)
                  for n, ((i, text), s, v) in enumerate(zip(extra, scores, vectors))]
     rows.sort(key=lambda r: (-r[0], r[1]))
