@@ -27,6 +27,18 @@ TOOLS = {
 }
 
 
+# The longest test files, handed out first: `--dist loadfile` gives each process whole
+# files in collection order, so a long file collected last would keep one process busy
+# while the other has nothing left (longest first balances the two).
+LONGEST_FILES = ("test_scale.py", "test_app.py", "test_batch_runner.py", "test_search.py",
+                 "test_ablation.py", "test_main.py", "test_db_manager.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: n for n, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable
+
+
 def pytest_runtest_setup(item):
     """Skip a test marked needs_java / needs_chromium, saying why, where that program is
     missing (decided before the test's fixtures run, so they cannot hide it)."""
