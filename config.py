@@ -390,7 +390,9 @@ def check_same_results(recorded: Mapping[str, Any], wanted: Mapping[str, Any],
     """UserError naming the first result-changing setting whose value in `wanted`
     differs from the one `what` ("run 'k3' was started") was made with (`recorded`,
     by lower-case name). A recorded "auto" (runs made before settings were finished
-    once) is what "auto" means in `context` now."""
+    once) is what "auto" means in `context` now; a recorded "auto" caption prompt is
+    the prompt the recorded caption model gives it."""
+    recorded = _prompts_finished(recorded, wanted)
     for name, value in wanted.items():
         if name in recorded:
             was = recorded[name]
@@ -404,6 +406,19 @@ def check_same_results(recorded: Mapping[str, Any], wanted: Mapping[str, Any],
             was, value = (finish_value(name.upper(), v, context) for v in (was, value))
         if was != value:
             raise UserError(f"{what} with {name}={was!r}, not {value!r}; {advice}")
+
+
+def _prompts_finished(recorded: Mapping[str, Any], wanted: Mapping[str, Any]
+                      ) -> Mapping[str, Any]:
+    """`recorded` with "auto" caption prompts (runs made before prompts were finished
+    once) made the text they stood for, with the caption model the run recorded."""
+    names = ("caption_query_prompt", "caption_document_prompt")
+    model = recorded.get("caption_embedding_model", wanted.get("caption_embedding_model"))
+    if model is None or "auto" not in (recorded.get(n) for n in names):
+        return recorded
+    from caption_embedder import finish_prompts
+    prompts = (recorded.get(n, defaults()[n.upper()]) for n in names)
+    return {**recorded, **dict(zip(names, finish_prompts(model, *prompts)))}
 
 
 # What a run recorded before a setting existed did, where not its default: no

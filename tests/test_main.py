@@ -428,3 +428,46 @@ def test_main_py_offloads_the_vlm_under_a_memory_cap(run_main, pipeline_env, set
     assert whole.returncode == 0, whole.stderr
     caption = [line for line in done.stdout.splitlines() if "generated:" in line]
     assert caption == [line for line in whole.stdout.splitlines() if "generated:" in line]
+
+
+OLD = Path(__file__).parent / "data" / "made_by_83d956e"   # see its README.md
+
+
+def test_what_was_made_before_settings_were_finished_once_keeps_working(
+        run_main, tiny_clip, tiny_vlm, minilm, tmp_path, monkeypatch):
+    import shutil
+    for name in ("db", "results", "cache"):
+        shutil.copytree(OLD / name, tmp_path / name)
+    make_flickr(tmp_path / "flickr", "kaggle", n_images=16)
+    for name, model in (("tiny-clip", tiny_clip), ("tiny-smolvlm", tiny_vlm),
+                        ("minilm", minilm)):
+        (tmp_path / name).symlink_to(model)
+    monkeypatch.chdir(tmp_path)
+    env = {f"RECAP_{k}": v for k, v in dict(
+        DATASET_NAME="./flickr", EXPERIMENT_SAMPLES="4", CLIP_MODEL_NAME="./tiny-clip",
+        METRIC_CLIP_MODEL="./tiny-clip", VLM_MODEL_NAME="./tiny-smolvlm",
+        CAPTION_EMBEDDING_MODEL="./minilm", MAX_NEW_TOKENS="8", BATCH_SIZE="4",
+        DEVICE="cpu", DB_DIR="./db", RESULTS_DIR="./results", CACHE_DIR="./cache").items()}
+    images, captions, vectors = before = db_counts("db")
+    assert before == (TRAIN_IMAGES + 2, TRAIN_IMAGES * CAPTIONS_PER_IMAGE + 2, 2)
+    check = run_main(["--check-db"], env)
+    assert check.returncode == 0 and "all checks passed" in check.stdout
+
+    # python main.py: the old memory grows by the new experiment
+    done = run_main(["--experiment-image-index", "2"], env)
+    assert done.returncode == 0, done.stderr
+    assert db_counts("db") == (images + 1, captions + 1, vectors + 1)
+    old_result = json.loads(next(Path("results").glob("experiment_1_*.json")).read_text())
+    assert old_result["generated_caption"] and old_result["similar_images"]
+
+    # the old run resumes: its two items are kept as they were, the other two are made
+    items = Path("results/runs/old/items")
+    kept = {p.name: p.read_bytes() for p in items.glob("*.json")}
+    resumed = run_main(["--indices", "0-3", "--run-name", "old"], env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "run old: 4 finished, 0 failed" in resumed.stdout
+    assert sorted(p.name for p in items.glob("*.json")) == ["0.json", "1.json", "2.json",
+                                                            "3.json"]
+    assert {name: (items / name).read_bytes() for name in kept} == kept
+    check = run_main(["--check-db"], env)
+    assert check.returncode == 0 and "all checks passed" in check.stdout
