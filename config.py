@@ -255,10 +255,13 @@ _CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType({
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 
 
+_NOT_SETTINGS = ("ENV_PREFIX", "CONTEXTS", "CORPUS_SUFFIXES")   # upper-case, yet no setting
+
+
 def defaults() -> dict[str, Any]:
     """Every setting with its default value, keyed by UPPER_CASE name."""
     return {k: v for k, v in globals().items()
-            if k.isupper() and k not in ("ENV_PREFIX", "CONTEXTS", "CORPUS_SUFFIXES") and not k.startswith("_")}
+            if k.isupper() and k not in _NOT_SETTINGS and not k.startswith("_")}
 
 
 # Where a command runs, as config.resolve's `context`: what an "auto" setting becomes.

@@ -278,19 +278,21 @@ class Memory:
         return [Hit(rank, image_id, score) for rank, (score, _, image_id)
                 in enumerate(hits[:k], start=1)]
 
+    def _positions(self) -> dict[str, int]:
+        if self._position is None:      # indexed on first use
+            self._position = {image_id: n for n, image_id in enumerate(self._ids)}
+        return self._position
+
     def __contains__(self, image_id: object) -> bool:
         """Whether `image_id` is a row (given or added)."""
-        if self._position is None:
-            self._position = {i: n for n, i in enumerate(self._ids)}
-        return image_id in self._added or image_id in self._position
+        return image_id in self._added or image_id in self._positions()
 
     def vectors_of(self, ids: Sequence[str]) -> "np.ndarray":
         """(len(ids), D) vectors of rows by id (an added row's own vector)."""
         import numpy as np
-        if self._position is None:
-            self._position = {image_id: n for n, image_id in enumerate(self._ids)}
+        position = self._positions()
         return np.stack([self._added[i][0] if i in self._added else
-                         self._vectors[self._position[i]] for i in ids]) if ids else \
+                         self._vectors[position[i]] for i in ids]) if ids else \
             np.zeros((0, self._vectors.shape[1]), np.float32)
 
     def caption_vector_of(self, image_id: str) -> "np.ndarray | None":

@@ -206,11 +206,11 @@ def nearest_captions(store: "CaptionDatastore", memory: Memory, image_id: str,
     query = np.asarray(vector, np.float32).reshape(-1)
     twin: dict[str, bool] = {image_id: True}    # memory row -> kept out by the guard
 
-    def kept_out(row: str | None) -> bool:
+    def kept_out(row: str) -> bool:
         """The image itself, or (under the guard) a row at or above it to the image. Only
         the rows whose captions come up are compared, not the whole memory: the guard
         costs a few dot products, not a second scan of every image."""
-        if row is None:                          # a corpus caption
+        if not row:                              # a corpus caption
             return False
         if row not in twin:
             twin[row] = guard > 0 and row in memory and \
