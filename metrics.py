@@ -478,11 +478,13 @@ def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
     # hypothesis only.
     gts = {k: [r.replace("|||", "") for r in v] for k, v in gts.items()}
     with _meteor_lock:
-        if _meteor_jvm is None or _meteor_jvm.meteor_p.poll() is not None:
+        if _meteor_jvm is not None and _meteor_jvm.meteor_p.poll() is not None:
+            _close_meteor()                    # it died since the last call
+        if _meteor_jvm is None:
             from pycocoevalcap.meteor.meteor import Meteor
-            if _meteor_jvm is None:
-                atexit.register(_close_meteor)
             _meteor_jvm = Meteor()
+            atexit.unregister(_close_meteor)   # registered once, however often restarted
+            atexit.register(_close_meteor)
         meteor = _meteor_jvm
         proc = meteor.meteor_p
         timed_out = threading.Event()
