@@ -135,8 +135,16 @@ def _caption_files_in(folder: Path) -> tuple[str, list[Path]] | None:
         if (folder / name).is_file():
             return kind, [folder / name]
     karpathy = sorted(folder.glob(KARPATHY_PATTERN))
+    if len(karpathy) > 1:
+        # caption_datasets.zip unzipped whole: the file named after its folder (coco/)
+        named = [f for f in karpathy if f.stem.removeprefix("dataset_") in folder.name.lower()]
+        if len(named) != 1:
+            raise UserError(f"{folder} holds {len(karpathy)} Karpathy split files ("
+                            + ", ".join(f.name for f in karpathy) + "): point --dataset-name "
+                            "at the one to use")
+        karpathy = named
     if karpathy:
-        return "json", karpathy[:1]
+        return "json", karpathy
     coco = sorted({f for pattern in COCO_PATTERNS for f in folder.glob(pattern)})
     if coco:
         return "json", coco
@@ -150,17 +158,34 @@ def find_image_dir(root: Path, caption_dir: Path, files: list[str],
                    hints: tuple[str, ...] = ()) -> Path:
     """The first candidate folder holding any of the captioned images (some may be
     missing): beside the caption file, in Images/, images/, a folder named after a
-    split (val2014/), ..."""
+    split (val2014/), ..., else any folder directly under the collection or the
+    caption file's folder (flickr30k-images/, NoCaps' val/), in name order."""
     names = [*hints, *(f"images/{h}" for h in hints), *IMAGE_DIRS]
-    for base in dict.fromkeys((root, caption_dir, caption_dir.parent, root.parent)):
+    bases = list(dict.fromkeys((root, caption_dir, caption_dir.parent, root.parent)))
+    for base in bases:
         for name in names:
             # the original Flickr8K zip nests Flicker8k_Dataset/ once more
             for folder in (base / name, base / name / name):
                 if folder.is_dir() and any((folder / f).is_file() for f in files):
                     return folder.resolve()
+    for base in dict.fromkeys((root, caption_dir)):
+        for folder in sorted(p for p in base.iterdir() if p.is_dir()):
+            if _holds_any(folder, files):
+                return folder.resolve()
     raise UserError(f"image folder not found in {root}: looked for {files[0]} and the other "
                     f"{len(files) - 1} captioned images in "
-                    + ", ".join(n for n in names if n != "."))
+                    + ", ".join(n for n in names if n != ".")
+                    + " and every folder directly under it")
+
+
+def _holds_any(folder: Path, files: list[str]) -> bool:
+    """Whether `folder` holds any of `files`, from one directory listing (a stat per
+    file would cost seconds per folder at COCO's 123k names)."""
+    try:
+        listed = set(os.listdir(folder))
+    except OSError:
+        return False
+    return any(f in listed if "/" not in f else (folder / f).is_file() for f in files)
 
 
 def _add(entries: dict[str, Entry], image_id: str, caption: str, file: str | None = None,

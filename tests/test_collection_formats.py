@@ -59,6 +59,27 @@ def test_karpathy_file_names_in_two_folders_keep_their_folders_as_ids(tmp_path):
         f"train2014/{coco_name(0, 'train2014')}", f"val2014/{coco_name(0, 'train2014')}"]
 
 
+def test_flickr30k_as_readme_says_to_put_it_flickr30k_images_beside_its_split_file(tmp_path):
+    root = make_karpathy(tmp_path / "flickr30k", ["train", "val", "test"], dataset="flickr30k")
+    (root / "images").rename(root / "flickr30k-images")          # the download's folder name
+    samples = load_local(root)
+    assert [s.split for s in samples] == ["train", "val", "test"]
+    assert {Path(s.source).parent.name for s in samples} == {"flickr30k-images"}
+
+
+def test_caption_datasets_zip_unzipped_whole_reads_the_file_named_after_its_folder(tmp_path):
+    root = make_karpathy(tmp_path / "coco", ["train", "test"])
+    for other in ("flickr30k", "flickr8k"):
+        (root / f"dataset_{other}.json").write_text(json.dumps({"images": [], "dataset": other}))
+    assert [s.image_id for s in load_local(root)] == [coco_name(0, "train2014"),
+                                                     coco_name(1, "val2014")]
+    unnamed = root.rename(tmp_path / "downloads")
+    with pytest.raises(UserError, match="holds 3 Karpathy split files .*dataset_coco.json.*"
+                                        "point --dataset-name at the one to use"):
+        load_local(unnamed)
+    assert len(load_local(unnamed / "dataset_coco.json")) == 2
+
+
 # --- COCO-style annotations: NoCaps, COCO --------------------------------------------------
 
 def test_nocaps_annotations_give_every_image_its_ten_captions_and_domain(tmp_path):
@@ -68,6 +89,23 @@ def test_nocaps_annotations_give_every_image_its_ten_captions_and_domain(tmp_pat
     assert [s.domain for s in samples] == list(NOCAPS_DOMAINS) * 2
     assert all(len(s.captions) == 10 and s.split == "nocaps_val_4500" for s in samples)
     assert samples[0].captions[:5] == tuple(captions_for(100))
+
+
+def test_nocaps_as_readme_says_to_put_it_val_beside_its_annotations(tmp_path):
+    root = make_coco_captions(tmp_path / "nocaps", 3, image_dir="val")
+    (root / "notes").mkdir()                                      # a folder without the images
+    samples = load_local(root)
+    assert [Path(s.source).parent.name for s in samples] == ["val"] * 3
+    assert [s.domain for s in samples] == list(NOCAPS_DOMAINS)
+
+
+def test_no_folder_with_the_images_is_one_line_saying_where_it_looked(tmp_path):
+    root = make_coco_captions(tmp_path / "nocaps", 2, image_dir="val")
+    for image in (root / "val").iterdir():
+        image.unlink()
+    with pytest.raises(UserError, match="image folder not found .* and every folder directly "
+                                        "under it"):
+        load_local(root)
 
 
 def test_coco_annotation_files_are_splits_with_their_image_folders(tmp_path):
