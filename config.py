@@ -308,9 +308,12 @@ class _SettingsMethods:
         """The settings that change results (see `Changes`), by lower-case name;
         without the data set's (DATASET_NAME, EXPERIMENT_SAMPLES, SPLIT, MEMORY_DATASET)
         for collections, which caption their own images (their memory is the
-        database's, checked there)."""
+        database's, checked there). EXPERIMENT_SAMPLES sizes the seeded split only:
+        another split's images are the collection's."""
         skip = () if data_set else ("DATASET_NAME", "EXPERIMENT_SAMPLES", "SPLIT",
                                     "MEMORY_DATASET")
+        if self.split != "seeded":
+            skip += ("EXPERIMENT_SAMPLES",)
         return {name.lower(): getattr(self, name.lower()) for name in result_settings()
                 if name not in skip}
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import config
 from atomic_files import atomic_writer
-from errors import UserError
+from errors import UsageError, UserError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -90,9 +90,9 @@ def pairs_of(experiment_ids: Sequence[str], experiment_vectors: "np.ndarray",
 
 
 def check_threshold(threshold: float) -> float:
-    """A cosine in (0, 1], else a one-line UserError."""
+    """A cosine in (0, 1], else a one-line UsageError (a malformed option value)."""
     if not 0 < threshold <= 1:
-        raise UserError(f"--threshold must be a cosine above 0 and at most 1, got {threshold}")
+        raise UsageError(f"--threshold must be a cosine above 0 and at most 1, got {threshold}")
     return float(threshold)
 
 

@@ -327,6 +327,11 @@ def test_nocaps_with_a_coco_memory_reports_each_domain_and_refuses_another_split
     assert path.is_file() and path.parent.parent == Path(coco).resolve()    # coco/train2014/
     assert search.memory_image(dataset, settings, memory_ids[0]).size == (120, 90)
 
+    # EXPERIMENT_SAMPLES sizes the seeded split only: resuming with another value is fine
+    assert main.main(args + benchmark + ["--experiment-samples", "7", "--all",
+                                         "--run-name", "nocaps"]) == 0
+    assert "run nocaps: 3 finished, 0 failed" in capsys.readouterr().out
+
     # resuming the run with another split, or the database with another memory, is refused
     assert main.main(args + ["--dataset-name", nocaps, "--split", "nocaps_val_4500",
                              "--memory-dataset", coco, "--all", "--run-name", "nocaps"]) == 1

@@ -72,7 +72,7 @@ def test_the_report_lists_exactly_the_experiment_images_whose_scene_is_in_the_po
 
 
 def test_a_bad_threshold_is_one_line(scene_settings, capsys):
-    assert main.main([*flags(scene_settings), "--near-duplicates", "--threshold", "1.5"]) == 1
+    assert main.main([*flags(scene_settings), "--near-duplicates", "--threshold", "1.5"]) == 2
     assert "--threshold must be a cosine above 0" in capsys.readouterr().err
     assert main.main([*flags(scene_settings), "--threshold", "0.9"]) == 2     # a usage error
     assert "--threshold goes with --near-duplicates" in capsys.readouterr().err
