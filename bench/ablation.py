@@ -150,6 +150,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import availability
 import config  # noqa: E402
 import pipeline  # noqa: E402  (cheap: it imports torch only when a model is needed)
 from batch_runner import indices_spec  # noqa: E402,F401  (also this module's, as before)
@@ -157,7 +158,7 @@ from memory import Memory, caption_vector_lookup, embed_missing_captions, initia
 from models import experiment_count, load_models, versions
 from retrieval import Context, Neighbour, Retriever, Selection, nearest
 from experiment import check_writable  # noqa: E402
-from errors import UserError, cli_failure  # noqa: E402
+from errors import UsageError, UserError, cli_failure  # noqa: E402
 
 log = logging.getLogger("ablation")
 
@@ -668,6 +669,7 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
 
     settings = config.settings_of(settings, overrides, "batch")
     names = select_variants(variants)
+    availability.require(settings)  # before experiment_count loads the data set
     count = experiment_count(settings)
     if indices is None:
         indices = default_indices(count)
@@ -1025,16 +1027,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         names = select_variants(args.variants)
         if args.all and args.indices:
-            raise UserError("give --all or --indices, not both")
+            raise UsageError("give --all or --indices, not both")
+    except UserError as exc:
+        return cli_failure("ablation", exc, code=2)
+    config.configure_logging(settings)
+    try:
+        # Out of the options' block: a missing model or data set is no usage error (exit
+        # 1), and it is named before experiment_count loads the data set.
+        availability.require(settings)
         from batch_runner import parse_indices
         count = experiment_count(settings)
         indices = (list(range(count)) if args.all else
                    parse_indices(args.indices, count) if args.indices
                    else default_indices(count))
-    except UserError as exc:
-        return cli_failure("ablation", exc, code=2)
-    config.configure_logging(settings)
-    try:
         report = run_ablation(names, indices, out_dir=args.out_dir, progress=True,
                               settings=settings)
     except (UserError, OSError, KeyboardInterrupt) as exc:

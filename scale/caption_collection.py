@@ -52,6 +52,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import availability
 import config
 from errors import UsageError, UserError, cli_failure
 
@@ -59,6 +60,8 @@ log = logging.getLogger("scale")
 
 GLOB_CHARS = "*?["
 STAGES = ("embed", "caption", "text")
+# The models the stages load (availability.PARTS): CLIP, the VLM, the caption model.
+STAGE_MODELS = ("image", "captioner", "caption")
 # Share of one GPU per actor with --num-gpus: one actor of each stage fits a GPU.
 GPU_SHARE = {"embed": 0.15, "caption": 0.7, "text": 0.15}
 INSTALL = "pip install -r requirements-scale.txt"
@@ -466,6 +469,11 @@ def caption_collection(images: str, out_dir: str | os.PathLike, *, retrieval: bo
         raise UsageError(f"--shard-seconds must be more than 0, got {shard_seconds:g}")
     if retries < 0:
         raise UsageError("--retries must be 0 or more")
+    # Every model the stages load, looked for before Ray starts actors that would each
+    # find one missing. What is checked is the driver's view (a local path, its hub
+    # cache, the hub): a cluster's workers have caches of their own, where a model the
+    # driver has may still be downloaded or missing. The data set is not loaded here.
+    availability.require(settings, STAGE_MODELS)
     ray = import_ray()
     root, files = list_images(images, root)
     out = Path(out_dir).expanduser()

@@ -170,6 +170,18 @@ def test_without_ray_it_says_how_to_install_it(env, tmp_path, capsys, monkeypatc
     assert "pip install -r requirements-scale.txt" in error_line(capsys.readouterr().err)
 
 
+def test_with_a_database_the_vlm_it_captioned_with_needs_no_flag(settings_kwargs, tmp_path):
+    # python main.py --vlm-model-name tiny-vlm ... once; then, as main.py would,
+    # python -m scale.caption_collection --db-dir db/ --images photos/ --out out/
+    from scale.caption_collection import parse_args
+    main.run_experiment(experiment_index=0, **settings_kwargs)
+    where = {k: settings_kwargs[k] for k in ("db_dir", "results_dir", "cache_dir")}
+    _, settings = parse_args(cli_args(where, "--images", str(tmp_path), "--out",
+                                      str(tmp_path / "out")))
+    for name in ("vlm_model_name", "clip_model_name", "caption_embedding_model"):
+        assert getattr(settings, name) == settings_kwargs[name], name
+
+
 def finished(ids: list[str]):
     """A table of finished rows, as the pipeline's last stage hands them to the driver."""
     import pyarrow as pa
