@@ -337,6 +337,8 @@ class _FirstTokenClock:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.seconds is None:
+            if scores.is_cuda:  # the prefill's kernels may still be running: count them
+                torch.cuda.synchronize(scores.device)
             self.seconds = time.perf_counter() - self.start
         return scores
 

