@@ -187,16 +187,16 @@ class ImageEmbedder:
                 return int(part.hidden_size)
         return None
 
-    def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Preprocessed pixel values of `images` (resized, cropped, normalised), on the CPU."""
         return self.processor(images=list(images), return_tensors="pt")["pixel_values"]
 
     def _pooled(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The model's (N, D) image embeddings, before normalisation."""
-        return self._encode(self._pixels(images))
+        return self.encode(self.pixels(images))
 
     @torch.inference_mode()
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, D) embeddings of preprocessed `pixels`, before normalisation."""
         pixels = pixels.to(self.device, self.dtype)
         if self.uses_image_features:
@@ -240,7 +240,7 @@ class ImageEmbedder:
             for pixels, count, missing in (prefetch(batches, depth=2) if self.overlap
                                            else batches):
                 if pixels is not None:
-                    chunks.append(l2_normalise(self._encode(pixels).float().cpu().numpy()))
+                    chunks.append(l2_normalise(self.encode(pixels).float().cpu().numpy()))
                 if missing:
                     unreadable += missing
                     bar.set_postfix(unreadable=unreadable, refresh=False)
@@ -254,9 +254,9 @@ class ImageEmbedder:
         """Whether `embed_texts` works: a CLIP-like model with a text tower."""
         return hasattr(self.model, "get_text_features")
 
-    def embed_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
-        """(N, D) float32 unit vectors of `texts` from the model's text tower, in the
-        space of its image embeddings (CLIP, SigLIP); batch_size at a time."""
+    def text_tokenizer(self):
+        """The text tower's tokenizer (loaded on first use); a UserError for a model
+        without a text tower."""
         import transformers
         if not self.has_text_tower:
             raise UserError(f"{self._what} {self.name!r} ({type(self.model).__name__}) has no "
@@ -267,7 +267,12 @@ class ImageEmbedder:
             with hub_errors(f"{self._what} tokenizer", self.name, "--clip-model-name"):
                 self._tokenizer = transformers.AutoTokenizer.from_pretrained(
                     self.name, token=hf_token())
-        tokenizer = self._tokenizer
+        return self._tokenizer
+
+    def embed_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """(N, D) float32 unit vectors of `texts` from the model's text tower, in the
+        space of its image embeddings (CLIP, SigLIP); batch_size at a time."""
+        tokenizer = self.text_tokenizer()
         text_config = getattr(self.model.config, "text_config", None)
         limit = getattr(text_config, "max_position_embeddings", None) or 77
         max_length = min(int(tokenizer.model_max_length), int(limit))
@@ -302,10 +307,10 @@ class ImageEmbedder:
                 continue
             batch.append(image)
             if len(batch) == self.batch_size:
-                yield self._pixels(batch), len(batch) + missing, missing
+                yield self.pixels(batch), len(batch) + missing, missing
                 batch, missing = [], 0
         if batch or missing:
-            yield self._pixels(batch) if batch else None, len(batch) + missing, missing
+            yield self.pixels(batch) if batch else None, len(batch) + missing, missing
 
     @property
     def key(self) -> str:

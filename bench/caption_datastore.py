@@ -106,8 +106,8 @@ def embedding_rates(texts: int, batch_size: int, chunk: int) -> tuple[float, flo
 
     embedder = ImageEmbedder(str(model_path("clip")), batch_size=batch_size)
     captions = _captions(texts)
-    embedder.embed_texts(captions[:batch_size])          # the tokenizer loads here
-    tokenizer = embedder._tokenizer                      # noqa: SLF001 - the bench's own view
+    embedder.embed_texts(captions[:batch_size])          # warm-up
+    tokenizer = embedder.text_tokenizer()
     batches = [tokenizer(captions[s:s + batch_size], padding=True, truncation=True,
                          max_length=77, return_tensors="pt")
                for s in range(0, texts, batch_size)]

@@ -88,14 +88,14 @@ def main() -> None:
 
         seed_loop()  # warm-up
         loop = rate(len(loop_paths), seed_loop, args.repeat)
-        pixels = embedder._pixels([open_image(p) for p in paths])
+        pixels = embedder.pixels([open_image(p) for p in paths])
 
         def measure(embedder: ImageEmbedder, bs: int) -> tuple[float, float, float]:
             """images/s: forward only, the pipeline as is (on the CPU: no prefetch
             thread), the pipeline with the prefetch thread (as on GPUs)."""
             embedder.batch_size = bs
             embedder.embed([open_image(p) for p in paths[:bs]])  # warm-up
-            forward = lambda: [embedder._encode(pixels[n:n + bs])  # noqa: E731
+            forward = lambda: [embedder.encode(pixels[n:n + bs])  # noqa: E731
                                for n in range(0, len(pixels), bs)]
             pipeline = lambda: embedder.embed(open_image(p) for p in paths)  # noqa: E731
             speeds = [rate(len(paths), forward, args.repeat), rate(len(paths), pipeline,
