@@ -21,12 +21,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from errors import UserError, hf_token, hub_errors
+
+if TYPE_CHECKING:  # torch is imported where a model is used: finish_prompts needs none
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +148,8 @@ class CaptionEmbedder:
             self.model.get_sentence_embedding_dimension
         return int(get())
 
-    @torch.inference_mode()
     def _encode(self, texts: Sequence[str], query: bool, progress: bool) -> np.ndarray:
+        import torch
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         # encode_query / encode_document also route asymmetric models (a Router
@@ -155,9 +157,10 @@ class CaptionEmbedder:
         # so that it is the one recorded, even "" (no prompt).
         encode = self.model.encode_query if query else self.model.encode_document
         prompt = self.prompts.query if query else self.prompts.document
-        vectors = encode(list(texts), prompt=prompt, batch_size=self.batch_size,
-                         normalize_embeddings=True, convert_to_numpy=True,
-                         show_progress_bar=progress)
+        with torch.inference_mode():
+            vectors = encode(list(texts), prompt=prompt, batch_size=self.batch_size,
+                             normalize_embeddings=True, convert_to_numpy=True,
+                             show_progress_bar=progress)
         return np.asarray(vectors, dtype=np.float32)
 
     def embed_captions(self, captions: Sequence[str], progress: bool = False) -> np.ndarray:

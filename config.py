@@ -600,13 +600,12 @@ def finish_value(name: str, value: Any, context: str) -> Any:
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
-    """DEVICE and DTYPE finished: ("cuda", "bfloat16"), ("cpu", "float32"), ... (torch
-    is asked once per process which devices there are)."""
+    """DEVICE and DTYPE finished: ("cuda", "bfloat16"), ("cpu", "float32"), ... (asked
+    once per process; torch only where the machine may have a GPU)."""
     key = (device, dtype)
     if key not in _DEVICES:
-        from device import resolve_device
-        found, precision = resolve_device(device, dtype)
-        _DEVICES[key] = (str(found), str(precision).replace("torch.", ""))
+        from device import resolve_names
+        _DEVICES[key] = resolve_names(device, dtype)
     return _DEVICES[key]
 
 

@@ -47,6 +47,26 @@ def test_a_missing_vlm_and_caption_model_are_named_in_one_line_before_anything_l
     assert not Path(settings_kwargs["db_dir"]).exists()
 
 
+@pytest.mark.skipif(__import__("device").may_have_accelerator(),
+                    reason="this machine may have a GPU: torch is asked which")
+def test_a_missing_model_is_named_before_torch_is_even_imported(tmp_path):
+    # python main.py --vlm-model-name someorg/uncached-vlm, in a fresh process: it ends
+    # before the seconds that importing torch takes (counted by import, not by clock)
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RECAP_DB_DIR": str(tmp_path / "db")}
+    done = subprocess.run([sys.executable, "-X", "importtime", str(Path(main.__file__)),
+                           "--vlm-model-name", "someorg/uncached-vlm"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert done.returncode == 1 and len(errors) == 1 and "VLM 'someorg/uncached-vlm'" in errors[0]
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "config" in imported                                    # the lines are real
+    assert "torch" not in imported and "transformers" not in imported
+
+
 def test_a_missing_data_set_is_named_with_the_models(settings_kwargs, nothing_loads):
     settings = config.resolve(**{**settings_kwargs, "dataset_name": "someorg/uncached-flickr",
                                  "clip_model_name": "someorg/uncached-clip"})

@@ -1,11 +1,14 @@
-"""resolve_device: the device and dtype every model is loaded with."""
+"""resolve_device / resolve_names: the device and dtype every model is loaded with."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
 
-from device import resolve_device
+import device
+from device import resolve_device, resolve_names
 from errors import UserError
 
 HAS_CUDA = torch.cuda.is_available()
@@ -63,3 +66,35 @@ def test_float16_on_the_cpu_is_a_user_error():
 def test_unknown_dtype_is_a_user_error():
     with pytest.raises(UserError, match="--dtype must be auto, float32, bfloat16, float16"):
         resolve_device("cpu", "fp8")
+
+
+def test_auto_without_a_gpu_driver_is_the_cpu_without_asking_torch(monkeypatch):
+    monkeypatch.setattr(device, "may_have_accelerator", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("torch was asked"))
+    assert resolve_names("auto") == ("cpu", "float32")
+    assert resolve_names("auto", "bfloat16") == ("cpu", "bfloat16")
+    with pytest.raises(UserError, match="--dtype float16 is not supported on the CPU"):
+        resolve_names("auto", "float16")
+
+
+def test_where_a_gpu_may_be_torch_is_asked(monkeypatch):
+    monkeypatch.setattr(device, "may_have_accelerator", lambda: True)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: asked.append("cuda") or False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_names("auto") == ("cpu", "float32") and asked == ["cuda"]
+    with pytest.raises(UserError, match="--dtype float16 is not supported on the CPU"):
+        resolve_names("auto", "float16")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's GPU driver files")
+def test_a_linux_machine_may_have_a_gpu_where_its_driver_is(monkeypatch):
+    monkeypatch.setattr(device.os.path, "exists", lambda path: path == "/proc/driver/nvidia")
+    assert device.may_have_accelerator()
+    monkeypatch.setattr(device.os.path, "exists", lambda path: False)
+    assert not device.may_have_accelerator()
+
+
+def test_resolve_device_gives_resolve_names_answer_as_torch_objects():
+    assert resolve_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    assert resolve_names("cpu", "bfloat16") == ("cpu", "bfloat16")
