@@ -106,7 +106,9 @@ def main() -> None:
     # the cheap rows first: one tile, then the processor's splitting
     settings = [(bs, split == "on", max(args.captions, bs), dtype) for split in args.splitting
                 for dtype in args.dtypes for bs in args.batch_sizes]
-    rows, rate, threads, load = [], {}, None, os.getloadavg()
+    import torch
+    rows, rate, load = [], {}, os.getloadavg()
+    threads = torch.get_num_threads()  # the children's default; each reports its own
     for batch, splitting, captions, dtype in settings:
         child = json.dumps({"batch": batch, "splitting": splitting, "captions": captions,
                             "dtype": dtype})
