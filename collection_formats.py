@@ -166,7 +166,7 @@ def find_image_dir(root: Path, caption_dir: Path, files: list[str],
         for name in names:
             # the original Flickr8K zip nests Flicker8k_Dataset/ once more
             for folder in (base / name, base / name / name):
-                if folder.is_dir() and any((folder / f).is_file() for f in files):
+                if _holds_any(folder, files):
                     return folder.resolve()
     for base in dict.fromkeys((root, caption_dir)):
         for folder in sorted(p for p in base.iterdir() if p.is_dir()):
@@ -179,8 +179,8 @@ def find_image_dir(root: Path, caption_dir: Path, files: list[str],
 
 
 def _holds_any(folder: Path, files: list[str]) -> bool:
-    """Whether `folder` holds any of `files`, from one directory listing (a stat per
-    file would cost seconds per folder at COCO's 123k names)."""
+    """Whether `folder` (if one) holds any of `files`, from one directory listing: a
+    stat per file would cost seconds for each wrong folder at COCO's 123k names."""
     try:
         listed = set(os.listdir(folder))
     except OSError:
