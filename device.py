@@ -33,12 +33,13 @@ def resolve_names(name: str = "auto", dtype: str = "auto") -> tuple[str, str]:
         raise UserError(f"--dtype must be auto, {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     if name == "auto" and not may_have_accelerator():
         name = "cpu"
-    name, auto = _ask_torch(name) if name != "cpu" else ("cpu", "float32")
-    if dtype == "float16" and name.split(":")[0] not in ("cuda", "mps"):
+    found, auto = _ask_torch(name) if name != "cpu" else ("cpu", "float32")
+    if dtype == "float16" and found.split(":")[0] not in ("cuda", "mps"):
         raise UserError("--dtype float16 is not supported on the CPU; use bfloat16 "
                         "(fast on CPUs with AVX512-BF16 or AMX) or float32")
-    log.debug("device %s, dtype %s", name, auto if dtype == "auto" else dtype)
-    return name, auto if dtype == "auto" else dtype
+    precision = auto if dtype == "auto" else dtype
+    log.debug("device %s, dtype %s", found, precision)
+    return found, precision
 
 
 def resolve_device(name: str = "auto", dtype: str = "auto") -> tuple["torch.device", "torch.dtype"]:

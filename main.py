@@ -229,11 +229,7 @@ def _batch(args, settings: config.Settings) -> int:
     else:
         if args.all and args.indices:
             raise UsageError("give --all or --indices, not both")
-        import availability
         from models import experiment_count
-        # experiment_count loads the data set of a split other than "seeded": a missing
-        # model or data set is named first, before anything loads
-        availability.require(settings)
         count = experiment_count(settings)  # the split's experiment images
         indices = (list(range(count)) if args.all else
                    batch_runner.parse_indices(args.indices, count))

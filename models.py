@@ -121,9 +121,12 @@ def load_dataset(settings: config.Settings) -> "Collection":
 def experiment_count(settings: config.Settings) -> int:
     """How many experiment images the settings' split has (--all runs them all):
     EXPERIMENT_SAMPLES for the seeded split, without loading anything; else the
-    collection's (loaded once per process)."""
+    collection's (loaded once per process), after every model and the data set were
+    found available (the callers caption next: one line names all that are missing)."""
     if settings.split == "seeded":
         return settings.experiment_samples
+    import availability
+    availability.require(settings)
     return len(load_dataset(settings).experiment)
 
 

@@ -150,7 +150,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import availability
 import config  # noqa: E402
 import pipeline  # noqa: E402  (cheap: it imports torch only when a model is needed)
 from batch_runner import indices_spec  # noqa: E402,F401  (also this module's, as before)
@@ -669,7 +668,6 @@ def run_ablation(variants: Sequence[str] | None = None, indices: Sequence[int] |
 
     settings = config.settings_of(settings, overrides, "batch")
     names = select_variants(variants)
-    availability.require(settings)  # before experiment_count loads the data set
     count = experiment_count(settings)
     if indices is None:
         indices = default_indices(count)
@@ -1032,9 +1030,8 @@ def main(argv: list[str] | None = None) -> int:
         return cli_failure("ablation", exc, code=2)
     config.configure_logging(settings)
     try:
-        # Out of the options' block: a missing model or data set is no usage error (exit
-        # 1), and it is named before experiment_count loads the data set.
-        availability.require(settings)
+        # Out of the options' block: a missing model or data set (experiment_count names
+        # it before loading anything) is no usage error, so it exits 1.
         from batch_runner import parse_indices
         count = experiment_count(settings)
         indices = (list(range(count)) if args.all else
